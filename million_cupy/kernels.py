@@ -1,0 +1,213 @@
+"""The one place that compiles CUDA code.
+
+Sources live in ``cuda_src/`` and are read at run time. Each operation module
+registers the template instantiations it supports with :func:`register_variants`;
+a variant is compiled with NVRTC through ``cupy.RawModule(name_expressions=...)``
+on first use and cached per (source, name expression, device). :func:`compiled`
+lists what this process has compiled, :func:`supported_variants` the whole grid.
+
+:func:`nvrtc_compile_offline` compiles a source to a cubin for a given
+architecture without a GPU (NVRTC needs none); CI uses it to build the whole
+supported grid for sm_80 and sm_90 and to report register spills.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import DeviceUnavailable, UnsupportedConfiguration
+from .interop import cupy
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# A source checkout keeps cuda_src/ beside the package; an installed wheel ships it inside.
+_SOURCE_DIRS = (_PACKAGE_DIR.parent / "cuda_src", _PACKAGE_DIR / "cuda_src")
+
+# NVRTC accepts no nvcc-only flags (-O3, -Xptxas ...); it optimises by default.
+BASE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+
+_GRIDS: dict[str, Callable[[], list[str]]] = {}
+_cache: dict[tuple[str, str, int], object] = {}
+_lock = threading.Lock()
+
+
+def source_dir() -> Path:
+    """Directory holding the CUDA sources."""
+    for d in _SOURCE_DIRS:
+        if d.is_dir():
+            return d
+    raise FileNotFoundError(f"cuda_src/ not found; looked in {[str(d) for d in _SOURCE_DIRS]}")
+
+
+@functools.lru_cache(maxsize=None)
+def read_source(name: str) -> str:
+    """Text of ``cuda_src/<name>``."""
+    path = source_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"CUDA source {name!r} not found in {source_dir()}")
+    return path.read_text()
+
+
+def register_variants(source: str) -> Callable[[Callable[[], list[str]]], Callable[[], list[str]]]:
+    """Decorator: the decorated function returns every supported name expression of ``source``."""
+
+    def deco(fn: Callable[[], list[str]]) -> Callable[[], list[str]]:
+        _GRIDS[source] = fn
+        return fn
+
+    return deco
+
+
+def _import_operation_modules() -> None:
+    # Importing these registers their grids; kept lazy so kernels.py has no import cycle.
+    from . import cache, codebook, decode  # noqa: F401, PLC0415
+
+
+def supported_variants() -> dict[str, list[str]]:
+    """Every supported template instantiation, by source file."""
+    _import_operation_modules()
+    return {src: list(fn()) for src, fn in sorted(_GRIDS.items())}
+
+
+def _options() -> tuple[str, ...]:
+    return BASE_OPTIONS + (f"-I{source_dir()}",)
+
+
+def get_kernel(source: str, name_expression: str):
+    """Compiled kernel ``name_expression`` from ``source`` for the current device (compiled once, then cached)."""
+    cp = cupy()
+    try:
+        device = cp.cuda.runtime.getDevice()
+    except Exception as exc:  # noqa: BLE001
+        raise DeviceUnavailable(f"no usable CUDA device for kernel {name_expression}: {exc}") from exc
+    key = (source, name_expression, device)
+    kernel = _cache.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _cache.get(key)
+        if kernel is None:
+            grid = supported_variants().get(source)
+            if grid is not None and name_expression not in grid:
+                raise UnsupportedConfiguration(
+                    f"{name_expression} is not a supported variant of {source}; supported: {len(grid)} variants, "
+                    f"e.g. {grid[:4]}"
+                )
+            module = cp.RawModule(code=read_source(source), options=_options(), name_expressions=[name_expression])
+            kernel = module.get_function(name_expression)
+            _cache[key] = kernel
+    return kernel
+
+
+def compiled() -> list[dict]:
+    """What this process has compiled: source, name expression and device of each variant."""
+    return [{"source": s, "variant": e, "device": d} for (s, e, d) in sorted(_cache)]
+
+
+# --------------------------------------------------------------------------------------------
+# Offline NVRTC (no GPU needed): CI's compile check of the whole grid, and `million-cupy info`.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OfflineBuild:
+    source: str
+    arch: str
+    cubin_size: int
+    log: str
+
+    def spills(self) -> dict[str, int]:
+        """Per kernel: spill store + load bytes reported by ptxas (0 = no spills)."""
+        out: dict[str, int] = {}
+        current = None
+        for line in self.log.splitlines():
+            m = re.search(r"Compiling entry function '([^']+)'", line)
+            if m:
+                current = m.group(1)
+            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m and current:
+                out[current] = int(m.group(1)) + int(m.group(2))
+        return out
+
+
+def _nvrtc_library() -> ctypes.CDLL:
+    candidates: list[str] = []
+    try:
+        import nvidia.cuda_nvrtc  # noqa: PLC0415
+
+        for base in nvidia.cuda_nvrtc.__path__:
+            candidates += sorted(glob.glob(os.path.join(base, "lib", "libnvrtc.so*")))
+    except ImportError:
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root:
+            candidates += sorted(glob.glob(os.path.join(root, "lib64", "libnvrtc.so*")))
+    candidates += ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+    for c in candidates:
+        if "builtins" in c or ".alt." in c:
+            continue
+        try:
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    raise DeviceUnavailable("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (or install the CUDA toolkit)")
+
+
+def cuda_include_dirs() -> list[str]:
+    """Directories holding cuda_fp16.h etc.: pip's nvidia-cuda-runtime headers, or the toolkit's."""
+    dirs: list[str] = []
+    try:
+        import nvidia.cuda_runtime  # noqa: PLC0415
+
+        dirs += [os.path.join(p, "include") for p in nvidia.cuda_runtime.__path__]
+    except ImportError:
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root:
+            dirs.append(os.path.join(root, "include"))
+    return [d for d in dirs if os.path.isfile(os.path.join(d, "cuda_fp16.h"))]
+
+
+def nvrtc_version() -> tuple[int, int]:
+    lib = _nvrtc_library()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return major.value, minor.value
+
+
+def nvrtc_compile_offline(source: str, name_expressions: Iterable[str], arch: str = "sm_90") -> OfflineBuild:
+    """Compile ``cuda_src/<source>`` to a cubin for ``arch`` with NVRTC, no GPU needed.
+
+    Raises RuntimeError carrying NVRTC's log on any compile error.
+    """
+    lib = _nvrtc_library()
+    prog = ctypes.c_void_p()
+    code = read_source(source).encode()
+    res = lib.nvrtcCreateProgram(ctypes.byref(prog), code, source.encode(), 0, None, None)
+    if res != 0:
+        raise RuntimeError(f"nvrtcCreateProgram failed ({res})")
+    try:
+        for expr in name_expressions:
+            lib.nvrtcAddNameExpression(prog, expr.encode())
+        opts = list(_options()) + [f"-I{d}" for d in cuda_include_dirs()]
+        opts += [f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+        argv = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        res = lib.nvrtcCompileProgram(prog, len(opts), argv)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        log = buf.value.decode(errors="replace")
+        if res != 0:
+            raise RuntimeError(f"NVRTC failed to compile {source} for {arch}:\n{log}")
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        return OfflineBuild(source=source, arch=arch, cubin_size=size.value, log=log)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
