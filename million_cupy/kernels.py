@@ -94,7 +94,8 @@ def get_kernel(source: str, name_expression: str):
     with _lock:
         kernel = _cache.get(key)
         if kernel is None:
-            grid = supported_variants().get(source)
+            # The calling operation module registered its grid when it was imported.
+            grid = _GRIDS[source]() if source in _GRIDS else None
             if grid is not None and name_expression not in grid:
                 raise UnsupportedConfiguration(
                     f"{name_expression} is not a supported variant of {source}; supported: {len(grid)} variants, "

@@ -1,0 +1,205 @@
+"""Decode-attention speed: paged PQ vs contiguous PQ vs fp16 paged vs PyTorch SDPA (baseline, when installed).
+
+Shapes (the kernels issue): nh = 32, nh_k = 8, d = 128, C = 256, page 64, residual window 128 (so 64–127
+exact tokens), float16. Each method is timed the same way (bench/harness.py): GPU time with calls queued
+back to back (median_us) and one call including its host launch (call_us).
+
+    python bench/bench_decode.py --out bench/results/decode_<gpu>.json [--suite targets|grid|million]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import harness  # noqa: E402
+
+NH, NH_K, D, P, R = 32, 8, 128, 64, 128
+
+
+def _codebooks(cp, M, layers=1, seed=0):
+    from million_cupy import Codebook, ModelCodebooks
+
+    rng = cp.random.default_rng(seed)
+    kc = [Codebook(rng.standard_normal((M, 256, D // M), dtype=cp.float32)) for _ in range(layers)]
+    vc = [Codebook(rng.standard_normal((M, 256, D // M), dtype=cp.float32)) for _ in range(layers)]
+    return ModelCodebooks(kc, vc)
+
+
+def build_cache(cp, batch, context, M, layers=1, chunk=65536):
+    """A GPU PagedPQCache holding ``batch`` sequences of ``context`` random tokens in every layer."""
+    from million_cupy import PagedPQCache
+
+    pages = batch * (-(-context // P) + 2)
+    cache = PagedPQCache(layers, NH_K, D, _codebooks(cp, M, layers), page_size=P, residual=R, max_pages=pages,
+                         max_seqs=batch, max_seq_len=context + R, dtype="float16", device="cuda")
+    seqs = [cache.add_sequence() for _ in range(batch)]
+    rng = cp.random.default_rng(1)
+    for layer in range(layers):
+        for s in seqs:
+            done = 0
+            while done < context:
+                n = min(chunk, context - done)
+                k = rng.standard_normal((n, NH_K, D), dtype=cp.float32).astype(cp.float16)
+                v = rng.standard_normal((n, NH_K, D), dtype=cp.float32).astype(cp.float16)
+                cache.append(layer, [s], k, v, lengths=[n])
+                done += n
+    cp.cuda.get_current_stream().synchronize()
+    return cache, seqs
+
+
+def bench_paged_pq(cp, batch, context, M):
+    from million_cupy import BatchDecodeWrapper
+
+    cache, seqs = build_cache(cp, batch, context, M)
+    wrapper = BatchDecodeWrapper(cache, num_heads=NH)
+    wrapper.plan(seqs, new_tokens=0)
+    q = cp.random.default_rng(2).standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
+    out = cp.empty_like(q)
+    t = harness.time_gpu(lambda: wrapper.run(0, q, out=out, check=False))
+    n = cache.seq_lens(0, seqs)
+    main = np.where(n < R, 0, (n - R) // P + 1) * P
+    return t, float(NH_K * 2 * M * main.sum()), wrapper.stats()["work_items"]
+
+
+def bench_paged_pq_pages(cp, batch, context, M):
+    """The paged kernel over caller-managed pages (prepare_paged_pq_decode): no PagedPQCache needed."""
+    from million_cupy.decode import prepare_paged_pq_decode
+
+    rng = cp.random.default_rng(6)
+    main = (context - R) // P * P + P if context >= R else 0
+    npages = main // P
+    kp = rng.integers(0, 256, (max(1, batch * npages), NH_K, P, M), dtype=cp.uint8)
+    vp = rng.integers(0, 256, (max(1, batch * npages), NH_K, M, P), dtype=cp.uint8)
+    indptr = np.arange(batch + 1, dtype=np.int32) * npages
+    indices = cp.asarray(np.random.default_rng(7).permutation(max(1, batch * npages)).astype(np.int32))
+    kc = rng.standard_normal((1, M, 256, D // M), dtype=cp.float32)
+    vc = rng.standard_normal((1, M, 256, D // M), dtype=cp.float32)
+    rk = rng.standard_normal((batch, NH_K, R, D), dtype=cp.float32).astype(cp.float16)
+    rv = rng.standard_normal((batch, NH_K, R, D), dtype=cp.float32).astype(cp.float16)
+    q = rng.standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
+    launch = prepare_paged_pq_decode(q, kp, vp, indptr, indices, kc, vc, residual_k=rk, residual_v=rv,
+                                     residual_lens=np.full(batch, context - main))
+    return harness.time_gpu(launch), float(batch * NH_K * 2 * M * main)
+
+
+def bench_contiguous_pq(cp, batch, context, M):
+    from million_cupy.decode import prepare_contiguous_pq_decode
+
+    rng = cp.random.default_rng(3)
+    main = (context - R) // P * P + P if context >= R else 0
+    res = context - main
+    k = rng.integers(0, 256, (batch, NH_K, max(main, 1), M), dtype=cp.uint8)
+    v = rng.integers(0, 256, (batch, NH_K, max(main, 1), M), dtype=cp.uint8)
+    kc = rng.standard_normal((1, M, 256, D // M), dtype=cp.float32)
+    vc = rng.standard_normal((1, M, 256, D // M), dtype=cp.float32)
+    rk = rng.standard_normal((batch, NH_K, R, D), dtype=cp.float32).astype(cp.float16)
+    rv = rng.standard_normal((batch, NH_K, R, D), dtype=cp.float32).astype(cp.float16)
+    q = rng.standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
+    launch = prepare_contiguous_pq_decode(q, k, v, np.full(batch, main), kc, vc, residual_k=rk, residual_v=rv,
+                                          residual_lens=np.full(batch, res))
+    return harness.time_gpu(launch)
+
+
+def bench_fp16_paged(cp, batch, context):
+    from million_cupy.decode import prepare_paged_exact_decode
+
+    rng = cp.random.default_rng(4)
+    npages = -(-context // P)
+    kp = rng.standard_normal((batch * npages, NH_K, P, D), dtype=cp.float32).astype(cp.float16)
+    vp = rng.standard_normal((batch * npages, NH_K, P, D), dtype=cp.float32).astype(cp.float16)
+    indptr = np.arange(batch + 1, dtype=np.int32) * npages
+    indices = cp.asarray(np.random.default_rng(5).permutation(batch * npages).astype(np.int32))
+    last = np.full(batch, context - (npages - 1) * P)
+    q = rng.standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
+    launch = prepare_paged_exact_decode(q, kp, vp, indptr, indices, last)
+    t = harness.time_gpu(launch)
+    del kp, vp
+    return t
+
+
+def bench_torch_sdpa(batch, context):
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    q = torch.randn(batch, NH, 1, D, device="cuda", dtype=torch.float16)
+    k = torch.randn(batch, NH_K, context, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(batch, NH_K, context, D, device="cuda", dtype=torch.float16)
+    t = harness.time_gpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    del q, k, v
+    torch.cuda.empty_cache()
+    return t
+
+
+def run_suite(shapes, Ms, methods):
+    import cupy as cp
+
+    records = []
+    bw = harness.copy_bandwidth_gbs()
+    for batch, context in shapes:
+        for method in methods:
+            for M in (Ms if method in ("paged_pq", "paged_pq_pages", "contiguous_pq") else [None]):
+                rec = {"suite": "decode", "method": method, "batch": batch, "context": context, "M": M,
+                       "dtype": "float16", "nh": NH, "nh_k": NH_K, "d": D}
+                if method == "paged_pq":
+                    t, code_bytes, w = bench_paged_pq(cp, batch, context, M)
+                    rec.update(t, work_items=w, code_bytes=code_bytes,
+                               code_bw_frac=(code_bytes / (t["median_us"] * 1e-6) / 1e9) / bw)
+                elif method == "paged_pq_pages":
+                    t, code_bytes = bench_paged_pq_pages(cp, batch, context, M)
+                    rec.update(t, code_bytes=code_bytes,
+                               code_bw_frac=(code_bytes / (t["median_us"] * 1e-6) / 1e9) / bw)
+                elif method == "contiguous_pq":
+                    rec.update(bench_contiguous_pq(cp, batch, context, M))
+                elif method == "fp16_paged":
+                    rec.update(bench_fp16_paged(cp, batch, context))
+                elif method == "torch_sdpa":
+                    t = bench_torch_sdpa(batch, context)
+                    if t is None:
+                        continue
+                    rec.update(t)
+                records.append(rec)
+                print(f"  {method:14s} b={batch:<3d} ctx={context:<7d} M={M!s:4s} "
+                      f"gpu={rec['median_us']:9.1f} us  call={rec['call_us']:9.1f} us", flush=True)
+                cp.get_default_memory_pool().free_all_blocks()
+    return records, bw
+
+
+SUITES = {
+    "kernels": ([(8, 32768), (1, 131072), (1, 4096), (32, 8192)], [32, 64],
+                ["paged_pq_pages", "contiguous_pq", "fp16_paged", "torch_sdpa"]),
+    "targets": ([(8, 32768), (1, 131072), (1, 4096), (1, 1024), (32, 8192)], [32, 64],
+                ["paged_pq", "contiguous_pq", "fp16_paged", "torch_sdpa"]),
+    "grid": ([(b, c) for b in (1, 8, 32) for c in (64, 128, 256, 1024, 4096, 16384, 32768, 131072)
+              if b * c <= 32 * 32768], [32, 64], ["paged_pq", "contiguous_pq", "fp16_paged", "torch_sdpa"]),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="targets", choices=sorted(SUITES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    shapes, Ms, methods = SUITES[args.suite]
+    records, bw = run_suite(shapes, Ms, methods)
+    base = {(r["batch"], r["context"]): r["median_us"] for r in records if r["method"] == "torch_sdpa"}
+    for r in records:
+        if (r["batch"], r["context"]) in base:
+            r["speedup_vs_torch"] = base[(r["batch"], r["context"])] / r["median_us"]
+    out = args.out or f"bench/results/decode_{args.suite}.json"
+    harness.write_results(out, records, {"copy_bandwidth_gbs": bw})
+    print(f"\n{harness.gpu_name()}  copy bandwidth {bw:.0f} GB/s  -> {out}")
+    print(harness.table(records, ["method", "batch", "context", "M", "median_us", "call_us", "speedup_vs_torch"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

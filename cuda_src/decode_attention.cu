@@ -1,0 +1,588 @@
+// Flash-decoding attention for one query token per sequence, straight from compressed storage.
+//
+// One CTA of 256 threads serves one work item: a (sequence, group of G query heads sharing a kv head,
+// token range) triple chosen by the host planner (split-K). The whole GQA group is served by ONE read
+// of the codes. Modes:
+//   MODE_PAGED_PQ   PQ codes in pages (K rows XOR-permuted, V codes transposed [m][t]); the last split of a
+//                   sequence also covers its exact residual tokens (a ring buffer).
+//   MODE_CONTIG_PQ  MILLION's contiguous layout (B, nh_k, T, M) for K and V, no permutation.
+//   MODE_PAGED_EXACT plain fp16/bf16/fp32 K/V in pages (num_pages, nh_k, P, D): the unquantized baseline.
+//
+// Scores use a lookup table LUT[c][m][h] = scale*log2(e) * q_h[m] . K_centroid[m][c] built in shared memory
+// (fp16 entries, fp32 accumulation), so K is never dequantized; V centroids sit in shared memory as fp16
+// [c][m][dsub] and are gathered per code. Softmax runs in the log2 domain with a running max per head.
+// Splits of one (sequence, head group) write partial (o, lse) states; the last CTA to finish merges them
+// (one launch per layer, no host synchronisation).
+#include "decode_common.cuh"
+
+namespace mc {
+
+constexpr int MODE_PAGED_PQ = 0;
+constexpr int MODE_CONTIG_PQ = 1;  // every mode other than the two named below
+constexpr int MODE_PAGED_EXACT = 2;
+
+constexpr int NT = 512;  // threads per CTA
+constexpr int NWARPS = NT / 32;
+constexpr float LN2 = 0.6931471805599453f;
+#define kInf __int_as_float(0x7f800000)
+
+template <int BYTES> struct VecOf;
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<16> { using type = uint4; };
+
+constexpr int K_RUN = 4;  // lookups summed in fp16 before folding into the fp32 score
+
+// run[] (+)= LUT entry for the whole GQA group, read with one vector load.
+template <int G>
+__device__ __forceinline__ void add_lut_run(__half2* run, const __half* e, bool first) {
+  if constexpr (G == 1) {
+    const __half2 v = __halves2half2(e[0], __float2half_rn(0.f));
+    run[0] = first ? v : __hadd2(run[0], v);
+  } else if constexpr (G == 2) {
+    const __half2 v = *reinterpret_cast<const __half2*>(e);
+    run[0] = first ? v : __hadd2(run[0], v);
+  } else {
+    using V = typename VecOf<G * 2>::type;  // 8-byte (G=4) or 16-byte (G=8) load
+    const V raw = *reinterpret_cast<const V*>(e);
+    const __half2* hp = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int k = 0; k < G / 2; ++k) run[k] = first ? hp[k] : __hadd2(run[k], hp[k]);
+  }
+}
+
+template <int G>
+__device__ __forceinline__ void fold_lut_run(float* sc, const __half2* run) {
+#pragma unroll
+  for (int k = 0; k < (G + 1) / 2; ++k) {
+    const float2 f = __half22float2(run[k]);
+    sc[2 * k] += f.x;
+    if (2 * k + 1 < G) sc[2 * k + 1] += f.y;
+  }
+}
+
+// DSUB fp16 centroid values (shared or global memory) as floats.
+template <int DSUB>
+__device__ __forceinline__ void load_centroid(float (&v)[DSUB], const __half* cv) {
+  if constexpr (DSUB == 1) {
+    v[0] = __half2float(cv[0]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < DSUB; i += 2) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(cv + i));
+      v[i] = f.x;
+      v[i + 1] = f.y;
+    }
+  }
+}
+
+template <int G>
+__device__ __forceinline__ void load_p_half2(__half2 (&pj)[G], const __half2* src) {
+  if constexpr (G >= 4) {
+#pragma unroll
+    for (int h = 0; h < G; h += 4) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(src + h);
+      const __half2* hp = reinterpret_cast<const __half2*>(&raw);
+      pj[h] = hp[0]; pj[h + 1] = hp[1]; pj[h + 2] = hp[2]; pj[h + 3] = hp[3];
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < G; ++h) pj[h] = src[h];
+  }
+}
+
+// acc[h][i] += p[h] * v[i] with p read once per token as a vector (a broadcast: every lane reads it).
+template <int G, int DSUB>
+__device__ __forceinline__ void accumulate_v(float (&acc)[G][DSUB], const float* pj, const float (&v)[DSUB]) {
+  float p[G];
+  if constexpr (G % 4 == 0) {
+#pragma unroll
+    for (int h = 0; h < G; h += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(pj + h);
+      p[h] = f.x; p[h + 1] = f.y; p[h + 2] = f.z; p[h + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < G; ++h) p[h] = pj[h];
+  }
+#pragma unroll
+  for (int h = 0; h < G; ++h)
+#pragma unroll
+    for (int i = 0; i < DSUB; ++i) acc[h][i] = fmaf(p[h], v[i], acc[h][i]);
+}
+
+template <int MODE, int D, int M, int G>
+struct DecodeSmem {
+  static constexpr bool PQ = MODE != MODE_PAGED_EXACT;
+  static constexpr size_t q_bytes = sizeof(float) * G * D;
+  static constexpr size_t p_bytes = sizeof(float) * NWARPS * 32 * G;
+  static constexpr size_t lut_bytes = PQ ? sizeof(__half) * 256 * M * G : 0;
+  // V centroids stay in shared memory when they fit beside the LUT (H100: 227 KB per block); otherwise
+  // (head_dim 256 with large M) they are read through L1 from global memory.
+  static constexpr bool VC_SMEM = PQ && (lut_bytes + sizeof(__half) * 256 * D + 16384) <= 227 * 1024;
+  static constexpr size_t vc_bytes = VC_SMEM ? sizeof(__half) * 256 * D : 0;
+  static constexpr size_t reduce_bytes = sizeof(float) * NWARPS * G * (D + 2);
+  // The end-of-CTA reduction reuses the LUT region once every warp is done.
+  static constexpr size_t big_bytes = lut_bytes > reduce_bytes ? lut_bytes : reduce_bytes;
+  static constexpr size_t total = q_bytes + p_bytes + vc_bytes + big_bytes;
+};
+
+// Each warp streams its own 32-token tiles with its own online-softmax state (no block-wide barrier
+// in the main loop, so warps drift apart and one warp's lookups overlap another's FMAs); the warps'
+// states are merged once at the end.
+template <int MODE, int D, int M, int G, typename T>
+__global__ void __launch_bounds__(NT, 1) decode_attention(
+    const T* __restrict__ q,                  // (B, nh, D)
+    const float* __restrict__ k_cent,         // PQ: (Hc, 256, M, DSUB) fp32, [c][m] order
+    const __half* __restrict__ v_cent,        // PQ: (Hc, 256, M, DSUB) fp16, [c][m] order
+    long long cb_head_stride,                 // elements between kv heads' codebooks (0: shared)
+    const unsigned char* __restrict__ k_codes,  // PAGED: pool + layer K offset; CONTIG: (B, nh_k, Tcap, M)
+    const unsigned char* __restrict__ v_codes,  // PAGED: pool + layer V offset; CONTIG: (B, nh_k, Tcap, M)
+    const T* __restrict__ exact_k,            // PQ: residual ring (S, nh_k, R, D); EXACT: pages (N, nh_k, P, D)
+    const T* __restrict__ exact_v,
+    long long page_stride,                    // PAGED: bytes per page; CONTIG: bytes per sequence; EXACT: elements per page
+    long long head_stride,                    // PAGED: P*M; CONTIG: Tcap*M; EXACT: P*D
+    const int* __restrict__ page_table,       // PAGED / EXACT
+    int page_shift,                           // PAGED / EXACT: log2(page size); page sizes are powers of two
+    const long long* __restrict__ page_row,   // (B): index in page_table of the sequence's first page
+    const int* __restrict__ main_len,         // (B): tokens in pages (PQ: full pages only) / contiguous codes
+    const int* __restrict__ res_len,          // (B): exact residual tokens (PQ modes)
+    const int* __restrict__ res_row,          // (B): residual ring row (sequence slot)
+    int ring_cap, int ring_mode,              // ring slot of residual token i: ring_mode ? (main_len + i) % ring_cap : i
+    const int4* __restrict__ work,            // (W): {b, head group, token begin, token end}
+    const int2* __restrict__ unit_items,      // (B * nh / G): {first work item, number of items}
+    float* __restrict__ part_o,               // (W, G, D) partial outputs
+    float* __restrict__ part_lse,             // (W, G) partial log2-sum-exp
+    int* __restrict__ unit_counter,           // (B * nh / G), zero between launches
+    T* __restrict__ out,                      // (B, nh, D)
+    float* __restrict__ lse_out,              // (B, nh) natural log, or nullptr
+    int nh, int nh_k, float scale_log2) {
+  using S = DecodeSmem<MODE, D, M, G>;
+  constexpr bool PQ = S::PQ;
+  constexpr int DSUB = D / M;
+  constexpr int VL = M < 32 ? M : 32;        // lanes sharing one token chunk in the V pass
+  constexpr int CHUNK = VL;                  // tokens of a lane's V chunk (32 / (32 / VL) chunks a tile)
+  constexpr int MPL = M < 32 ? 1 : M / 32;   // subspaces per lane in the V pass
+  constexpr int ROT = M < 32 ? M : 32;       // K-row permutation period (see cache.permute_k_rows)
+  constexpr int KW = M / 4;                  // 32-bit words of one K row
+  // V bytes of a chunk read per page lookup: 16 never crosses a page (page sizes are powers of two >= 16).
+  constexpr int VPIECE = CHUNK < 16 ? CHUNK : 16;
+  constexpr int VWL = MPL * CHUNK / 4;       // 32-bit words of a lane's V codes
+  static_assert(G == 1 || G == 2 || G == 4 || G == 8, "G in {1,2,4,8}");
+  static_assert(M % 8 == 0 && (M < 32 || M % 32 == 0), "M");
+  constexpr bool V_HALF = DSUB >= 2;  // packed fp16 V accumulation needs centroid pairs
+  constexpr int MB = M < 32 ? M : 32;      // LUT subspace block (paged layout)
+  constexpr int LUT_ROW = MB * G * 2;      // bytes of one code's row inside a block
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* q_s = reinterpret_cast<float*>(smem_raw);                       // [G][D]
+  float* p_all = q_s + G * D;                                            // [NWARPS][32][G]
+  __half* vc_smem = reinterpret_cast<__half*>(p_all + NWARPS * 32 * G);  // [256][M][DSUB]
+  unsigned char* big = reinterpret_cast<unsigned char*>(vc_smem) + S::vc_bytes;
+  __half* lut_s = reinterpret_cast<__half*>(big);                        // [256][M][G] (PQ)
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    // The host sizes dynamic shared memory from the same formula; a mismatch must fail loudly.
+    unsigned int dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < S::total) __trap();
+  }
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  float* p_w = p_all + warp * 32 * G;
+  const int4 item = work[blockIdx.x];
+  const int b = item.x, hg = item.y, tok_begin = item.z, tok_end = item.w;
+  const int h0 = hg * G;                 // first query head of the group
+  const int kvh = h0 / (nh / nh_k);
+  const int n_main = main_len[b];
+  const bool last_split = tok_end == n_main;
+  const long long prow = page_row[b];
+  const int page_mask = (1 << page_shift) - 1;
+
+  // ---- stage q, the V codebook and the LUT ---------------------------------------------------------
+  for (int i = tid; i < G * D; i += NT)
+    q_s[i] = to_float(q[((long long)b * nh + h0) * D + i]);
+  const __half* vc_s = S::VC_SMEM ? vc_smem : v_cent + kvh * cb_head_stride;
+  if constexpr (S::VC_SMEM) {
+    const uint4* vs = reinterpret_cast<const uint4*>(v_cent + kvh * cb_head_stride);
+    uint4* vd = reinterpret_cast<uint4*>(vc_smem);
+    for (int i = tid; i < (int)(S::vc_bytes / 16); i += NT) vd[i] = __ldg(vs + i);
+  }
+  __syncthreads();
+  if constexpr (PQ) {
+    // LUT[c][m][h]: consecutive threads take consecutive (m) for one c, so both the centroid reads and the
+    // LUT writes are contiguous.
+    const float* ksrc = k_cent + kvh * cb_head_stride;
+    for (int e = tid; e < 256 * M; e += NT) {
+      const int m = e % M;
+      float c[DSUB];
+#pragma unroll
+      for (int i = 0; i < DSUB; ++i) c[i] = __ldg(ksrc + (long long)e * DSUB + i);
+      __half entry[G];
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < DSUB; ++i) acc = fmaf(q_s[h * D + m * DSUB + i], c[i], acc);
+        entry[h] = __float2half_rn(acc * scale_log2);
+      }
+      // Paged K rows are XOR-permuted so lanes read distinct banks of [block of MB subspaces][c][MB];
+      // contiguous codes are not, so there lanes read one subspace with random codes and [m][c] spreads
+      // them over banks.
+      const int cc = e / M;
+      const long long at = MODE == MODE_PAGED_PQ ? ((long long)(m / MB) * 256 + cc) * MB + m % MB
+                                                 : (long long)m * 256 + cc;
+#pragma unroll
+      for (int h = 0; h < G; ++h) lut_s[at * G + h] = entry[h];
+    }
+  }
+  __syncthreads();
+
+  // ---- this warp's tiles -------------------------------------------------------------------------
+  const int n_pq = PQ ? tok_end - tok_begin : 0;
+  const int ex_begin = MODE == MODE_PAGED_EXACT ? tok_begin : 0;
+  const int ex_end = MODE == MODE_PAGED_EXACT ? tok_end : (last_split ? res_len[b] : 0);
+  const int pq_tiles = (n_pq + 31) / 32;
+  const int all_tiles = pq_tiles + (ex_end - ex_begin + 31) / 32;
+
+  float m_run[G], l_lane[G];
+  float acc[MPL][G][DSUB];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    m_run[h] = -kInf;
+    l_lane[h] = 0.f;
+#pragma unroll
+    for (int k = 0; k < MPL; ++k)
+#pragma unroll
+      for (int i = 0; i < DSUB; ++i) acc[k][h][i] = 0.f;
+  }
+  const int vm0 = lane % VL;   // V pass: subspaces vm0 + VL*k
+  const int vtg = lane / VL;   // and token chunk
+
+  // Online softmax over this warp's tile: s[] are the lane's token scores (log2 domain, -inf when
+  // masked); leaves the probabilities in p_w and rescales the accumulators.
+  auto softmax_tile = [&](float (&s)[G], bool half_p) {
+    float p[G];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      float mt = s[h];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+      const float m_new = fmaxf(m_run[h], mt);  // finite: every tile holds a valid token
+      const float alpha = exp2f(m_run[h] - m_new);
+      p[h] = exp2f(s[h] - m_new);
+      l_lane[h] = l_lane[h] * alpha + p[h];
+      m_run[h] = m_new;
+#pragma unroll
+      for (int k = 0; k < MPL; ++k)
+#pragma unroll
+        for (int i = 0; i < DSUB; ++i) acc[k][h][i] *= alpha;
+    }
+    __syncwarp();  // the previous tile's V pass has finished reading p_w
+    if (half_p) {  // (p, p) pairs for the packed fp16 V accumulation
+      __half2* ph = reinterpret_cast<__half2*>(p_w);
+#pragma unroll
+      for (int h = 0; h < G; ++h) ph[lane * G + h] = __float2half2_rn(p[h]);
+    } else {
+#pragma unroll
+      for (int h = 0; h < G; ++h) p_w[lane * G + h] = p[h];
+    }
+    __syncwarp();
+  };
+
+  if constexpr (PQ) {
+    unsigned int kw[KW], vw[VWL];  // the warp's next tile, loaded a tile ahead
+    const unsigned char* k_base;
+    const unsigned char* v_base;
+    if constexpr (MODE == MODE_PAGED_PQ) {
+      k_base = k_codes + kvh * head_stride;
+      v_base = v_codes + kvh * head_stride;
+    } else {
+      k_base = k_codes + b * page_stride + kvh * head_stride;
+      v_base = v_codes + b * page_stride + kvh * head_stride;
+    }
+    auto load_tile = [&](int tile) {
+      const int tok0 = tok_begin + tile * 32;
+      const int tok = tok0 + lane;
+      if (tok < tok_end) {
+        if constexpr (MODE == MODE_PAGED_PQ)
+          load_code_bytes<M>(kw, k_base + page_table[prow + (tok >> page_shift)] * page_stride + (tok & page_mask) * M);
+        else
+          load_code_bytes<M>(kw, k_base + (long long)tok * M);
+      }
+      if constexpr (MODE == MODE_PAGED_PQ) {
+#pragma unroll
+        for (int piece = 0; piece < CHUNK / VPIECE; ++piece) {
+          const int t = tok0 + vtg * CHUNK + piece * VPIECE;
+          if (t < tok_end) {
+            const unsigned char* src = v_base + page_table[prow + (t >> page_shift)] * page_stride + (t & page_mask);
+#pragma unroll
+            for (int k = 0; k < MPL; ++k)
+              load_code_bytes<VPIECE>(vw + (k * CHUNK + piece * VPIECE) / 4, src + (vm0 + VL * k) * (page_mask + 1));
+          }
+        }
+      } else {
+        // Row-wise V (MILLION layout): one byte per (token, subspace).
+#pragma unroll
+        for (int k = 0; k < MPL; ++k)
+#pragma unroll
+          for (int w4 = 0; w4 < CHUNK / 4; ++w4) {
+            unsigned int w = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int t = tok0 + vtg * CHUNK + 4 * w4 + j;
+              if (t < tok_end) w |= (unsigned int)__ldg(v_base + (long long)t * M + vm0 + VL * k) << (8 * j);
+            }
+            vw[(k * CHUNK) / 4 + w4] = w;
+          }
+      }
+    };
+    // With M = 256 a second code buffer would not fit in registers: load each tile when it starts.
+    constexpr bool PREFETCH = M <= 128;
+    if (PREFETCH && warp < pq_tiles) load_tile(warp);
+    const int rot = (MODE == MODE_PAGED_PQ) ? ((tok_begin + lane) & page_mask) % ROT : 0;  // tiles are 32-aligned in a page
+    const unsigned int rot_b = (unsigned)rot * (G * 2);
+    const unsigned char* lut_b = reinterpret_cast<const unsigned char*>(lut_s);
+    const unsigned char* vc_lane = reinterpret_cast<const unsigned char*>(vc_s) + vm0 * DSUB * 2;
+    for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
+      if (!PREFETCH) load_tile(tile);
+      unsigned int kcur[KW], vcur[VWL];
+#pragma unroll
+      for (int i = 0; i < KW; ++i) kcur[i] = kw[i];
+#pragma unroll
+      for (int i = 0; i < VWL; ++i) vcur[i] = vw[i];
+      if (PREFETCH && tile + NWARPS < pq_tiles) load_tile(tile + NWARPS);  // in flight during this tile
+
+      const int tok0 = tok_begin + tile * 32;
+      float s[G];
+      if (tok0 + lane < tok_end) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[h] = 0.f;
+        // fp16 partial sums over runs of K_RUN lookups (one HADD2 per head pair and lookup), folded into
+        // fp32: a run's rounding stays near the LUT's own fp16 rounding while the adds cost half.
+#pragma unroll
+        for (int j0 = 0; j0 < M; j0 += K_RUN) {
+          __half2 run[(G + 1) / 2];
+#pragma unroll
+          for (int j = j0; j < j0 + K_RUN; ++j) {
+            const unsigned int c = code_byte(kcur, j);
+            // Byte offsets written so they compile to one shift-add plus an immediate: entry (c, m) of
+            // [c][m][G] sits at c * M*G*2 + m*G*2, and m = j ^ rot only flips j's low five bits.
+            unsigned int off;
+            if constexpr (MODE == MODE_PAGED_PQ) {
+              // [block][c][MB][G]: (code row) ^ (lane's permutation) + the block as an immediate.
+              const unsigned int row = LUT_ROW == 256 ? code_byte_shl8(kcur, j) : code_byte(kcur, j) * LUT_ROW;
+              off = (row ^ ((((unsigned)j % MB) * (G * 2)) ^ rot_b)) + ((unsigned)j / MB) * (256 * LUT_ROW);
+            } else {
+              off = code_byte(kcur, j) * (G * 2) + (unsigned)j * (256 * G * 2);
+            }
+            add_lut_run<G>(run, reinterpret_cast<const __half*>(lut_b + off), j == j0);
+          }
+          fold_lut_run<G>(s, run);
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[h] = -kInf;
+      }
+      softmax_tile(s, V_HALF);
+      // V: masked tokens have p = 0 and (stale but valid) codes, so no per-token branch is needed.
+      if constexpr (V_HALF) {
+        // One tile's p.v in packed fp16 FMAs (p <= 1, at most 32 terms), folded into fp32 per tile.
+        __half2 tacc[MPL][G][DSUB / 2];
+#pragma unroll
+        for (int k = 0; k < MPL; ++k)
+#pragma unroll
+          for (int h = 0; h < G; ++h)
+#pragma unroll
+            for (int i = 0; i < DSUB / 2; ++i) tacc[k][h][i] = __float2half2_rn(0.f);
+        const __half2* ph = reinterpret_cast<const __half2*>(p_w);
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) {
+          __half2 pj[G];
+          load_p_half2<G>(pj, ph + (vtg * CHUNK + j) * G);
+#pragma unroll
+          for (int k = 0; k < MPL; ++k) {
+            const unsigned int c = code_byte(vcur, k * CHUNK + j);
+            const __half2* cv =
+                reinterpret_cast<const __half2*>(vc_lane + c * (M * DSUB * 2) + VL * k * DSUB * 2);
+            __half2 v[DSUB / 2];
+#pragma unroll
+            for (int i = 0; i < DSUB / 2; ++i) v[i] = cv[i];
+#pragma unroll
+            for (int h = 0; h < G; ++h)
+#pragma unroll
+              for (int i = 0; i < DSUB / 2; ++i) tacc[k][h][i] = __hfma2(pj[h], v[i], tacc[k][h][i]);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < MPL; ++k)
+#pragma unroll
+          for (int h = 0; h < G; ++h)
+#pragma unroll
+            for (int i = 0; i < DSUB / 2; ++i) {
+              const float2 f = __half22float2(tacc[k][h][i]);
+              acc[k][h][2 * i] += f.x;
+              acc[k][h][2 * i + 1] += f.y;
+            }
+      } else {
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) {
+          const float* pj = p_w + (vtg * CHUNK + j) * G;
+#pragma unroll
+          for (int k = 0; k < MPL; ++k) {
+            const unsigned int c = code_byte(vcur, k * CHUNK + j);
+            float v[DSUB];
+            load_centroid<DSUB>(v, vc_s + ((int)c * M + vm0 + VL * k) * DSUB);
+            accumulate_v<G, DSUB>(acc[k], pj, v);
+          }
+        }
+      }
+    }
+  }
+
+  // ---- exact tiles: the residual ring (PQ modes) or unquantized pages (EXACT mode) -------------------
+  auto exact_ptr = [&](const T* base, int t) -> const T* {
+    if constexpr (MODE == MODE_PAGED_EXACT) {
+      return base + page_table[prow + (t >> page_shift)] * page_stride + kvh * head_stride +
+             (long long)(t & page_mask) * D;
+    } else {
+      const int slot = ring_mode ? (n_main + t) % ring_cap : t;
+      return base + (((long long)res_row[b] * nh_k + kvh) * ring_cap + slot) * D;
+    }
+  };
+  for (int tile = pq_tiles + ((warp - pq_tiles) % NWARPS + NWARPS) % NWARPS; tile < all_tiles; tile += NWARPS) {
+    const int t0 = ex_begin + (tile - pq_tiles) * 32;
+    float s[G];
+    if (t0 + lane < ex_end) {
+      const T* kr = exact_ptr(exact_k, t0 + lane);
+#pragma unroll
+      for (int h = 0; h < G; ++h) s[h] = 0.f;
+      constexpr int EPV = 16 / sizeof(T);
+#pragma unroll 4
+      for (int d0 = 0; d0 < D; d0 += EPV) {
+        float kv[EPV];
+        unpack16<T>(__ldg(reinterpret_cast<const uint4*>(kr + d0)), kv);
+#pragma unroll
+        for (int h = 0; h < G; ++h)
+#pragma unroll
+          for (int i = 0; i < EPV; ++i) s[h] = fmaf(q_s[h * D + d0 + i], kv[i], s[h]);
+      }
+#pragma unroll
+      for (int h = 0; h < G; ++h) s[h] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int h = 0; h < G; ++h) s[h] = -kInf;
+    }
+    softmax_tile(s, false);
+    const int nvalid = min(CHUNK, ex_end - (t0 + vtg * CHUNK));
+    for (int j = 0; j < nvalid; ++j) {  // exact values may be NaN past the end: branch, don't multiply by 0
+      const T* vr = exact_ptr(exact_v, t0 + vtg * CHUNK + j);
+      const float* pj = p_w + (vtg * CHUNK + j) * G;
+#pragma unroll
+      for (int k = 0; k < MPL; ++k) {
+        float v[DSUB];
+#pragma unroll
+        for (int i = 0; i < DSUB; ++i) v[i] = to_float(vr[(vm0 + VL * k) * DSUB + i]);
+        accumulate_v<G, DSUB>(acc[k], pj, v);
+      }
+    }
+  }
+
+  // ---- merge the warps' states ---------------------------------------------------------------------
+  // Lanes holding other token chunks of the same subspace (M < 32) fold in first.
+#pragma unroll
+  for (int off = VL; off < 32; off <<= 1)
+#pragma unroll
+    for (int k = 0; k < MPL; ++k)
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+#pragma unroll
+        for (int i = 0; i < DSUB; ++i) acc[k][h][i] += __shfl_xor_sync(0xffffffffu, acc[k][h][i], off);
+  float l_w[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    float v = l_lane[h];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    l_w[h] = v;
+  }
+  __syncthreads();  // every warp is done with the LUT: its region becomes the reduction buffer
+  float* red = reinterpret_cast<float*>(big);   // [NWARPS][G][D]
+  float* ml = red + NWARPS * G * D;             // [NWARPS][G][2]: running max, sum
+  if (lane < VL) {
+#pragma unroll
+    for (int k = 0; k < MPL; ++k)
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+#pragma unroll
+        for (int i = 0; i < DSUB; ++i) red[(warp * G + h) * D + (vm0 + VL * k) * DSUB + i] = acc[k][h][i];
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      ml[(warp * G + h) * 2] = m_run[h];
+      ml[(warp * G + h) * 2 + 1] = l_w[h];
+    }
+  }
+  __syncthreads();
+
+  const int unit = b * (nh / G) + hg;
+  const int2 ui = unit_items[unit];
+  const bool single = ui.y == 1;
+  for (int e = tid; e < G * D; e += NT) {
+    const int h = e / D;
+    float mx = -kInf;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, ml[(w * G + h) * 2]);
+    float l = 0.f, o = 0.f;
+    if (mx != -kInf) {
+#pragma unroll
+      for (int w = 0; w < NWARPS; ++w) {
+        const float sc = exp2f(ml[(w * G + h) * 2] - mx);  // 0 for warps that saw no token
+        l = fmaf(ml[(w * G + h) * 2 + 1], sc, l);
+        o = fmaf(red[w * G * D + e], sc, o);
+      }
+    }
+    o = l > 0.f ? o / l : 0.f;
+    const float lse2 = l > 0.f ? mx + log2f(l) : -kInf;
+    if (single) {
+      out[((long long)b * nh + h0) * D + e] = from_float<T>(o);
+      if (lse_out != nullptr && (e % D) == 0) lse_out[(long long)b * nh + h0 + h] = lse2 * LN2;
+    } else {
+      part_o[(long long)blockIdx.x * G * D + e] = o;
+      if ((e % D) == 0) part_lse[(long long)blockIdx.x * G + h] = lse2;
+    }
+  }
+  if (single) return;
+
+  // ---- the last CTA of this (sequence, head group) merges the splits --------------------------------
+  __threadfence();
+  __syncthreads();
+  __shared__ int is_last;
+  if (tid == 0) {
+    const int done = atomicAdd(unit_counter + unit, 1);
+    is_last = done == ui.y - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int e = tid; e < G * D; e += NT) {
+    const int h = e / D;
+    float mx = -kInf;
+    for (int k = 0; k < ui.y; ++k) mx = fmaxf(mx, __ldcg(part_lse + (long long)(ui.x + k) * G + h));
+    float wsum = 0.f, o = 0.f;
+    if (mx != -kInf) {
+      for (int k = 0; k < ui.y; ++k) {
+        const float w = exp2f(__ldcg(part_lse + (long long)(ui.x + k) * G + h) - mx);
+        wsum += w;
+        o = fmaf(w, __ldcg(part_o + (long long)(ui.x + k) * G * D + e), o);
+      }
+    }
+    out[((long long)b * nh + h0) * D + e] = from_float<T>(wsum > 0.f ? o / wsum : 0.f);
+    if (lse_out != nullptr && (e % D) == 0)
+      lse_out[(long long)b * nh + h0 + h] = (wsum > 0.f ? mx + log2f(wsum) : -kInf) * LN2;
+  }
+  if (tid == 0) unit_counter[unit] = 0;  // ready for the next launch (and CUDA-graph replays)
+}
+
+}  // namespace mc

@@ -1,0 +1,742 @@
+"""PagedPQCache: a paged, product-quantized KV cache for long-context decoding.
+
+Every layer keeps, per sequence, the most recent tokens exactly in a residual ring and the older
+ones as 8-bit PQ codes in fixed-size pages of one pool owned by a
+:class:`~million_cupy.allocator.PageAllocator`. The memory layout (pages, rings, block table) is
+the contract in ``docs/architecture.md``; the decode kernels read it directly.
+
+Flush rule. A sequence holding ``n`` tokens in a layer has ``pages(n) = 0 if n < R else
+(n - R) // P + 1`` full pages (tokens ``[0, P * pages(n))``) and its residual tokens
+``[P * pages(n), n)`` sit in ring slots ``t % R``. The contents are therefore a function of the
+tokens alone, never of how they were split across :meth:`PagedPQCache.append` calls: a bulk
+append encodes the tokens that end up in pages straight from the input (or from the ring, for
+tokens that were already there) and writes only the rest to the ring.
+
+Pages. One page id covers the ``P``-token block ``j`` of a sequence in every layer: the first layer
+(or :meth:`PagedPQCache.reserve`) that needs block ``j`` allocates it and the other layers find it in
+the block table. Allocated blocks of a sequence are always a prefix ``[0, blocks)`` of its
+block-table row, so the host tracks only their count; the page ids themselves stay on the device.
+K code rows are stored XOR-permuted inside a page (:func:`permute_k_rows`), V codes transposed.
+
+Two paths share all index math (host NumPy over the batch, ``O(B)`` per one-token append):
+
+* GPU (CuPy): rings, block table and pool live on the device; the one-token decode append is one
+  small host-to-device copy plus one ``ring_append`` launch (``cuda_src/cache_append.cu``), plus a
+  conversion when the input is not in the cache dtype, and no device-to-host synchronisation (the
+  allocator only synchronises when the pool may be exhausted). Flushes add the gathers, the encoder
+  and the code scatters.
+* CPU (NumPy): the exact reference path, with the float64 reference encoder. Page ids still come
+  from the PageAllocator (under numba's CUDA simulator on a machine without a GPU).
+
+All device work, the allocator's included, runs on the CuPy stream that was current when the cache
+was built (:attr:`PagedPQCache.stream`), so its kernels are ordered with one another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import operator
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import kernels
+from .allocator import PageAllocator
+from .codebook import Codebook, ModelCodebooks, encode
+from .decode import PAGE_SIZES as _DECODE_PAGE_SIZES
+from .errors import DeviceUnavailable, UnsupportedConfiguration
+from .interop import as_array, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
+
+__all__ = ["PagedPQCache", "permute_k_rows", "CACHE_DTYPES", "PAGE_SIZES"]
+
+#: Cache (residual ring) dtypes.
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+#: Dtypes append accepts; others than the cache dtype are converted to it.
+INPUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: Supported page sizes (tokens per page): powers of two, so the decode kernels index pages by shifts.
+PAGE_SIZES = _DECODE_PAGE_SIZES
+
+_SOURCE = "cache_append.cu"
+# ring_append copies rows as the widest word that the row size and every pointer allow.
+_RING_WORDS = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short"}
+_THREADS = 256
+_MAX_GRID = 4096  # the kernels stride, so this only caps launch size
+
+
+@kernels.register_variants(_SOURCE)
+def _cache_append_variants() -> list[str]:
+    return [f"ring_append<{word}>" for word in _RING_WORDS.values()] + ["gather_page_table"]
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(owner, value)`` over the concatenation of the integer ranges ``[starts[i], starts[i] + counts[i])``."""
+    owner = np.repeat(np.arange(counts.shape[0]), counts)
+    first = np.cumsum(counts) - counts
+    values = np.arange(owner.shape[0], dtype=np.int64) - first[owner] + starts[owner]
+    return owner, values
+
+
+def permute_k_rows(codes: Any, t: Any) -> Any:
+    """Apply the in-page XOR permutation of K code rows (docs/architecture.md); it is its own inverse.
+
+    ``codes`` is ``(..., M)`` uint8 (NumPy or CuPy), ``t`` the in-page token index of each row,
+    broadcastable to ``codes.shape[:-1]``. Position ``s`` of the result holds ``codes[..., s ^ (t % ROT)]``
+    with ``ROT = min(M, 32)``: stored rows from logical ones, and logical rows from stored ones.
+    The decode kernel reads K pages in this order so that its lookup-table reads hit distinct
+    shared-memory banks.
+    """
+    xp = cupy() if is_gpu_array(codes) else np
+    M = codes.shape[-1]
+    rot = min(M, 32)
+    t = xp.asarray(t)
+    source = xp.arange(M) ^ (t % rot)[..., None]
+    return xp.take_along_axis(codes, xp.broadcast_to(source, codes.shape), axis=-1)
+
+
+def _index(value: Any, name: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}") from None
+
+
+class PagedPQCache:
+    """Paged PQ KV cache for ``num_layers`` layers of ``num_kv_heads`` kv heads of dimension ``head_dim``.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: model geometry; must match ``codebooks``.
+        codebooks: :class:`~million_cupy.codebook.ModelCodebooks` with one codebook per layer
+            (shared by the kv heads) or one per kv head.
+        page_size: tokens per PQ page ``P``: 16, 32, 64, 128 or 256.
+        residual: ring size ``R`` in tokens: a multiple of ``page_size``, at least ``page_size``.
+        max_pages: pages in the pool. Default: ``max_seqs * max_blocks_per_seq``, enough for every
+            slot at ``max_seq_len`` (the worst case; pass a smaller pool to bound memory).
+        max_seqs: sequence slots (ids are slot numbers, recycled by :meth:`free`).
+        max_seq_len: most tokens one sequence may hold.
+        dtype: residual (exact) token dtype: "float16", "bfloat16" or "float32".
+        device: "cuda" or "cpu"; None follows ``codebooks.is_gpu``. Codebooks on the other side
+            are copied over.
+
+    Raises:
+        UnsupportedConfiguration: a geometry or option outside what the cache supports.
+        DeviceUnavailable: ``device="cuda"`` without a usable GPU.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        codebooks: ModelCodebooks,
+        page_size: int = 64,
+        residual: int = 128,
+        max_pages: int | None = None,
+        max_seqs: int = 64,
+        max_seq_len: int = 131072,
+        dtype: str = "float16",
+        device: str | None = None,
+    ) -> None:
+        num_layers = _index(num_layers, "num_layers")
+        num_kv_heads = _index(num_kv_heads, "num_kv_heads")
+        head_dim = _index(head_dim, "head_dim")
+        page_size = _index(page_size, "page_size")
+        residual = _index(residual, "residual")
+        max_seqs = _index(max_seqs, "max_seqs")
+        max_seq_len = _index(max_seq_len, "max_seq_len")
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("max_seqs", max_seqs),
+                            ("max_seq_len", max_seq_len)):
+            if value < 1:
+                raise UnsupportedConfiguration(f"{name}: expected a positive integer, got {value}")
+        if not isinstance(codebooks, ModelCodebooks):
+            raise TypeError(f"codebooks: expected a ModelCodebooks, got {type(codebooks).__name__}")
+        if codebooks.num_layers != num_layers:
+            raise UnsupportedConfiguration(
+                f"codebooks: expected codebooks for num_layers = {num_layers} layers, got {codebooks.num_layers}"
+            )
+        if codebooks.d != head_dim:
+            raise UnsupportedConfiguration(f"codebooks: expected head dim d = {head_dim}, got d = {codebooks.d}")
+        if codebooks.num_heads_per_layer not in (1, num_kv_heads):
+            raise UnsupportedConfiguration(
+                f"codebooks: expected 1 (shared) or num_kv_heads = {num_kv_heads} codebooks per layer, "
+                f"got {codebooks.num_heads_per_layer}"
+            )
+        if page_size not in PAGE_SIZES:
+            raise UnsupportedConfiguration(f"page_size: expected one of {PAGE_SIZES}, got {page_size}")
+        if residual < page_size or residual % page_size:
+            raise UnsupportedConfiguration(
+                f"residual: expected a multiple of page_size = {page_size} that is >= page_size, got {residual}"
+            )
+        if dtype not in CACHE_DTYPES:
+            raise UnsupportedConfiguration(f"dtype: expected one of {list(CACHE_DTYPES)}, got {dtype!r}")
+        if device is None:
+            device = "cuda" if codebooks.is_gpu else "cpu"
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device: expected 'cuda', 'cpu' or None, got {device!r}")
+        if device == "cuda" and not gpu_available():
+            raise DeviceUnavailable("device='cuda': no CUDA device is usable through CuPy")
+        gpu = device == "cuda"
+        if gpu != codebooks.is_gpu:
+            codebooks = codebooks.to_gpu() if gpu else codebooks.to_cpu()
+
+        self._num_layers = num_layers
+        self._nh_k = num_kv_heads
+        self._d = head_dim
+        self._P = page_size
+        self._R = residual
+        self._max_seqs = max_seqs
+        self._max_seq_len = max_seq_len
+        self._max_blocks = -(-max_seq_len // page_size)
+        self._dtype_name = dtype
+        self._dtype = resolve_dtype(dtype)
+        self._codebooks = codebooks
+        self._M = codebooks.M
+        self._page_nbytes = num_layers * 2 * num_kv_heads * page_size * self._M
+        num_pages = max_seqs * self._max_blocks if max_pages is None else _index(max_pages, "max_pages")
+        if num_pages < 1:
+            raise UnsupportedConfiguration(f"max_pages: expected a positive integer, got {num_pages}")
+        self._num_pages = num_pages
+
+        if gpu:
+            cp = cupy()
+            self._xp = cp
+            self._stream = cp.cuda.get_current_stream()
+            self._alloc = PageAllocator(num_pages, self._page_nbytes, stream=self._stream)
+            self._pool = cp.asarray(self._alloc.pool)
+        else:
+            self._xp = np
+            self._stream = None
+            # The CPU path only borrows the allocator's page ids; the codes live in host memory.
+            self._alloc = PageAllocator(num_pages, 0)
+            self._pool = np.zeros((num_pages, self._page_nbytes), dtype=np.uint8)
+        xp = self._xp
+        with self._on_stream():
+            ring_shape = (num_layers, max_seqs, num_kv_heads, residual, head_dim)
+            self._ring_k = xp.zeros(ring_shape, dtype=self._dtype)
+            self._ring_v = xp.zeros(ring_shape, dtype=self._dtype)
+            self._block_table = xp.full((max_seqs, self._max_blocks), -1, dtype=np.int32)
+
+        # Host bookkeeping: the device never has to be asked what the cache holds.
+        self._lens = np.zeros((num_layers, max_seqs), dtype=np.int64)
+        self._blocks = np.zeros(max_seqs, dtype=np.int64)  # allocated blocks per slot (a prefix)
+        self._live = np.zeros(max_seqs, dtype=bool)
+        self._free_slots = list(range(max_seqs))  # a heap: the lowest free slot is reused first
+        self._flushes = 0
+
+    # ------------------------------------------------------------------------------ geometry
+
+    @property
+    def is_gpu(self) -> bool:
+        """True when the cache lives on the GPU (CuPy arrays), False on the CPU reference path."""
+        return self._xp is not np
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._nh_k
+
+    @property
+    def head_dim(self) -> int:
+        return self._d
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per PQ page ``P``."""
+        return self._P
+
+    @property
+    def residual(self) -> int:
+        """Residual ring size ``R`` in tokens."""
+        return self._R
+
+    @property
+    def dtype(self) -> str:
+        """Dtype name of the residual (exact) tokens."""
+        return self._dtype_name
+
+    @property
+    def M(self) -> int:
+        """PQ subspaces (code bytes per token, head and kind)."""
+        return self._M
+
+    @property
+    def max_seqs(self) -> int:
+        return self._max_seqs
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq_len
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        """Block-table columns: ``ceil(max_seq_len / page_size)``."""
+        return self._max_blocks
+
+    @property
+    def num_pages(self) -> int:
+        return self._num_pages
+
+    @property
+    def page_nbytes(self) -> int:
+        """Bytes per page: ``num_layers * 2 * nh_k * page_size * M``."""
+        return self._page_nbytes
+
+    @property
+    def codebooks(self) -> ModelCodebooks:
+        """The codebooks, on the cache's side."""
+        return self._codebooks
+
+    @property
+    def allocator(self) -> PageAllocator:
+        """The page allocator (owner of the pool on the GPU path)."""
+        return self._alloc
+
+    @property
+    def stream(self) -> Any:
+        """The CuPy stream all cache and allocator work runs on (None on the CPU path)."""
+        return self._stream
+
+    # ------------------------------------------------------------------------ memory layout
+
+    @property
+    def pool(self) -> Any:
+        """The page pool, ``(num_pages, page_nbytes)`` uint8 (CuPy on the GPU path, NumPy on the CPU path)."""
+        return self._pool
+
+    def code_offset(self, layer: int, kind: int) -> int:
+        """Byte offset in a page of the ``(layer, kind)`` codes (kind 0 = K, 1 = V); head ``h`` adds ``h * P * M``."""
+        layer = self._check_layer(layer)
+        if kind not in (0, 1):
+            raise ValueError(f"kind: expected 0 (K) or 1 (V), got {kind!r}")
+        return (layer * 2 + kind) * self._nh_k * self._P * self._M
+
+    def k_codes(self, layer: int) -> Any:
+        """View ``(num_pages, nh_k, P, M)`` of the pool: K codes of ``layer``, row-wise ``[token][m]``,
+        each row XOR-permuted by its in-page token index (see :func:`permute_k_rows`)."""
+        P, M = self._P, self._M
+        return self._codes_view(self.code_offset(layer, 0), (self._nh_k, P, M), (P * M, M, 1))
+
+    def v_codes(self, layer: int) -> Any:
+        """View ``(num_pages, nh_k, M, P)`` of the pool: V codes of ``layer``, transposed ``[m][token]``."""
+        P, M = self._P, self._M
+        return self._codes_view(self.code_offset(layer, 1), (self._nh_k, M, P), (P * M, P, 1))
+
+    def _codes_view(self, offset: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+        return self._xp.lib.stride_tricks.as_strided(
+            self._pool[:, offset:], shape=(self._num_pages, *shape), strides=(self._page_nbytes, *strides)
+        )
+
+    @property
+    def block_table(self) -> Any:
+        """Int32 ``(max_seqs, max_blocks_per_seq)``: page id of block ``j`` of each slot, -1 where unallocated."""
+        return self._block_table
+
+    def residual_k(self, layer: int) -> Any:
+        """K ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``."""
+        return self._ring_k[self._check_layer(layer)]
+
+    def residual_v(self, layer: int) -> Any:
+        """V ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``."""
+        return self._ring_v[self._check_layer(layer)]
+
+    def key_centroids(self, layer: int) -> Any:
+        """Float32 ``(Hc, M, 256, dsub)`` key centroids of ``layer`` on the cache's side."""
+        return self._codebooks.key_centroids(layer)
+
+    def value_centroids(self, layer: int) -> Any:
+        """Float32 ``(Hc, M, 256, dsub)`` value centroids of ``layer`` on the cache's side."""
+        return self._codebooks.value_centroids(layer)
+
+    # ---------------------------------------------------------------------------- sequences
+
+    def add_sequence(self) -> int:
+        """Start an empty sequence; returns its id (the lowest free slot)."""
+        if not self._free_slots:
+            raise RuntimeError(
+                f"add_sequence: all max_seqs = {self._max_seqs} sequence slots are in use; free one first"
+            )
+        seq = heapq.heappop(self._free_slots)
+        self._live[seq] = True
+        return seq
+
+    def fork(self, seq: int) -> int:
+        """A new sequence with the same contents as ``seq`` in every layer; returns its id.
+
+        Blocks that are full PQ pages in every layer are shared (one more reference each). Any
+        other allocated block (full in some layers only, or reserved ahead) would later receive
+        different tokens from the two sequences, so the child gets a fresh page holding a copy of
+        it instead. Residual rings and lengths are copied.
+
+        Raises:
+            PagePoolExhausted: not enough free pages for the copied blocks; nothing changed.
+        """
+        src = self._check_seqs(seq, "fork")[0]
+        if not self._free_slots:
+            raise RuntimeError(f"fork: all max_seqs = {self._max_seqs} sequence slots are in use; free one first")
+        shared = int(self._full_pages(self._lens[:, src].min()))
+        blocks = int(self._blocks[src])
+        with self._on_stream():
+            fresh = self._alloc.alloc(blocks - shared) if blocks > shared else None
+            child = heapq.heappop(self._free_slots)
+            table = self._block_table
+            if shared:
+                self._alloc.incref(table[src, :shared])
+                table[child, :shared] = table[src, :shared]
+            if fresh is not None:
+                fresh = self._page_ids(fresh)
+                table[child, shared:blocks] = fresh
+                self._pool[fresh] = self._pool[table[src, shared:blocks]]
+            self._ring_k[:, child] = self._ring_k[:, src]
+            self._ring_v[:, child] = self._ring_v[:, src]
+        self._lens[:, child] = self._lens[:, src]
+        self._blocks[child] = blocks
+        self._live[child] = True
+        return int(child)
+
+    def free(self, seq: int) -> None:
+        """Drop sequence ``seq``: one reference of each of its pages goes back, and the slot is recycled."""
+        seq = self._check_seqs(seq, "free")[0]
+        blocks = int(self._blocks[seq])
+        with self._on_stream():
+            if blocks:
+                self._alloc.free(self._block_table[seq, :blocks])
+                self._block_table[seq, :blocks] = -1
+        self._lens[:, seq] = 0
+        self._blocks[seq] = 0
+        self._live[seq] = False
+        heapq.heappush(self._free_slots, int(seq))
+
+    def seq_len(self, seq: int, layer: int = 0) -> int:
+        """Tokens sequence ``seq`` holds in ``layer``."""
+        return int(self._lens[self._check_layer(layer), self._check_seqs(seq, "seq_len")[0]])
+
+    def seq_lens(self, layer: int, seq_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Host int64 array of the tokens each listed sequence holds in ``layer``."""
+        layer = self._check_layer(layer)
+        return self._lens[layer, self._check_seqs(seq_ids, "seq_lens", unique=False)]
+
+    # ------------------------------------------------------------------------------ writing
+
+    def append(
+        self,
+        layer: int,
+        seq_ids: Sequence[int] | np.ndarray,
+        k: Any,
+        v: Any,
+        lengths: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        """Append tokens of ``layer`` to the listed sequences.
+
+        ``k`` and ``v`` are ``(sum(lengths), nh_k, d)``, the tokens of ``seq_ids[0]`` first, then
+        those of ``seq_ids[1]``, ...; ``lengths`` None means one token per sequence. Any float
+        dtype is converted to the cache dtype. The GPU cache copies NumPy input to the device
+        (converted to the cache dtype on the host first); the CPU cache rejects GPU input.
+
+        Pages that the append completes are allocated in one allocator call before anything is
+        written, so every error, :class:`~million_cupy.errors.PagePoolExhausted` included, leaves
+        the cache unchanged.
+        """
+        layer = self._check_layer(layer)
+        seqs = self._check_seqs(seq_ids, "append")
+        counts = self._check_counts(lengths, seqs.shape[0], "lengths")
+        total = int(counts.sum())
+        k = self._check_tokens(k, "k", total)
+        v = self._check_tokens(v, "v", total)
+        n0 = self._lens[layer, seqs]
+        n1 = n0 + counts
+        self._check_max_len(seqs, n1, "append")
+        p0, p1 = self._full_pages(n0), self._full_pages(n1)
+        starts = np.cumsum(counts) - counts  # where each sequence's tokens start in k / v
+        with self._on_stream():
+            self._grow(seqs, p1)  # the only step that can fail; nothing is written before it
+            self._flush(layer, seqs, n0, p0, p1, starts, k, v)
+            # Input tokens that stay residual: [max(n0, P * p1), n1). Earlier ones went to pages.
+            first = np.maximum(n0, self._P * p1)
+            owner, t = _ranges(first, n1 - first)
+            if owner.shape[0]:
+                self._write_ring(layer, seqs[owner], t % self._R, starts[owner] + t - n0[owner], k, v)
+        self._lens[layer, seqs] = n1
+
+    def reserve(self, seq_ids: Sequence[int] | np.ndarray, new_tokens: int | Sequence[int] | np.ndarray) -> int:
+        """Allocate every block that appending ``new_tokens`` tokens would complete, without appending.
+
+        ``new_tokens`` is one count for all listed sequences or one per sequence, counted from the
+        sequence's longest layer. Later appends reuse the reserved pages from the block table.
+        Returns the number of pages allocated.
+
+        Raises:
+            PagePoolExhausted: not enough free pages; nothing was allocated.
+        """
+        seqs = self._check_seqs(seq_ids, "reserve")
+        new = self._check_counts(new_tokens, seqs.shape[0], "new_tokens")
+        target = self._lens[:, seqs].max(axis=0, initial=0) + new
+        self._check_max_len(seqs, target, "reserve")
+        with self._on_stream():
+            return self._grow(seqs, self._full_pages(target))
+
+    def _grow(self, seqs: np.ndarray, target: np.ndarray) -> int:
+        """Allocate blocks so that each sequence has at least ``target`` of them (one allocator call)."""
+        need = np.maximum(target - self._blocks[seqs], 0)
+        total = int(need.sum())
+        if total == 0:
+            return 0
+        ids = self._page_ids(self._alloc.alloc(total))
+        owner, column = _ranges(self._blocks[seqs], need)
+        rows, column = self._to_device(seqs[owner], column)
+        self._block_table[rows, column] = ids
+        self._blocks[seqs] += need
+        return total
+
+    def _flush(self, layer, seqs, n0, p0, p1, starts, k, v) -> None:
+        """PQ-encode tokens ``[P * p0, P * p1)`` of each sequence into their pages of ``layer``."""
+        P = self._P
+        owner, t = _ranges(P * p0, P * (p1 - p0))
+        if owner.shape[0] == 0:
+            return
+        in_ring = t < n0[owner]
+        ring_owner, ring_t = owner[in_ring], t[in_ring]
+        new_owner, new_t = owner[~in_ring], t[~in_ring]
+        # The encode buffer holds the ring tokens, then the input tokens; the destinations follow suit.
+        dst_owner = np.concatenate([ring_owner, new_owner])
+        dst_t = np.concatenate([ring_t, new_t])
+        ring_seq, ring_slot, rows, dst_seq, dst_block, dst_row = self._to_device(
+            seqs[ring_owner], ring_t % self._R, starts[new_owner] + new_t - n0[new_owner],
+            seqs[dst_owner], dst_t // P, dst_t % P,
+        )
+        xp = self._xp
+
+        def gather(ring, x):  # (F, nh_k, d), contiguous as the encoder wants
+            return xp.concatenate([ring[layer][ring_seq, :, ring_slot], x[rows]])
+
+        k_codes = encode(gather(self._ring_k, k), self.key_centroids(layer))  # (F, nh_k, M)
+        v_codes = encode(gather(self._ring_v, v), self.value_centroids(layer))
+        pages = self._block_table[dst_seq, dst_block]
+        self.k_codes(layer)[pages, :, dst_row, :] = permute_k_rows(k_codes, dst_row[:, None])
+        self.v_codes(layer)[pages, :, :, dst_row] = v_codes
+        self._flushes += int((p1 - p0).sum())
+
+    def _write_ring(self, layer: int, seq: np.ndarray, slot: np.ndarray, src: np.ndarray, k: Any, v: Any) -> None:
+        """Ring slot ``slot[i]`` of sequence ``seq[i]`` := token row ``src[i]`` of ``k`` / ``v``."""
+        ring_k, ring_v = self._ring_k[layer], self._ring_v[layer]
+        if not self.is_gpu:
+            ring_k[seq, :, slot] = k[src]
+            ring_v[seq, :, slot] = v[src]
+            return
+        cp = self._xp
+        row_bytes = self._d * self._dtype.itemsize
+        word = next(
+            w for w in _RING_WORDS
+            if row_bytes % w == 0 and all(a.data.ptr % w == 0 for a in (k, v, ring_k, ring_v))
+        )
+        n = seq.shape[0]
+        idx = cp.asarray(np.concatenate([seq, slot, src]).astype(np.int32))
+        row_words = row_bytes // word
+        blocks = min(-(-n * self._nh_k * row_words // _THREADS), _MAX_GRID)
+        kernel = kernels.get_kernel(_SOURCE, f"ring_append<{_RING_WORDS[word]}>")
+        kernel(
+            (blocks,), (_THREADS,),
+            (k, v, ring_k, ring_v, idx, np.int32(n), np.int32(self._nh_k), np.int32(self._R), np.int32(row_words)),
+        )
+
+    # ------------------------------------------------------------------------------ reading
+
+    def page_table(self, layer: int, seq_ids: Sequence[int] | np.ndarray) -> tuple[Any, Any, Any]:
+        """CSR over the full PQ pages of ``layer`` for a batch: ``(indptr, indices, residual_lens)``.
+
+        ``indices[indptr[b]:indptr[b+1]]`` are the page ids of sequence ``seq_ids[b]`` in token
+        order and ``residual_lens[b]`` its residual token count; all int32, device arrays on the GPU
+        path (one H2D copy of ``O(B)`` metadata and one gather launch from the block table).
+        """
+        layer = self._check_layer(layer)
+        seqs = self._check_seqs(seq_ids, "page_table", unique=False)
+        B = seqs.shape[0]
+        n = self._lens[layer, seqs]
+        pages = self._full_pages(n)
+        indptr = np.zeros(B + 1, dtype=np.int32)
+        np.cumsum(pages, out=indptr[1:])
+        residual_lens = (n - self._P * pages).astype(np.int32)
+        if not self.is_gpu:
+            owner, column = _ranges(np.zeros(B, dtype=np.int64), pages)
+            return indptr, self._block_table[seqs[owner], column], residual_lens
+        cp = self._xp
+        with self._on_stream():
+            meta = cp.asarray(np.concatenate([seqs.astype(np.int32), indptr, residual_lens]))
+            indices = cp.empty(int(indptr[-1]), dtype=np.int32)
+            if indices.shape[0]:
+                kernel = kernels.get_kernel(_SOURCE, "gather_page_table")
+                kernel(
+                    (B,), (128,),
+                    (self._block_table, np.int32(self._max_blocks), meta, np.int32(B), indices),
+                )
+        return meta[B : 2 * B + 1], indices, meta[2 * B + 1 :]
+
+    def dequantize(self, layer: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host float32 ``(k, v)``, each ``(L, nh_k, d)`` in token order: PQ-decoded page tokens, then
+        the exact residual tokens (the reference view of what decode attends to)."""
+        layer = self._check_layer(layer)
+        seq = self._check_seqs(seq, "dequantize")[0]
+        n = int(self._lens[layer, seq])
+        pages = int(self._full_pages(n))
+        paged = pages * self._P
+        slots = np.arange(paged, n) % self._R
+        with self._on_stream():
+            ids = self._block_table[seq, :pages]
+            k_codes = permute_k_rows(self.k_codes(layer)[ids], np.arange(self._P))
+            k_codes = k_codes.transpose(0, 2, 1, 3).reshape(paged, self._nh_k, self._M)
+            v_codes = self.v_codes(layer)[ids].transpose(0, 3, 1, 2).reshape(paged, self._nh_k, self._M)
+            out = []
+            for codebooks, codes, ring in (
+                (self._codebooks.key_codebooks(layer), k_codes, self._ring_k),
+                (self._codebooks.value_codebooks(layer), v_codes, self._ring_v),
+            ):
+                residual = ring[layer, seq][:, self._to_device(slots)[0]].transpose(1, 0, 2)
+                out.append(
+                    np.concatenate([to_numpy(self._decode(codebooks, codes)), to_numpy(residual).astype(np.float32)])
+                )
+        return out[0], out[1]
+
+    def _decode(self, codebooks: tuple[Codebook, ...], codes: Any) -> Any:
+        """Float32 vectors ``(T, nh_k, d)`` of codes ``(T, nh_k, M)`` (shared or per-head codebooks)."""
+        if len(codebooks) == 1:
+            return codebooks[0].decode(codes).astype(np.float32)
+        return self._xp.stack([cb.decode(codes[:, h]) for h, cb in enumerate(codebooks)], axis=1).astype(np.float32)
+
+    def stats(self) -> dict[str, Any]:
+        """Memory accounting.
+
+        Keys: the allocator's page counters (``total``, ``used``, ``free``, ``high_water``, ``allocs``,
+        ``frees``, ``failed``); ``page_nbytes``; ``bytes_per_token`` (PQ code bytes per token over
+        all layers, kinds and heads: ``2 * M * nh_k * num_layers``), ``fp16_bytes_per_token``
+        (``2 * 2 * d * nh_k * num_layers``) and ``compression_ratio`` (fp16 / PQ);
+        ``pool_utilization``: code bytes of the tokens held in full pages, summed over sequences,
+        over the bytes of allocated pages (reserved or partly flushed pages lower it; pages shared
+        by :meth:`fork` count once in the denominator and once per sequence in the numerator, so
+        it can exceed 1; 0.0 with no page allocated); ``residual_bytes_reserved`` (both rings, all
+        slots) and ``residual_bytes_in_use`` (residual tokens of live sequences); ``flushes``
+        (pages written, counted per layer); ``sequences``; ``tokens`` (per live sequence, the
+        length of its longest layer, summed).
+        """
+        counters = self._alloc.stats()
+        lens = self._lens[:, self._live]
+        pages = self._full_pages(lens)
+        code_bytes_per_layer_token = 2 * self._nh_k * self._M
+        exact_bytes_per_layer_token = 2 * self._nh_k * self._d * self._dtype.itemsize
+        allocated = counters["used"] * self._page_nbytes
+        paged_bytes = int(pages.sum()) * self._P * code_bytes_per_layer_token
+        bytes_per_token = code_bytes_per_layer_token * self._num_layers
+        fp16_bytes_per_token = 2 * 2 * self._d * self._nh_k * self._num_layers
+        return {
+            **counters,
+            "page_nbytes": self._page_nbytes,
+            "bytes_per_token": bytes_per_token,
+            "fp16_bytes_per_token": fp16_bytes_per_token,
+            "compression_ratio": fp16_bytes_per_token / bytes_per_token,
+            "pool_utilization": paged_bytes / allocated if allocated else 0.0,
+            "residual_bytes_reserved": int(self._ring_k.nbytes + self._ring_v.nbytes),
+            "residual_bytes_in_use": int((lens - self._P * pages).sum()) * exact_bytes_per_layer_token,
+            "flushes": self._flushes,
+            "sequences": int(self._live.sum()),
+            "tokens": int(lens.max(axis=0, initial=0).sum()),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedPQCache(num_layers={self._num_layers}, num_kv_heads={self._nh_k}, head_dim={self._d}, "
+            f"M={self._M}, page_size={self._P}, residual={self._R}, num_pages={self._num_pages}, "
+            f"max_seqs={self._max_seqs}, dtype={self._dtype_name}, {'gpu' if self.is_gpu else 'cpu'}, "
+            f"sequences={int(self._live.sum())})"
+        )
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _full_pages(self, n: Any) -> Any:
+        """``pages(n)``: full PQ pages of a sequence holding ``n`` tokens (elementwise)."""
+        n = np.asarray(n, dtype=np.int64)
+        return np.where(n < self._R, 0, (n - self._R) // self._P + 1)
+
+    @contextlib.contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        if self._stream is None:
+            yield
+            return
+        with self._stream:
+            yield
+
+    def _to_device(self, *arrays: np.ndarray) -> list[Any]:
+        """Host index arrays on the cache's side, in one host-to-device copy on the GPU path."""
+        if not self.is_gpu:
+            return list(arrays)
+        flat = self._xp.asarray(np.concatenate(arrays).astype(np.int64))
+        ends = np.cumsum([a.shape[0] for a in arrays])
+        return [flat[end - a.shape[0] : end] for a, end in zip(arrays, ends)]
+
+    def _page_ids(self, ids: Any) -> Any:
+        """Allocator ids on the cache's side: zero-copy CuPy on the GPU path, a host copy on the CPU path."""
+        return self._xp.asarray(ids) if self.is_gpu else ids.copy_to_host()
+
+    def _check_layer(self, layer: int) -> int:
+        layer = _index(layer, "layer")
+        if not 0 <= layer < self._num_layers:
+            raise IndexError(f"layer: expected 0 <= layer < {self._num_layers}, got {layer}")
+        return layer
+
+    def _check_seqs(self, seq_ids: Any, what: str, *, unique: bool = True) -> np.ndarray:
+        """Host int64 ids of live sequences (a scalar counts as one id)."""
+        ids = np.asarray(to_numpy(seq_ids) if is_gpu_array(seq_ids) else seq_ids)
+        if ids.ndim == 0:
+            ids = ids.reshape(1)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise TypeError(
+                f"{what}: expected sequence ids as an int or a 1-D integer array, got {ids.dtype} of shape {ids.shape}"
+            )
+        ids = ids.astype(np.int64)
+        unknown = ids[(ids < 0) | (ids >= self._max_seqs)]
+        if unknown.size:
+            raise ValueError(f"{what}: expected sequence ids in [0, {self._max_seqs}), got {unknown.tolist()}")
+        dead = ids[~self._live[ids]]
+        if dead.size:
+            raise ValueError(
+                f"{what}: sequence ids {dead.tolist()} are not live (never added or already freed); "
+                f"live ids: {np.flatnonzero(self._live).tolist()[:16]}"
+            )
+        if unique and np.unique(ids).shape[0] != ids.shape[0]:
+            values, counts = np.unique(ids, return_counts=True)
+            raise ValueError(f"{what}: expected distinct sequence ids, got repeats of {values[counts > 1].tolist()}")
+        return ids
+
+    def _check_counts(self, counts: Any, B: int, name: str) -> np.ndarray:
+        """Host int64 per-sequence token counts: None means 1 each, a scalar is broadcast."""
+        if counts is None:
+            return np.ones(B, dtype=np.int64)
+        arr = np.asarray(to_numpy(counts) if is_gpu_array(counts) else counts)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected integer token counts, got dtype {arr.dtype}")
+        if arr.ndim == 0:
+            arr = np.full(B, arr, dtype=np.int64)
+        if arr.shape != (B,):
+            raise ValueError(f"{name}: expected shape ({B},) (one count per sequence), got {arr.shape}")
+        arr = arr.astype(np.int64)
+        if (arr < 0).any():
+            raise ValueError(f"{name}: expected non-negative counts, got {arr[arr < 0].tolist()}")
+        return arr
+
+    def _check_tokens(self, x: Any, name: str, total: int) -> Any:
+        """``x`` as a C-contiguous ``(total, nh_k, d)`` array of the cache dtype on the cache's side."""
+        arr = as_array(
+            x, name, ndim=3, shape=(total, self._nh_k, self._d), dtypes=INPUT_DTYPES,
+            on_gpu=None if self.is_gpu else False,
+        )
+        with self._on_stream():
+            arr = arr.astype(self._dtype, copy=False)  # before the upload for NumPy input: less to copy
+            return self._xp.ascontiguousarray(self._xp.asarray(arr))
+
+    def _check_max_len(self, seqs: np.ndarray, n: np.ndarray, what: str) -> None:
+        over = n > self._max_seq_len
+        if over.any():
+            raise ValueError(
+                f"{what}: sequences {seqs[over].tolist()} would hold {n[over].tolist()} tokens, "
+                f"more than max_seq_len = {self._max_seq_len}"
+            )

@@ -1,0 +1,267 @@
+"""The ``million-cupy`` console script (also ``python -m million_cupy.cli``).
+
+Subcommands:
+
+- ``info``            what this machine offers: GPU, library versions, NVRTC, the kernel variant grid.
+- ``demo``            the end-to-end demo (GPU when one is usable, else small shapes on the CPU reference path).
+- ``train-codebook``  train a PQ codebook from a ``.npy`` file of samples ``(n, d)`` and save it.
+- ``bench``           benchmark suites.
+
+User mistakes (missing file, wrong shape, unsupported configuration) print ``error: ...`` to stderr
+and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import MillionError
+
+EXIT_USAGE = 2
+
+# Suites `bench` will offer (placeholders until the benchmarks land).
+BENCH_SUITES: dict[str, str] = {
+    "decode": "paged PQ decode vs fp16 attention over batch x context length (M = 32, 64)",
+    "append": "append + flush throughput of PagedPQCache",
+    "allocator": "batched page alloc / incref / free",
+    "memory": "KV bytes per token: PQ pages + residual window vs fp16",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------------
+
+
+def _unavailable(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"unavailable: {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+
+
+def _guard(fn: Callable[[], object]) -> str:
+    """``str(fn())``, or ``unavailable: reason`` when anything in it fails: info must never crash."""
+    try:
+        return str(fn())
+    except Exception as exc:  # noqa: BLE001 - report, never raise
+        return _unavailable(exc)
+
+
+def _dist_version(*names: str) -> str:
+    """Installed version of the first of ``names`` that is installed (``name==version``)."""
+    for name in names:
+        try:
+            v = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        return v if len(names) == 1 else f"{v} ({name})"
+    return "not installed"
+
+
+def _gpu_description() -> str:
+    from . import interop  # noqa: PLC0415
+
+    if os.environ.get("MILLION_CUPY_DISABLE_GPU"):
+        return "no GPU (MILLION_CUPY_DISABLE_GPU is set)"
+    if not interop.cuda_driver_present():
+        return "no GPU (no CUDA driver library found)"
+    if not interop.gpu_available():
+        try:
+            n = interop.cupy().cuda.runtime.getDeviceCount()
+        except Exception as exc:  # noqa: BLE001
+            return f"no GPU (CuPy cannot use the CUDA driver; {_unavailable(exc)})"
+        return f"no GPU (CuPy sees {n} devices)"
+    cp = interop.cupy()
+    rt = cp.cuda.runtime
+    dev = rt.getDevice()
+    props = rt.getDeviceProperties(dev)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    mem_gib = props["totalGlobalMem"] / 2**30
+    return (
+        f"{name} (device {dev} of {rt.getDeviceCount()}, sm_{props['major']}{props['minor']}, {mem_gib:.1f} GiB, "
+        f"driver {rt.driverGetVersion()}, runtime {rt.runtimeGetVersion()})"
+    )
+
+
+def _nvrtc_description() -> str:
+    from . import kernels  # noqa: PLC0415
+
+    major, minor = kernels.nvrtc_version()
+    headers = kernels.cuda_include_dirs()
+    return f"{major}.{minor} (headers: {headers[0] if headers else 'cuda_fp16.h not found'})"
+
+
+def _kernel_cache_description() -> str:
+    from . import kernels  # noqa: PLC0415
+
+    n_here = len(kernels.compiled())
+    cache_dir = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+    n_disk = sum(1 for p in cache_dir.iterdir() if p.is_file()) if cache_dir.is_dir() else 0
+    return (
+        f"{n_here} in this process (variants compile on first use); "
+        f"CuPy's on-disk kernel cache {cache_dir} holds {n_disk} files"
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rows = [
+        ("million-cupy", __version__),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("platform", _guard(platform.platform)),
+        ("GPU", _guard(_gpu_description)),
+        ("numpy", _guard(lambda: _dist_version("numpy"))),
+        ("numba", _guard(lambda: _dist_version("numba"))),
+        ("numba-cuda", _guard(lambda: _dist_version("numba-cuda"))),
+        ("CuPy", _guard(lambda: _dist_version("cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x", "cupy"))),
+        ("NVRTC", _guard(_nvrtc_description)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+    print("kernel variants (supported grid, by source):")
+    try:
+        from . import kernels  # noqa: PLC0415
+
+        grid = kernels.supported_variants()
+    except Exception as exc:  # noqa: BLE001
+        print(f"  {_unavailable(exc)}")
+    else:
+        if not grid:
+            print("  none registered")
+        for source, variants in grid.items():
+            print(f"  {source}: {len(variants)}")
+        if grid:
+            print(f"  total: {sum(len(v) for v in grid.values())}")
+    print(f"compiled variants: {_guard(_kernel_cache_description)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("error: `million-cupy demo` is not yet implemented", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------
+# train-codebook
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_samples(path: Path):
+    import numpy as np  # noqa: PLC0415
+
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "not found"
+        raise FileNotFoundError(f"samples file {str(path)!r} {problem} (expected a .npy file of shape (n, d))")
+    try:
+        samples = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{path}: expected a .npy file holding a numeric (n, d) array, could not read it: {exc}") from exc
+    if not isinstance(samples, np.ndarray):
+        raise ValueError(f"{path}: expected a .npy file holding one (n, d) array, got an .npz archive")
+    if samples.ndim != 2:
+        raise ValueError(f"{path}: expected samples of shape (n, d), got shape {samples.shape}")
+    if not (np.issubdtype(samples.dtype, np.floating) or np.issubdtype(samples.dtype, np.integer)):
+        raise ValueError(f"{path}: expected a real-valued (float or integer) array, got dtype {samples.dtype}")
+    return samples.astype(np.float32, copy=False)
+
+
+def cmd_train_codebook(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    samples = _load_samples(Path(args.samples))
+    n, d = samples.shape
+    out = Path(args.out)
+    if not out.parent.is_dir():  # fail before training, not after
+        raise FileNotFoundError(f"--out: directory {str(out.parent)!r} does not exist")
+
+    from .codebook import Codebook  # noqa: PLC0415  (Codebook.train checks M, d and iters)
+
+    print(f"training codebook: {n} samples, d = {d}, M = {args.M}, {args.iters} iterations, seed {args.seed}",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    codebook = Codebook.train(samples, args.M, iters=args.iters, seed=args.seed, progress=True)
+    elapsed = time.perf_counter() - t0
+    codebook.save(out)
+
+    check = samples[: min(n, 4096)]
+    approx = np.asarray(codebook.decode(codebook.encode(check)), dtype=np.float64)
+    rel = float(np.sum((approx - check) ** 2) / max(float(np.sum(check.astype(np.float64) ** 2)), 1e-30))
+    print(f"saved {out} (trained in {elapsed:.1f} s; relative reconstruction error "
+          f"||x - decode(encode(x))||^2 / ||x||^2 = {rel:.4f} on {len(check)} samples)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    print("benchmark suites:")
+    for name, what in BENCH_SUITES.items():
+        print(f"  {name:<10} {what}")
+    print("error: `million-cupy bench` is not yet implemented", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="million-cupy",
+        description="Product-quantized paged KV cache (MILLION / PagedPQCache) with native CUDA decode kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"million-cupy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="GPU, library versions, NVRTC and the kernel variant grid")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="end-to-end demo (GPU if usable, else small shapes on the CPU reference path)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-codebook", help="train a PQ codebook from a .npy file of samples (n, d)")
+    p.add_argument("samples", help="a .npy file holding a float array of shape (n, d)")
+    p.add_argument("--M", type=int, default=32, help="number of subspaces; d/M must be 1, 2, 4 or 8 (default: 32)")
+    p.add_argument("--iters", type=int, default=25, help="k-means iterations (default: 25)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", required=True, help="where to save the codebook")
+    p.set_defaults(func=cmd_train_codebook)
+
+    p = sub.add_parser("bench", help="benchmark suites: " + ", ".join(BENCH_SUITES))
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (OSError, ValueError, MillionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

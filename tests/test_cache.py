@@ -1,0 +1,753 @@
+"""PagedPQCache: flush rule and split invariance, layout contract, paging, fork / free / reserve,
+validation (errors leave the cache untouched), stats, page tables, CPU-vs-GPU agreement.
+
+Codebooks are built by hand from random centroids so that nothing depends on k-means. Tests that
+take ``device`` run on the CPU reference path and, marked ``gpu``, on CuPy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from million_cupy import reference
+from million_cupy.cache import PagedPQCache, permute_k_rows
+from million_cupy.codebook import Codebook, ModelCodebooks
+from million_cupy.errors import PagePoolExhausted, UnsupportedConfiguration
+from million_cupy.interop import cupy, resolve_dtype, to_numpy
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+NEAR_TIE_RTOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def make_codebooks(rng, num_layers=2, M=16, d=64, heads=1) -> ModelCodebooks:
+    def one():
+        return Codebook(rng.standard_normal((M, 256, d // M)).astype(np.float32))
+
+    def layer():
+        return one() if heads == 1 else [one() for _ in range(heads)]
+
+    return ModelCodebooks([layer() for _ in range(num_layers)], [layer() for _ in range(num_layers)])
+
+
+def make_cache(rng, device="cpu", *, num_layers=2, nh_k=2, d=64, M=16, heads=1, codebooks=None, **kw):
+    kw.setdefault("page_size", 16)
+    kw.setdefault("residual", 32)
+    kw.setdefault("max_seqs", 8)
+    kw.setdefault("max_seq_len", 4096)
+    kw.setdefault("max_pages", 256)
+    codebooks = codebooks if codebooks is not None else make_codebooks(rng, num_layers, M, d, heads)
+    return PagedPQCache(num_layers, nh_k, d, codebooks, device=device, **kw)
+
+
+def tokens(rng, n, cache):
+    return rng.standard_normal((n, cache.num_kv_heads, cache.head_dim)).astype(np.float32)
+
+
+def on(cache, x):
+    """``x`` on the cache's side (CuPy for a GPU cache), so GPU tests feed device arrays."""
+    return cupy().asarray(x) if cache.is_gpu else x
+
+
+def stored_to_logical(k_page_codes):
+    """``(..., P, M)`` K codes as stored in a page -> subspace order, written from docs/architecture.md
+    independently of the cache: stored position s of in-page row t holds subspace s ^ (t % ROT)."""
+    P, M = k_page_codes.shape[-2:]
+    rot = min(M, 32)
+    out = np.empty_like(k_page_codes)
+    for t in range(P):
+        for s in range(M):
+            out[..., t, s ^ (t % rot)] = k_page_codes[..., t, s]
+    return out
+
+
+def pages_of(n, P, R):
+    return 0 if n < R else (n - R) // P + 1
+
+
+def exact(x, dtype="float16"):
+    """What the residual ring stores for float32 input ``x``."""
+    return np.asarray(x).astype(resolve_dtype(dtype))
+
+
+def contents(cache, layer, seq):
+    """Host (k_codes, v_codes, k_residual, v_residual) of a sequence in token order.
+
+    Codes are ``(pages * P, nh_k, M)`` read through the page table; residuals ``(r, nh_k, d)`` read
+    from the live ring slots, in the cache dtype.
+    """
+    P, R, M, nh = cache.page_size, cache.residual, cache.M, cache.num_kv_heads
+    n = cache.seq_len(seq, layer)
+    _, indices, residual_lens = cache.page_table(layer, [seq])
+    kc = stored_to_logical(to_numpy(cache.k_codes(layer)[indices])).transpose(0, 2, 1, 3).reshape(-1, nh, M)
+    vc = to_numpy(cache.v_codes(layer)[indices]).transpose(0, 3, 1, 2).reshape(-1, nh, M)
+    slots = np.arange(n - int(to_numpy(residual_lens)[0]), n) % R
+    rk = to_numpy(cache.residual_k(layer)[seq])[:, slots].transpose(1, 0, 2)
+    rv = to_numpy(cache.residual_v(layer)[seq])[:, slots].transpose(1, 0, 2)
+    assert kc.shape[0] == P * pages_of(n, P, R) and kc.shape[0] + rk.shape[0] == n
+    return kc, vc, rk, rv
+
+
+def assert_same_contents(a, b):
+    for x, y, what in zip(a, b, ("K codes", "V codes", "K residual", "V residual")):
+        assert x.shape == y.shape, what
+        np.testing.assert_array_equal(x, y, err_msg=what)
+
+
+def reference_codes(x, centroids):
+    """Reference codes of ``x`` ``(n, nh_k, d)`` under stacked centroids ``(Hc, M, C, dsub)``."""
+    c = to_numpy(centroids)
+    if c.shape[0] == 1:
+        return reference.pq_encode(x, c[0])
+    return np.stack([reference.pq_encode(x[:, h], c[h]) for h in range(c.shape[0])], axis=1)
+
+
+def assert_codes_match(codes, x, centroids):
+    """``codes`` equal the float64 reference codes of ``x``, except at near-ties.
+
+    A mismatch is allowed only where the chosen centroid's distance exceeds the best one by at most
+    NEAR_TIE_RTOL of ||x_sub||^2 + ||c||^2: the GPU compares ||c||^2 - 2 x.c in fp32, whose rounding
+    scales with those norms, not with the (possibly tiny) distance itself.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    c = to_numpy(centroids).astype(np.float64)
+    ref = reference_codes(x, centroids)
+    codes = np.asarray(codes)
+    assert codes.shape == ref.shape
+    bad = np.argwhere(codes != ref)
+    for idx in bad:
+        t, h, m = idx
+        head = h if c.shape[0] > 1 else 0
+        dsub = c.shape[-1]
+        sub = x[t, h, m * dsub : (m + 1) * dsub]
+        dist = ((c[head, m] - sub) ** 2).sum(axis=1)
+        chosen, best = dist[codes[t, h, m]], dist[ref[t, h, m]]
+        scale = (sub**2).sum() + (c[head, m, codes[t, h, m]] ** 2).sum()
+        assert chosen - best <= NEAR_TIE_RTOL * scale, (
+            f"code mismatch at token {t} head {h} subspace {m}: {codes[t, h, m]} (dist {chosen}) vs "
+            f"reference {ref[t, h, m]} (dist {best}) is not a near-tie"
+        )
+
+
+def snapshot(cache, seqs):
+    """Everything an invalid call must leave unchanged (the allocator's `failed` may count it)."""
+    stats = cache.stats()
+    stats.pop("failed")
+    return {
+        "stats": stats,
+        "pool": to_numpy(cache.pool).copy(),
+        "block_table": to_numpy(cache.block_table).copy(),
+        "rings": [to_numpy(r(l)).copy() for l in range(cache.num_layers) for r in (cache.residual_k, cache.residual_v)],
+        "lens": [cache.seq_lens(l, seqs).copy() for l in range(cache.num_layers)],
+        "refcounts": cache.allocator.refcounts(),
+    }
+
+
+def assert_unchanged(before, cache, seqs):
+    after = snapshot(cache, seqs)
+    assert after["stats"] == before["stats"]
+    for key in ("pool", "block_table", "refcounts"):
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    for key in ("rings", "lens"):
+        for x, y in zip(after[key], before[key]):
+            np.testing.assert_array_equal(x, y, err_msg=key)
+
+
+def random_chunks(rng, n, max_chunk, zero_prob=0.15):
+    """Chunk sizes summing to ``n``, with some zero-length chunks."""
+    sizes = []
+    left = n
+    while left:
+        c = 0 if rng.random() < zero_prob else int(rng.integers(1, max_chunk + 1))
+        c = min(c, left)
+        sizes.append(c)
+        left -= c
+    return sizes
+
+
+# ------------------------------------------------------------------------------- split invariance
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P, R", [(16, 32), (64, 128)])
+def test_contents_do_not_depend_on_how_tokens_were_split(rng, device, P, R):
+    n_a, n_b = 700, 260
+    kw = dict(page_size=P, residual=R, max_seq_len=1024, max_pages=64)
+    bulk = make_cache(rng, device, **kw)
+    cbs = bulk.codebooks
+    chunked = make_cache(rng, device, codebooks=cbs, **kw)
+    single = make_cache(rng, device, codebooks=cbs, **kw)
+    L = bulk.num_layers
+    data = {(l, s): (tokens(rng, n, bulk), tokens(rng, n, bulk)) for l in range(L) for s, n in ((0, n_a), (1, n_b))}
+
+    # Bulk: both sequences in one ragged append per layer.
+    a, b = bulk.add_sequence(), bulk.add_sequence()
+    for l in range(L):
+        k = np.concatenate([data[l, 0][0], data[l, 1][0]])
+        v = np.concatenate([data[l, 0][1], data[l, 1][1]])
+        bulk.append(l, [a, b], on(bulk, k), on(bulk, v), lengths=[n_a, n_b])
+
+    # Random chunks (zero-length ones included), both sequences per call, layers interleaved at random.
+    a2, b2 = chunked.add_sequence(), chunked.add_sequence()
+    pending = {}
+    for l in range(L):  # the shorter plan is padded with zero-length chunks so the two pair up
+        sizes_a, sizes_b = random_chunks(rng, n_a, 3 * P), random_chunks(rng, n_b, 2 * P)
+        m = max(len(sizes_a), len(sizes_b))
+        pending[l] = list(zip(sizes_a + [0] * (m - len(sizes_a)), sizes_b + [0] * (m - len(sizes_b))))
+    done = {(l, s): 0 for l in range(L) for s in (0, 1)}
+    while any(pending.values()):
+        l = int(rng.choice([l for l, p in pending.items() if p]))
+        ca, cb = pending[l].pop(0)
+        ks, vs = [], []
+        for s, c in ((0, ca), (1, cb)):
+            ks.append(data[l, s][0][done[l, s] : done[l, s] + c])
+            vs.append(data[l, s][1][done[l, s] : done[l, s] + c])
+            done[l, s] += c
+        chunked.append(l, [a2, b2], on(chunked, np.concatenate(ks)), on(chunked, np.concatenate(vs)), [ca, cb])
+
+    # One token per call, the layers in reverse order at every step.
+    a3, b3 = single.add_sequence(), single.add_sequence()
+    for t in range(n_a):
+        for l in reversed(range(L)):
+            seqs = [a3, b3] if t < n_b else [a3]
+            k = np.stack([data[l, s][0][t] for s in range(len(seqs))])
+            v = np.stack([data[l, s][1][t] for s in range(len(seqs))])
+            single.append(l, seqs, on(single, k), on(single, v))
+
+    for l in range(L):
+        for (cache, s0, s1) in ((chunked, a2, b2), (single, a3, b3)):
+            assert_same_contents(contents(cache, l, s0), contents(bulk, l, a))
+            assert_same_contents(contents(cache, l, s1), contents(bulk, l, b))
+    for cache in (bulk, chunked, single):
+        stats = cache.stats()
+        expect = L * (pages_of(n_a, P, R) + pages_of(n_b, P, R))
+        assert stats["flushes"] == expect
+        assert stats["used"] == pages_of(n_a, P, R) + pages_of(n_b, P, R)  # pages shared by the layers
+
+    # And the contents are the reference encoding of the (dtype-converted) tokens.
+    for l in range(L):
+        for s, seq in ((0, a), (1, b)):
+            kc, vc, rk, rv = contents(bulk, l, seq)
+            paged = kc.shape[0]
+            x, y = exact(data[l, s][0]), exact(data[l, s][1])
+            assert_codes_match(kc, x[:paged], bulk.key_centroids(l))
+            assert_codes_match(vc, y[:paged], bulk.value_centroids(l))
+            np.testing.assert_array_equal(rk, x[paged:])
+            np.testing.assert_array_equal(rv, y[paged:])
+
+
+def test_cpu_codes_are_the_reference_codes(rng):
+    cache = make_cache(rng)
+    s = cache.add_sequence()
+    x, y = tokens(rng, 200, cache), tokens(rng, 200, cache)
+    cache.append(1, [s], x, y, [200])
+    kc, vc, _, _ = contents(cache, 1, s)
+    np.testing.assert_array_equal(kc, reference_codes(exact(x[: kc.shape[0]]), cache.key_centroids(1)))
+    np.testing.assert_array_equal(vc, reference_codes(exact(y[: vc.shape[0]]), cache.value_centroids(1)))
+
+
+# --------------------------------------------------------------------------------- reading back
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads", [1, 2])
+def test_dequantize_is_reference_decode_of_pages_then_exact_residual(rng, device, heads):
+    cache = make_cache(rng, device, heads=heads)
+    s = cache.add_sequence()
+    n = 150
+    x, y = tokens(rng, n, cache), tokens(rng, n, cache)
+    cache.append(0, [s], on(cache, x), on(cache, y), [n])
+    k, v = cache.dequantize(0, s)
+    assert k.dtype == np.float32 and k.shape == (n, 2, 64) and v.shape == (n, 2, 64)
+    paged = 16 * pages_of(n, 16, 32)
+    kc, vc, _, _ = contents(cache, 0, s)
+    for out, codes, centroids, exact_tokens in (
+        (k, kc, cache.key_centroids(0), exact(x)),
+        (v, vc, cache.value_centroids(0), exact(y)),
+    ):
+        c = to_numpy(centroids)
+        want = np.stack([reference.pq_decode(codes[:, h], c[h if heads > 1 else 0]) for h in range(2)], axis=1)
+        np.testing.assert_array_equal(out[:paged], want.astype(np.float32))
+        np.testing.assert_array_equal(out[paged:], exact_tokens[paged:].astype(np.float32))
+        assert_codes_match(codes, exact_tokens[:paged], centroids)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M", [16, 64])  # ROT = M, and ROT = 32 < M
+def test_pool_bytes_follow_the_documented_layout(rng, device, M):
+    cache = make_cache(rng, device, num_layers=2, nh_k=2, M=M)
+    s = cache.add_sequence()
+    P, nh, nb = cache.page_size, cache.num_kv_heads, cache.page_nbytes
+    rot = min(M, 32)
+    n = 80  # 4 full pages
+    for l in range(2):
+        x, y = tokens(rng, n, cache), tokens(rng, n, cache)
+        cache.append(l, [s], on(cache, x), on(cache, y), [n])
+        flat = to_numpy(cache.pool).reshape(-1)
+        table = to_numpy(cache.block_table)[s]
+        kref = reference_codes(exact(x), cache.key_centroids(l))
+        vref = reference_codes(exact(y), cache.value_centroids(l))
+        assert cache.code_offset(l, 0) == (l * 2 + 0) * nh * P * M
+        assert cache.code_offset(l, 1) == (l * 2 + 1) * nh * P * M
+        for block in range(pages_of(n, P, cache.residual)):
+            p = int(table[block])
+            t, h, m = np.meshgrid(np.arange(P), np.arange(nh), np.arange(M), indexing="ij")
+            k_at = p * nb + ((l * 2 + 0) * nh + h) * P * M + t * M + (m ^ (t % rot))  # subspace m's position
+            v_at = p * nb + ((l * 2 + 1) * nh + h) * P * M + m * P + t
+            tok = block * P + t
+            assert_codes_match(flat[k_at], exact(x)[block * P : (block + 1) * P], cache.key_centroids(l))
+            assert_codes_match(flat[v_at], exact(y)[block * P : (block + 1) * P], cache.value_centroids(l))
+            if device == "cpu":
+                np.testing.assert_array_equal(flat[k_at], kref[tok, h, m])
+                np.testing.assert_array_equal(flat[v_at], vref[tok, h, m])
+    # The code views alias the pool (no copies).
+    kv, vv = cache.k_codes(1), cache.v_codes(1)
+    assert kv.shape == (cache.num_pages, nh, P, M) and vv.shape == (cache.num_pages, nh, M, P)
+    kv[3, 1, 5, 7] = 201
+    vv[3, 1, 7, 5] = 202
+    flat = to_numpy(cache.pool).reshape(-1)
+    assert flat[3 * nb + ((1 * 2 + 0) * nh + 1) * P * M + 5 * M + 7] == 201
+    assert flat[3 * nb + ((1 * 2 + 1) * nh + 1) * P * M + 7 * P + 5] == 202
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M", [8, 32, 64])
+def test_permute_k_rows_is_the_documented_involution(rng, device, M):
+    side = (lambda x: cupy().asarray(x)) if device == "cuda" else (lambda x: x)
+    codes = rng.integers(0, 256, (3, 2, 16, M), dtype=np.uint8)  # (pages, nh_k, P, M)
+    stored = permute_k_rows(side(codes), np.arange(16))
+    np.testing.assert_array_equal(stored_to_logical(to_numpy(stored)), codes)
+    np.testing.assert_array_equal(to_numpy(permute_k_rows(stored, np.arange(16))), codes)
+    # One in-page index per token, broadcast over heads: how a flush calls it.
+    rows = rng.integers(0, 16, 5)
+    tok = rng.integers(0, 256, (5, 2, M), dtype=np.uint8)
+    got = to_numpy(permute_k_rows(side(tok), rows[:, None]))
+    for i, t in enumerate(rows):
+        np.testing.assert_array_equal(got[i][:, np.arange(M) ^ (t % min(M, 32))], tok[i])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_page_table_is_the_csr_of_full_pages(rng, device):
+    cache = make_cache(rng, device)
+    lengths = [0, 31, 32, 47, 48, 200, 5]
+    seqs = [cache.add_sequence() for _ in lengths]
+    total = sum(lengths)
+    for l in range(2):
+        cache.append(l, seqs, on(cache, tokens(rng, total, cache)), on(cache, tokens(rng, total, cache)), lengths)
+    order = [seqs[i] for i in (5, 0, 3, 5, 1)]  # any order, repeats allowed
+    indptr, indices, residual_lens = (to_numpy(a) for a in cache.page_table(1, order))
+    assert indptr.dtype == indices.dtype == residual_lens.dtype == np.int32
+    table = to_numpy(cache.block_table)
+    want_pages = [pages_of(lengths[seqs.index(s)], 16, 32) for s in order]
+    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(want_pages)]))
+    for b, s in enumerate(order):
+        np.testing.assert_array_equal(indices[indptr[b] : indptr[b + 1]], table[s, : want_pages[b]])
+        assert residual_lens[b] == lengths[seqs.index(s)] - 16 * want_pages[b]
+    np.testing.assert_array_equal(cache.seq_lens(1, order), [lengths[seqs.index(s)] for s in order])
+    empty = [to_numpy(a) for a in cache.page_table(0, [])]
+    np.testing.assert_array_equal(empty[0], [0])
+    assert empty[1].shape == (0,) and empty[2].shape == (0,)
+
+
+# ------------------------------------------------------------------------------ flushes and pages
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flushes_happen_exactly_at_the_flush_rule(rng, device):
+    cache = make_cache(rng, device, page_size=16, residual=48)
+    s = cache.add_sequence()
+    n = 0
+    for step in [47, 1, 15, 1, 0, 16, 33, 100]:
+        cache.append(0, [s], on(cache, tokens(rng, step, cache)), on(cache, tokens(rng, step, cache)), [step])
+        n += step
+        p = pages_of(n, 16, 48)
+        stats = cache.stats()
+        assert stats["flushes"] == p and stats["used"] == p
+        _, _, res = cache.page_table(0, [s])
+        assert int(to_numpy(res)[0]) == n - 16 * p == (n if n < 48 else 32 + (n - 48) % 16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bulk_append_writes_only_the_tokens_that_stay_residual(rng, device):
+    # Tokens that go straight to pages never touch the ring, so one ring write per slot at most
+    # (the GPU kernel would race on repeated slots).
+    cache = make_cache(rng, device, page_size=16, residual=32)
+    s = cache.add_sequence()
+    x = tokens(rng, 72, cache)
+    cache.append(0, [s], on(cache, x), on(cache, x), [72])  # 3 pages (tokens 0..47), residual 48..71
+    ring = to_numpy(cache.residual_k(0)[s])
+    slots = np.arange(48, 72) % 32
+    np.testing.assert_array_equal(ring[:, slots].transpose(1, 0, 2), exact(x[48:]))
+    untouched = np.setdiff1d(np.arange(32), slots)
+    assert (ring[:, untouched] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_equal_to_page_size_leaves_no_residual_tokens_at_page_boundaries(rng, device):
+    cache = make_cache(rng, device, page_size=16, residual=16)
+    s = cache.add_sequence()
+    x, y = tokens(rng, 64, cache), tokens(rng, 64, cache)
+    cache.append(0, [s], on(cache, x[:63]), on(cache, y[:63]), [63])
+    assert int(to_numpy(cache.page_table(0, [s])[2])[0]) == 15
+    cache.append(0, [s], on(cache, x[63:]), on(cache, y[63:]))
+    indptr, _, res = (to_numpy(a) for a in cache.page_table(0, [s]))
+    assert indptr[-1] == 4 and res[0] == 0
+    k, v = cache.dequantize(0, s)
+    assert k.shape == (64, 2, 64)
+    kc, vc, rk, _ = contents(cache, 0, s)
+    assert rk.shape[0] == 0
+    assert_codes_match(kc, exact(x), cache.key_centroids(0))
+    assert_codes_match(vc, exact(y), cache.value_centroids(0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_page_id_serves_a_block_in_every_layer(rng, device):
+    cache = make_cache(rng, device, num_layers=3)
+    s = cache.add_sequence()
+    for l in (2, 0, 1):
+        n = {2: 80, 0: 48, 1: 64}[l]
+        cache.append(l, [s], on(cache, tokens(rng, n, cache)), on(cache, tokens(rng, n, cache)), [n])
+    # pages: layer 2 has 4, layer 0 has 2, layer 1 has 3; layer 2 allocated all 4 blocks first.
+    tables = [to_numpy(cache.page_table(l, [s])[1]) for l in range(3)]
+    assert [t.shape[0] for t in tables] == [2, 3, 4]
+    np.testing.assert_array_equal(tables[0], tables[2][:2])
+    np.testing.assert_array_equal(tables[1], tables[2][:3])
+    assert cache.stats()["used"] == 4 and cache.stats()["flushes"] == 9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reserve_allocates_the_pages_that_appends_then_use(rng, device):
+    cache = make_cache(rng, device)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(0, [a, b], on(cache, tokens(rng, 40, cache)), on(cache, tokens(rng, 40, cache)), [30, 10])
+    # a: 30 tokens in layer 0, 0 in layer 1; +20 in its longest layer gives 50 -> 2 pages; b: 10 + 60 -> 3.
+    assert cache.reserve([a, b], [20, 60]) == 5
+    assert cache.reserve([a, b], [20, 60]) == 0  # idempotent
+    table = to_numpy(cache.block_table).copy()
+    allocs = cache.stats()["allocs"]
+    assert (table[a, :2] >= 0).all() and table[a, 2] == -1 and (table[b, :3] >= 0).all()
+    assert cache.stats()["pool_utilization"] == 0.0  # reserved, nothing flushed yet
+    cache.append(0, [a, b], on(cache, tokens(rng, 80, cache)), on(cache, tokens(rng, 80, cache)), [20, 60])
+    cache.append(1, [a, b], on(cache, tokens(rng, 120, cache)), on(cache, tokens(rng, 120, cache)), [50, 70])
+    assert cache.stats()["allocs"] == allocs
+    np.testing.assert_array_equal(to_numpy(cache.block_table), table)
+    indices = to_numpy(cache.page_table(1, [a, b])[1])
+    np.testing.assert_array_equal(indices, np.concatenate([table[a, :2], table[b, :3]]))
+    assert cache.reserve(a, 0) == 0 and cache.reserve([], 5) == 0
+
+
+# ---------------------------------------------------------------------------------- fork and free
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fork_shares_full_pages_and_diverges(rng, device):
+    cache = make_cache(rng, device, max_pages=64)
+    parent = cache.add_sequence()
+    n0, n1 = 100, 70  # layer 0: 5 full pages; layer 1: 3 full pages
+    data = [(tokens(rng, 200, cache), tokens(rng, 200, cache)) for _ in range(2)]
+    cache.append(0, [parent], on(cache, data[0][0][:n0]), on(cache, data[0][1][:n0]), [n0])
+    cache.append(1, [parent], on(cache, data[1][0][:n1]), on(cache, data[1][1][:n1]), [n1])
+    cache.reserve([parent], 16)  # block 5 reserved ahead
+    used = cache.stats()["used"]
+    child = cache.fork(parent)
+    table = to_numpy(cache.block_table)
+    refs = cache.allocator.refcounts()
+    # Blocks 0..2 are full in both layers: shared. Blocks 3, 4 (full in layer 0 only) and 5 (reserved): copied.
+    np.testing.assert_array_equal(table[child, :3], table[parent, :3])
+    assert (refs[table[parent, :3]] == 2).all()
+    assert not set(table[child, 3:6]) & set(table[parent, 3:6]) and (table[child, 3:6] >= 0).all()
+    assert (refs[table[parent, 3:6]] == 1).all() and (refs[table[child, 3:6]] == 1).all()
+    assert cache.stats()["used"] == used + 3
+    for l in range(2):
+        assert cache.seq_len(child, l) == cache.seq_len(parent, l)
+        assert_same_contents(contents(cache, l, child), contents(cache, l, parent))
+
+    # Diverge: the parent continues its stream, the child takes another; each must equal a fresh
+    # cache fed its whole stream.
+    other = [(tokens(rng, 200, cache), tokens(rng, 200, cache)) for _ in range(2)]
+    child_data = []
+    for l, n in ((0, n0), (1, n1)):
+        cache.append(l, [parent], on(cache, data[l][0][n:]), on(cache, data[l][1][n:]), [200 - n])
+        cache.append(l, [child], on(cache, other[l][0][n:]), on(cache, other[l][1][n:]), [200 - n])
+        child_data.append(tuple(np.concatenate([data[l][i][:n], other[l][i][n:]]) for i in (0, 1)))
+    for seq, stream in ((parent, data), (child, child_data)):
+        fresh = make_cache(rng, device, codebooks=cache.codebooks)
+        f = fresh.add_sequence()
+        for l in range(2):
+            fresh.append(l, [f], on(fresh, stream[l][0]), on(fresh, stream[l][1]), [200])
+            assert_same_contents(contents(cache, l, seq), contents(fresh, l, f))
+    # Shared pages kept their contents for both.
+    assert (cache.allocator.refcounts()[table[parent, :3]] == 2).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_free_returns_every_page_and_recycles_slots(rng, device):
+    cache = make_cache(rng, device, max_seqs=4)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    lengths = [100, 37, 64]
+    for l in range(2):
+        cache.append(l, seqs, on(cache, tokens(rng, 201, cache)), on(cache, tokens(rng, 201, cache)), lengths)
+    cache.reserve([seqs[1]], 50)
+    child = cache.fork(seqs[0])
+    assert child == 3
+    with pytest.raises(RuntimeError, match="slots are in use"):
+        cache.add_sequence()
+    cache.free(seqs[0])
+    assert cache.add_sequence() == seqs[0]  # lowest free slot is reused
+    assert cache.seq_len(seqs[0]) == 0 and (to_numpy(cache.block_table)[seqs[0]] == -1).all()
+    for s in [seqs[0], child, seqs[1], seqs[2]]:
+        cache.free(s)
+    stats = cache.stats()
+    assert stats["used"] == 0 and stats["sequences"] == 0 and stats["tokens"] == 0
+    assert stats["free"] == stats["total"] and (cache.allocator.refcounts() == 0).all()
+    assert (to_numpy(cache.block_table) == -1).all()
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _bad_calls(cache, rng, a, b, freed):
+    k1 = tokens(rng, 1, cache)
+    k2 = tokens(rng, 2, cache)
+    on_ = lambda x: on(cache, x)  # noqa: E731
+    return [
+        ("unknown id", ValueError, "expected sequence ids in", lambda: cache.append(0, [99], on_(k1), on_(k1))),
+        ("negative id", ValueError, "expected sequence ids in", lambda: cache.append(0, [-1], on_(k1), on_(k1))),
+        ("freed id", ValueError, "not live", lambda: cache.append(0, [freed], on_(k1), on_(k1))),
+        ("never added", ValueError, "not live", lambda: cache.append(0, [5], on_(k1), on_(k1))),
+        ("duplicate ids", ValueError, "distinct", lambda: cache.append(0, [a, a], on_(k2), on_(k2))),
+        ("float ids", TypeError, "integer", lambda: cache.append(0, [0.0], on_(k1), on_(k1))),
+        ("wrong heads", ValueError, "expected shape", lambda: cache.append(0, [a], on_(k1[:, :1]), on_(k1[:, :1]))),
+        ("wrong d", ValueError, "expected shape", lambda: cache.append(0, [a], on_(k1[..., :32]), on_(k1[..., :32]))),
+        ("2-D k", ValueError, "dimensions", lambda: cache.append(0, [a], on_(k1[0]), on_(k1[0]))),
+        ("v shape", ValueError, "v: expected shape", lambda: cache.append(0, [a], on_(k1), on_(k2))),
+        ("lengths sum", ValueError, "expected shape", lambda: cache.append(0, [a, b], on_(k2), on_(k2), [2, 1])),
+        ("negative length", ValueError, "non-negative", lambda: cache.append(0, [a, b], on_(k1), on_(k1), [2, -1])),
+        ("lengths shape", ValueError, "one count per", lambda: cache.append(0, [a, b], on_(k2), on_(k2), [2])),
+        ("float lengths", TypeError, "integer", lambda: cache.append(0, [a], on_(k1), on_(k1), [1.0])),
+        ("int tokens", TypeError, "dtype", lambda: cache.append(0, [a], on_(k1.astype(np.int32)), on_(k1))),
+        ("layer range", IndexError, "layer", lambda: cache.append(2, [a], on_(k1), on_(k1))),
+        (
+            "max_seq_len",
+            ValueError,
+            "max_seq_len",
+            lambda: cache.append(0, [a], on_(tokens(rng, 200, cache)), on_(tokens(rng, 200, cache)), [200]),
+        ),
+        ("reserve too long", ValueError, "max_seq_len", lambda: cache.reserve([a, b], [1, 1000])),
+        ("reserve negative", ValueError, "non-negative", lambda: cache.reserve([a], -1)),
+        ("reserve duplicates", ValueError, "distinct", lambda: cache.reserve([b, b], 40)),
+        ("fork freed", ValueError, "not live", lambda: cache.fork(freed)),
+        ("free twice", ValueError, "not live", lambda: cache.free(freed)),
+        ("page_table unknown", ValueError, "not live", lambda: cache.page_table(0, [a, freed])),
+        ("dequantize unknown", ValueError, "not live", lambda: cache.dequantize(0, freed)),
+        ("seq_lens unknown", ValueError, "expected sequence ids in", lambda: cache.seq_lens(0, [100])),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_validation_error_leaves_the_cache_untouched(rng, device):
+    cache = make_cache(rng, device, max_seq_len=200, max_pages=40)
+    a, b, freed = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    x = tokens(rng, 150, cache)
+    cache.append(0, [a, b, freed], on(cache, x), on(cache, x), [100, 40, 10])
+    cache.append(1, [a], on(cache, tokens(rng, 20, cache)), on(cache, tokens(rng, 20, cache)), [20])
+    cache.free(freed)
+    for name, error, message, call in _bad_calls(cache, rng, a, b, freed):
+        before = snapshot(cache, [a, b])
+        with pytest.raises(error, match=message):
+            call()
+        assert_unchanged(before, cache, [a, b])
+
+
+@pytest.mark.gpu
+def test_cpu_cache_rejects_gpu_input(rng):
+    cache = make_cache(rng, "cpu")
+    s = cache.add_sequence()
+    with pytest.raises(TypeError, match="host"):
+        cache.append(0, [s], cupy().zeros((1, 2, 64), np.float32), np.zeros((1, 2, 64), np.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_exhaustion_changes_nothing_and_succeeds_after_a_free(rng, device):
+    cache = make_cache(rng, device, max_pages=6)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    x = tokens(rng, 96, cache)
+    cache.append(0, [a, b], on(cache, x), on(cache, x), [64, 32])  # a: 3 pages, b: 1 page
+    exhausting = [
+        # a needs 2 more pages and b 2 more: 4 > 2 free.
+        lambda: cache.append(0, [a, b], on(cache, x[:64]), on(cache, x[:64]), [32, 32]),
+        lambda: cache.reserve([b], 100),
+    ]
+    for call in exhausting:
+        before = snapshot(cache, [a, b])
+        with pytest.raises(PagePoolExhausted):
+            call()
+        assert_unchanged(before, cache, [a, b])
+    assert cache.reserve([b], 32) == 2  # the pool is full now
+    before = snapshot(cache, [a, b])
+    with pytest.raises(PagePoolExhausted):
+        cache.fork(b)  # b's 3 blocks are not full in layer 1, so a fork must copy them
+    assert_unchanged(before, cache, [a, b])
+    cache.free(b)
+    assert cache.stats()["used"] == 3
+    cache.append(0, [a], on(cache, x[:48]), on(cache, x[:48]), [48])
+    assert cache.stats()["used"] == 6 and cache.seq_len(a) == 112
+    assert cache.stats()["failed"] >= 3
+
+
+def test_constructor_validation(rng):
+    cbs = make_codebooks(rng, 2)
+    good = dict(num_layers=2, num_kv_heads=2, head_dim=64, codebooks=cbs)
+    for change, message in [
+        (dict(num_layers=3), "num_layers = 3"),
+        (dict(head_dim=128), "head dim"),
+        (dict(page_size=24), "page_size"),
+        (dict(page_size=512), "page_size"),
+        (dict(residual=72), "residual"),
+        (dict(page_size=64, residual=32), "residual"),
+        (dict(dtype="float64"), "dtype"),
+        (dict(max_seqs=0), "max_seqs"),
+        (dict(max_pages=0), "max_pages"),
+        (dict(num_kv_heads=3, codebooks=make_codebooks(rng, 2, heads=2)), "codebooks per layer"),
+    ]:
+        with pytest.raises(UnsupportedConfiguration, match=message):
+            PagedPQCache(**{**good, **change})
+    with pytest.raises(TypeError, match="ModelCodebooks"):
+        PagedPQCache(2, 2, 64, object())
+    with pytest.raises(ValueError, match="device"):
+        PagedPQCache(**good, device="tpu")
+    cache = PagedPQCache(**good, max_seqs=3, max_seq_len=1000, page_size=32, residual=64)
+    assert cache.max_blocks_per_seq == 32 and cache.num_pages == 3 * 32  # default pool: every slot at full length
+    assert cache.page_nbytes == 2 * 2 * 2 * 32 * 16
+    assert cache.pool.shape == (cache.num_pages, cache.page_nbytes) and cache.pool.dtype == np.uint8
+    assert not cache.is_gpu and cache.dtype == "float16" and cache.M == 16
+    assert cache.block_table.shape == (3, 32) and (cache.block_table == -1).all()
+    assert cache.residual_k(1).shape == (3, 2, 64, 64) and cache.residual_v(0).dtype == np.float16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_inputs_of_any_float_dtype_are_converted(rng, device, dtype):
+    cache = make_cache(rng, device, dtype=dtype)
+    s = cache.add_sequence()
+    x = tokens(rng, 40, cache)
+    sources = (np.float32, np.float64, np.float16, resolve_dtype("bfloat16"))
+    chunks = [x[10 * i : 10 * (i + 1)].astype(src) for i, src in enumerate(sources)]
+    for chunk in chunks:
+        cache.append(0, [s], on(cache, chunk), on(cache, chunk), [10])
+    k, _ = cache.dequantize(0, s)
+    # Tokens 0..15 are in a page; 16..39 are residual: each chunk's values in the cache dtype
+    # (float32 holds every source value exactly, so converting through it changes nothing).
+    want = np.concatenate([c.astype(np.float32) for c in chunks])
+    np.testing.assert_array_equal(k[16:], want[16:].astype(resolve_dtype(dtype)).astype(np.float32))
+    assert to_numpy(cache.residual_k(0)).dtype == resolve_dtype(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("offset", [0, 1, 2, 4])
+def test_inputs_at_any_alignment(rng, device, dtype, offset):
+    # Views starting `offset` elements into a buffer make the GPU ring copy fall back to narrower words.
+    cache = make_cache(rng, device, dtype=dtype)
+    s = cache.add_sequence()
+    n = 50
+    buf = np.zeros(offset + n * 2 * 64, dtype=resolve_dtype(dtype))
+    buf[offset:] = tokens(rng, n, cache).reshape(-1)
+    x = on(cache, buf)[offset:].reshape(n, 2, 64)
+    cache.append(0, [s], x, x, [n])
+    kc, _, rk, rv = contents(cache, 0, s)
+    np.testing.assert_array_equal(rk, buf[offset:].reshape(n, 2, 64)[kc.shape[0] :])
+    np.testing.assert_array_equal(rv, rk)
+
+
+# ------------------------------------------------------------------------------------------- stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_account_for_pages_rings_and_tokens(rng, device):
+    cache = make_cache(rng, device, num_layers=2, nh_k=2, d=64, M=16, max_seqs=4)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(0, [a, b], on(cache, tokens(rng, 150, cache)), on(cache, tokens(rng, 150, cache)), [100, 50])
+    cache.append(1, [a], on(cache, tokens(rng, 100, cache)), on(cache, tokens(rng, 100, cache)), [100])
+    st = cache.stats()
+    for key in ("total", "used", "free", "high_water", "allocs", "frees", "failed"):
+        assert key in st
+    assert st["bytes_per_token"] == 2 * 16 * 2 * 2
+    assert st["fp16_bytes_per_token"] == 2 * 2 * 64 * 2 * 2
+    assert st["compression_ratio"] == 8.0
+    pa, pb = pages_of(100, 16, 32), pages_of(50, 16, 32)  # 5 and 2
+    assert st["used"] == pa + pb and st["flushes"] == 2 * pa + pb
+    code_bytes = 2 * 2 * 16  # per token per layer
+    assert st["pool_utilization"] == pytest.approx((2 * pa + pb) * 16 * code_bytes / ((pa + pb) * cache.page_nbytes))
+    assert st["residual_bytes_reserved"] == 2 * 2 * 4 * 2 * 32 * 64 * 2
+    res_tokens = (100 - 16 * pa) * 2 + (50 - 16 * pb)
+    assert st["residual_bytes_in_use"] == res_tokens * 2 * 2 * 64 * 2
+    assert st["sequences"] == 2 and st["tokens"] == 150
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [1, 2])
+def test_gpu_and_cpu_caches_agree_token_for_token(rng, heads):
+    cbs = make_codebooks(rng, 2, heads=heads)
+    cpu, gpu = (make_cache(rng, dev, codebooks=cbs, max_pages=128) for dev in ("cpu", "cuda"))
+    for cache in (cpu, gpu):
+        for _ in range(3):
+            cache.add_sequence()
+    fed = {(l, s): ([], []) for l in range(2) for s in range(3)}
+    for lens in ([300, 0, 17], [1, 1, 1], [0, 40, 80], [16, 16, 16]):
+        for l in (1, 0):
+            x, y = tokens(rng, sum(lens), cpu), tokens(rng, sum(lens), cpu)
+            for cache in (cpu, gpu):
+                cache.append(l, [0, 1, 2], on(cache, x), on(cache, y), lens)
+            for s, (start, n) in enumerate(zip(np.cumsum(lens) - lens, lens)):
+                fed[l, s][0].append(x[start : start + n])
+                fed[l, s][1].append(y[start : start + n])
+    for l in range(2):
+        for s in range(3):
+            kc_c, vc_c, rk_c, rv_c = contents(cpu, l, s)
+            kc_g, vc_g, rk_g, rv_g = contents(gpu, l, s)
+            np.testing.assert_array_equal(rk_g, rk_c)
+            np.testing.assert_array_equal(rv_g, rv_c)
+            paged = kc_c.shape[0]
+            x, y = (exact(np.concatenate(parts))[:paged] for parts in fed[l, s])
+            np.testing.assert_array_equal(kc_c, reference_codes(x, cpu.key_centroids(l)))
+            np.testing.assert_array_equal(vc_c, reference_codes(y, cpu.value_centroids(l)))
+            assert_codes_match(kc_g, x, gpu.key_centroids(l))
+            assert_codes_match(vc_g, y, gpu.value_centroids(l))
+    assert cpu.stats()["flushes"] == gpu.stats()["flushes"]
+    for a, b in zip(cpu.page_table(0, [2, 0, 1]), gpu.page_table(0, [2, 0, 1])):
+        np.testing.assert_array_equal(to_numpy(b), a)
+
+
+@pytest.mark.gpu
+def test_gpu_codes_match_reference_up_to_near_ties(rng):
+    cache = make_cache(rng, "cuda", max_pages=128)
+    s = cache.add_sequence()
+    x = cupy().asarray(tokens(rng, 500, cache))
+    y = cupy().asarray(tokens(rng, 500, cache))
+    cache.append(0, [s], x, y, [500])
+    kc, vc, rk, _ = contents(cache, 0, s)
+    paged = kc.shape[0]
+    assert_codes_match(kc, exact(to_numpy(x))[:paged], cache.key_centroids(0))
+    assert_codes_match(vc, exact(to_numpy(y))[:paged], cache.value_centroids(0))
+    np.testing.assert_array_equal(rk, exact(to_numpy(x))[paged:])
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_appends_do_not_synchronise_the_allocator(rng):
+    cache = make_cache(rng, "cuda", max_pages=256, max_seqs=8)
+    seqs = [cache.add_sequence() for _ in range(8)]
+    cp = cupy()
+    syncs = cache.allocator._syncs
+    for _ in range(100):  # crosses several page boundaries per sequence
+        for l in range(2):
+            x = cp.asarray(tokens(rng, 8, cache))
+            cache.append(l, seqs, x, x)
+    assert cache.allocator._syncs == syncs
+    assert cache.stats()["used"] == 8 * pages_of(100, 16, 32)

@@ -1,0 +1,196 @@
+"""Offline NVRTC build of the whole supported kernel grid for sm_80 and sm_90 (no GPU needed).
+
+Every source in ``cuda_src/`` is compiled per architecture with all of its supported name expressions
+(``kernels.supported_variants()``), in programs of ``CHUNK`` expressions built in parallel. Any compile
+error fails; ptxas register spills are printed and must be zero unless the source is listed in
+``KNOWN_SPILLS`` with the reason they are accepted.
+
+Skips only when NVRTC itself cannot be loaded; with ``MILLION_CUPY_REQUIRE_NVRTC=1`` (set by
+``.ci/run``) that is a failure too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pytest
+
+from million_cupy import kernels
+from million_cupy.errors import DeviceUnavailable
+
+ARCHS = ("sm_80", "sm_90")
+
+# source file -> why its kernels are allowed to spill registers. Anything else may not spill.
+KNOWN_SPILLS: dict[str, str] = {
+    "decode_attention.cu": (
+        "512-thread CTAs cap registers at 128; the largest G x head_dim/M accumulator sets and the contiguous "
+        "layout's byte-wise V loads spill a few words. The hot paged variants must not: see "
+        "test_hot_decode_variants_do_not_spill."
+    ),
+}
+
+# Paged decode variants the benchmarks and the Llama-shaped examples use (mode 0, head_dim 128, M 32/64,
+# 4 query heads per kv head), as mangled-name fragments.
+HOT_DECODE = [f"decode_attentionILi0ELi128ELi{m}ELi4E{t}E" for m in (32, 64) for t in ("6__half", "13__nv_bfloat16")]
+
+
+# Name expressions per NVRTC program. NVRTC's front end costs ~0.2 s per program while ptxas costs
+# ~0.5-2 s per kernel, serially within a program, so a large grid is cut into programs that run in
+# parallel (one per core) instead of one program per source.
+CHUNK = 24
+
+
+@dataclass
+class Result:
+    """One source on one architecture: every chunk's build merged."""
+
+    source: str
+    arch: str
+    n_variants: int
+    seconds: float = 0.0  # summed over chunks (compile work, not wall time)
+    kernels: dict[str, int] = field(default_factory=dict)  # kernel -> spill bytes
+    registers: list[int] = field(default_factory=list)
+    cubin_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, build: kernels.OfflineBuild | None, error: str | None, seconds: float) -> None:
+        self.seconds += seconds
+        if error is not None:
+            self.errors.append(error)
+            return
+        self.kernels.update(build.spills())
+        self.registers += [int(r) for r in re.findall(r"Used (\d+) registers", build.log)]
+        self.cubin_bytes += build.cubin_size
+
+    def spilling(self) -> dict[str, int]:
+        return {k: v for k, v in self.kernels.items() if v}
+
+    def summary(self) -> str:
+        head = f"{self.arch} {self.source}: {self.n_variants} variants, {self.seconds:.0f} s of compiling"
+        if self.errors:
+            return f"{head}, {len(self.errors)} programs with COMPILE ERRORS"
+        spilling = self.spilling()
+        return (
+            f"{head}, {len(self.kernels)} kernels, cubins {self.cubin_bytes / 2**20:.1f} MiB, "
+            f"max {max(self.registers, default=0)} registers, "
+            + (f"SPILLS in {len(spilling)} kernels (max {max(spilling.values())} bytes)" if spilling else "no spills")
+        )
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    """Mangled -> ``template<args>`` (c++filt when installed, else the mangled names)."""
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, timeout=30).stdout
+        pretty = out.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        pretty = []
+    if len(pretty) != len(names):
+        return {n: n for n in names}
+    return {n: p.split("(", 1)[0].removeprefix("void ") for n, p in zip(names, pretty)}
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="module")
+def nvrtc_version():
+    try:
+        return kernels.nvrtc_version()
+    except DeviceUnavailable as exc:  # raised when no libnvrtc can be loaded
+        if os.environ.get("MILLION_CUPY_REQUIRE_NVRTC"):
+            pytest.fail(f"MILLION_CUPY_REQUIRE_NVRTC is set but NVRTC cannot be loaded: {exc}")
+        pytest.skip(f"NVRTC is not available ({exc})")
+
+
+@pytest.fixture(scope="module")
+def grid() -> dict[str, list[str]]:
+    grid = kernels.supported_variants()
+    assert grid, "kernels.supported_variants() is empty: no operation module registered a variant grid"
+    empty = [source for source, exprs in grid.items() if not exprs]
+    assert not empty, f"sources registered with an empty variant grid: {empty}"
+    return {source: list(dict.fromkeys(exprs)) for source, exprs in grid.items()}  # distinct, in order
+
+
+@pytest.fixture(scope="module")
+def builds(nvrtc_version, grid) -> tuple[dict[tuple[str, str], Result], str]:
+    """Every (source, arch) built once, in chunks compiled in parallel (NVRTC is thread-safe and
+    ctypes releases the GIL during the call)."""
+    results = {(s, a): Result(s, a, len(exprs)) for a in ARCHS for s, exprs in grid.items()}
+    jobs = [
+        (source, arch, exprs[i : i + CHUNK])
+        for arch in ARCHS
+        for source, exprs in grid.items()
+        for i in range(0, len(exprs), CHUNK)
+    ]
+
+    def build(job):
+        source, arch, exprs = job
+        t0 = time.perf_counter()
+        try:
+            return job, kernels.nvrtc_compile_offline(source, exprs, arch), None, time.perf_counter() - t0
+        except RuntimeError as exc:
+            return job, None, str(exc), time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(len(jobs), _workers())) as pool:
+        for (source, arch, _), b, error, seconds in pool.map(build, jobs):
+            results[(source, arch)].add(b, error, seconds)
+    wall = time.perf_counter() - t0
+    return results, f"{len(jobs)} NVRTC programs on {min(len(jobs), _workers())} threads, {wall:.0f} s wall"
+
+
+def test_grid_covers_every_source(grid):
+    sources = sorted(p.name for p in kernels.source_dir().glob("*.cu"))
+    assert sources, f"no .cu sources in {kernels.source_dir()}"
+    missing = [s for s in sources if s not in grid]
+    assert not missing, f"sources with no registered variant grid (never compiled or checked): {missing}"
+    unknown = [s for s in grid if s not in sources]
+    assert not unknown, f"variant grids registered for sources that do not exist in {kernels.source_dir()}: {unknown}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grid_compiles_without_spills(arch, builds, nvrtc_version, capsys):
+    all_results, how = builds
+    results = [r for (_, a), r in sorted(all_results.items()) if a == arch]
+    with capsys.disabled():
+        print(f"\nNVRTC {nvrtc_version[0]}.{nvrtc_version[1]}, {arch} (whole grid: {how}):")
+        for r in results:
+            print("  " + r.summary())
+
+    errors = [f"{r.source}:\n" + "\n".join(r.errors) for r in results if r.errors]
+    assert not errors, f"NVRTC compile errors for {arch}:\n" + "\n\n".join(errors)
+
+    problems = []
+    for r in results:
+        spilling = r.spilling()
+        if spilling and r.source not in KNOWN_SPILLS:
+            worst = sorted(spilling.items(), key=lambda kv: -kv[1])[:10]
+            names = _demangle([k for k, _ in worst])
+            listed = "\n    ".join(f"{v:6d} bytes  {names[k]}" for k, v in worst)
+            problems.append(f"{r.source}: {len(spilling)} of {len(r.kernels)} kernels spill registers on {arch}; "
+                            f"worst:\n    {listed}")
+        if len(r.kernels) < r.n_variants:
+            problems.append(
+                f"{r.source}: ptxas reported {len(r.kernels)} entry functions for {r.n_variants} name expressions on {arch}"
+            )
+    assert not problems, "\n".join(problems) + (
+        "\n(to accept spills for a source, add it to KNOWN_SPILLS in tests/test_nvrtc_grid.py with the reason)"
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hot_decode_variants_do_not_spill(arch, builds):
+    r = builds[0][("decode_attention.cu", arch)]
+    for frag in HOT_DECODE:
+        found = {k: v for k, v in r.kernels.items() if frag in k}
+        assert found, f"{frag} not built for {arch}"
+        assert all(v == 0 for v in found.values()), f"{frag} spills on {arch}: {found}"
