@@ -12,8 +12,9 @@ Error: for every decode query, ``||o - o_ref|| / ||o_ref||`` over all its heads'
 is float64 attention (:func:`million_cupy.reference.decode_attention`) over the fp16-rounded K/V (what
 an fp16 cache holds) and ``o`` the same attention over the dequantized K/V. ``rel_err_mean`` /
 ``rel_err_std`` are over all queries of all seeds; ``rel_err_per_seed`` gives each seed's mean. Every
-token is quantized, including the sinks and the most recent ones: the fp16 residual windows of the
-MILLION and KIVI papers are left out so that every method is compared on the same tokens.
+token is quantized, the most recent ones included (the fp16 residual windows of the MILLION and KIVI
+papers are left out so that every method is compared on the same tokens), and the sinks too, except
+in the ``_fp16sinks`` variants below.
 
 Methods (bits per value count everything stored per token):
 
@@ -22,16 +23,23 @@ Methods (bits per value count everything stored per token):
   trained per kv head, K and V apart, on ``--train-tokens`` tokens of a held-out draw of the same layer
   (:func:`kvgen.training_sample`). Per head because each kv head has its own outlier channels, which a
   codebook shared by the heads would have to cover all at once. Codebooks are a fixed per-layer cost
-  (``256 * d`` fp16 per kv head for K and again for V: 64 KiB), shared by every sequence and not
-  counted per token; ``codebook_bytes`` in the record gives it.
+  (``256 * d`` fp16 values per kv head for K and as many for V, 64 KiB each at d = 128), shared by
+  every sequence and not counted per token; ``codebook_bytes`` in the record gives the layer's total.
 * ``int{b}_g{G}``: per-token asymmetric uniform quantization of K and V, groups of ``G`` channels
   with an fp16 scale and an fp16 zero point each: ``b + 32 / G`` bits per value.
 * ``kivi_int{b}_g{G}``: KIVI: keys per channel (groups of ``G`` tokens along the sequence, so an
   outlier channel gets its own scale), values per token (groups of ``G`` channels); fp16 scale and
-  zero point per group: ``b + 32 / G`` bits per value.
+  zero point per group: ``b + 32 / G`` bits per value. A last, partial group of tokens gets its own
+  scale and zero point too.
 
 Uniform quantizers round scale and zero point to fp16 first and quantize on that grid, as a kernel
 that stores them in fp16 would.
+
+Every method also runs as ``<method>_fp16sinks`` (``--fp16-sinks``, default 4; 0 turns it off): the
+same quantizer with the first tokens kept in fp16, a common policy (StreamingLLM, KVQuant, IntactKV)
+that matters here because the sinks take a large share of attention, and a fixed PQ codebook,
+trained on data where sinks are rare, fits them worse than a quantizer whose ranges follow each
+token or token group. Their bits per value include the fp16 tokens: ``(b * (T - S) + 16 * S) / T``.
 
 Outputs, in ``--out-dir`` (``bench/results``): ``accuracy.json`` (harness schema: ``gpu``, ``date``,
 ``command``, ``versions``, ``config``, ``records`` with ``suite`` "accuracy", ``method``, ``family``,
@@ -83,14 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pq-M", type=int, nargs="+", help="PQ subspace counts (default 16 32 64)")
     p.add_argument("--int-bits", type=int, nargs="+", help="uniform quantizer bit widths (default 2 3 4)")
     p.add_argument("--groups", type=int, nargs="+", help="uniform quantizer group sizes (default 32 128)")
+    p.add_argument("--fp16-sinks", type=int, default=kvgen.DEFAULT_SINKS,
+                   help="also run every method with this many leading tokens kept fp16 (0: don't)")
     args = p.parse_args(argv)
     for key, default in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, default)
-    if any(args.tokens % g for g in args.groups):
-        p.error(f"--tokens {args.tokens} must be a multiple of every group size {args.groups} (KIVI groups tokens)")
-    if any(args.head_dim % g for g in args.groups):
-        p.error(f"--head-dim {args.head_dim} must be a multiple of every group size {args.groups}")
     if args.train_tokens < NUM_CENTROIDS:
         p.error(f"--train-tokens: k-means needs at least {NUM_CENTROIDS} vectors per codebook, got {args.train_tokens}")
     return args
@@ -107,19 +113,19 @@ def quantize_uniform(x: np.ndarray, bits: int, group: int, axis: int) -> np.ndar
     Each group stores ``zero = min`` and ``scale = (max - min) / (2**bits - 1)``, both rounded to fp16
     (what is stored), and codes ``clip(round((x - zero) / scale), 0, 2**bits - 1)``. Returns float64
     ``codes * scale + zero``. Values already on a group's grid, with the grid's end points present,
-    come back exactly.
+    come back exactly. A last, partial group holds the remaining entries.
     """
     xf = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
     n = xf.shape[-1]
-    if n % group:
-        raise ValueError(f"axis {axis} has {n} entries, not a multiple of the group size {group}")
-    g = xf.reshape(*xf.shape[:-1], n // group, group)
+    # Padding by repeating the last entry leaves the partial group's min and max unchanged.
+    xp = np.pad(xf, [(0, 0)] * (xf.ndim - 1) + [(0, -n % group)], mode="edge")
+    g = xp.reshape(*xf.shape[:-1], -1, group)
     levels = 2**bits - 1
     zero = g.min(axis=-1, keepdims=True).astype(np.float16).astype(np.float64)
     scale = ((g.max(axis=-1, keepdims=True) - zero) / levels).astype(np.float16).astype(np.float64)
     scale = np.where(scale > 0, scale, 1.0)  # a constant group is exact at code 0 with any scale
     codes = np.clip(np.rint((g - zero) / scale), 0, levels)
-    return np.moveaxis((codes * scale + zero).reshape(xf.shape), -1, axis)
+    return np.moveaxis((codes * scale + zero).reshape(xp.shape)[..., :n], -1, axis)
 
 
 def per_token(x: np.ndarray, bits: int, group: int) -> np.ndarray:
@@ -157,17 +163,40 @@ def per_query_error(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def methods(args) -> list[dict]:
-    """Every method's record skeleton: name, family, bits per value and its own settings."""
-    d = args.head_dim
-    out = [dict(method=f"pq_M{M}", family="pq", bits_per_value=8 * M / d, params=dict(M=M, C=NUM_CENTROIDS))
-           for M in args.pq_M]
+    """Every method's record skeleton: name, family, bits per value, quantizer and its settings.
+
+    With ``--fp16-sinks S``, every quantizer also appears as ``<name>_fp16sinks``: the same codes for
+    all but the first ``S`` tokens, which stay fp16 (and are paid for at 16 bits per value).
+    """
+    d, T, S = args.head_dim, args.tokens, args.fp16_sinks
+    base = [dict(method=f"pq_M{M}", family="pq", scheme="pq", bits_per_value=8 * M / d,
+                 params=dict(M=M, C=NUM_CENTROIDS)) for M in args.pq_M]
     for scheme in ("int", "kivi"):
         for G in args.groups:
             for b in args.int_bits:
                 name = f"int{b}_g{G}" if scheme == "int" else f"kivi_int{b}_g{G}"
-                out.append(dict(method=name, family=f"{scheme}_g{G}", bits_per_value=b + META_BITS / G,
-                                params=dict(bits=b, group=G)))
+                base.append(dict(method=name, family=f"{scheme}_g{G}", scheme=scheme,
+                                 bits_per_value=b + META_BITS / G, params=dict(bits=b, group=G)))
+    out = []
+    for spec in base:
+        out.append(dict(spec, quantizer=spec["method"], fp16_tokens=0))
+        if S:
+            out.append(dict(spec, method=spec["method"] + "_fp16sinks", family=spec["family"] + "+fp16sinks",
+                            quantizer=spec["method"], fp16_tokens=S,
+                            bits_per_value=(spec["bits_per_value"] * (T - S) + 16 * S) / T))
     return out
+
+
+def quantize(args, spec: dict, k, v, k_train, v_train, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dequantized ``(k, v)`` under ``spec``'s quantizer."""
+    p = spec["params"]
+    if spec["scheme"] == "pq":
+        model = ModelCodebooks.train([k_train], [v_train], p["M"], iters=args.train_iters, seed=seed,
+                                     per_head=True, progress=False)
+        return pq_roundtrip(k, model, 0), pq_roundtrip(v, model, 1)
+    if spec["scheme"] == "kivi":
+        return kivi(k, v, p["bits"], p["group"])
+    return per_token(k, p["bits"], p["group"]), per_token(v, p["bits"], p["group"])
 
 
 def run_seed(args, seed: int, specs: list[dict], log) -> dict[str, dict]:
@@ -181,23 +210,25 @@ def run_seed(args, seed: int, specs: list[dict], log) -> dict[str, dict]:
     held_out = kvgen.training_sample(args.train_tokens, *shape, seed, num_queries=args.queries)
     k_train, v_train = held_out["k"].astype(np.float16), held_out["v"].astype(np.float16)
     results = {}
+    tokenwise = {}  # PQ and per-token codes of every token: a _fp16sinks variant reuses them
     for spec in specs:
         t0 = time.perf_counter()
-        p = spec["params"]
-        if spec["family"] == "pq":
-            model = ModelCodebooks.train([k_train], [v_train], p["M"], iters=args.train_iters, seed=seed,
-                                         per_head=True, progress=False)
-            kq, vq = pq_roundtrip(k, model, 0), pq_roundtrip(v, model, 1)
-        elif spec["family"].startswith("kivi"):
-            kq, vq = kivi(k, v, p["bits"], p["group"])
+        S = spec["fp16_tokens"]
+        # Each quantizer sees only the tokens it stores, so KIVI's token groups start after the fp16 ones;
+        # schemes that quantize every token on its own give the same codes either way.
+        if spec["scheme"] == "kivi":
+            kq, vq = quantize(args, spec, k[S:], v[S:], k_train, v_train, seed)
         else:
-            kq, vq = per_token(k, p["bits"], p["group"]), per_token(v, p["bits"], p["group"])
+            if spec["quantizer"] not in tokenwise:
+                tokenwise[spec["quantizer"]] = quantize(args, spec, k, v, k_train, v_train, seed)
+            kq, vq = (x[S:] for x in tokenwise[spec["quantizer"]])
+        kq, vq = np.concatenate([k[:S], kq]), np.concatenate([v[:S], vq])
         results[spec["method"]] = dict(
             errors=per_query_error(attention(q, kq, vq), ref),
             k_rel_err=reference.relative_error(kq, k),
             v_rel_err=reference.relative_error(vq, v),
         )
-        log(f"seed {seed} {spec['method']:>16}: rel err {results[spec['method']]['errors'].mean():.4f} "
+        log(f"seed {seed} {spec['method']:>26}: rel err {results[spec['method']]['errors'].mean():.4f} "
             f"({time.perf_counter() - t0:.1f} s)")
     return results
 
@@ -214,8 +245,8 @@ def summarize(args, specs: list[dict], per_seed: list[dict[str, dict]]) -> list[
     for spec in specs:
         name = spec["method"]
         errors = np.concatenate([r[name]["errors"] for r in per_seed])
-        config = dict(spec["params"], **shared)
-        if spec["family"] == "pq":
+        config = dict(spec["params"], scheme=spec["scheme"], fp16_tokens=spec["fp16_tokens"], **shared)
+        if spec["scheme"] == "pq":
             config.update(train_tokens=args.train_tokens, train_iters=args.train_iters, codebooks="per kv head",
                           codebook_bytes=2 * args.kv_heads * NUM_CENTROIDS * args.head_dim * 2)
         records.append(dict(
@@ -230,32 +261,51 @@ def summarize(args, specs: list[dict], per_seed: list[dict[str, dict]]) -> list[
 
 
 def verdict(records: list[dict], head_dim: int) -> str:
-    """MILLION's claim, checked: PQ at 4 bits per value (M = d/2) beats uniform int4 on this data."""
-    by_name = {r["method"]: r for r in records}
-    pq = by_name.get(f"pq_M{head_dim // 2}")
-    int4 = [r for r in records if r["family"] != "pq" and r["config"]["bits"] == 4]
-    if pq is None or not int4:
+    """MILLION's claim, checked: PQ at 4 bits per value (M = d/2) beats uniform int4 on this data.
+
+    Against the int4 quantizers (4-bit codes, 4.25-5 bits per value with their scales) and against
+    the best uniform quantizer that stores no more bits per value than PQ; for every token quantized
+    and, where run, with the first tokens fp16 in every method.
+    """
+    sentences = []
+    for fp16_tokens in sorted({r["config"]["fp16_tokens"] for r in records}):
+        same = [r for r in records if r["config"]["fp16_tokens"] == fp16_tokens]
+        pq = [r for r in same if r["config"]["scheme"] == "pq" and r["config"]["M"] == head_dim // 2]
+        uniform = [r for r in same if r["config"]["scheme"] != "pq"]
+        int4 = [r for r in uniform if r["config"]["bits"] == 4]
+        if not pq or not int4:
+            continue
+        pq = pq[0]
+        err = lambda r: f"{r['rel_err_mean']:.4f} +- {r['rel_err_std']:.4f}"  # noqa: E731
+        best = min(int4, key=lambda r: r["rel_err_mean"])
+        beaten = [r["method"] for r in int4 if pq["rel_err_mean"] < r["rel_err_mean"]]
+        setting = "every token quantized" if not fp16_tokens else f"the first {fp16_tokens} tokens fp16 in every method"
+        text = (
+            f"With {setting}: {pq['method']} ({pq['bits_per_value']:.2f} bits/value) has relative error {err(pq)} "
+            f"and beats {len(beaten)} of {len(int4)} int4 variants ({', '.join(beaten) or 'none'}); the best int4, "
+            f"{best['method']} ({best['bits_per_value']:.2f} bits/value), has {err(best)} "
+            f"({best['rel_err_mean'] / pq['rel_err_mean']:.2f}x PQ's error)."
+        )
+        within = [r for r in uniform if r["bits_per_value"] <= pq["bits_per_value"] + 1e-9]
+        if within:
+            rival = min(within, key=lambda r: r["rel_err_mean"])
+            text += (
+                f" The best uniform quantizer within PQ's bits per value, {rival['method']} "
+                f"({rival['bits_per_value']:.2f}), has {err(rival)} ({rival['rel_err_mean'] / pq['rel_err_mean']:.2f}x)."
+            )
+        sentences.append(text)
+    if not sentences:
         return "MILLION claim not tested: needs PQ with M = d/2 and 4-bit uniform quantizers."
-    best = min(int4, key=lambda r: r["rel_err_mean"])
-    beaten = [r["method"] for r in int4 if pq["rel_err_mean"] < r["rel_err_mean"]]
-    lines = [
-        f"MILLION claim (PQ at 4 bits/value beats uniform int4 on outlier-heavy KV): "
-        f"{pq['method']} at {pq['bits_per_value']:.2f} bits/value has relative error "
-        f"{pq['rel_err_mean']:.4f} +- {pq['rel_err_std']:.4f}.",
-        f"It beats {len(beaten)} of {len(int4)} int4 variants ({', '.join(beaten) or 'none'}), all of which "
-        f"spend {min(r['bits_per_value'] for r in int4):.2f}-{max(r['bits_per_value'] for r in int4):.2f} bits/value.",
-        f"Best int4: {best['method']} at {best['bits_per_value']:.2f} bits/value, {best['rel_err_mean']:.4f} "
-        f"+- {best['rel_err_std']:.4f} ({best['rel_err_mean'] / pq['rel_err_mean']:.2f}x PQ's error).",
-    ]
-    return " ".join(lines)
+    return "MILLION claim (PQ at 4 bits/value beats uniform int4 on outlier-heavy KV). " + " ".join(sentences)
 
 
 def markdown(records: list[dict], args, claim: str) -> str:
-    head = ("| method | family | bits/value | rel err mean | rel err std | per-seed means | K recon err | V recon err |\n"
-            "|---|---|---:|---:|---:|---|---:|---:|")
+    head = ("| method | family | bits/value | rel err mean | rel err std | per-seed means | K recon err "
+            "| V recon err |\n|---|---|---:|---:|---:|---|---:|---:|")
     rows = [
-        f"| {r['method']} | {r['family']} | {r['bits_per_value']:.2f} | {r['rel_err_mean']:.4f} | {r['rel_err_std']:.4f} "
-        f"| {', '.join(f'{e:.4f}' for e in r['rel_err_per_seed'])} | {r['k_rel_err']:.4f} | {r['v_rel_err']:.4f} |"
+        f"| {r['method']} | {r['family']} | {r['bits_per_value']:.3f} | {r['rel_err_mean']:.4f} "
+        f"| {r['rel_err_std']:.4f} | {', '.join(f'{e:.4f}' for e in r['rel_err_per_seed'])} "
+        f"| {r['k_rel_err']:.4f} | {r['v_rel_err']:.4f} |"
         for r in records
     ]
     setup = (f"Synthetic layer per seed (bench/kvgen.py), seeds {args.seeds}: {args.tokens} tokens, {args.queries} "
@@ -272,18 +322,21 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # files only: no display on benchmark machines
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family in dict.fromkeys(r["family"] for r in records):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {}
+    for family in sorted({r["family"] for r in records}):  # a quantizer next to its fp16-sinks variant
         rs = sorted((r for r in records if r["family"] == family), key=lambda r: r["bits_per_value"])
-        x = [r["bits_per_value"] for r in rs]
-        y = [r["rel_err_mean"] for r in rs]
-        ax.errorbar(x, y, yerr=[r["rel_err_std"] for r in rs], marker="o", capsize=3, label=family)
+        base = family.removesuffix("+fp16sinks")
+        colors.setdefault(base, f"C{len(colors)}")  # a quantizer and its fp16-sinks variant share a color
+        ax.errorbar([r["bits_per_value"] for r in rs], [r["rel_err_mean"] for r in rs],
+                    yerr=[r["rel_err_std"] for r in rs], marker="o", capsize=3, label=family, color=colors[base],
+                    linestyle="--" if family != base else "-")
     ax.set_yscale("log")
     ax.set_xlabel("bits per value (uniform: incl. fp16 scale + zero point)")
     ax.set_ylabel("attention output relative error")
     ax.set_title("KV quantization error on synthetic outlier-heavy caches")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -307,9 +360,9 @@ def main(argv=None) -> list[dict]:
     (out / f"{stem}.md").write_text(markdown(records, args, claim))
     plot(records, out / f"{stem}.png")
 
-    print(f"{'method':>16} {'bits/value':>10} {'rel_err_mean':>12} {'rel_err_std':>11}")
+    print(f"{'method':>26} {'bits/value':>10} {'rel_err_mean':>12} {'rel_err_std':>11}")
     for r in records:
-        print(f"{r['method']:>16} {r['bits_per_value']:>10.2f} {r['rel_err_mean']:>12.4f} {r['rel_err_std']:>11.4f}")
+        print(f"{r['method']:>26} {r['bits_per_value']:>10.3f} {r['rel_err_mean']:>12.4f} {r['rel_err_std']:>11.4f}")
     print(claim)
     return records
 

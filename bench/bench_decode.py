@@ -41,14 +41,16 @@ def build_cache(cp, batch, context, M, layers=1, chunk=65536):
                          max_seqs=batch, max_seq_len=context + R, dtype="float16", device="cuda")
     seqs = [cache.add_sequence() for _ in range(batch)]
     rng = cp.random.default_rng(1)
+    # One random block of tokens, reused: decode speed does not depend on which codes are stored.
+    block = min(chunk, context)
+    k_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
+    v_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
     for layer in range(layers):
         for s in seqs:
             done = 0
             while done < context:
-                n = min(chunk, context - done)
-                k = rng.standard_normal((n, NH_K, D), dtype=cp.float32).astype(cp.float16)
-                v = rng.standard_normal((n, NH_K, D), dtype=cp.float32).astype(cp.float16)
-                cache.append(layer, [s], k, v, lengths=[n])
+                n = min(block, context - done)
+                cache.append(layer, [s], k_all[:n], v_all[:n], lengths=[n])
                 done += n
     cp.cuda.get_current_stream().synchronize()
     return cache, seqs
@@ -183,11 +185,43 @@ SUITES = {
 }
 
 
+def run_million(tokens: int = 1_000_000, layers: int = 32, M: int = 64) -> list[dict]:
+    """A batch-1 cache of ``tokens`` tokens in a Llama-3.1-8B shape (32 layers x 8 kv heads x d = 128): does
+    it fit, and how long does one decode step's attention over all layers take?"""
+    import cupy as cp
+
+    from million_cupy import BatchDecodeWrapper
+
+    free0, total = cp.cuda.runtime.memGetInfo()
+    cache, seqs = build_cache(cp, 1, tokens, M, layers=layers)
+    free1, _ = cp.cuda.runtime.memGetInfo()
+    wrapper = BatchDecodeWrapper(cache, num_heads=NH)
+    wrapper.plan(seqs, new_tokens=0)
+    q = cp.random.default_rng(2).standard_normal((1, NH, D), dtype=cp.float32).astype(cp.float16)
+    out = cp.empty_like(q)
+
+    def step():
+        for layer in range(layers):
+            wrapper.run(layer, q, out=out, check=False)
+
+    t = harness.time_gpu(step, queued=3, repeats=7)
+    stats = cache.stats()
+    return [{"suite": "million", "method": "paged_pq", "batch": 1, "context": tokens, "M": M, "dtype": "float16",
+             "layers": layers, "nh": NH, "nh_k": NH_K, "d": D, **t, "per_layer_us": t["median_us"] / layers,
+             "cache_gib": (free0 - free1) / 2**30, "card_gib": total / 2**30, "pages_used": stats["used"]}]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="targets", choices=sorted(SUITES))
+    ap.add_argument("--suite", default="targets", choices=sorted(SUITES) + ["million"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.suite == "million":
+        records, bw = run_million(), None
+        out = args.out or "bench/results/decode_million.json"
+        harness.write_results(out, records)
+        print(harness.table(records, ["method", "context", "layers", "median_us", "per_layer_us", "cache_gib"]))
+        return 0
     shapes, Ms, methods = SUITES[args.suite]
     records, bw = run_suite(shapes, Ms, methods)
     base = {(r["batch"], r["context"]): r["median_us"] for r in records if r["method"] == "torch_sdpa"}

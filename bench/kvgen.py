@@ -19,7 +19,7 @@ QuaRot, MILLION) and attention sinks (StreamingLLM, "Massive activations"):
   where real outlier channels sit (they survive rotation, so a model can rely on them).
 * **Correlated channels.** Key fluctuations are mixed by a random orthogonal matrix with a decaying
   spectrum (singular values ``~ (j+1)**-0.5``), so channels are correlated as in low-rank
-  projections; per-pair scales are log-normal (sigma 0.3) with small per-channel offsets.
+  projections; per-pair scales are log-normal (sigma 0.3), per-channel offsets Gaussian (std 0.5).
 * **Heavy-tailed values.** ``v`` is Student-t with ``v_dof`` degrees of freedom (default 5: kurtosis
   9 against 3 for a Gaussian), unit variance per element before per-channel log-normal scales, and
   no outlier channels (real values have none, which is why per-token value quantization works).
@@ -50,6 +50,8 @@ import numpy as np
 # Token-stream ids under a layer's seed: the evaluated cache and the held-out training draw.
 EVAL_SAMPLE = 0
 TRAINING_SAMPLE = 1
+# Leading tokens that act as attention sinks, by default (StreamingLLM keeps 4).
+DEFAULT_SINKS = 4
 # Outlier channels: fluctuation relative to their consistent offset (they are mostly an offset).
 _OUTLIER_FLUCTUATION = 0.25
 # Log-normal spread of per-pair channel scales and the size of ordinary channels' offsets.
@@ -70,7 +72,7 @@ def generate(
     sample: int = EVAL_SAMPLE,
     num_outlier_channels: int = 4,
     outlier_scale: tuple[float, float] = (20.0, 50.0),
-    num_sinks: int = 4,
+    num_sinks: int = DEFAULT_SINKS,
     sink_share: float = 0.4,
     sink_value_scale: float = 0.1,
     v_dof: float = 5.0,
@@ -91,7 +93,9 @@ def generate(
             f"got head_dim={head_dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
         )
     if num_outlier_channels % 2 or num_outlier_channels > head_dim // 2:
-        raise ValueError(f"num_outlier_channels: expected an even count <= head_dim/2 (whole RoPE pairs), got {num_outlier_channels}")
+        raise ValueError(
+            f"num_outlier_channels: expected an even count <= head_dim/2 (whole RoPE pairs), got {num_outlier_channels}"
+        )
     if not 0 <= num_sinks < num_tokens:
         raise ValueError(f"num_sinks: expected 0 <= num_sinks < num_tokens = {num_tokens}, got {num_sinks}")
     if num_sinks and not 0.0 < sink_share < 1.0:
@@ -136,12 +140,12 @@ def generate(
 
         # Queries: mean direction + fluctuation correlated with one relevant earlier key's.
         relevant = token_rng.integers(num_sinks, num_tokens, size=(num_queries, g))
+        # (Built after rotation: the part shared with a key must sit where that key's RoPE put it.)
+        shared = _unit_rms(_rope(k_white[relevant], relevant, theta, rotary))
         own = token_rng.standard_normal((num_queries, g, head_dim)) @ mixing
+        own = _unit_rms(_rope(own, q_pos[:, None], theta, rotary))
         c = query_key_correlation
-        fluct = c * _unit_rms(_rope(k_white[relevant], relevant, theta, rotary)) + math.sqrt(1 - c * c) * _unit_rms(
-            _rope(own, q_pos[:, None], theta, rotary)
-        )
-        qh = _rope(head_means[None], q_pos[:, None], theta, rotary) + fluct
+        qh = _rope(head_means[None], q_pos[:, None], theta, rotary) + c * shared + math.sqrt(1 - c * c) * own
         logits = np.einsum("qgd,td->qgt", qh, kh[num_sinks:]) / math.sqrt(head_dim)
         qh *= logit_std / logits.std(axis=-1).mean()
 
@@ -163,7 +167,9 @@ def generate(
     }
 
 
-def training_sample(num_tokens: int, num_kv_heads: int, head_dim: int, num_heads: int, seed: int, **kwargs) -> dict[str, np.ndarray]:
+def training_sample(
+    num_tokens: int, num_kv_heads: int, head_dim: int, num_heads: int, seed: int, **kwargs
+) -> dict[str, np.ndarray]:
     """Held-out draw for codebook training: layer ``seed``'s distribution, an independent token stream.
 
     Same arguments and return value as :func:`generate` (``sample`` is fixed to the training stream).
@@ -208,6 +214,8 @@ def _sink_size(q: np.ndarray, k: np.ndarray, direction: np.ndarray, num_sinks: i
 
     lo, hi = 0.0, 1.0
     while mean_share(hi) < share:
+        if hi > 1e6:  # queries pointing away from the sink direction cap the reachable share
+            raise ValueError(f"sink_share {share} is out of reach: at most {mean_share(hi):.3f} for these queries")
         lo, hi = hi, 2 * hi
     for _ in range(50):
         mid = 0.5 * (lo + hi)

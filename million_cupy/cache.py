@@ -196,6 +196,17 @@ class PagedPQCache:
         if num_pages < 1:
             raise UnsupportedConfiguration(f"max_pages: expected a positive integer, got {num_pages}")
         self._num_pages = num_pages
+        if gpu:
+            # Fail with a usable message, not a driver OOM deep inside the allocator.
+            need = num_pages * self._page_nbytes + 2 * num_layers * max_seqs * num_kv_heads * residual * head_dim * \
+                self._dtype.itemsize
+            free_bytes = cupy().cuda.runtime.memGetInfo()[0]
+            if need > free_bytes:
+                raise MemoryError(
+                    f"PagedPQCache needs {need / 2**30:.2f} GiB ({num_pages} pages of {self._page_nbytes} B plus the "
+                    f"residual rings) but the GPU has {free_bytes / 2**30:.2f} GiB free; pass a smaller max_pages "
+                    f"(the default reserves max_seqs * max_seq_len tokens) or fewer max_seqs"
+                )
 
         if gpu:
             cp = cupy()
@@ -367,8 +378,8 @@ class PagedPQCache:
 
         Blocks that are full PQ pages in every layer are shared (one more reference each). Any
         other allocated block (full in some layers only, or reserved ahead) would later receive
-        different tokens from the two sequences, so the child gets a fresh page holding a copy of
-        it instead. Residual rings and lengths are copied.
+        different tokens from the two sequences, so the child gets a fresh page instead, holding a
+        copy of the source page where some layer has written it. Residual rings and lengths are copied.
 
         Raises:
             PagePoolExhausted: not enough free pages for the copied blocks; nothing changed.
@@ -377,6 +388,7 @@ class PagedPQCache:
         if not self._free_slots:
             raise RuntimeError(f"fork: all max_seqs = {self._max_seqs} sequence slots are in use; free one first")
         shared = int(self._full_pages(self._lens[:, src].min()))
+        written = int(self._full_pages(self._lens[:, src].max()))
         blocks = int(self._blocks[src])
         with self._on_stream():
             fresh = self._alloc.alloc(blocks - shared) if blocks > shared else None
@@ -386,9 +398,9 @@ class PagedPQCache:
                 self._alloc.incref(table[src, :shared])
                 table[child, :shared] = table[src, :shared]
             if fresh is not None:
-                fresh = self._page_ids(fresh)
-                table[child, shared:blocks] = fresh
-                self._pool[fresh] = self._pool[table[src, shared:blocks]]
+                table[child, shared:blocks] = self._page_ids(fresh)
+                if written > shared:
+                    self._pool[table[child, shared:written]] = self._pool[table[src, shared:written]]
             self._ring_k[:, child] = self._ring_k[:, src]
             self._ring_v[:, child] = self._ring_v[:, src]
         self._lens[:, child] = self._lens[:, src]
@@ -508,8 +520,10 @@ class PagedPQCache:
         )
         xp = self._xp
 
-        def gather(ring, x):  # (F, nh_k, d), contiguous as the encoder wants
-            return xp.concatenate([ring[layer][ring_seq, :, ring_slot], x[rows]])
+        def gather(ring, x):  # (F, nh_k, d); a decode-step flush (R > P) reads the ring only
+            parts = [ring[layer][ring_seq, :, ring_slot]] if ring_seq.shape[0] else []
+            parts += [x[rows]] if rows.shape[0] else []
+            return parts[0] if len(parts) == 1 else xp.concatenate(parts)
 
         k_codes = encode(gather(self._ring_k, k), self.key_centroids(layer))  # (F, nh_k, M)
         v_codes = encode(gather(self._ring_v, v), self.value_centroids(layer))

@@ -31,6 +31,8 @@ def test_generator_shapes_and_determinism(layer):
     assert all(layer[n].dtype == np.float32 for n in ("k", "v", "q"))
     again = kvgen.generate(T, NH_K, D, NH, seed=3, num_queries=16, num_sinks=SINKS)
     np.testing.assert_array_equal(again["k"], layer["k"])
+    plain = kvgen.generate(256, 1, 64, 2, seed=1, num_queries=2, rotary=False)
+    assert plain["k"].shape == (256, 1, 64) and plain["q"].shape == (2, 2, 64)
 
 
 def test_outlier_key_channels_are_tens_of_times_larger(layer):
@@ -83,6 +85,13 @@ def test_uniform_quantizer_is_exact_on_its_grid(rng, bits, axis):
     codes[..., 0], codes[..., 1] = 0, levels
     x = np.moveaxis((codes * scale + zero).reshape(*lead, n), -1, axis)
     np.testing.assert_array_equal(accuracy.quantize_uniform(x, bits, group, axis), x)
+
+
+def test_uniform_quantizer_partial_last_group(rng):
+    x = rng.standard_normal((100, 2, 8))
+    out = accuracy.quantize_uniform(x, 4, 32, axis=0)
+    np.testing.assert_array_equal(out[:96], accuracy.quantize_uniform(x[:96], 4, 32, axis=0))
+    np.testing.assert_array_equal(out[96:], accuracy.quantize_uniform(x[96:], 4, 4, axis=0))
 
 
 def test_uniform_quantizer_error_is_bounded_by_half_a_step(rng):
