@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Attention accuracy of PQ KV caches against uniform quantization at equal bits per value (CPU).
 
-    python bench/accuracy.py            # default study, about 5-10 minutes on a 2-core CPU
+    python bench/accuracy.py            # default study, about 4 minutes on an idle 2-core CPU
     python bench/accuracy.py --quick    # small smoke run (seconds), writes accuracy_quick.*
 
 Workload: synthetic caches from ``bench/kvgen.py`` (outlier key channels, RoPE, heavy-tailed values,
@@ -291,7 +291,8 @@ def verdict(records: list[dict], head_dim: int) -> str:
             rival = min(within, key=lambda r: r["rel_err_mean"])
             text += (
                 f" The best uniform quantizer within PQ's bits per value, {rival['method']} "
-                f"({rival['bits_per_value']:.2f}), has {err(rival)} ({rival['rel_err_mean'] / pq['rel_err_mean']:.2f}x)."
+                f"({rival['bits_per_value']:.2f}), has {err(rival)} "
+                f"({rival['rel_err_mean'] / pq['rel_err_mean']:.2f}x)."
             )
         sentences.append(text)
     if not sentences:
@@ -312,7 +313,10 @@ def markdown(records: list[dict], args, claim: str) -> str:
              f"decode queries, nh={args.heads}, nh_k={args.kv_heads}, d={args.head_dim}. Relative error of the "
              f"attention output per query against float64 attention over the fp16 K/V; mean and std over all "
              f"queries and seeds. PQ codebooks per kv head, trained on {args.train_tokens} held-out tokens, "
-             f"{args.train_iters} k-means rounds. Uniform bits include the fp16 scale and zero point per group.")
+             f"{args.train_iters} k-means rounds. Uniform bits include the fp16 scale and zero point per group. "
+             f"K / V recon err: relative Frobenius error of the dequantized cache. Every token is quantized")
+    setup += (f", except in `_fp16sinks` rows: the first {args.fp16_sinks} tokens (the attention sinks) stay fp16 "
+              f"there, their 16 bits counted in bits/value." if args.fp16_sinks else ".")
     return "\n\n".join(["# KV quantization accuracy", setup, "\n".join([head, *rows]), "**Verdict.** " + claim]) + "\n"
 
 

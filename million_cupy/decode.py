@@ -278,13 +278,14 @@ class BatchDecodeWrapper:
 
     # -- planning ----------------------------------------------------------------------------------
     def plan(self, seq_ids: Sequence[int], new_tokens: int = 1, *, num_heads: int | None = None,
-             scale: float | None = None) -> None:
+             scale: float | None = None, layers: Sequence[int] | None = None) -> None:
         """Schedule a decode step for ``seq_ids``.
 
         ``new_tokens`` is how many tokens each sequence will have appended to every layer before
         ``run(layer)`` is called (1 in a decode loop that appends then attends; 0 when the cache already
         holds the step's tokens). Pages those appends will fill are reserved now, so ``run`` needs no
-        allocation and no synchronisation.
+        allocation and no synchronisation. ``layers`` restricts the plan to some layers (default: all,
+        which must then hold equal lengths).
         """
         cache = self.cache
         nh = num_heads or self.num_heads
@@ -297,17 +298,20 @@ class BatchDecodeWrapper:
         seq = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
         if seq.size == 0:
             raise ValueError("plan: seq_ids is empty")
-        lens0 = cache.seq_lens(0, seq)  # validates ids
-        if new_tokens:
-            cache.reserve(seq, new_tokens)
-        # Expected per-layer lengths when run(layer) is called.
-        expected = [cache.seq_lens(layer, seq) + new_tokens for layer in range(cache.num_layers)]
-        n = expected[0]
+        planned = list(range(cache.num_layers)) if layers is None else [int(x) for x in layers]
+        bad = [x for x in planned if not 0 <= x < cache.num_layers]
+        if bad or not planned:
+            raise ValueError(f"plan: layers must be a non-empty subset of [0, {cache.num_layers}), got {planned}")
+        # Expected per-layer lengths when run(layer) is called (seq_lens also validates the ids).
+        expected = {x: cache.seq_lens(x, seq) + new_tokens for x in planned}
+        n = expected[planned[0]]
         if np.any(n == 0):
             raise ValueError(f"plan: sequences {seq[n == 0].tolist()} hold no tokens; nothing to attend to")
-        if any(not np.array_equal(e, n) for e in expected):
-            raise ValueError("plan: layers hold different lengths for these sequences; append every layer first")
-        del lens0
+        if any(not np.array_equal(e, n) for e in expected.values()):
+            raise ValueError("plan: the planned layers hold different lengths for these sequences; append every "
+                             "layer first, or plan the layers separately (layers=[...])")
+        if new_tokens:
+            cache.reserve(seq, new_tokens)
         P, R = cache.page_size, cache.residual
         pages = np.where(n < R, 0, (n - R) // P + 1)
         main = (pages * P).astype(np.int32)
@@ -318,10 +322,20 @@ class BatchDecodeWrapper:
         g = choose_group(MODE_PAGED_PQ, d, m, nh // cache.num_kv_heads, dev.smem_limit)
         sched = make_schedule(main, nh, g, P, dev.sm_count)
         stream = as_stream(self._stream)
-        ws = self._ws
         w = len(sched.work)
         u = len(sched.unit_items)
-        self._plan = {
+        with stream:  # workspace allocation and zeroing ordered with the launches
+            self._plan = self._build_plan(seq, expected, nh, g, sched, main, res, scale, stream, w, u)
+        p = self._plan
+        p["args"] = (p["page_row"], p["main_len"], p["res_len"], p["res_row"], np.int32(cache.residual),
+                     np.int32(1), p["work"], p["unit_items"], p["part_o"], p["part_lse"], p["counter"])
+        self._stats["plans"] += 1
+        self._stats["work_items"] = w
+
+    def _build_plan(self, seq, expected, nh, g, sched, main, res, scale, stream, w, u) -> dict:
+        cache, ws = self.cache, self._ws
+        d, m = cache.head_dim, cache.M
+        return {
             "seq": seq,
             "expected": expected,
             "nh": nh,
@@ -340,11 +354,6 @@ class BatchDecodeWrapper:
                      np.float32(((1.0 / math.sqrt(d)) if scale is None else float(scale)) * math.log2(math.e))),
             "smem": smem_bytes(MODE_PAGED_PQ, d, m, g),
         }
-        p = self._plan
-        p["args"] = (p["page_row"], p["main_len"], p["res_len"], p["res_row"], np.int32(cache.residual),
-                     np.int32(1), p["work"], p["unit_items"], p["part_o"], p["part_lse"], p["counter"])
-        self._stats["plans"] += 1
-        self._stats["work_items"] = w
 
     # -- running -----------------------------------------------------------------------------------
     def _layer_args(self, layer: int) -> tuple:
@@ -382,6 +391,8 @@ class BatchDecodeWrapper:
         cache = self.cache
         if not 0 <= layer < cache.num_layers:
             raise IndexError(f"layer must be in [0, {cache.num_layers}), got {layer}")
+        if layer not in plan["expected"]:
+            raise MillionError(f"layer {layer} is not in this plan (planned: {sorted(plan['expected'])})")
         if check:
             got = cache.seq_lens(layer, plan["seq"])
             if not np.array_equal(got, plan["expected"][layer]):
@@ -452,7 +463,7 @@ def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | 
         if wrapper is None or wrapper._stream is not stream:
             wrapper = BatchDecodeWrapper(cache, stream=stream)
             cache._decode_wrapper = wrapper
-        wrapper.plan(seq_ids, new_tokens=0, num_heads=q_arr.shape[1], scale=scale)
+        wrapper.plan(seq_ids, new_tokens=0, num_heads=q_arr.shape[1], scale=scale, layers=[layer])
         return wrapper.run(layer, q_arr, out=out, return_lse=return_lse)
     q_arr = as_array(q, "q", ndim=3, on_gpu=False)
     seq = list(np.asarray(seq_ids).reshape(-1))

@@ -65,26 +65,25 @@ def gpu_available() -> bool:
 
 def is_gpu_array(x: Any) -> bool:
     """True for arrays that live in CUDA device memory (CuPy, torch.cuda, JAX GPU, numba device arrays)."""
-    if hasattr(x, "__cuda_array_interface__"):
-        return True
     dev = getattr(x, "__dlpack_device__", None)
     if dev is not None and not isinstance(x, np.ndarray):
         try:
             return int(dev()[0]) in _DLPACK_CUDA_DEVICES
         except Exception:  # noqa: BLE001
-            return False
-    return False
+            pass
+    return hasattr(x, "__cuda_array_interface__")
 
 
 def _to_cupy(x: Any, stream: Any = None):
     cp = cupy()
     if isinstance(x, cp.ndarray):
         return x
-    if hasattr(x, "__cuda_array_interface__"):
+    if not hasattr(x, "__dlpack__"):
         # Zero-copy view; the producer's stream field (if any) is honoured by CuPy.
         return cp.asarray(x)
-    # DLPack: CuPy passes its current stream to the producer's __dlpack__(stream=...),
-    # so the producer orders its pending work before ours (DLPack stream semantics).
+    # DLPack first: it carries dtypes the array interface cannot (PyTorch exports bfloat16 there as raw
+    # "<V2"). CuPy passes its current stream to the producer's __dlpack__(stream=...), so the producer
+    # orders its pending work before ours (DLPack stream semantics).
     if stream is not None:
         with as_stream(stream):
             return cp.from_dlpack(x)

@@ -67,6 +67,7 @@ import importlib
 import os
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
@@ -329,6 +330,7 @@ def _take_pending() -> list[BaseException]:
 
 
 _session_class: type | None = None
+_options_with_library: weakref.WeakSet = weakref.WeakSet()
 
 
 def _checked_session_class() -> type:
@@ -455,7 +457,9 @@ def make_session(
 
     ``graph`` is an ``onnx.ModelProto`` (as :func:`build_decoder_graph` returns), serialized model
     bytes, or a path to a ``.onnx`` file. Registers the Python op (once per process) and the
-    onnxruntime-extensions library on ``session_options`` (a new ``SessionOptions`` if None).
+    onnxruntime-extensions library on ``session_options`` (a new ``SessionOptions`` if None; options
+    passed again are not registered twice, but do not pass options on which you registered the
+    library yourself: ONNX Runtime then fails with conflicting kernels).
     ``providers`` defaults to ``["CPUExecutionProvider"]``: Python ops run on the CPU whatever the
     provider (the GPU work happens inside the op, on the cache's device).
 
@@ -474,5 +478,9 @@ def make_session(
     else:
         raise TypeError(f"graph: expected an onnx.ModelProto, model bytes or a path, got {type(graph).__name__}")
     so = session_options if session_options is not None else ort.SessionOptions()
-    so.register_custom_ops_library(ext.get_library_path())
+    # Registering the library twice on one SessionOptions makes session creation fail (conflicting
+    # kernels), so options passed in again are registered only once.
+    if so not in _options_with_library:
+        so.register_custom_ops_library(ext.get_library_path())
+        _options_with_library.add(so)
     return _checked_session_class()(model, so, providers=list(providers or ["CPUExecutionProvider"]))

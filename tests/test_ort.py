@@ -8,6 +8,7 @@ unchanged. The GPU test runs the same loop on GPU caches against ``BatchDecodeWr
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -260,6 +261,22 @@ def test_plain_inference_session_gets_nan_and_a_warning(rng, registry):
     assert np.isfinite(out).all()
 
 
+def test_make_session_inputs(tmp_path):
+    """A ModelProto, its bytes or a file path; one SessionOptions may serve several sessions."""
+    import onnx
+    import onnxruntime as ort
+
+    model = mo.build_decoder_graph(NH, NH_K, D, "x", 0)
+    path = tmp_path / "decode.onnx"
+    onnx.save(model, str(path))
+    so = ort.SessionOptions()
+    sessions = [mo.make_session(model, session_options=so), mo.make_session(model.SerializeToString(), session_options=so),
+                mo.make_session(path), mo.make_session(str(path))]
+    for sess in sessions:
+        assert isinstance(sess, ort.InferenceSession)
+        assert [i.name for i in sess.get_inputs()] == ["q", "k", "v", "seq_ids"]
+
+
 def test_make_session_rejects_non_models():
     with pytest.raises(TypeError, match=r"graph: expected an onnx.ModelProto, model bytes or a path, got int"):
         mo.make_session(3)
@@ -277,13 +294,7 @@ def test_import_is_lazy():
         "bad = [m for m in ('onnx', 'onnxruntime', 'onnxruntime_extensions', 'cupy') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO), **_env()})
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 # ------------------------------------------------------------------------------------------------ GPU
