@@ -19,6 +19,7 @@ from .errors import (
     InvalidPageOperation,
     MillionError,
     PagePoolExhausted,
+    SequenceSlotsExhausted,
     UnsupportedConfiguration,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     # errors (eager)
     "MillionError",
     "PagePoolExhausted",
+    "SequenceSlotsExhausted",
     "InvalidPageOperation",
     "UnsupportedConfiguration",
     "CodebookFormatError",

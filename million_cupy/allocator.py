@@ -26,7 +26,7 @@ Why this shape:
   consistent even if the host bound were ever wrong. ``free`` and ``incref`` validate the whole
   batch before changing anything: pass 1 counts every id's occurrences in the scratch array
   (so duplicates in one batch are caught), ``syncthreads``, pass 2 checks ranges and
-  ``count <= refcount`` (``refcount > 0`` for incref) into a block-shared error flag,
+  ``count <= refcount`` (``refcount > 0`` for incref) into an error flag (a control word),
   ``syncthreads``, pass 3 applies only if the flag is clear (atomic decrement; a page whose count
   reaches 0 is pushed with an atomic on ``top``) and zeroes the scratch counts. These two calls
   are off the per-token hot path, so they synchronise to read the flag and raise
@@ -96,8 +96,11 @@ _SIM_SWITCH_INTERVAL_S = 1e-5
 _SIM_LAUNCH_LOCK = threading.Lock()
 
 # Control words (int64).
-_TOP, _ALLOCS, _FREES, _FAILED, _HIGH_WATER, _STATUS = range(6)
-_NCTRL = 6
+_TOP, _ALLOCS, _FREES, _FAILED, _HIGH_WATER, _STATUS, _GRANT_TOP, _GRANTED = range(8)
+_NCTRL = 8
+# The kernels keep their block-wide flags in these global control words, not in shared memory: numba's
+# CUDA simulator can hand two threads of one block different copies of a cuda.shared.array when they
+# reach it at the same moment, which made CPU runs lose updates.
 
 # Error bits of free / incref, written to ctrl[_STATUS] by every such launch.
 _BAD_RANGE = 1  # an id outside [0, num_pages)
@@ -116,25 +119,24 @@ _NUMPY_HINT = (
 @cuda.jit
 def _alloc_kernel(out, stack, refcount, ctrl, num_pages):
     """Pop ``out.shape[0]`` ids from the free stack into ``out``; refuse (ids -1) if too few."""
-    grant = cuda.shared.array(2, numba.types.int64)  # [top before the pop, 1 if granted]
     tid = cuda.threadIdx.x
     n = out.shape[0]
     if tid == 0:
         top = ctrl[_TOP]
         if top < n:
             ctrl[_FAILED] += 1
-            grant[1] = 0
+            ctrl[_GRANTED] = 0
         else:
             ctrl[_TOP] = top - n
             ctrl[_ALLOCS] += n
             used = num_pages - (top - n)
             if used > ctrl[_HIGH_WATER]:
                 ctrl[_HIGH_WATER] = used
-            grant[1] = 1
-        grant[0] = top
+            ctrl[_GRANTED] = 1
+        ctrl[_GRANT_TOP] = top
     cuda.syncthreads()
-    top = grant[0]
-    granted = grant[1] != 0
+    top = ctrl[_GRANT_TOP]
+    granted = ctrl[_GRANTED] != 0
     for i in range(tid, n, cuda.blockDim.x):
         if granted:
             # Pop from the top, so a fresh stack [P-1, ..., 1, 0] hands out 0, 1, 2, ... in order.
@@ -148,12 +150,11 @@ def _alloc_kernel(out, stack, refcount, ctrl, num_pages):
 @cuda.jit
 def _free_kernel(ids, stack, refcount, pending, ctrl, num_pages):
     """Drop one reference per id; push pages whose count reaches 0. All-or-nothing per batch."""
-    flag = cuda.shared.array(1, numba.types.int32)
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     n = ids.shape[0]
     if tid == 0:
-        flag[0] = 0  # nobody writes the flag before the first barrier
+        ctrl[_STATUS] = 0  # nobody writes the flag before the first barrier
     # Pass 1: how many times this batch frees each page (catches duplicates inside the batch).
     for i in range(tid, n, nthreads):
         page = ids[i]
@@ -164,12 +165,12 @@ def _free_kernel(ids, stack, refcount, pending, ctrl, num_pages):
     for i in range(tid, n, nthreads):
         page = ids[i]
         if page < 0 or page >= num_pages:
-            cuda.atomic.or_(flag, 0, _BAD_RANGE)
+            cuda.atomic.or_(ctrl, _STATUS, _BAD_RANGE)
         elif pending[page] > refcount[page]:
-            cuda.atomic.or_(flag, 0, _OVER_FREE)
+            cuda.atomic.or_(ctrl, _STATUS, _OVER_FREE)
     cuda.syncthreads()
     # Pass 3: apply only if valid; always clear the scratch counts for the next batch.
-    valid = flag[0] == 0
+    valid = ctrl[_STATUS] == 0
     returned = 0
     for i in range(tid, n, nthreads):
         page = ids[i]
@@ -180,32 +181,27 @@ def _free_kernel(ids, stack, refcount, pending, ctrl, num_pages):
                 returned += 1
     if returned > 0:
         cuda.atomic.add(ctrl, _FREES, returned)
-    if tid == 0:
-        ctrl[_STATUS] = flag[0]
 
 
 @cuda.jit
 def _incref_kernel(ids, refcount, ctrl, num_pages):
     """Add one reference per id occurrence, only if every id is an allocated page."""
-    flag = cuda.shared.array(1, numba.types.int32)
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     n = ids.shape[0]
     if tid == 0:
-        flag[0] = 0
+        ctrl[_STATUS] = 0
     cuda.syncthreads()
     for i in range(tid, n, nthreads):
         page = ids[i]
         if page < 0 or page >= num_pages:
-            cuda.atomic.or_(flag, 0, _BAD_RANGE)
+            cuda.atomic.or_(ctrl, _STATUS, _BAD_RANGE)
         elif refcount[page] == 0:
-            cuda.atomic.or_(flag, 0, _INCREF_FREE)
+            cuda.atomic.or_(ctrl, _STATUS, _INCREF_FREE)
     cuda.syncthreads()
-    if flag[0] == 0:
+    if ctrl[_STATUS] == 0:
         for i in range(tid, n, nthreads):
             cuda.atomic.add(refcount, ids[i], 1)
-    if tid == 0:
-        ctrl[_STATUS] = flag[0]
 
 
 @cuda.jit

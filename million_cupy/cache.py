@@ -45,7 +45,7 @@ from . import kernels
 from .allocator import PageAllocator
 from .codebook import Codebook, ModelCodebooks, encode
 from .decode import PAGE_SIZES as _DECODE_PAGE_SIZES
-from .errors import DeviceUnavailable, UnsupportedConfiguration
+from .errors import DeviceUnavailable, SequenceSlotsExhausted, UnsupportedConfiguration
 from .interop import as_array, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
 
 __all__ = ["PagedPQCache", "permute_k_rows", "CACHE_DTYPES", "PAGE_SIZES"]
@@ -366,7 +366,7 @@ class PagedPQCache:
     def add_sequence(self) -> int:
         """Start an empty sequence; returns its id (the lowest free slot)."""
         if not self._free_slots:
-            raise RuntimeError(
+            raise SequenceSlotsExhausted(
                 f"add_sequence: all max_seqs = {self._max_seqs} sequence slots are in use; free one first"
             )
         seq = heapq.heappop(self._free_slots)
@@ -386,7 +386,7 @@ class PagedPQCache:
         """
         src = self._check_seqs(seq, "fork")[0]
         if not self._free_slots:
-            raise RuntimeError(f"fork: all max_seqs = {self._max_seqs} sequence slots are in use; free one first")
+            raise SequenceSlotsExhausted(f"fork: all max_seqs = {self._max_seqs} sequence slots are in use; free one first")
         shared = int(self._full_pages(self._lens[:, src].min()))
         written = int(self._full_pages(self._lens[:, src].max()))
         blocks = int(self._blocks[src])

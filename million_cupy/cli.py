@@ -28,11 +28,14 @@ from .errors import MillionError
 EXIT_USAGE = 2
 
 # Suites `bench` will offer (placeholders until the benchmarks land).
-BENCH_SUITES: dict[str, str] = {
-    "decode": "paged PQ decode vs fp16 attention over batch x context length (M = 32, 64)",
-    "append": "append + flush throughput of PagedPQCache",
-    "allocator": "batched page alloc / incref / free",
-    "memory": "KV bytes per token: PQ pages + residual window vs fp16",
+# suite -> (script in bench/, what it measures)
+BENCH_SUITES: dict[str, tuple[str, str]] = {
+    "decode": ("bench_decode.py", "paged PQ vs contiguous PQ vs fp16 paged vs PyTorch SDPA decode attention"),
+    "million": ("bench_decode.py", "one decode step of a 1,000,000-token, 32-layer cache"),
+    "codebook": ("bench_codebook.py", "codebook training time and GPU encode throughput"),
+    "allocator": ("bench_allocator.py", "page alloc / free cost, single and batched"),
+    "memory": ("bench_memory.py", "bytes per token and pool utilization on a mixed-length trace"),
+    "accuracy": ("accuracy.py", "attention error of PQ vs uniform int2/int4 and KIVI on synthetic KV"),
 }
 
 
@@ -150,8 +153,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("error: `million-cupy demo` is not yet implemented", file=sys.stderr)
-    return EXIT_USAGE
+    import dataclasses  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from . import demo  # noqa: PLC0415
+    from .interop import gpu_available  # noqa: PLC0415
+
+    gpu = gpu_available() and not args.cpu
+    cfg = demo.DemoConfig.default(gpu)
+    overrides = {k: getattr(args, k) for k in ("layers", "batch", "prompt", "steps", "M") if getattr(args, k)}
+    cfg = dataclasses.replace(cfg, **overrides)
+    result = demo.run(cfg, gpu=gpu)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,11 +225,29 @@ def cmd_train_codebook(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    print("benchmark suites:")
-    for name, what in BENCH_SUITES.items():
-        print(f"  {name:<10} {what}")
-    print("error: `million-cupy bench` is not yet implemented", file=sys.stderr)
-    return EXIT_USAGE
+    if not args.suite:
+        print("benchmark suites (million-cupy bench SUITE [script options]):")
+        for name, (_, what) in BENCH_SUITES.items():
+            print(f"  {name:<10} {what}")
+        return 0
+    import runpy  # noqa: PLC0415
+
+    # The suites live in the source checkout's bench/ (they need matplotlib / torch baselines, which are
+    # not library dependencies), so `bench` works from a checkout or an editable install.
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    script, _ = BENCH_SUITES[args.suite]
+    if not (bench_dir / script).is_file():
+        raise FileNotFoundError(f"bench/{script} not found next to the package (needs a source checkout)")
+    extra = list(args.options)
+    if args.suite in ("decode", "million") and "--suite" not in extra:
+        extra = ["--suite", "targets" if args.suite == "decode" else "million"] + extra
+    sys.argv = [str(bench_dir / script)] + extra
+    sys.path.insert(0, str(bench_dir))
+    try:
+        runpy.run_path(str(bench_dir / script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="end-to-end demo (GPU if usable, else small shapes on the CPU reference path)")
+    p.add_argument("--layers", type=int, help="decoder layers (default: 4 on GPU, 2 on CPU)")
+    p.add_argument("--batch", type=int, help="sequences decoded together (default: 4 on GPU, 2 on CPU)")
+    p.add_argument("--prompt", type=int, help="prompt tokens per sequence (default: 8192 on GPU, 300 on CPU)")
+    p.add_argument("--steps", type=int, help="decode steps (default: 64 on GPU, 8 on CPU)")
+    p.add_argument("--M", type=int, help="PQ subspaces (default: 64 for d=128 on GPU, 32 for d=64 on CPU)")
+    p.add_argument("--cpu", action="store_true", help="use the CPU reference path even if a GPU is present")
+    p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-codebook", help="train a PQ codebook from a .npy file of samples (n, d)")
@@ -243,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_codebook)
 
     p = sub.add_parser("bench", help="benchmark suites: " + ", ".join(BENCH_SUITES))
+    p.add_argument("suite", nargs="?", choices=sorted(BENCH_SUITES), help="suite to run (none: list them)")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="options passed to the suite's script")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -83,7 +83,7 @@ def run(cfg: DemoConfig | None = None, *, gpu: bool | None = None, progress: boo
 
     streams = [_KVStream(xp, cfg, layer) for layer in range(cfg.layers)]
     t0 = time.perf_counter()
-    calib = min(4096, cfg.prompt)
+    calib = 4096 if gpu else 512  # calibration tokens per layer (a separate sample, like held-out text)
     samples = [s.kv(calib) for s in streams]
     codebooks = ModelCodebooks.train([k for k, _ in samples], [v for _, v in samples], cfg.M, iters=10,
                                      seed=cfg.seed, progress=progress)

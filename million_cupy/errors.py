@@ -13,6 +13,10 @@ class PagePoolExhausted(MillionError, MemoryError):
     """The page pool has fewer free pages than requested; nothing was allocated."""
 
 
+class SequenceSlotsExhausted(MillionError, RuntimeError):
+    """Every sequence slot of a cache is in use (max_seqs); free a sequence first. Nothing changed."""
+
+
 class InvalidPageOperation(MillionError, ValueError):
     """Double free, free of an unallocated page, or a page id out of range; the pool is unchanged."""
 

@@ -13,7 +13,7 @@ import pytest
 from million_cupy import reference
 from million_cupy.cache import PagedPQCache, permute_k_rows
 from million_cupy.codebook import Codebook, ModelCodebooks
-from million_cupy.errors import PagePoolExhausted, UnsupportedConfiguration
+from million_cupy.errors import PagePoolExhausted, SequenceSlotsExhausted, UnsupportedConfiguration
 from million_cupy.interop import cupy, resolve_dtype, to_numpy
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -493,7 +493,7 @@ def test_free_returns_every_page_and_recycles_slots(rng, device):
     cache.reserve([seqs[1]], 50)
     child = cache.fork(seqs[0])
     assert child == 3
-    with pytest.raises(RuntimeError, match="slots are in use"):
+    with pytest.raises(SequenceSlotsExhausted, match="slots are in use"):
         cache.add_sequence()
     cache.free(seqs[0])
     assert cache.add_sequence() == seqs[0]  # lowest free slot is reused
