@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
 NH, NH_K, D, P, R = 32, 8, 128, 64, 128
+TIMING: dict = {}  # harness.time_gpu options; --fast trades repeats for a shorter run
 
 
 def _codebooks(cp, M, layers=1, seed=0):
@@ -64,7 +65,7 @@ def bench_paged_pq(cp, batch, context, M):
     wrapper.plan(seqs, new_tokens=0)
     q = cp.random.default_rng(2).standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
     out = cp.empty_like(q)
-    t = harness.time_gpu(lambda: wrapper.run(0, q, out=out, check=False))
+    t = harness.time_gpu(lambda: wrapper.run(0, q, out=out, check=False), **TIMING)
     # The same launch replayed from a CUDA graph: the kernel's own time where run()'s host cost would
     # otherwise pace back-to-back calls (small contexts).
     stream = cp.cuda.Stream(non_blocking=True)
@@ -72,7 +73,7 @@ def bench_paged_pq(cp, batch, context, M):
         stream.begin_capture()
         wrapper.run(0, q, out=out, check=False)
         graph = stream.end_capture()
-        g = harness.time_gpu(lambda: graph.launch(stream))
+        g = harness.time_gpu(lambda: graph.launch(stream), **TIMING)
     t.update(graph_gpu_us=g["median_us"], graph_call_us=g["call_us"])
     n = cache.seq_lens(0, seqs)
     main = np.where(n < R, 0, (n - R) // P + 1) * P
@@ -97,7 +98,7 @@ def bench_paged_pq_pages(cp, batch, context, M):
     q = rng.standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
     launch = prepare_paged_pq_decode(q, kp, vp, indptr, indices, kc, vc, residual_k=rk, residual_v=rv,
                                      residual_lens=np.full(batch, context - main))
-    return harness.time_gpu(launch), float(batch * NH_K * 2 * M * main)
+    return harness.time_gpu(launch, **TIMING), float(batch * NH_K * 2 * M * main)
 
 
 def bench_contiguous_pq(cp, batch, context, M):
@@ -115,7 +116,7 @@ def bench_contiguous_pq(cp, batch, context, M):
     q = rng.standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
     launch = prepare_contiguous_pq_decode(q, k, v, np.full(batch, main), kc, vc, residual_k=rk, residual_v=rv,
                                           residual_lens=np.full(batch, res))
-    return harness.time_gpu(launch)
+    return harness.time_gpu(launch, **TIMING)
 
 
 def bench_fp16_paged(cp, batch, context):
@@ -130,7 +131,7 @@ def bench_fp16_paged(cp, batch, context):
     last = np.full(batch, context - (npages - 1) * P)
     q = rng.standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
     launch = prepare_paged_exact_decode(q, kp, vp, indptr, indices, last)
-    t = harness.time_gpu(launch)
+    t = harness.time_gpu(launch, **TIMING)
     del kp, vp
     return t
 
@@ -144,18 +145,19 @@ def bench_torch_sdpa(batch, context):
     q = torch.randn(batch, NH, 1, D, device="cuda", dtype=torch.float16)
     k = torch.randn(batch, NH_K, context, D, device="cuda", dtype=torch.float16)
     v = torch.randn(batch, NH_K, context, D, device="cuda", dtype=torch.float16)
-    t = harness.time_gpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    t = harness.time_gpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), **TIMING)
     del q, k, v
     torch.cuda.empty_cache()
     return t
 
 
-def run_suite(shapes, Ms, methods):
+def run_suite(shapes, Ms, methods, kv_heads=(8,)):
     import cupy as cp
 
+    global NH_K  # the shape helpers above read it; one value per pass
     records = []
     bw = harness.copy_bandwidth_gbs()
-    for batch, context in shapes:
+    for NH_K, (batch, context) in [(h, sc) for h in kv_heads for sc in shapes]:
         for method in methods:
             for M in (Ms if method in ("paged_pq", "paged_pq_pages", "contiguous_pq") else [None]):
                 rec = {"suite": "decode", "method": method, "batch": batch, "context": context, "M": M,
@@ -178,19 +180,20 @@ def run_suite(shapes, Ms, methods):
                         continue
                     rec.update(t)
                 records.append(rec)
-                print(f"  {method:14s} b={batch:<3d} ctx={context:<7d} M={M!s:4s} "
+                print(f"  {method:14s} nh_k={NH_K:<2d} b={batch:<3d} ctx={context:<7d} M={M!s:4s} "
                       f"gpu={rec['median_us']:9.1f} us  call={rec['call_us']:9.1f} us", flush=True)
                 cp.get_default_memory_pool().free_all_blocks()
     return records, bw
 
 
+# suite -> (shapes (batch, context), M values, methods[, kv head counts])
 SUITES = {
     "kernels": ([(8, 32768), (1, 131072), (1, 4096), (32, 8192)], [32, 64],
                 ["paged_pq_pages", "contiguous_pq", "fp16_paged", "torch_sdpa"]),
     "targets": ([(8, 32768), (1, 131072), (1, 4096), (1, 1024), (32, 8192)], [32, 64],
                 ["paged_pq", "contiguous_pq", "fp16_paged", "torch_sdpa"]),
     "grid": ([(b, c) for b in (1, 8, 32) for c in (64, 128, 256, 1024, 4096, 16384, 32768, 131072)
-              if b * c <= 32 * 32768], [32, 64], ["paged_pq", "contiguous_pq", "fp16_paged", "torch_sdpa"]),
+              if b * c <= 32 * 32768], [32, 64], ["paged_pq", "contiguous_pq", "fp16_paged", "torch_sdpa"], (8, 16)),
 }
 
 
@@ -224,19 +227,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="targets", choices=sorted(SUITES) + ["million"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fast", action="store_true", help="fewer repeats (10 queued calls x 7)")
+    ap.add_argument("--kv-heads", type=int, nargs="+", help="override the suite's kv head counts")
     args = ap.parse_args(argv)
+    if args.fast:
+        TIMING.update(queued=10, repeats=7)
     if args.suite == "million":
         records, bw = run_million(), None
         out = args.out or "bench/results/decode_million.json"
         harness.write_results(out, records)
         print(harness.table(records, ["method", "context", "layers", "median_us", "per_layer_us", "cache_gib"]))
         return 0
-    shapes, Ms, methods = SUITES[args.suite]
-    records, bw = run_suite(shapes, Ms, methods)
-    base = {(r["batch"], r["context"]): r["median_us"] for r in records if r["method"] == "torch_sdpa"}
+    shapes, Ms, methods, *kv = SUITES[args.suite]
+    records, bw = run_suite(shapes, Ms, methods, tuple(args.kv_heads or (kv[0] if kv else (8,))))
+    base = {(r["nh_k"], r["batch"], r["context"]): r["median_us"] for r in records if r["method"] == "torch_sdpa"}
     for r in records:
-        if (r["batch"], r["context"]) in base:
-            r["speedup_vs_torch"] = base[(r["batch"], r["context"])] / r["median_us"]
+        key = (r["nh_k"], r["batch"], r["context"])
+        if key in base:
+            r["speedup_vs_torch"] = base[key] / r["median_us"]
     out = args.out or f"bench/results/decode_{args.suite}.json"
     harness.write_results(out, records, {"copy_bandwidth_gbs": bw})
     print(f"\n{harness.gpu_name()}  copy bandwidth {bw:.0f} GB/s  -> {out}")

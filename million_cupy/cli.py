@@ -36,6 +36,8 @@ BENCH_SUITES: dict[str, tuple[str, str]] = {
     "allocator": ("bench_allocator.py", "page alloc / free cost, single and batched"),
     "memory": ("bench_memory.py", "bytes per token and pool utilization on a mixed-length trace"),
     "accuracy": ("accuracy.py", "attention error of PQ vs uniform int2/int4 and KIVI on synthetic KV"),
+    "e2e": ("bench_e2e.py", "end-to-end Llama-shaped decode: PQ cache vs fp16 cache, tokens/s and p50/p99 latency"),
+    "report": ("report.py", "regenerate REPORT.md and plots from bench/results"),
 }
 
 

@@ -1,0 +1,310 @@
+"""End-to-end decode: a Llama-shaped model generating from the paged PQ cache vs an exact fp16 cache.
+
+The model is the random-weight decoder of ``examples/llama_decode.py`` (imported, not copied):
+hidden 4096, 32 query heads, 8 kv heads, head dim 128, ``--layers`` layers (4), SwiGLU MLP of
+``--ffn`` (14336, Llama-3-8B), float32 weights and activations. Per (batch, context) pair:
+
+* **pq_cache**: a :class:`million_cupy.PagedPQCache` (M = ``--M`` = 64, C = 256, page 64, residual
+  128) decoded with ``BatchDecodeWrapper`` (``plan`` once per step, then per layer: QKV, ``append``,
+  ``run``, MLP), then the LM head and a greedy argmax;
+* **fp16_cache**: the same model over plain float16 K / V arrays, one per layer, in a
+  (B, nh_k, T, d) layout; attention is two cuBLAS float16 matmuls with a float32 softmax between
+  them (``--fp16-attn cublas``, the default) or the example's own float32 einsum attention
+  (``--fp16-attn example``, ``exact_decode_attention``: an accuracy baseline, slow on purpose).
+
+**Prefill is synthetic**: every sequence's ``context`` tokens are random float16 K / V appended
+straight into both caches (one random block reused), rather than running ``context`` tokens through
+the model. Decode speed depends on the cache's length and layout, not on which values it holds, so
+this keeps a 32K-token run to seconds. The PQ codebooks are random too (codes are computed from
+them as usual by ``append``).
+
+Timing: ``--warmup`` steps (3; kernel compilation, cuBLAS plans) are left out, then ``--steps`` (32)
+decode steps, each timed with CUDA events recorded around the whole step (host launch gaps
+included, since the GPU idles while the host is behind) plus a ``synchronize`` after it. One step
+produces one token per sequence, so the step time is the per-token latency. Per method: tokens/s
+(batch * steps / total step time), p50 / p99 of the step time and jitter = p99 - p50 (with 32 steps
+the p99 is close to the max). Records (suite "e2e") go to ``--out`` through ``harness.write_results``.
+
+    python bench/bench_e2e.py                         # batch 1 and 8, contexts 4K and 32K
+    python bench/bench_e2e.py --quick                 # smoke run: 1 layer, small MLP, 1K context, 4 steps
+    million-cupy bench e2e [options]
+
+Needs a CUDA GPU usable through CuPy; exits with status 2 and a message otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import harness  # noqa: E402
+
+EXIT_NO_GPU = 2
+NH, NH_K, D, PAGE, RESIDUAL = 32, 8, 128, 64, 128
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, help="JSON path (default bench/results/e2e_<gpu>.json; "
+                                            "e2e_quick_<gpu>.json with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="small smoke run: 1 layer, --ffn 1024, vocab 1024, batch 1 and 2, context 1024, 4 steps")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=14336, help="MLP inner size")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768],
+                   help="tokens already in the cache of every sequence when decoding starts")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
+    p.add_argument("--M", type=int, default=64, help="PQ subspaces")
+    p.add_argument("--methods", nargs="+", choices=("pq_cache", "fp16_cache"), default=["pq_cache", "fp16_cache"])
+    p.add_argument("--fp16-attn", choices=("cublas", "example"), default="cublas",
+                   help="fp16 baseline attention: float16 cuBLAS matmuls, or the example's float32 einsum")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.ffn, args.vocab = 1, 1024, 1024
+        args.batches, args.contexts, args.steps, args.warmup = [1, 2], [1024], 4, 1
+    if args.hidden % NH or args.hidden // NH != D:
+        p.error(f"--hidden must be {NH * D} (32 heads of d = 128), got {args.hidden}")
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be >= 1 (the first step compiles kernels)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def random_codebooks(cp, layers: int, M: int, seed: int):
+    from million_cupy import Codebook, ModelCodebooks
+
+    rng = cp.random.default_rng(seed)
+    book = lambda: Codebook(rng.standard_normal((M, 256, D // M), dtype=cp.float32))  # noqa: E731
+    return ModelCodebooks([book() for _ in range(layers)], [book() for _ in range(layers)])
+
+
+def kv_block(cp, n: int, seed: int):
+    rng = cp.random.default_rng(seed)
+    k = rng.standard_normal((n, NH_K, D), dtype=cp.float32).astype(cp.float16)
+    v = rng.standard_normal((n, NH_K, D), dtype=cp.float32).astype(cp.float16)
+    return k, v
+
+
+def fp16_attention_cublas(cp, q, k, v, length: int):
+    """q (B, nh, d) float32 over the first ``length`` tokens of k, v (B, nh_k, T, d) float16 -> (B, nh, d) float32."""
+    B = q.shape[0]
+    g = NH // NH_K
+    # The big operands (K, V: row-major (T, d) per head) go in untransposed; only the small q / p are transposed.
+    qt = q.reshape(B, NH_K, g, D).astype(cp.float16).swapaxes(-1, -2)  # (B, nh_k, d, g)
+    kk, vv = k[:, :, :length], v[:, :, :length]
+    s = cp.matmul(kk, qt).astype(cp.float32) * (1.0 / math.sqrt(D))  # (B, nh_k, T, g)
+    s = cp.exp(s - s.max(axis=-2, keepdims=True))
+    s /= s.sum(axis=-2, keepdims=True)
+    return cp.matmul(s.astype(cp.float16).swapaxes(-1, -2), vv).astype(cp.float32).reshape(B, NH, D)
+
+
+class StepTimer:
+    """CUDA events around each whole step, plus a synchronize after it."""
+
+    def __init__(self, cp) -> None:
+        self.cp, self.ms, self.wall_ms = cp, [], []
+
+    def time(self, step) -> None:
+        cp = self.cp
+        cp.cuda.get_current_stream().synchronize()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        t0 = time.perf_counter()
+        start.record()
+        step()
+        stop.record()
+        stop.synchronize()
+        self.wall_ms.append((time.perf_counter() - t0) * 1e3)
+        self.ms.append(cp.cuda.get_elapsed_time(start, stop))
+
+
+def run_pq(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
+    cfg = model.cfg
+    total = context + args.warmup + args.steps
+    max_pages = batch * (-(-total // PAGE) + 2)
+    cache = mc.PagedPQCache(cfg.layers, NH_K, D, random_codebooks(cp, cfg.layers, args.M, args.seed),
+                            page_size=PAGE, residual=RESIDUAL, max_pages=max_pages, max_seqs=batch,
+                            max_seq_len=total, dtype="float16", device="cuda")
+    seqs = [cache.add_sequence() for _ in range(batch)]
+    block = min(context, 16384)
+    k_blk, v_blk = kv_block(cp, block, args.seed + 1)
+    for layer in range(cfg.layers):  # synthetic prefill: random K / V straight into the cache
+        for s in seqs:
+            done = 0
+            while done < context:
+                n = min(block, context - done)
+                cache.append(layer, [s], k_blk[:n], v_blk[:n], lengths=[n])
+                done += n
+    del k_blk, v_blk
+    wrapper = mc.BatchDecodeWrapper(cache, NH)
+    state = {"tokens": cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch)),
+             "pos": cp.full(batch, context, dtype=cp.int64)}
+
+    def step() -> None:
+        wrapper.plan(seqs, new_tokens=1)
+        x = model.embed[state["tokens"]]
+        for layer in range(cfg.layers):
+            q, k, v = model.qkv(layer, x, state["pos"])
+            cache.append(layer, seqs, k.astype(cp.float16), v.astype(cp.float16))
+            attn = wrapper.run(layer, q.astype(cp.float16), check=False).astype(cp.float32)
+            x = model.finish(layer, x, attn)
+        state["tokens"] = model.logits(x).argmax(axis=-1)
+        state["pos"] = state["pos"] + 1
+
+    timer = StepTimer(cp)
+    for i in range(args.warmup + args.steps):
+        timer.time(step)
+    timer.ms, timer.wall_ms = timer.ms[args.warmup:], timer.wall_ms[args.warmup:]
+    del wrapper, cache
+    return timer
+
+
+def run_fp16(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
+    cfg = model.cfg
+    total = context + args.warmup + args.steps
+    block = min(context, 16384)
+    k_blk, v_blk = kv_block(cp, block, args.seed + 1)
+    example = args.fp16_attn == "example"
+    # cublas: (B, nh_k, T, d); example: (B, T, nh_k, d), the layout exact_decode_attention takes.
+    shape = (batch, total, NH_K, D) if example else (batch, NH_K, total, D)
+    ks = [cp.zeros(shape, dtype=cp.float16) for _ in range(cfg.layers)]
+    vs = [cp.zeros(shape, dtype=cp.float16) for _ in range(cfg.layers)]
+    for layer in range(cfg.layers):  # synthetic prefill, the same random block as the PQ cache
+        done = 0
+        while done < context:
+            n = min(block, context - done)
+            kb, vb = (k_blk[:n], v_blk[:n]) if example else (k_blk[:n].swapaxes(0, 1), v_blk[:n].swapaxes(0, 1))
+            if example:
+                ks[layer][:, done:done + n] = kb[None]
+                vs[layer][:, done:done + n] = vb[None]
+            else:
+                ks[layer][:, :, done:done + n] = kb[None]
+                vs[layer][:, :, done:done + n] = vb[None]
+            done += n
+    del k_blk, v_blk
+    rows = cp.arange(batch)
+    state = {"tokens": cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch)),
+             "pos": cp.full(batch, context, dtype=cp.int64), "n": context}
+
+    def step() -> None:
+        x = model.embed[state["tokens"]]
+        n = state["n"]
+        for layer in range(cfg.layers):
+            q, k, v = model.qkv(layer, x, state["pos"])
+            if example:
+                ks[layer][rows, state["pos"]] = k.astype(cp.float16)
+                vs[layer][rows, state["pos"]] = v.astype(cp.float16)
+                attn = ex.exact_decode_attention(cp, q, ks[layer], vs[layer], state["pos"] + 1)
+            else:  # every sequence has the same length here: one column per step
+                ks[layer][:, :, n] = k.astype(cp.float16)
+                vs[layer][:, :, n] = v.astype(cp.float16)
+                attn = fp16_attention_cublas(cp, q, ks[layer], vs[layer], n + 1)
+            x = model.finish(layer, x, attn)
+        state["tokens"] = model.logits(x).argmax(axis=-1)
+        state["pos"] = state["pos"] + 1
+        state["n"] = n + 1
+
+    timer = StepTimer(cp)
+    for _ in range(args.warmup + args.steps):
+        timer.time(step)
+    timer.ms, timer.wall_ms = timer.ms[args.warmup:], timer.wall_ms[args.warmup:]
+    del ks, vs
+    return timer
+
+
+def summarize(timer: StepTimer, batch: int) -> dict:
+    ms = np.asarray(timer.ms)
+    p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+    return {
+        "tokens_per_s": float(batch * len(ms) / (ms.sum() * 1e-3)),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "jitter_ms": p99 - p50,
+        "mean_ms": float(ms.mean()),
+        "max_ms": float(ms.max()),
+        "wall_p50_ms": float(np.percentile(timer.wall_ms, 50)),
+        "step_ms": [float(x) for x in ms],
+    }
+
+
+def format_table(records: list[dict]) -> str:
+    cols = ["method", "batch", "context", "tokens_per_s", "p50_ms", "p99_ms", "jitter_ms"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and abs(v) < 100 else (  # noqa: E731
+        f"{v:.1f}" if isinstance(v, float) else str(v))
+    rows = [[fmt(r[c]) for c in cols] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in [cols] + rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from million_cupy.interop import gpu_available  # noqa: PLC0415
+
+    if not gpu_available():
+        print("bench_e2e: needs a CUDA GPU usable through CuPy (none found on this machine); "
+              "run it on a GPU machine.", file=sys.stderr)
+        return EXIT_NO_GPU
+    import cupy as cp  # noqa: PLC0415
+
+    import llama_decode as ex  # noqa: PLC0415  (examples/llama_decode.py)
+    import million_cupy as mc  # noqa: PLC0415
+
+    cfg = ex.Config(vocab=args.vocab, hidden=args.hidden, heads=NH, kv_heads=NH_K, layers=args.layers, ffn=args.ffn)
+    t0 = time.perf_counter()
+    model = ex.Model(cfg, cp, args.seed)
+    cp.cuda.get_current_stream().synchronize()
+    print(f"model: hidden {cfg.hidden}, {NH} heads / {NH_K} kv heads (d = {D}), {cfg.layers} layers, ffn {cfg.ffn}, "
+          f"vocab {cfg.vocab}; random weights built in {time.perf_counter() - t0:.1f} s")
+    print(f"PQ M = {args.M}, page {PAGE}, residual {RESIDUAL}; fp16 baseline attention: {args.fp16_attn}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps; synthetic prefill (random K/V appended)")
+
+    runners = {"pq_cache": run_pq, "fp16_cache": run_fp16}
+    records = []
+    pool = cp.get_default_memory_pool()
+    for context in args.contexts:
+        for batch in args.batches:
+            for method in args.methods:
+                t0 = time.perf_counter()
+                timer = runners[method](cp, mc, model, ex, args, batch, context)
+                rec = {"suite": "e2e", "method": method, "batch": batch, "context": context,
+                       **summarize(timer, batch),
+                       "layers": cfg.layers, "hidden": cfg.hidden, "ffn": cfg.ffn, "vocab": cfg.vocab,
+                       "nh": NH, "nh_k": NH_K, "d": D, "steps": args.steps, "warmup": args.warmup,
+                       "M": args.M if method == "pq_cache" else None,
+                       "attention": "BatchDecodeWrapper" if method == "pq_cache" else f"fp16_{args.fp16_attn}",
+                       "prefill": "synthetic"}
+                records.append(rec)
+                pool.free_all_blocks()
+                print(f"  {method:<10} batch {batch:>3} context {context:>7}: {rec['tokens_per_s']:9.1f} tok/s, "
+                      f"p50 {rec['p50_ms']:.3f} ms, p99 {rec['p99_ms']:.3f} ms ({time.perf_counter() - t0:.1f} s)",
+                      flush=True)
+
+    gpu = harness.gpu_name().split()[-1].lower()
+    out = args.out or ROOT / "bench" / "results" / (f"e2e_quick_{gpu}.json" if args.quick else f"e2e_{gpu}.json")
+    harness.write_results(out, records, {"config": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in vars(args).items()}})
+    print(f"wrote {out}")
+    print()
+    print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

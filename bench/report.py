@@ -1,0 +1,310 @@
+"""Regenerate bench/results/REPORT.md and the plots from every bench/results/*.json (harness schema).
+
+    python bench/report.py [--results DIR] [--out DIR]
+    million-cupy bench report
+
+Reads every ``*.json`` with a ``records`` list (bench/harness.py's schema), writes ``REPORT.md`` with a
+markdown table per suite (the source file, GPU and date above each), and PNG plots (matplotlib, Agg):
+
+* ``decode_latency.png``: GPU time per call (``median_us``) against context per method, one panel per
+  batch size, log-log, from suite "decode" records;
+* ``memory_per_token.png``: KV bytes per token, fp16 against PQ M = 32 / 64, from "memory" records
+  (method ``fp16`` / ``pq_codes``), each bar computed from the geometry where no record gives it (the
+  title says which); plus reserved bytes per stored token per trace where the trace records exist;
+* ``pool_utilization.png``: paged vs contiguous utilization per trace, from "memory" records;
+* ``e2e_throughput.png``: tokens/s per method, from suite "e2e" records (bench/bench_e2e.py).
+
+The accuracy plot (``accuracy.png``, written by bench/accuracy.py) is linked when present. A suite
+without records is skipped with a note in the report; nothing here needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Geometry of the memory suite's layer shape (bench/bench_memory.py), used where records lack a value.
+DEFAULT_SHAPE = dict(nh_k=8, d=128)
+SKIP_COLS = {"suite"}
+
+
+def load(results: Path) -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"report: skipping {path.name}: {exc}")
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("records"), list):
+            docs.append((path.name, doc))
+        else:
+            print(f"report: skipping {path.name}: no 'records' list (not a harness results file)")
+    return docs
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if v == 0 or not math.isfinite(v):
+            return str(v)
+        if abs(v) >= 1e4:
+            return f"{v:,.0f}"
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 1e4 else str(v)
+    return str(v).replace("|", "\\|")
+
+
+def md_table(records: list[dict]) -> str:
+    cols: list[str] = []
+    for r in records:
+        for k, v in r.items():
+            if k not in cols and k not in SKIP_COLS and not isinstance(v, (list, dict)):
+                cols.append(k)
+    # Drop columns empty in every record.
+    cols = [c for c in cols if any(r.get(c) is not None for r in records)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in records]
+    return "\n".join(lines)
+
+
+def by_suite(docs) -> dict[str, list[tuple[str, dict, list[dict]]]]:
+    out: dict[str, list] = defaultdict(list)
+    for name, doc in docs:
+        groups: dict[str, list] = defaultdict(list)
+        for r in doc["records"]:
+            if isinstance(r, dict):
+                groups[str(r.get("suite", "?"))].append(r)
+        for suite, recs in groups.items():
+            out[suite].append((name, doc, recs))
+    return out
+
+
+def _records(suites, suite) -> list[tuple[str, dict]]:
+    return [(name, r) for name, _, recs in suites.get(suite, []) for r in recs]
+
+
+# ------------------------------------------------------------------------------------------------
+# plots: each returns (png name, note) or (None, reason skipped)
+
+
+def plot_decode(suites, out: Path):
+    recs = [(n, r) for n, r in _records(suites, "decode") if r.get("median_us") and r.get("context")]
+    # One curve per method: the widest sweep (a "grid" file when there is one) at 8 kv heads.
+    grid = [(n, r) for n, r in recs if "grid" in Path(n).stem and r.get("nh_k", 8) == 8]
+    recs = grid or [(n, r) for n, r in recs if r.get("nh_k", 8) == 8]
+    if not recs:
+        return None, "no suite 'decode' records with median_us: decode_latency.png skipped"
+    files = {n for n, _ in recs}
+    batches = sorted({r.get("batch", 1) for _, r in recs})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches), 4.2), squeeze=False)
+    series: dict[str, list] = defaultdict(list)
+    for n, r in recs:
+        label = r["method"] + (f" M={r['M']}" if r.get("M") else "") + (f" [{Path(n).stem}]" if len(files) > 1 else "")
+        series[label].append(r)
+    colors = {lab: f"C{i}" for i, lab in enumerate(sorted(series))}
+    for ax, b in zip(axes[0], batches):
+        for lab in sorted(series):
+            pts = sorted((r["context"], r["median_us"]) for r in series[lab] if r.get("batch", 1) == b)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=colors[lab], label=lab)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("context (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("GPU time per call (µs)")
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    fig.suptitle("Decode attention, one layer (nh 32, nh_k 8, d 128): GPU time vs context")
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * math.ceil(len(labels) / 3), 1, 1))
+    fig.savefig(out / "decode_latency.png", dpi=120)
+    plt.close(fig)
+    return "decode_latency.png", "GPU time per call (median_us) vs context, one panel per batch size"
+
+
+def plot_memory(suites, out: Path):
+    docs = suites.get("memory", [])
+    recs = [r for _, r in _records(suites, "memory")]
+    shape = dict(DEFAULT_SHAPE)
+    rec_M = None
+    for _, doc, _ in docs:
+        shape.update({k: v for k, v in (doc.get("shapes") or {}).items() if k in ("nh_k", "d", "M")})
+    rec_M = shape.pop("M", None)
+    nh_k, d = shape["nh_k"], shape["d"]
+
+    def from_records(method):
+        vals = [r["value"] for r in recs if r.get("method") == method and r.get("metric") == "bytes_per_token"
+                and r.get("trace", "any") == "any"]
+        return float(vals[0]) if vals else None
+
+    bars, computed = [], []
+    fp16 = from_records("fp16")
+    if fp16 is None:
+        fp16 = 2 * nh_k * d * 2  # K and V, 2 bytes per value
+        computed.append("fp16")
+    bars.append(("fp16", fp16))
+    for M in (64, 32):
+        v = from_records("pq_codes") if rec_M == M else None
+        if v is None:
+            v = 2 * nh_k * M  # K and V codes, one byte per subspace (C = 256)
+            computed.append(f"PQ M={M}")
+        bars.append((f"PQ M={M}", v))
+    traces = sorted({r["trace"] for r in recs if r.get("metric") == "bytes_per_token" and r.get("trace") not in (None, "any")})
+    fig, axes = plt.subplots(1, 2 if traces else 1, figsize=(11 if traces else 5.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    names, vals = zip(*bars)
+    ax.bar(names, vals, color=["C3", "C0", "C2"])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:,.0f} B\n({fp16 / v:.0f}x)" if i else f"{v:,.0f} B", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("bytes per token per layer (K + V)")
+    ax.set_ylim(0, max(vals) * 1.25)
+    src = ("all from memory records" if not computed else
+           ("computed from the geometry (no memory records)" if len(computed) == len(bars) else
+            f"{', '.join(computed)} computed from the geometry"))
+    ax.set_title(f"KV storage per token, nh_k {nh_k}, d {d}\n{src}", fontsize=9)
+    if traces:
+        ax = axes[0][1]
+        methods = ["paged_pq", "contiguous_pq", "contiguous_fp16"]
+        w = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            ys = [next((r["value"] for r in recs if r.get("trace") == t and r.get("method") == m
+                        and r.get("metric") == "bytes_per_token"), 0.0) for t in traces]
+            ax.bar([i + (j - 1) * w for i in range(len(traces))], ys, w, label=m, color=f"C{j}")
+        ax.set_xticks(range(len(traces)), traces)
+        ax.set_yscale("log")
+        ax.set_ylabel("reserved bytes per stored token")
+        ax.set_title("reserved bytes per stored token, per trace (memory records)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory_per_token.png", dpi=120)
+    plt.close(fig)
+    note = "bytes per token, fp16 vs PQ M=64 / M=32; " + src
+    return "memory_per_token.png", note
+
+
+def plot_pool(suites, out: Path):
+    recs = [r for _, r in _records(suites, "memory") if r.get("metric") == "utilization" and r.get("trace")]
+    if not recs:
+        return None, "no memory 'utilization' records: pool_utilization.png skipped"
+    traces = sorted({r["trace"] for r in recs})
+    methods = [m for m in ("paged_pq", "contiguous_pq", "contiguous_fp16") if any(r["method"] == m for r in recs)]
+    methods += sorted({r["method"] for r in recs} - set(methods))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    w = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        ys = [next((r["value"] for r in recs if r["trace"] == t and r["method"] == m), 0.0) * 100 for t in traces]
+        xs = [i + (j - (len(methods) - 1) / 2) * w for i in range(len(traces))]
+        ax.bar(xs, ys, w, label=m, color=f"C{j}")
+        for x, y in zip(xs, ys):
+            ax.text(x, y, f"{y:.1f}%", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(traces)), traces)
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("utilization (%): bytes stored / bytes reserved")
+    ax.set_title("Pool utilization: paged vs contiguous (max-length reservation)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "pool_utilization.png", dpi=120)
+    plt.close(fig)
+    return "pool_utilization.png", "utilization per trace, paged vs contiguous"
+
+
+def plot_e2e(suites, out: Path):
+    recs = [(n, r) for n, r in _records(suites, "e2e") if r.get("tokens_per_s")]
+    if not recs:
+        return None, "no suite 'e2e' records: e2e_throughput.png skipped (run `million-cupy bench e2e`)"
+    files = {n for n, _ in recs}
+    keys = sorted({(r.get("batch", 1), r.get("context", 0)) for _, r in recs})
+    methods = sorted({r["method"] + (f" [{Path(n).stem}]" if len(files) > 1 else "") for n, r in recs})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.2))
+    w = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        ys = [next((r["tokens_per_s"] for n, r in recs
+                    if r["method"] + (f" [{Path(n).stem}]" if len(files) > 1 else "") == m
+                    and (r.get("batch", 1), r.get("context", 0)) == k), 0.0) for k in keys]
+        ax.bar([i + (j - (len(methods) - 1) / 2) * w for i in range(len(keys))], ys, w, label=m, color=f"C{j}")
+    ax.set_xticks(range(len(keys)), [f"{b} x {c:,}" for b, c in keys])
+    ax.set_xlabel("batch x context")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("End-to-end decode throughput (Llama-shaped model, random weights)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "e2e_throughput.png", dpi=120)
+    plt.close(fig)
+    return "e2e_throughput.png", "tokens/s per method and batch x context"
+
+
+# ------------------------------------------------------------------------------------------------
+
+KNOWN_SUITES = ("decode", "million", "e2e", "memory", "allocator", "encode", "train", "accuracy")
+
+
+def build_report(results: Path, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    docs = load(results)
+    suites = by_suite(docs)
+    lines = ["# Benchmark report", "",
+             f"Generated by `bench/report.py` from {len(docs)} results file(s) in `{results.name}/`: "
+             + (", ".join(f"`{n}`" for n, _ in docs) or "none") + ".", ""]
+    lines += ["## Plots", ""]
+    for fn in (plot_decode, plot_memory, plot_pool, plot_e2e):
+        try:
+            png, note = fn(suites, out)
+        except Exception as exc:  # noqa: BLE001 - one bad plot must not lose the report
+            png, note = None, f"{fn.__name__} failed: {type(exc).__name__}: {exc}"
+        lines.append(f"![{png}]({png})" + "\n\n" + f"*{note}*" if png else f"- skipped: {note}")
+        lines.append("")
+    if (results / "accuracy.png").is_file() and not (out / "accuracy.png").is_file():
+        shutil.copyfile(results / "accuracy.png", out / "accuracy.png")
+    if (out / "accuracy.png").is_file():
+        lines += ["![accuracy.png](accuracy.png)", "", "*attention error vs bits per value (bench/accuracy.py)*", ""]
+    else:
+        lines += ["- skipped: no accuracy.png (run `million-cupy bench accuracy`)", ""]
+
+    lines += ["## Tables", ""]
+    order = [s for s in KNOWN_SUITES if s in suites] + sorted(set(suites) - set(KNOWN_SUITES))
+    for suite in order:
+        lines += [f"### {suite}", ""]
+        for name, doc, recs in suites[suite]:
+            lines += [f"`{name}`: {doc.get('gpu', '?')}, {doc.get('date', '?')}"
+                      + (f", `{doc['command']}`" if doc.get("command") else ""), "", md_table(recs), ""]
+    missing = [s for s in KNOWN_SUITES if s not in suites]
+    if missing:
+        lines += ["### Missing suites", "",
+                  "No records for: " + ", ".join(f"`{s}`" for s in missing) + " (skipped).", ""]
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of *.json results")
+    p.add_argument("--out", type=Path, help="where REPORT.md and the PNGs go (default: --results)")
+    args = p.parse_args(argv)
+    path = build_report(args.results, args.out or args.results)
+    print(f"wrote {path} and its plots")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""bench/report.py on the stored results (CPU), and bench/bench_e2e.py's refusal without a GPU."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from million_cupy.interop import gpu_available
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+PNGS = ("decode_latency.png", "memory_per_token.png", "pool_utilization.png")
+
+pytest.importorskip("matplotlib")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_report_from_stored_results(tmp_path):
+    src = BENCH / "results"
+    if not any(src.glob("*.json")):
+        pytest.skip("no bench/results/*.json in this checkout")
+    res = tmp_path / "results"
+    res.mkdir()
+    for f in list(src.glob("*.json")) + list(src.glob("accuracy.png")):
+        shutil.copyfile(f, res / f.name)
+    assert _load("report").main(["--results", str(res)]) == 0
+    report = res / "REPORT.md"
+    assert report.is_file() and report.stat().st_size > 0
+    text = report.read_text()
+    for png in PNGS:
+        assert (res / png).is_file() and (res / png).stat().st_size > 0, png
+        assert f"]({png})" in text
+    assert "### decode" in text and "### memory" in text
+    has_e2e = any('"e2e"' in f.read_text() for f in res.glob("*.json"))
+    assert ((res / "e2e_throughput.png").is_file() and "](e2e_throughput.png)" in text) == has_e2e
+
+
+def test_report_with_no_results(tmp_path):
+    assert _load("report").main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "decode_latency.png skipped" in text and "Missing suites" in text
+    # memory_per_token falls back to the geometry and says so
+    assert (tmp_path / "memory_per_token.png").stat().st_size > 0
+    assert "computed from the geometry" in text
+
+
+def test_cli_lists_new_suites():
+    from million_cupy.cli import BENCH_SUITES
+
+    assert BENCH_SUITES["e2e"][0] == "bench_e2e.py" and BENCH_SUITES["report"][0] == "report.py"
+    for script, _ in BENCH_SUITES.values():
+        assert (BENCH / script).is_file()
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the refusal on a machine without a GPU")
+def test_e2e_quick_refuses_without_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--quick", "--out", str(tmp_path / "e.json")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "e.json").exists()
