@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
+import bench_decode  # noqa: E402
 import harness  # noqa: E402
 
 EXIT_NO_GPU = 2
@@ -88,14 +89,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 
 
-def random_codebooks(cp, layers: int, M: int, seed: int):
-    from million_cupy import Codebook, ModelCodebooks
-
-    rng = cp.random.default_rng(seed)
-    book = lambda: Codebook(rng.standard_normal((M, 256, D // M), dtype=cp.float32))  # noqa: E731
-    return ModelCodebooks([book() for _ in range(layers)], [book() for _ in range(layers)])
-
-
 def kv_block(cp, n: int, seed: int):
     rng = cp.random.default_rng(seed)
     k = rng.standard_normal((n, NH_K, D), dtype=cp.float32).astype(cp.float16)
@@ -122,6 +115,13 @@ class StepTimer:
     def __init__(self, cp) -> None:
         self.cp, self.ms, self.wall_ms = cp, [], []
 
+    def run(self, step, warmup: int, steps: int) -> "StepTimer":
+        """Time ``warmup + steps`` calls of ``step``, keeping the last ``steps``."""
+        for _ in range(warmup + steps):
+            self.time(step)
+        self.ms, self.wall_ms = self.ms[warmup:], self.wall_ms[warmup:]
+        return self
+
     def time(self, step) -> None:
         cp = self.cp
         cp.cuda.get_current_stream().synchronize()
@@ -137,22 +137,10 @@ class StepTimer:
 
 def run_pq(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
     cfg = model.cfg
-    total = context + args.warmup + args.steps
-    max_pages = batch * (-(-total // PAGE) + 2)
-    cache = mc.PagedPQCache(cfg.layers, NH_K, D, random_codebooks(cp, cfg.layers, args.M, args.seed),
-                            page_size=PAGE, residual=RESIDUAL, max_pages=max_pages, max_seqs=batch,
-                            max_seq_len=total, dtype="float16", device="cuda")
-    seqs = [cache.add_sequence() for _ in range(batch)]
-    block = min(context, 16384)
-    k_blk, v_blk = kv_block(cp, block, args.seed + 1)
-    for layer in range(cfg.layers):  # synthetic prefill: random K / V straight into the cache
-        for s in seqs:
-            done = 0
-            while done < context:
-                n = min(block, context - done)
-                cache.append(layer, [s], k_blk[:n], v_blk[:n], lengths=[n])
-                done += n
-    del k_blk, v_blk
+    # Synthetic prefill (random K / V straight into the cache), shared with the attention benchmark; its
+    # residual margin (128 tokens) covers the warm-up and timed steps.
+    assert args.warmup + args.steps <= bench_decode.R, "steps beyond the prefill margin"
+    cache, seqs = bench_decode.build_cache(cp, batch, context, args.M, layers=cfg.layers)
     wrapper = mc.BatchDecodeWrapper(cache, NH)
     state = {"tokens": cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch)),
              "pos": cp.full(batch, context, dtype=cp.int64)}
@@ -168,10 +156,7 @@ def run_pq(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
         state["tokens"] = model.logits(x).argmax(axis=-1)
         state["pos"] = state["pos"] + 1
 
-    timer = StepTimer(cp)
-    for i in range(args.warmup + args.steps):
-        timer.time(step)
-    timer.ms, timer.wall_ms = timer.ms[args.warmup:], timer.wall_ms[args.warmup:]
+    timer = StepTimer(cp).run(step, args.warmup, args.steps)
     del wrapper, cache
     return timer
 
@@ -221,10 +206,7 @@ def run_fp16(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
         state["pos"] = state["pos"] + 1
         state["n"] = n + 1
 
-    timer = StepTimer(cp)
-    for _ in range(args.warmup + args.steps):
-        timer.time(step)
-    timer.ms, timer.wall_ms = timer.ms[args.warmup:], timer.wall_ms[args.warmup:]
+    timer = StepTimer(cp).run(step, args.warmup, args.steps)
     del ks, vs
     return timer
 
