@@ -46,7 +46,7 @@ from .allocator import PageAllocator
 from .codebook import Codebook, ModelCodebooks, encode
 from .decode import PAGE_SIZES as _DECODE_PAGE_SIZES
 from .errors import DeviceUnavailable, SequenceSlotsExhausted, UnsupportedConfiguration
-from .interop import as_array, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
+from .interop import as_array, as_stream, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
 
 __all__ = ["PagedPQCache", "permute_k_rows", "CACHE_DTYPES", "PAGE_SIZES"]
 
@@ -117,6 +117,9 @@ class PagedPQCache:
         dtype: residual (exact) token dtype: "float16", "bfloat16" or "float32".
         device: "cuda" or "cpu"; None follows ``codebooks.is_gpu``. Codebooks on the other side
             are copied over.
+        stream: the CUDA stream for all of the cache's device work (a CuPy stream, an object with
+            ``.cuda_stream`` such as ``torch.cuda.Stream``, or a raw handle); None: CuPy's current stream
+            when the cache is built. Inputs must be ready on it (or on a stream it is ordered after).
 
     Raises:
         UnsupportedConfiguration: a geometry or option outside what the cache supports.
@@ -136,6 +139,7 @@ class PagedPQCache:
         max_seq_len: int = 131072,
         dtype: str = "float16",
         device: str | None = None,
+        stream: Any = None,
     ) -> None:
         num_layers = _index(num_layers, "num_layers")
         num_kv_heads = _index(num_kv_heads, "num_kv_heads")
@@ -211,7 +215,8 @@ class PagedPQCache:
         if gpu:
             cp = cupy()
             self._xp = cp
-            self._stream = cp.cuda.get_current_stream()
+            # Every device operation of the cache (the allocator's too) runs on this one stream.
+            self._stream = as_stream(stream)
             self._alloc = PageAllocator(num_pages, self._page_nbytes, stream=self._stream)
             self._pool = cp.asarray(self._alloc.pool)
         else:

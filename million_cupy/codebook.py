@@ -24,6 +24,7 @@ entries, truncated or corrupt zip data) raises :class:`~million_cupy.errors.Code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from . import kernels, reference
 from .errors import CodebookFormatError, UnsupportedConfiguration
-from .interop import array_module, as_array, cupy, dtype_name, is_gpu_array, to_numpy
+from .interop import array_module, as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 
 NUM_CENTROIDS = 256
 NBITS = 8
@@ -99,6 +100,13 @@ def _progress(total: int, desc: str, progress: bool | None, work: int) -> tqdm:
 # --------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------
+
+
+def _on(stream: Any, x: Any):
+    """Context running GPU work on ``stream`` (a no-op for host arrays or ``stream=None``)."""
+    if stream is None or not is_gpu_array(x):
+        return contextlib.nullcontext()
+    return as_stream(stream)
 
 
 def encode(x: Any, centroids: Any, out: Any = None):
@@ -404,26 +412,30 @@ class Codebook:
                 f"{'GPU' if self.is_gpu else 'CPU'}; use codebook.{fix}"
             )
 
-    def encode(self, x: Any, out: Any = None):
+    def encode(self, x: Any, out: Any = None, *, stream: Any = None):
         """uint8 codes ``(..., M)`` of vectors ``x`` ``(..., d)`` (float16, bfloat16 or float32).
 
         Runs where ``x`` lives, which must be this codebook's side; ``out`` (uint8, C-contiguous,
-        shape ``(..., M)``) receives the codes when given. See :func:`encode` for the numerics.
+        shape ``(..., M)``) receives the codes when given. GPU work runs on ``stream`` (a CuPy stream,
+        an object with ``.cuda_stream`` or a raw handle; None: CuPy's current stream). See :func:`encode`
+        for the numerics.
         """
-        xa = as_array(x, "x", dtypes=INPUT_DTYPES)
-        self._check_side(xa, "x")
-        return encode(xa, self.centroids_f32()[None], out=out)
+        with _on(stream, x):
+            xa = as_array(x, "x", dtypes=INPUT_DTYPES)
+            self._check_side(xa, "x")
+            return encode(xa, self.centroids_f32()[None], out=out)
 
-    def decode(self, codes: Any):
+    def decode(self, codes: Any, *, stream: Any = None):
         """Vectors ``(..., d)`` in the codebook's dtype for uint8 ``codes`` ``(..., M)`` (exact gather)."""
-        k = as_array(codes, "codes", dtypes=("uint8",))
-        self._check_side(k, "codes")
-        if k.ndim < 1 or k.shape[-1] != self.M:
-            raise ValueError(f"codes: expected last dimension M = {self.M}, got shape {tuple(k.shape)}")
-        xp = array_module(k)
-        flat = self._centroids.reshape(self.M * self.C, self.dsub)
-        index = k.astype(xp.int32) + xp.arange(self.M, dtype=xp.int32) * self.C
-        return xp.take(flat, index, axis=0).reshape(*k.shape[:-1], self.d)
+        with _on(stream, codes):
+            k = as_array(codes, "codes", dtypes=("uint8",))
+            self._check_side(k, "codes")
+            if k.ndim < 1 or k.shape[-1] != self.M:
+                raise ValueError(f"codes: expected last dimension M = {self.M}, got shape {tuple(k.shape)}")
+            xp = array_module(k)
+            flat = self._centroids.reshape(self.M * self.C, self.dsub)
+            index = k.astype(xp.int32) + xp.arange(self.M, dtype=xp.int32) * self.C
+            return xp.take(flat, index, axis=0).reshape(*k.shape[:-1], self.d)
 
     @classmethod
     def train(

@@ -244,3 +244,29 @@ def test_decode_convenience_gpu_equals_cpu(rng):
         cache.append(0, [s], conv(k), conv(v), lengths=[150])
         outs.append(to_numpy(decode(cache, 0, [s], conv(q))).astype(np.float64))
     assert reference.relative_error(outs[1], outs[0]) <= 2e-3
+
+
+@pytest.mark.gpu
+def test_explicit_streams(rng):
+    """A cache, its wrapper and a codebook encode all on one caller stream (given as a raw handle)."""
+    import cupy as cp
+
+    from million_cupy import BatchDecodeWrapper
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    cache = PagedPQCache(1, 2, 64, _codebooks(rng, 1, 32, 64), page_size=16, residual=32, max_pages=64,
+                         max_seqs=2, max_seq_len=1024, device="cuda", stream=stream.ptr)
+    assert int(cache.stream.ptr) == int(stream.ptr)
+    seqs = [cache.add_sequence()]
+    with stream:
+        _fill(rng, cache, seqs, [200], 0)
+        q = cp.asarray(rng.standard_normal((1, 4, 64)).astype(np.float16))
+        codes = cache.codebooks.key_codebooks(0)[0].encode(cp.asarray(rng.standard_normal((5, 64)),
+                                                                      dtype=cp.float32), stream=stream)
+    wrapper = BatchDecodeWrapper(cache, num_heads=4, stream=stream)
+    wrapper.plan(seqs, new_tokens=0)
+    out = wrapper.run(0, q)
+    stream.synchronize()
+    assert codes.shape == (5, 32)
+    ref = _reference(cache, 0, seqs, q)
+    assert reference.relative_error(cp.asnumpy(out).astype(np.float64), ref[0]) <= 2e-3
