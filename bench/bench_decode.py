@@ -157,7 +157,9 @@ def run_suite(shapes, Ms, methods, kv_heads=(8,)):
     global NH_K  # the shape helpers above read it; one value per pass
     records = []
     bw = harness.copy_bandwidth_gbs()
-    for NH_K, (batch, context) in [(h, sc) for h in kv_heads for sc in shapes]:
+    from tqdm import tqdm
+
+    for NH_K, (batch, context) in tqdm([(h, sc) for h in kv_heads for sc in shapes], desc="decode shapes"):
         for method in methods:
             for M in (Ms if method in ("paged_pq", "paged_pq_pages", "contiguous_pq") else [None]):
                 rec = {"suite": "decode", "method": method, "batch": batch, "context": context, "M": M,
@@ -180,8 +182,8 @@ def run_suite(shapes, Ms, methods, kv_heads=(8,)):
                         continue
                     rec.update(t)
                 records.append(rec)
-                print(f"  {method:14s} nh_k={NH_K:<2d} b={batch:<3d} ctx={context:<7d} M={M!s:4s} "
-                      f"gpu={rec['median_us']:9.1f} us  call={rec['call_us']:9.1f} us", flush=True)
+                tqdm.write(f"  {method:14s} nh_k={NH_K:<2d} b={batch:<3d} ctx={context:<7d} M={M!s:4s} "
+                           f"gpu={rec['median_us']:9.1f} us  call={rec['call_us']:9.1f} us")
                 cp.get_default_memory_pool().free_all_blocks()
     return records, bw
 

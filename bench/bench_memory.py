@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest sequence, the contiguous reservation (default 32768; 2048 with --cpu)")
     p.add_argument("--traces", nargs="+", choices=TRACES, default=list(TRACES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-gib", type=float,
+                   help="only compute the longest batch-1 context fitting this KV budget (Llama-3.1-8B shape)")
     args = p.parse_args(argv)
     shapes = dict(CPU_SHAPES if args.cpu else GPU_SHAPES)
     for key in ("num_seqs", "min_len", "max_len"):
@@ -65,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             shapes[key] = getattr(args, key)
     if not 1 <= shapes["min_len"] <= shapes["max_len"]:
         p.error(f"expected 1 <= --min-len <= --max-len, got {shapes['min_len']} and {shapes['max_len']}")
-    if not args.cpu and not gpu_available():
+    if not args.cpu and not args.budget_gib and not gpu_available():
         p.error("no usable GPU: run with --cpu for the CPU reference path")
     args.shapes = shapes
     return args
@@ -164,8 +166,39 @@ def format_table(records: list[dict]) -> str:
     return "\n".join([fmt(cols)] + [fmt(line) for line in lines])
 
 
+def longest_context(budget_bytes: float, layers: int = 32, nh_k: int = 8, d: int = 128) -> list[dict]:
+    """Longest single-sequence context whose KV cache fits ``budget_bytes``, Llama-3.1-8B shape.
+
+    Computed from the page layout (codes: 2*M bytes per token, layer and kv head, in whole pages; a
+    residual ring of RESIDUAL exact fp16 tokens; K and V codebooks 2 * 256 * d * 4 B per layer) against
+    fp16 (4*d bytes per token, layer and kv head). The measured 1M-token run (decode_million_*.json)
+    checks it: 31.7 GiB for 1,000,000 tokens at M = 64.
+    """
+    out = []
+    for M in (64, 32):
+        fixed = layers * (2 * nh_k * RESIDUAL * d * 2 + 2 * 256 * d * 4)
+        per_page = layers * 2 * nh_k * PAGE * M
+        tokens = int((budget_bytes - fixed) // per_page) * PAGE + RESIDUAL - PAGE
+        out.append({"suite": "memory", "trace": "budget", "method": f"pq_M{M}", "metric": "longest_context_tokens",
+                    "value": tokens, "unit": "tokens", "budget_gib": budget_bytes / 2**30, "layers": layers,
+                    "nh_k": nh_k, "d": d, "M": M})
+    fp16 = int(budget_bytes // (layers * 4 * nh_k * d))
+    out.append({"suite": "memory", "trace": "budget", "method": "fp16", "metric": "longest_context_tokens",
+                "value": fp16, "unit": "tokens", "budget_gib": budget_bytes / 2**30, "layers": layers, "nh_k": nh_k,
+                "d": d})
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.budget_gib:
+        records = longest_context(args.budget_gib * 2**30)
+        out = args.out or Path(__file__).resolve().parent / "results" / "memory_budget.json"
+        harness.write_results(out, records, {"gpu": "computed from the page layout (no GPU involved)"})
+        for r in records:
+            print(f"{r['method']:>7}: {r['value']:>12,} tokens fit in {r['budget_gib']:.0f} GiB "
+                  f"({r['layers']} layers x {r['nh_k']} kv heads x d = {r['d']})")
+        return 0
     shapes = args.shapes
     gpu = not args.cpu
     device = harness.gpu_name() if gpu else "cpu"
