@@ -19,18 +19,16 @@ Results JSON: top-level ``gpu``, ``date``, ``command``, ``versions``, ``records`
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import re
-import shlex
 import sys
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+import harness  # noqa: E402
 
 from million_cupy import reference  # noqa: E402
 from million_cupy.codebook import Codebook  # noqa: E402
@@ -51,62 +49,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def gpu_name(cp) -> str:
-    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["name"]
-    return name.decode() if isinstance(name, bytes) else str(name)
-
-
-def versions(cp) -> dict:
-    out = {"python": platform.python_version(), "numpy": np.__version__, "cupy": cp.__version__}
-    try:
-        import numba
-
-        out["numba"] = numba.__version__
-    except ImportError:
-        pass
-    rt, drv = cp.cuda.runtime.runtimeGetVersion(), cp.cuda.runtime.driverGetVersion()
-    out["cuda_runtime"] = f"{rt // 1000}.{rt % 1000 // 10}"
-    out["cuda_driver"] = f"{drv // 1000}.{drv % 1000 // 10}"
-    return out
-
-
-def spread(samples_us: list[float]) -> dict:
-    a = np.asarray(samples_us)
-    return {
-        "median_us": float(np.median(a)),
-        "p10_us": float(np.percentile(a, 10)),
-        "p90_us": float(np.percentile(a, 90)),
-    }
-
-
-def time_events(cp, fn: Callable[[], object], *, repeats: int, warmup: int, queued: int = 1) -> dict:
-    """Per-call GPU time with `queued` calls between two events (median over repeats), and one-call time."""
-    for _ in range(warmup):
-        fn()
-    cp.cuda.get_current_stream().synchronize()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    per_call = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(queued):
-            fn()
-        stop.record()
-        stop.synchronize()
-        per_call.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / queued)
-    result = spread(per_call)
-    if queued > 1:
-        single = []
-        for _ in range(repeats):
-            cp.cuda.get_current_stream().synchronize()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            single.append(cp.cuda.get_elapsed_time(start, stop) * 1e3)
-        result["call_us"] = float(np.median(single))
-    return result
-
-
 def bench_encode(cp, args, rng) -> list[dict]:
     d, n = 128, args.encode_n
     x = cp.asarray(rng.standard_normal((n, d)).astype(np.float16))
@@ -122,7 +64,8 @@ def bench_encode(cp, args, rng) -> list[dict]:
         match = float((got == want).mean())
         if match < 0.999:
             raise SystemExit(f"encode M={M}: only {match:.5f} of codes match the float64 reference")
-        t = time_events(cp, lambda: cb.encode(x, out=out), repeats=args.repeats, warmup=args.warmup, queued=args.queued)
+        t = harness.time_gpu(lambda: cb.encode(x, out=out), repeats=args.repeats, warmup=args.warmup,
+                             queued=args.queued)
         records.append({
             "suite": "encode",
             "method": f"Codebook.encode pq_encode<{dsub}, __half>",
@@ -143,22 +86,11 @@ def bench_train(cp, args, rng) -> list[dict]:
     centers = 2.0 * rng.standard_normal((64, d))
     host = (centers[rng.integers(64, size=n)] + rng.standard_normal((n, d))).astype(np.float16)
     x = cp.asarray(host)
-    t = time_events(
-        cp,
-        lambda: Codebook.train(x, M, iters=args.train_iters, seed=0, progress=False),
-        repeats=args.repeats,
-        warmup=1,
-    )
+    # Training synchronises with the host inside: one call per event pair.
+    t = harness.time_gpu(lambda: Codebook.train(x, M, iters=args.train_iters, seed=0, progress=False),
+                         repeats=args.repeats, warmup=1, queued=1)
     return [{"suite": "train", "method": "Codebook.train (CuPy k-means)", "M": M, "n": n, "d": d,
              "iters": args.train_iters, "dtype": "float16", **t}]
-
-
-def table(records: list[dict]) -> str:
-    cols = ["suite", "method", "M", "n", "median_us", "p10_us", "p90_us", "call_us"]
-    rows = [[f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([fmt(cols)] + [fmt(r) for r in rows])
 
 
 def main() -> None:
@@ -169,20 +101,12 @@ def main() -> None:
     records = bench_encode(cp, args, rng)
     if not args.skip_train:
         records += bench_train(cp, args, rng)
-    gpu = gpu_name(cp)
+    gpu = harness.gpu_name()
     slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
     out = args.out or Path(__file__).resolve().parent / "results" / f"codebook_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "gpu": gpu,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
-        "versions": versions(cp),
-        "records": records,
-    }
-    out.write_text(json.dumps(doc, indent=1))
+    harness.write_results(out, records)
     print(f"{gpu}: wrote {out}")
-    print(table(records))
+    print(harness.table(records, ["suite", "method", "M", "n", "median_us", "p10_us", "p90_us", "call_us"]))
 
 
 if __name__ == "__main__":
