@@ -206,14 +206,21 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   if constexpr (S::VC_SMEM) {
     const uint4* vs = reinterpret_cast<const uint4*>(v_cent + kvh * cb_head_stride);
     uint4* vd = reinterpret_cast<uint4*>(vc_smem);
-    for (int i = tid; i < (int)(S::vc_bytes / 16); i += NT) vd[i] = __ldg(vs + i);
+    // Compile-time trip count, unrolled: all of a thread's loads are in flight at once.
+#pragma unroll
+    for (int k = 0; k < (int)(S::vc_bytes / 16) / NT; ++k) vd[tid + k * NT] = __ldg(vs + tid + k * NT);
   }
   __syncthreads();
   if constexpr (PQ) {
     // LUT[c][m][h]: consecutive threads take consecutive (m) for one c, so both the centroid reads and the
     // LUT writes are contiguous.
     const float* ksrc = k_cent + kvh * cb_head_stride;
-    for (int e = tid; e < 256 * M; e += NT) {
+    // 256 * M is a multiple of NT: a compile-time trip count, unrolled so that several entries' centroid
+    // loads are in flight together (one L2 round trip per entry would dominate small contexts).
+    static_assert((256 * M) % NT == 0, "LUT entries split evenly over the threads");
+#pragma unroll 4
+    for (int k = 0; k < 256 * M / NT; ++k) {
+      const int e = tid + k * NT;
       const int m = e % M;
       float c[DSUB];
 #pragma unroll
