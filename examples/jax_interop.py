@@ -31,6 +31,8 @@ import numpy as np
 import million_cupy as mc
 from million_cupy.interop import as_array, gpu_available
 
+from _common import Checks, model_parser
+
 
 def unavailable() -> str | None:
     """Why this example cannot run here, or None."""
@@ -50,16 +52,7 @@ def unavailable() -> str | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--M", type=int, default=64, help="PQ subspaces")
-    p.add_argument("--prompt-len", type=int, default=300, help="longest prompt (the second is 37 tokens shorter)")
-    p.add_argument("--steps", type=int, default=4, help="decode steps")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return model_parser(__doc__).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,12 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     L, nh, nh_k, d = args.layers, args.heads, args.kv_heads, args.head_dim
     lens = [args.prompt_len, max(1, args.prompt_len - 37)]
     B = len(lens)
-    failures: list[str] = []
-
-    def check(ok: bool, what: str) -> None:
-        print(f"  [{'ok' if ok else 'FAIL'}] {what}")
-        if not ok:
-            failures.append(what)
+    check = Checks()
 
     def jarr(*shape: int, dtype: Any = jnp.float16) -> Any:
         x = jax.device_put(jnp.asarray(rng.standard_normal(shape), dtype=dtype), gpu)
@@ -144,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     want = mc.decode(via_cupy, L - 1, seqs, copy_to_cupy(q)).get().astype(np.float32)
     check(float(np.abs(got - want).max()) <= 1e-3, "decode() result equals the CuPy path")
 
-    if failures:
-        print(f"jax_interop: {len(failures)} check(s) FAILED")
+    if check.failures:
+        print(f"jax_interop: {len(check.failures)} check(s) FAILED")
         return 1
     print("jax_interop: all checks passed")
     return 0

@@ -27,6 +27,8 @@ import numpy as np
 import million_cupy as mc
 from million_cupy.interop import gpu_available
 
+from _common import model_parser
+
 
 def unavailable() -> str | None:
     """Why this example cannot run here, or None."""
@@ -37,20 +39,13 @@ def unavailable() -> str | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--M", type=int, default=32, help="PQ subspaces")
+    p = model_parser(__doc__, head_dim=64, M=32, prompt_len=150,
+                     prompt_help="longest prompt (sequence b gets prompt-len - 9*b)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=150, help="longest prompt (sequence b gets prompt-len - 9*b)")
-    p.add_argument("--steps", type=int, default=4, help="decode steps")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float16", help="graph input / output dtype")
     p.add_argument("--cpu", action="store_true", help="use a CPU cache even when a GPU is usable")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.prompt_len - 9 * (args.batch - 1) < 1:
         p.error("--prompt-len must leave every sequence at least one token")
