@@ -57,6 +57,20 @@ def build_cache(cp, batch, context, M, layers=1, chunk=65536):
     return cache, seqs
 
 
+def time_run_and_graph(cp, wrapper, q, out) -> dict:
+    """run() of layer 0 timed by the harness, plus the same launch replayed from a CUDA graph: the kernel's
+    own time where run()'s host cost would otherwise pace back-to-back calls (small contexts)."""
+    t = harness.time_gpu(lambda: wrapper.run(0, q, out=out, check=False), **TIMING)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        wrapper.run(0, q, out=out, check=False)
+        graph = stream.end_capture()
+        g = harness.time_gpu(lambda: graph.launch(stream), **TIMING)
+    t.update(graph_gpu_us=g["median_us"], graph_call_us=g["call_us"])
+    return t
+
+
 def bench_paged_pq(cp, batch, context, M):
     from million_cupy import BatchDecodeWrapper
 
@@ -65,16 +79,7 @@ def bench_paged_pq(cp, batch, context, M):
     wrapper.plan(seqs, new_tokens=0)
     q = cp.random.default_rng(2).standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
     out = cp.empty_like(q)
-    t = harness.time_gpu(lambda: wrapper.run(0, q, out=out, check=False), **TIMING)
-    # The same launch replayed from a CUDA graph: the kernel's own time where run()'s host cost would
-    # otherwise pace back-to-back calls (small contexts).
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        wrapper.run(0, q, out=out, check=False)
-        graph = stream.end_capture()
-        g = harness.time_gpu(lambda: graph.launch(stream), **TIMING)
-    t.update(graph_gpu_us=g["median_us"], graph_call_us=g["call_us"])
+    t = time_run_and_graph(cp, wrapper, q, out)
     n = cache.seq_lens(0, seqs)
     main = np.where(n < R, 0, (n - R) // P + 1) * P
     return t, float(NH_K * 2 * M * main.sum()), wrapper.stats()["work_items"]
@@ -231,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--fast", action="store_true", help="fewer repeats (10 queued calls x 7)")
     ap.add_argument("--kv-heads", type=int, nargs="+", help="override the suite's kv head counts")
+    ap.add_argument("--methods", nargs="+", choices=["paged_pq", "paged_pq_pages", "contiguous_pq", "fp16_paged",
+                                                     "torch_sdpa"], help="override the suite's methods")
     args = ap.parse_args(argv)
     if args.fast:
         TIMING.update(queued=10, repeats=7)
@@ -241,7 +248,7 @@ def main(argv=None) -> int:
         print(harness.table(records, ["method", "context", "layers", "median_us", "per_layer_us", "cache_gib"]))
         return 0
     shapes, Ms, methods, *kv = SUITES[args.suite]
-    records, bw = run_suite(shapes, Ms, methods, tuple(args.kv_heads or (kv[0] if kv else (8,))))
+    records, bw = run_suite(shapes, Ms, args.methods or methods, tuple(args.kv_heads or (kv[0] if kv else (8,))))
     base = {(r["nh_k"], r["batch"], r["context"]): r["median_us"] for r in records if r["method"] == "torch_sdpa"}
     for r in records:
         key = (r["nh_k"], r["batch"], r["context"])

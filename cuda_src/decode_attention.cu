@@ -22,6 +22,7 @@ constexpr int MODE_CONTIG_PQ = 1;  // every mode other than the two named below
 constexpr int MODE_PAGED_EXACT = 2;
 
 constexpr int NT = 512;  // threads per CTA
+constexpr int WORK_RESIDUAL = 1 << 16;  // work item flag above the head group (decode.WORK_RESIDUAL)
 constexpr int NWARPS = NT / 32;
 constexpr float LN2 = 0.6931471805599453f;
 #define kInf __int_as_float(0x7f800000)
@@ -47,6 +48,22 @@ __device__ __forceinline__ void add_lut_run(__half2* run, const __half* e, bool 
     const __half2* hp = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
     for (int k = 0; k < G / 2; ++k) run[k] = first ? hp[k] : __hadd2(run[k], hp[k]);
+  }
+}
+
+// G fp16 values to shared memory in one store where G allows (8 or 16 bytes).
+template <int G>
+__device__ __forceinline__ void store_halves(__half* dst, const __half (&v)[G]) {
+  if constexpr (G >= 4) {
+    using V = typename VecOf<G * 2>::type;
+    V raw;
+    __half* r = reinterpret_cast<__half*>(&raw);
+#pragma unroll
+    for (int h = 0; h < G; ++h) r[h] = v[h];
+    *reinterpret_cast<V*>(dst) = raw;
+  } else {
+#pragma unroll
+    for (int h = 0; h < G; ++h) dst[h] = v[h];
   }
 }
 
@@ -148,7 +165,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     const int* __restrict__ res_len,          // (B): exact residual tokens (PQ modes)
     const int* __restrict__ res_row,          // (B): residual ring row (sequence slot)
     int ring_cap, int ring_mode,              // ring slot of residual token i: ring_mode ? (main_len + i) % ring_cap : i
-    const int4* __restrict__ work,            // (W): {b, head group, token begin, token end}
+    const int4* __restrict__ work,            // (W): {b, head group | WORK_RESIDUAL, token begin, token end}
     const int2* __restrict__ unit_items,      // (B * nh / G): {first work item, number of items}
     float* __restrict__ part_o,               // (W, G, D) partial outputs
     float* __restrict__ part_lse,             // (W, G) partial log2-sum-exp
@@ -191,64 +208,80 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   const int warp = tid >> 5;
   float* p_w = p_all + warp * 32 * G;
   const int4 item = work[blockIdx.x];
-  const int b = item.x, hg = item.y, tok_begin = item.z, tok_end = item.w;
+  const int b = item.x, hg = item.y & (WORK_RESIDUAL - 1), tok_begin = item.z, tok_end = item.w;
+  const bool with_residual = (item.y & WORK_RESIDUAL) != 0;  // this item covers the exact residual tokens
+  const int unit = b * (nh / G) + hg;    // (sequence, head group)
+  const int2 ui = unit_items[unit];      // its splits: first work item, count
   const int h0 = hg * G;                 // first query head of the group
   const int kvh = h0 / (nh / nh_k);
   const int n_main = main_len[b];
-  const bool last_split = tok_end == n_main;
   const long long prow = page_row[b];
   const int page_mask = (1 << page_shift) - 1;
 
-  // ---- stage q, the V codebook and the LUT ---------------------------------------------------------
-  for (int i = tid; i < G * D; i += NT)
-    q_s[i] = to_float(q[((long long)b * nh + h0) * D + i]);
   const __half* vc_s = S::VC_SMEM ? vc_smem : v_cent + kvh * cb_head_stride;
-  if constexpr (S::VC_SMEM) {
-    const uint4* vs = reinterpret_cast<const uint4*>(v_cent + kvh * cb_head_stride);
-    uint4* vd = reinterpret_cast<uint4*>(vc_smem);
-    // Compile-time trip count, unrolled: all of a thread's loads are in flight at once.
+  // ---- stage q, the V codebook and the LUT (called once the first code loads are in flight) ----------
+  auto stage_tables = [&]() {
+    // q_s serves the exact tiles only; it is published by the barrier after the LUT build.
+    for (int i = tid; i < G * D; i += NT)
+      q_s[i] = to_float(q[((long long)b * nh + h0) * D + i]);
+    // A residual-only work item (no PQ tokens) needs neither table.
+    const bool tables = tok_end > tok_begin;
+    if (S::VC_SMEM && tables) {
+      // Asynchronous copies: the V codebook streams in while the LUT is being built.
+      const uint4* vs = reinterpret_cast<const uint4*>(v_cent + kvh * cb_head_stride);
+      uint4* vd = reinterpret_cast<uint4*>(vc_smem);
 #pragma unroll
-    for (int k = 0; k < (int)(S::vc_bytes / 16) / NT; ++k) vd[tid + k * NT] = __ldg(vs + tid + k * NT);
-  }
-  __syncthreads();
-  if constexpr (PQ) {
-    // LUT[c][m][h]: consecutive threads take consecutive (m) for one c, so both the centroid reads and the
-    // LUT writes are contiguous.
-    const float* ksrc = k_cent + kvh * cb_head_stride;
-    // 256 * M is a multiple of NT: a compile-time trip count, unrolled so that several entries' centroid
-    // loads are in flight together (one L2 round trip per entry would dominate small contexts).
-    static_assert((256 * M) % NT == 0, "LUT entries split evenly over the threads");
-#pragma unroll 4
-    for (int k = 0; k < 256 * M / NT; ++k) {
-      const int e = tid + k * NT;
-      const int m = e % M;
-      float c[DSUB];
-#pragma unroll
-      for (int i = 0; i < DSUB; ++i) c[i] = __ldg(ksrc + (long long)e * DSUB + i);
-      __half entry[G];
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-        float acc = 0.f;
-#pragma unroll
-        for (int i = 0; i < DSUB; ++i) acc = fmaf(q_s[h * D + m * DSUB + i], c[i], acc);
-        entry[h] = __float2half_rn(acc * scale_log2);
-      }
-      // Paged K rows are XOR-permuted so lanes read distinct banks of [block of MB subspaces][c][MB];
-      // contiguous codes are not, so there lanes read one subspace with random codes and [m][c] spreads
-      // them over banks.
-      const int cc = e / M;
-      const long long at = MODE == MODE_PAGED_PQ ? ((long long)(m / MB) * 256 + cc) * MB + m % MB
-                                                 : (long long)m * 256 + cc;
-#pragma unroll
-      for (int h = 0; h < G; ++h) lut_s[at * G + h] = entry[h];
+      for (int k = 0; k < (int)(S::vc_bytes / 16) / NT; ++k) cp_async16(vd + tid + k * NT, vs + tid + k * NT);
     }
-  }
-  __syncthreads();
+    if (PQ && tables) {
+      // LUT entry (c, m) for the whole head group. NT is a multiple of M, so a thread keeps one subspace m
+      // (its q slice stays in registers, read straight from global memory) and walks the codes
+      // c = tid / M + k * NT / M; consecutive threads take consecutive m, so the centroid reads are contiguous.
+      static_assert(NT % M == 0, "a thread keeps one subspace");
+      constexpr int ENT = 256 * M / NT;                      // entries per thread
+      constexpr int BATCH = ENT * DSUB <= 64 ? ENT : 64 / DSUB;  // centroid loads in flight together
+      const int m = tid % M;
+      float qm[G][DSUB];
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+#pragma unroll
+        for (int i = 0; i < DSUB; ++i) qm[h][i] = to_float(q[((long long)b * nh + h0 + h) * D + m * DSUB + i]) * scale_log2;
+      const float* ksrc = k_cent + kvh * cb_head_stride + (long long)tid * DSUB;  // entry tid / M, m
+#pragma unroll 1
+      for (int k0 = 0; k0 < ENT; k0 += BATCH) {
+        float c[BATCH][DSUB];
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k)
+#pragma unroll
+          for (int i = 0; i < DSUB; ++i) c[k][i] = __ldg(ksrc + (long long)(k0 + k) * NT * DSUB + i);
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+          __half entry[G];
+#pragma unroll
+          for (int h = 0; h < G; ++h) {
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < DSUB; ++i) acc = fmaf(qm[h][i], c[k][i], acc);
+            entry[h] = __float2half_rn(acc);
+          }
+          // Paged K rows are XOR-permuted so lanes read distinct banks of [block of MB subspaces][c][MB];
+          // contiguous codes are not, so there lanes read one subspace with random codes and [m][c] spreads
+          // them over banks.
+          const int cc = tid / M + (k0 + k) * (NT / M);
+          const long long at = MODE == MODE_PAGED_PQ ? ((long long)(m / MB) * 256 + cc) * MB + m % MB
+                                                     : (long long)m * 256 + cc;
+          store_halves<G>(lut_s + at * G, entry);
+        }
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();
+  };
 
   // ---- this warp's tiles -------------------------------------------------------------------------
   const int n_pq = PQ ? tok_end - tok_begin : 0;
   const int ex_begin = MODE == MODE_PAGED_EXACT ? tok_begin : 0;
-  const int ex_end = MODE == MODE_PAGED_EXACT ? tok_end : (last_split ? res_len[b] : 0);
+  const int ex_end = MODE == MODE_PAGED_EXACT ? tok_end : (with_residual ? res_len[b] : 0);
   const int pq_tiles = (n_pq + 31) / 32;
   const int all_tiles = pq_tiles + (ex_end - ex_begin + 31) / 32;
 
@@ -267,7 +300,8 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   const int vtg = lane / VL;   // and token chunk
 
   // Online softmax over this warp's tile: s[] are the lane's token scores (log2 domain, -inf when
-  // masked); leaves the probabilities in p_w and rescales the accumulators.
+  // masked); leaves the probabilities in p_w (fp16 [token][G] for the packed V pass, else fp32) and
+  // rescales the accumulators.
   auto softmax_tile = [&](float (&s)[G], bool half_p) {
     float p[G];
 #pragma unroll
@@ -276,8 +310,8 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
       const float m_new = fmaxf(m_run[h], mt);  // finite: every tile holds a valid token
-      const float alpha = exp2f(m_run[h] - m_new);
-      p[h] = exp2f(s[h] - m_new);
+      const float alpha = fast_exp2(m_run[h] - m_new);
+      p[h] = fast_exp2(s[h] - m_new);
       l_lane[h] = l_lane[h] * alpha + p[h];
       m_run[h] = m_new;
 #pragma unroll
@@ -286,10 +320,11 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
         for (int i = 0; i < DSUB; ++i) acc[k][h][i] *= alpha;
     }
     __syncwarp();  // the previous tile's V pass has finished reading p_w
-    if (half_p) {  // (p, p) pairs for the packed fp16 V accumulation
-      __half2* ph = reinterpret_cast<__half2*>(p_w);
+    if (half_p) {
+      __half ph[G];
 #pragma unroll
-      for (int h = 0; h < G; ++h) ph[lane * G + h] = __float2half2_rn(p[h]);
+      for (int h = 0; h < G; ++h) ph[h] = __float2half_rn(p[h]);
+      store_halves<G>(reinterpret_cast<__half*>(p_w) + lane * G, ph);
     } else {
 #pragma unroll
       for (int h = 0; h < G; ++h) p_w[lane * G + h] = p[h];
@@ -298,7 +333,6 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   };
 
   if constexpr (PQ) {
-    unsigned int kw[KW], vw[VWL];  // the warp's next tile, loaded a tile ahead
     const unsigned char* k_base;
     const unsigned char* v_base;
     if constexpr (MODE == MODE_PAGED_PQ) {
@@ -308,21 +342,31 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       k_base = k_codes + b * page_stride + kvh * head_stride;
       v_base = v_codes + b * page_stride + kvh * head_stride;
     }
-    auto load_tile = [&](int tile) {
+    // A tile's page-table entry is read one tile before its codes: the code loads of the next tile then
+    // never wait on a page-table load (the warp issues in order, so that wait would stall the tile). A
+    // 32-token tile lies in one page, except with 16-token pages where its second half is read on the spot.
+    const int* seq_pages = page_table + prow;
+    auto fetch_page = [&](int tile) -> int {
+      return MODE == MODE_PAGED_PQ ? __ldg(seq_pages + ((tok_begin + tile * 32) >> page_shift)) : 0;
+    };
+    auto load_codes = [&](int tile, int page, unsigned int (&kw)[KW], unsigned int (&vw)[VWL]) {
       const int tok0 = tok_begin + tile * 32;
       const int tok = tok0 + lane;
+      int page_hi = page;  // the page of the tile's tokens 16..31
+      if (MODE == MODE_PAGED_PQ && page_shift < 5 && tok0 + 16 < tok_end)
+        page_hi = __ldg(seq_pages + ((tok0 + 16) >> page_shift));
       if (tok < tok_end) {
         if constexpr (MODE == MODE_PAGED_PQ)
-          load_code_bytes<M>(kw, k_base + page_table[prow + (tok >> page_shift)] * page_stride + (tok & page_mask) * M);
+          load_code_bytes<M>(kw, k_base + (long long)(lane < 16 ? page : page_hi) * page_stride + (tok & page_mask) * M);
         else
           load_code_bytes<M>(kw, k_base + (long long)tok * M);
       }
       if constexpr (MODE == MODE_PAGED_PQ) {
 #pragma unroll
         for (int piece = 0; piece < CHUNK / VPIECE; ++piece) {
-          const int t = tok0 + vtg * CHUNK + piece * VPIECE;
-          if (t < tok_end) {
-            const unsigned char* src = v_base + page_table[prow + (t >> page_shift)] * page_stride + (t & page_mask);
+          const int x = vtg * CHUNK + piece * VPIECE;  // the piece's first token within the tile
+          if (tok0 + x < tok_end) {
+            const unsigned char* src = v_base + (long long)(x < 16 ? page : page_hi) * page_stride + ((tok0 + x) & page_mask);
 #pragma unroll
             for (int k = 0; k < MPL; ++k)
               load_code_bytes<VPIECE>(vw + (k * CHUNK + piece * VPIECE) / 4, src + (vm0 + VL * k) * (page_mask + 1));
@@ -344,22 +388,12 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
           }
       }
     };
-    // With M = 256 a second code buffer would not fit in registers: load each tile when it starts.
-    constexpr bool PREFETCH = M <= 128;
-    if (PREFETCH && warp < pq_tiles) load_tile(warp);
     const int rot = (MODE == MODE_PAGED_PQ) ? ((tok_begin + lane) & page_mask) % ROT : 0;  // tiles are 32-aligned in a page
     const unsigned int rot_b = (unsigned)rot * (G * 2);
     const unsigned char* lut_b = reinterpret_cast<const unsigned char*>(lut_s);
     const unsigned char* vc_lane = reinterpret_cast<const unsigned char*>(vc_s) + vm0 * DSUB * 2;
-    for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
-      if (!PREFETCH) load_tile(tile);
-      unsigned int kcur[KW], vcur[VWL];
-#pragma unroll
-      for (int i = 0; i < KW; ++i) kcur[i] = kw[i];
-#pragma unroll
-      for (int i = 0; i < VWL; ++i) vcur[i] = vw[i];
-      if (PREFETCH && tile + NWARPS < pq_tiles) load_tile(tile + NWARPS);  // in flight during this tile
 
+    auto process_tile = [&](int tile, const unsigned int (&kcur)[KW], const unsigned int (&vcur)[VWL]) {
       const int tok0 = tok_begin + tile * 32;
       float s[G];
       if (tok0 + lane < tok_end) {
@@ -372,12 +406,11 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
           __half2 run[(G + 1) / 2];
 #pragma unroll
           for (int j = j0; j < j0 + K_RUN; ++j) {
-            const unsigned int c = code_byte(kcur, j);
-            // Byte offsets written so they compile to one shift-add plus an immediate: entry (c, m) of
-            // [c][m][G] sits at c * M*G*2 + m*G*2, and m = j ^ rot only flips j's low five bits.
+            // Byte offsets written so they compile to one byte-permute plus one 3-input logic op: entry
+            // (c, m) of [block][c][MB][G] sits at block * 256*LUT_ROW + c * LUT_ROW + (m % MB) * G*2, and
+            // m = j ^ rot only flips j's low five bits.
             unsigned int off;
             if constexpr (MODE == MODE_PAGED_PQ) {
-              // [block][c][MB][G]: (code row) ^ (lane's permutation) + the block as an immediate.
               const unsigned int row = LUT_ROW == 256 ? code_byte_shl8(kcur, j) : code_byte(kcur, j) * LUT_ROW;
               off = (row ^ ((((unsigned)j % MB) * (G * 2)) ^ rot_b)) + ((unsigned)j / MB) * (256 * LUT_ROW);
             } else {
@@ -402,23 +435,30 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
           for (int h = 0; h < G; ++h)
 #pragma unroll
             for (int i = 0; i < DSUB / 2; ++i) tacc[k][h][i] = __float2half2_rn(0.f);
-        const __half2* ph = reinterpret_cast<const __half2*>(p_w);
+        // p of PT consecutive tokens per 16-byte broadcast read; each head's p is then used as (p, p).
+        constexpr int PT = G <= 4 ? 8 / G : 1;
+        const uint4* pv = reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(p_w) + vtg * CHUNK * G);
 #pragma unroll
-        for (int j = 0; j < CHUNK; ++j) {
-          __half2 pj[G];
-          load_p_half2<G>(pj, ph + (vtg * CHUNK + j) * G);
+        for (int j0 = 0; j0 < CHUNK; j0 += PT) {
+          __half pt[PT * G > 8 ? PT * G : 8];
+          *reinterpret_cast<uint4*>(pt) = pv[(j0 * G) / 8];
 #pragma unroll
-          for (int k = 0; k < MPL; ++k) {
-            const unsigned int c = code_byte(vcur, k * CHUNK + j);
-            const __half2* cv =
-                reinterpret_cast<const __half2*>(vc_lane + c * (M * DSUB * 2) + VL * k * DSUB * 2);
-            __half2 v[DSUB / 2];
+          for (int j = j0; j < j0 + PT; ++j) {
 #pragma unroll
-            for (int i = 0; i < DSUB / 2; ++i) v[i] = cv[i];
+            for (int k = 0; k < MPL; ++k) {
+              const unsigned int cofs = M * DSUB * 2 == 256 ? code_byte_shl8(vcur, k * CHUNK + j)
+                                                              : code_byte(vcur, k * CHUNK + j) * (M * DSUB * 2);
+              const __half2* cv = reinterpret_cast<const __half2*>(vc_lane + cofs + VL * k * DSUB * 2);
+              __half2 v[DSUB / 2];
 #pragma unroll
-            for (int h = 0; h < G; ++h)
+              for (int i = 0; i < DSUB / 2; ++i) v[i] = cv[i];
 #pragma unroll
-              for (int i = 0; i < DSUB / 2; ++i) tacc[k][h][i] = __hfma2(pj[h], v[i], tacc[k][h][i]);
+              for (int h = 0; h < G; ++h) {
+                const __half2 ph = __half2half2(pt[(j - j0) * G + h]);
+#pragma unroll
+                for (int i = 0; i < DSUB / 2; ++i) tacc[k][h][i] = __hfma2(ph, v[i], tacc[k][h][i]);
+              }
+            }
           }
         }
 #pragma unroll
@@ -444,7 +484,36 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
           }
         }
       }
+    };
+
+    unsigned int kw[KW], vw[VWL];  // codes of the warp's next tile
+    int page = 0;                  // page-table entry of the tile after it
+    // With M = 256 a second code buffer would not fit in registers: each tile is loaded when it starts.
+    constexpr bool PREFETCH = M <= 128;
+    if constexpr (PREFETCH) {
+      // The first tile's loads are issued before the tables are staged, so they overlap that work.
+      if (warp < pq_tiles) load_codes(warp, fetch_page(warp), kw, vw);
+      if (warp + NWARPS < pq_tiles) page = fetch_page(warp + NWARPS);
+      stage_tables();
+      for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
+        unsigned int kcur[KW], vcur[VWL];
+#pragma unroll
+        for (int i = 0; i < KW; ++i) kcur[i] = kw[i];
+#pragma unroll
+        for (int i = 0; i < VWL; ++i) vcur[i] = vw[i];
+        if (tile + NWARPS < pq_tiles) load_codes(tile + NWARPS, page, kw, vw);  // in flight during this tile
+        if (tile + 2 * NWARPS < pq_tiles) page = fetch_page(tile + 2 * NWARPS);
+        process_tile(tile, kcur, vcur);
+      }
+    } else {
+      stage_tables();
+      for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
+        load_codes(tile, fetch_page(tile), kw, vw);
+        process_tile(tile, kw, vw);
+      }
     }
+  } else {
+    stage_tables();
   }
 
   // ---- exact tiles: the residual ring (PQ modes) or unquantized pages (EXACT mode) -------------------
@@ -464,15 +533,27 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       const T* kr = exact_ptr(exact_k, t0 + lane);
 #pragma unroll
       for (int h = 0; h < G; ++h) s[h] = 0.f;
+      // The row's 16-byte vectors in batches whose loads are all in flight together (this tile is on the
+      // critical path of short contexts: each serialized global round trip shows in the step time).
       constexpr int EPV = 16 / sizeof(T);
-#pragma unroll 4
-      for (int d0 = 0; d0 < D; d0 += EPV) {
-        float kv[EPV];
-        unpack16<T>(__ldg(reinterpret_cast<const uint4*>(kr + d0)), kv);
+      constexpr int NVEC = D / EPV;
+      constexpr int ACC = MPL * G * DSUB;  // accumulator registers: the budget left for loads in flight
+      constexpr int KMAX = ACC <= 16 ? 16 : (ACC <= 32 ? 8 : 4);
+      constexpr int KBATCH = NVEC < KMAX ? NVEC : KMAX;
 #pragma unroll
-        for (int h = 0; h < G; ++h)
+      for (int v0 = 0; v0 < NVEC; v0 += KBATCH) {
+        uint4 raw[KBATCH];
 #pragma unroll
-          for (int i = 0; i < EPV; ++i) s[h] = fmaf(q_s[h * D + d0 + i], kv[i], s[h]);
+        for (int i = 0; i < KBATCH; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(kr) + v0 + i);
+#pragma unroll
+        for (int i = 0; i < KBATCH; ++i) {
+          float kv[EPV];
+          unpack16<T>(raw[i], kv);
+#pragma unroll
+          for (int h = 0; h < G; ++h)
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) s[h] = fmaf(q_s[h * D + (v0 + i) * EPV + e], kv[e], s[h]);
+        }
       }
 #pragma unroll
       for (int h = 0; h < G; ++h) s[h] *= scale_log2;
@@ -481,16 +562,29 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       for (int h = 0; h < G; ++h) s[h] = -kInf;
     }
     softmax_tile(s, false);
+    // V: the lane's sub-vectors of VBATCH tokens loaded together. Values past the end may be NaN: they are
+    // never loaded (zeros instead), not multiplied by p = 0.
     const int nvalid = min(CHUNK, ex_end - (t0 + vtg * CHUNK));
-    for (int j = 0; j < nvalid; ++j) {  // exact values may be NaN past the end: branch, don't multiply by 0
-      const T* vr = exact_ptr(exact_v, t0 + vtg * CHUNK + j);
-      const float* pj = p_w + (vtg * CHUNK + j) * G;
+    constexpr int VBATCH = MPL * DSUB >= 32 ? 1 : (32 / (MPL * DSUB) < 8 ? 32 / (MPL * DSUB) : 8);
+    for (int j0 = 0; j0 < nvalid; j0 += VBATCH) {
+      float v[VBATCH][MPL][DSUB];
 #pragma unroll
-      for (int k = 0; k < MPL; ++k) {
-        float v[DSUB];
+      for (int jj = 0; jj < VBATCH; ++jj) {
+        const bool ok = j0 + jj < nvalid;
+        const T* vr = exact_ptr(exact_v, t0 + vtg * CHUNK + (ok ? j0 + jj : 0));
 #pragma unroll
-        for (int i = 0; i < DSUB; ++i) v[i] = to_float(vr[(vm0 + VL * k) * DSUB + i]);
-        accumulate_v<G, DSUB>(acc[k], pj, v);
+        for (int k = 0; k < MPL; ++k) {
+          load_floats<DSUB>(v[jj][k], vr + (vm0 + VL * k) * DSUB);
+          if (!ok)
+#pragma unroll
+            for (int i = 0; i < DSUB; ++i) v[jj][k][i] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < VBATCH; ++jj) {
+        const float* pj = p_w + (vtg * CHUNK + j0 + jj) * G;
+#pragma unroll
+        for (int k = 0; k < MPL; ++k) accumulate_v<G, DSUB>(acc[k], pj, v[jj][k]);
       }
     }
   }
@@ -533,8 +627,6 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   }
   __syncthreads();
 
-  const int unit = b * (nh / G) + hg;
-  const int2 ui = unit_items[unit];
   const bool single = ui.y == 1;
   for (int e = tid; e < G * D; e += NT) {
     const int h = e / D;
@@ -573,16 +665,35 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   __syncthreads();
   if (!is_last) return;
   __threadfence();
+  // One pass with a running max over batches of splits whose partial states are loaded together: the
+  // loads of a batch are independent, so a batch costs one global round trip (at short contexts this merge
+  // is on the critical path of the whole step).
+  constexpr int SB = 8;
   for (int e = tid; e < G * D; e += NT) {
     const int h = e / D;
-    float mx = -kInf;
-    for (int k = 0; k < ui.y; ++k) mx = fmaxf(mx, __ldcg(part_lse + (long long)(ui.x + k) * G + h));
-    float wsum = 0.f, o = 0.f;
-    if (mx != -kInf) {
-      for (int k = 0; k < ui.y; ++k) {
-        const float w = exp2f(__ldcg(part_lse + (long long)(ui.x + k) * G + h) - mx);
-        wsum += w;
-        o = fmaf(w, __ldcg(part_o + (long long)(ui.x + k) * G * D + e), o);
+    float mx = -kInf, wsum = 0.f, o = 0.f;
+    for (int k0 = 0; k0 < ui.y; k0 += SB) {
+      float l[SB], po[SB];
+#pragma unroll
+      for (int i = 0; i < SB; ++i) {
+        const bool ok = k0 + i < ui.y;
+        l[i] = ok ? __ldcg(part_lse + (long long)(ui.x + k0 + i) * G + h) : -kInf;
+        po[i] = ok ? __ldcg(part_o + (long long)(ui.x + k0 + i) * G * D + e) : 0.f;
+      }
+      float bm = mx;
+#pragma unroll
+      for (int i = 0; i < SB; ++i) bm = fmaxf(bm, l[i]);
+      if (bm != -kInf) {  // splits without tokens have lse = -inf and o = 0
+        const float sc = fast_exp2(mx - bm);
+        wsum *= sc;
+        o *= sc;
+#pragma unroll
+        for (int i = 0; i < SB; ++i) {
+          const float w = fast_exp2(l[i] - bm);
+          wsum += w;
+          o = fmaf(w, po[i], o);
+        }
+        mx = bm;
       }
     }
     out[((long long)b * nh + h0) * D + e] = from_float<T>(wsum > 0.f ? o / wsum : 0.f);

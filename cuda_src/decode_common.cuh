@@ -15,12 +15,51 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// 2^x with the hardware approximation (2 ulp; -inf gives +0): the softmax exponentials, whose inputs are
+// differences from a running max (<= 0), need no range handling.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16-byte global -> shared copy that does not pass through registers (sm_80+), and the wait for all of a
+// thread's copies.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // Convert 16 bytes holding 16 / sizeof(T) values of T to floats.
 template <typename T>
 __device__ __forceinline__ void unpack16(const uint4& v, float* f) {
   const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
   for (int i = 0; i < 16 / (int)sizeof(T); ++i) f[i] = to_float(e[i]);
+}
+
+// N consecutive values of T (aligned to min(16, N * sizeof(T)) bytes) as floats, in vector loads.
+template <int N, typename T>
+__device__ __forceinline__ void load_floats(float (&x)[N], const T* __restrict__ p) {
+  constexpr int BYTES = N * (int)sizeof(T);
+  if constexpr (BYTES >= 16) {
+#pragma unroll
+    for (int i = 0; i < BYTES / 16; ++i) unpack16<T>(__ldg(reinterpret_cast<const uint4*>(p) + i), x + i * (16 / (int)sizeof(T)));
+  } else if constexpr (BYTES == 8) {
+    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* e = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = to_float(e[i]);
+  } else if constexpr (BYTES == 4) {
+    const unsigned int r = __ldg(reinterpret_cast<const unsigned int*>(p));
+    const T* e = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = to_float(p[i]);
+  }
 }
 
 // N bytes (N >= 8, a multiple of 8; src aligned to min(N, 16)) from global memory into 32-bit words.

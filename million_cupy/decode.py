@@ -19,7 +19,10 @@ done by the last CTA of each (sequence, head group), so one layer is ONE kernel 
 Split heuristic (documented contract): every (sequence, head group) is one *unit*; the tokens of all
 units are cut into chunks of ``max(MIN_CHUNK, ceil(total_tokens / (num_SMs * WAVES)))`` tokens
 (rounded up to whole 256-token tiles and pages), so a batch of one long sequence still gives every SM
-work, while short sequences are not split (each split pays for building its lookup table).
+work, while short sequences are not split (each split pays for building its lookup table). The exact
+residual tokens of a unit go to its last split, or, when the batch leaves SMs free and the splits stay
+short (at most ``RESIDUAL_ITEM_MAX_CHUNK`` tokens), to a work item of their own that runs beside the
+splits (it builds no lookup table): at short contexts the residual is otherwise the critical path.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ THREADS = 512
 TILE = 32  # tokens per warp tile; split boundaries are whole tiles
 MIN_CHUNK = 256  # tokens; below this a split costs more (its LUT build) than it saves
 WAVES = 1         # one CTA per SM fits (the LUT takes most of shared memory)
+WORK_RESIDUAL = 1 << 16  # work item flag (column 1, above the head group): it covers the residual tokens
+RESIDUAL_ITEM_MAX_CHUNK = 2048  # tokens; longer splits keep the residual in their last split
 HEAD_DIMS = (64, 128, 256)
 DSUBS = (1, 2, 4, 8)
 GROUPS = (8, 4, 2, 1)
@@ -157,31 +162,46 @@ def _check_config(d: int, m: int | None, dtype: str, page_size: int | None) -> N
 
 @dataclass
 class _Schedule:
-    work: np.ndarray        # (W, 4) int32: b, head group, token begin, token end
+    work: np.ndarray        # (W, 4) int32: b, head group | WORK_RESIDUAL flag, token begin, token end
     unit_items: np.ndarray  # (U, 2) int32: first work item, count
     group: int
 
 
-def make_schedule(main_len: np.ndarray, num_heads: int, group: int, align: int, sm_count: int) -> _Schedule:
-    """Split-K work items for the batch (see module docstring for the heuristic)."""
-    hg = num_heads // group
-    lens = np.asarray(main_len, dtype=np.int64)
-    total = int(lens.sum()) * hg
-    slots = max(1, sm_count * WAVES)
-    step = math.lcm(TILE, align)
-    chunk = max(MIN_CHUNK, -(-total // slots))
+def _split_counts(lens: np.ndarray, hg: int, slots: int, step: int) -> tuple[int, np.ndarray]:
+    """The smallest chunk (whole ``step``s, at least MIN_CHUNK) whose splits fit ``slots`` CTAs."""
+    chunk = max(MIN_CHUNK, -(-int(lens.sum()) * hg // max(1, slots)))
     # Grow the chunk until the splits fit in one wave: a second, partial wave of CTAs costs as much as
     # a full one.
     while True:
         chunk = -(-chunk // step) * step
         splits = np.maximum(1, -(-lens // chunk))  # per sequence
         if int(splits.sum()) * hg <= slots or chunk >= int(lens.max(initial=0)):
-            break
+            return chunk, splits
         chunk = int(chunk * 1.05) + step
+
+
+def make_schedule(main_len: np.ndarray, num_heads: int, group: int, align: int, sm_count: int,
+                  residual: bool = False) -> _Schedule:
+    """Split-K work items for the batch (see module docstring for the heuristic).
+
+    ``residual``: the units also hold exact residual tokens (the PQ modes). They are processed either by a
+    unit's last split or, when the batch leaves SMs free and the splits are short, by a work item of their
+    own (no lookup table to build), which then runs beside the splits instead of after a split's tiles.
+    """
+    hg = num_heads // group
+    lens = np.asarray(main_len, dtype=np.int64)
+    n_units = len(lens) * hg
+    slots = max(1, sm_count * WAVES)
+    step = math.lcm(TILE, align)
+    chunk, splits = _split_counts(lens, hg, slots, step)
+    separate = False
+    if residual and 2 * n_units <= slots:
+        chunk_r, splits_r = _split_counts(lens, hg, slots - n_units, step)
+        if chunk_r <= RESIDUAL_ITEM_MAX_CHUNK and int(splits_r.sum()) * hg + n_units <= slots:
+            chunk, splits, separate = chunk_r, splits_r, True
     # Even splits of each sequence (whole tiles), so its CTAs finish together.
     chunk_b = -(-(-(-lens // splits)) // step) * step
-    n_units = len(lens) * hg
-    counts = np.repeat(splits, hg)
+    counts = np.repeat(splits + int(separate), hg)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
     w = int(counts.sum())
     work = np.empty((w, 4), dtype=np.int32)
@@ -190,10 +210,13 @@ def make_schedule(main_len: np.ndarray, num_heads: int, group: int, align: int, 
     unit_of_item = np.repeat(np.arange(n_units), counts)
     k = np.arange(w) - first[unit_of_item]
     b = unit_b[unit_of_item]
+    last = k == counts[unit_of_item] - 1  # the item that covers the residual tokens
     work[:, 0] = b
-    work[:, 1] = unit_g[unit_of_item]
+    work[:, 1] = unit_g[unit_of_item] | np.where(last, WORK_RESIDUAL, 0)
     work[:, 2] = np.minimum(k * chunk_b[b], lens[b])
     work[:, 3] = np.minimum((k + 1) * chunk_b[b], lens[b])
+    if separate:  # the last item of a unit holds no PQ tokens
+        work[last, 2] = lens[b[last]]
     unit_items = np.stack([first, counts.astype(np.int32)], axis=1).astype(np.int32)
     return _Schedule(work=work, unit_items=unit_items, group=group)
 
@@ -320,7 +343,7 @@ class BatchDecodeWrapper:
         dev = _device()
         d, m = cache.head_dim, cache.M
         g = choose_group(MODE_PAGED_PQ, d, m, nh // cache.num_kv_heads, dev.smem_limit)
-        sched = make_schedule(main, nh, g, P, dev.sm_count)
+        sched = make_schedule(main, nh, g, P, dev.sm_count, residual=True)
         stream = as_stream(self._stream)
         w = len(sched.work)
         u = len(sched.unit_items)
@@ -663,9 +686,8 @@ def _run_standalone(mode, q, d, m, page, lens, rlens, scale, return_lse, out, st
     B, nh, _ = q.shape
     dev = _device()
     g = choose_group(mode, d, m, nh // nh_k, dev.smem_limit)
-    sched = make_schedule(lens, nh, g, page if mode == MODE_PAGED_EXACT else 1, dev.sm_count)
-    # The residual is processed by the split that ends at main_len; sequences with only residual
-    # tokens still get their (empty) first split.
+    sched = make_schedule(lens, nh, g, page if mode == MODE_PAGED_EXACT else 1, dev.sm_count,
+                          residual=mode != MODE_PAGED_EXACT)
     st = as_stream(stream)
     with st:
         dummy8 = cp.empty(16, dtype=cp.uint8)

@@ -14,6 +14,7 @@ from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
 from million_cupy.decode import (
     MODE_PAGED_PQ,
     THREADS,
+    WORK_RESIDUAL,
     _variant_grid,
     choose_group,
     decode,
@@ -63,22 +64,36 @@ def _reference(cache, layer, seqs, q):
 # ------------------------------------------------------------------------------------------- schedule
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("lens", [[32768] * 8, [131072], [4032], [0, 64, 128000], [1_000_000],
                                   list(range(0, 256 * 64, 64))])
-def test_schedule_covers_every_token_once(lens):
+def test_schedule_covers_every_token_once(lens, residual):
     lens = np.asarray(lens)
-    sched = make_schedule(lens, 32, 4, 64, 132)
+    sched = make_schedule(lens, 32, 4, 64, 132, residual=residual)
     w = sched.work
     assert (w[:, 2] <= w[:, 3]).all()
+    assert len(w) <= 132 or len(w) == len(sched.unit_items)  # one wave, unless every unit is one item
     for unit, (first, count) in enumerate(sched.unit_items):
         b, g = divmod(unit, 8)
         items = w[first:first + count]
-        assert (items[:, 0] == b).all() and (items[:, 1] == g).all()
+        assert (items[:, 0] == b).all() and (items[:, 1] & (WORK_RESIDUAL - 1) == g).all()
         assert items[0, 2] == 0 and items[-1, 3] == lens[b]
         assert (items[1:, 2] == items[:-1, 3]).all()
-        # exactly one item ends at main_len: only it processes the residual tokens
-        assert (items[:, 3] == lens[b]).sum() == 1
+        # exactly one item, the last, processes the residual tokens
+        assert ((items[:, 1] & WORK_RESIDUAL) != 0).tolist() == [False] * (count - 1) + [True]
         assert (items[:, 2] % 64 == 0).all()
+
+
+def test_schedule_gives_short_contexts_a_residual_item():
+    # batch 1 x 4K tokens, 8 head groups: the residual runs beside the splits, in an item of its own
+    sched = make_schedule(np.array([4032]), 32, 4, 64, 132, residual=True)
+    last = sched.unit_items[:, 0] + sched.unit_items[:, 1] - 1
+    assert (sched.work[last, 2] == 4032).all() and (sched.work[last, 3] == 4032).all()
+    assert len(sched.work) <= 132
+    # long splits keep the residual in their last split
+    sched = make_schedule(np.array([32768] * 8), 32, 4, 64, 132, residual=True)
+    last = sched.unit_items[:, 0] + sched.unit_items[:, 1] - 1
+    assert (sched.work[last, 2] < sched.work[last, 3]).all()
 
 
 def test_schedule_fills_the_gpu_for_one_long_sequence():

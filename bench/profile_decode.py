@@ -1,0 +1,50 @@
+"""One decode shape launched a few times, for Nsight Compute (the kernel's own counters and stall reasons).
+
+    ncu --kernel-name regex:decode_attention --launch-skip 3 --launch-count 1 --set full \
+        python bench/profile_decode.py --batch 1 --context 4096 --M 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_decode  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--M", type=int, default=64)
+    ap.add_argument("--launches", type=int, default=5)
+    ap.add_argument("--time", action="store_true", help="also time run() and its CUDA-graph replay (median us)")
+    args = ap.parse_args(argv)
+
+    import cupy as cp
+
+    from million_cupy import BatchDecodeWrapper
+
+    cache, seqs = bench_decode.build_cache(cp, args.batch, args.context, args.M)
+    wrapper = BatchDecodeWrapper(cache, num_heads=bench_decode.NH)
+    wrapper.plan(seqs, new_tokens=0)
+    q = cp.random.default_rng(2).standard_normal((args.batch, bench_decode.NH, bench_decode.D), dtype=cp.float32)
+    q = q.astype(cp.float16)
+    out = cp.empty_like(q)
+    for _ in range(args.launches):
+        wrapper.run(0, q, out=out, check=False)
+    cp.cuda.get_current_stream().synchronize()
+    line = f"{args.batch}x{args.context} M={args.M}: {wrapper.stats()['work_items']} work items"
+    if args.time:
+        t = bench_decode.time_run_and_graph(cp, wrapper, q, out)
+        line += f"  run {t['median_us']:.1f} us  graph {t['graph_gpu_us']:.1f} us  graph call {t['graph_call_us']:.1f} us"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
