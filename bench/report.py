@@ -142,6 +142,17 @@ def plot_decode(suites, out: Path):
     return "decode_latency.png", "GPU time per call (median_us) vs context, one panel per batch size"
 
 
+def _grouped_bars(ax, n_groups: int, series: list, value_format: str | None = None) -> None:
+    """One bar per (label, values) series in each of ``n_groups`` groups, side by side around the group's tick."""
+    w = 0.8 / len(series)
+    for j, (label, ys) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * w for i in range(n_groups)]
+        ax.bar(xs, ys, w, label=label, color=f"C{j}")
+        if value_format:
+            for x, y in zip(xs, ys):
+                ax.text(x, y, value_format.format(y), ha="center", va="bottom", fontsize=8)
+
+
 def plot_memory(suites, out: Path):
     docs = suites.get("memory", [])
     recs = [r for _, r in _records(suites, "memory")]
@@ -185,11 +196,9 @@ def plot_memory(suites, out: Path):
     if traces:
         ax = axes[0][1]
         methods = ["paged_pq", "contiguous_pq", "contiguous_fp16"]
-        w = 0.8 / len(methods)
-        for j, m in enumerate(methods):
-            ys = [next((r["value"] for r in recs if r.get("trace") == t and r.get("method") == m
-                        and r.get("metric") == "bytes_per_token"), 0.0) for t in traces]
-            ax.bar([i + (j - 1) * w for i in range(len(traces))], ys, w, label=m, color=f"C{j}")
+        _grouped_bars(ax, len(traces), [(m, [next((r["value"] for r in recs if r.get("trace") == t
+                                                  and r.get("method") == m and r.get("metric") == "bytes_per_token"),
+                                                 0.0) for t in traces]) for m in methods])
         ax.set_xticks(range(len(traces)), traces)
         ax.set_yscale("log")
         ax.set_ylabel("reserved bytes per stored token")
@@ -210,13 +219,8 @@ def plot_pool(suites, out: Path):
     methods = [m for m in ("paged_pq", "contiguous_pq", "contiguous_fp16") if any(r["method"] == m for r in recs)]
     methods += sorted({r["method"] for r in recs} - set(methods))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    w = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        ys = [next((r["value"] for r in recs if r["trace"] == t and r["method"] == m), 0.0) * 100 for t in traces]
-        xs = [i + (j - (len(methods) - 1) / 2) * w for i in range(len(traces))]
-        ax.bar(xs, ys, w, label=m, color=f"C{j}")
-        for x, y in zip(xs, ys):
-            ax.text(x, y, f"{y:.1f}%", ha="center", va="bottom", fontsize=8)
+    _grouped_bars(ax, len(traces), [(m, [next((r["value"] for r in recs if r["trace"] == t and r["method"] == m),
+                                               0.0) * 100 for t in traces]) for m in methods], value_format="{:.1f}%")
     ax.set_xticks(range(len(traces)), traces)
     ax.set_ylim(0, 112)
     ax.set_ylabel("utilization (%): bytes stored / bytes reserved")
@@ -236,12 +240,10 @@ def plot_e2e(suites, out: Path):
     keys = sorted({(r.get("batch", 1), r.get("context", 0)) for _, r in recs})
     methods = sorted({r["method"] + (f" [{Path(n).stem}]" if len(files) > 1 else "") for n, r in recs})
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4.2))
-    w = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        ys = [next((r["tokens_per_s"] for n, r in recs
-                    if r["method"] + (f" [{Path(n).stem}]" if len(files) > 1 else "") == m
-                    and (r.get("batch", 1), r.get("context", 0)) == k), 0.0) for k in keys]
-        ax.bar([i + (j - (len(methods) - 1) / 2) * w for i in range(len(keys))], ys, w, label=m, color=f"C{j}")
+    _grouped_bars(ax, len(keys), [(m, [next((r["tokens_per_s"] for n, r in recs
+                                             if r["method"] + (f" [{Path(n).stem}]" if len(files) > 1 else "") == m
+                                             and (r.get("batch", 1), r.get("context", 0)) == k), 0.0) for k in keys])
+                                  for m in methods])
     ax.set_xticks(range(len(keys)), [f"{b} x {c:,}" for b, c in keys])
     ax.set_xlabel("batch x context")
     ax.set_ylabel("tokens / s")

@@ -77,36 +77,6 @@ __device__ __forceinline__ void fold_lut_run(float* sc, const __half2* run) {
   }
 }
 
-// DSUB fp16 centroid values (shared or global memory) as floats.
-template <int DSUB>
-__device__ __forceinline__ void load_centroid(float (&v)[DSUB], const __half* cv) {
-  if constexpr (DSUB == 1) {
-    v[0] = __half2float(cv[0]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < DSUB; i += 2) {
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(cv + i));
-      v[i] = f.x;
-      v[i + 1] = f.y;
-    }
-  }
-}
-
-template <int G>
-__device__ __forceinline__ void load_p_half2(__half2 (&pj)[G], const __half2* src) {
-  if constexpr (G >= 4) {
-#pragma unroll
-    for (int h = 0; h < G; h += 4) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(src + h);
-      const __half2* hp = reinterpret_cast<const __half2*>(&raw);
-      pj[h] = hp[0]; pj[h + 1] = hp[1]; pj[h + 2] = hp[2]; pj[h + 3] = hp[3];
-    }
-  } else {
-#pragma unroll
-    for (int h = 0; h < G; ++h) pj[h] = src[h];
-  }
-}
-
 // acc[h][i] += p[h] * v[i] with p read once per token as a vector (a broadcast: every lane reads it).
 template <int G, int DSUB>
 __device__ __forceinline__ void accumulate_v(float (&acc)[G][DSUB], const float* pj, const float (&v)[DSUB]) {
@@ -222,8 +192,9 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   // ---- stage q, the V codebook and the LUT (called once the first code loads are in flight) ----------
   auto stage_tables = [&]() {
     // q_s serves the exact tiles only; it is published by the barrier after the LUT build.
-    for (int i = tid; i < G * D; i += NT)
-      q_s[i] = to_float(q[((long long)b * nh + h0) * D + i]);
+    if (MODE == MODE_PAGED_EXACT || with_residual)
+      for (int i = tid; i < G * D; i += NT)
+        q_s[i] = to_float(q[((long long)b * nh + h0) * D + i]);
     // A residual-only work item (no PQ tokens) needs neither table.
     const bool tables = tok_end > tok_begin;
     if (S::VC_SMEM && tables) {
@@ -479,7 +450,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
           for (int k = 0; k < MPL; ++k) {
             const unsigned int c = code_byte(vcur, k * CHUNK + j);
             float v[DSUB];
-            load_centroid<DSUB>(v, vc_s + ((int)c * M + vm0 + VL * k) * DSUB);
+            pq_load_subvector<DSUB>(vc_s + ((int)c * M + vm0 + VL * k) * DSUB, v);
             accumulate_v<G, DSUB>(acc[k], pj, v);
           }
         }
@@ -574,7 +545,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
         const T* vr = exact_ptr(exact_v, t0 + vtg * CHUNK + (ok ? j0 + jj : 0));
 #pragma unroll
         for (int k = 0; k < MPL; ++k) {
-          load_floats<DSUB>(v[jj][k], vr + (vm0 + VL * k) * DSUB);
+          pq_load_subvector<DSUB>(vr + (vm0 + VL * k) * DSUB, v[jj][k]);
           if (!ok)
 #pragma unroll
             for (int i = 0; i < DSUB; ++i) v[jj][k][i] = 0.f;

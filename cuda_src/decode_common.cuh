@@ -1,14 +1,9 @@
-// Shared pieces of the decode-attention kernels: dtype conversion, vector loads,
-// and the split-K state merge (FlashDecoding's log-sum-exp combine).
+// Shared pieces of the decode-attention kernels: dtype conversion, fast exp2, async copies and vector
+// loads of codes and values. Element conversion and sub-vector loads come from pq_common.cuh.
 #pragma once
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "pq_common.cuh"
 
 namespace mc {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
@@ -37,29 +32,6 @@ __device__ __forceinline__ void unpack16(const uint4& v, float* f) {
   const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
   for (int i = 0; i < 16 / (int)sizeof(T); ++i) f[i] = to_float(e[i]);
-}
-
-// N consecutive values of T (aligned to min(16, N * sizeof(T)) bytes) as floats, in vector loads.
-template <int N, typename T>
-__device__ __forceinline__ void load_floats(float (&x)[N], const T* __restrict__ p) {
-  constexpr int BYTES = N * (int)sizeof(T);
-  if constexpr (BYTES >= 16) {
-#pragma unroll
-    for (int i = 0; i < BYTES / 16; ++i) unpack16<T>(__ldg(reinterpret_cast<const uint4*>(p) + i), x + i * (16 / (int)sizeof(T)));
-  } else if constexpr (BYTES == 8) {
-    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
-    const T* e = reinterpret_cast<const T*>(&r);
-#pragma unroll
-    for (int i = 0; i < N; ++i) x[i] = to_float(e[i]);
-  } else if constexpr (BYTES == 4) {
-    const unsigned int r = __ldg(reinterpret_cast<const unsigned int*>(p));
-    const T* e = reinterpret_cast<const T*>(&r);
-#pragma unroll
-    for (int i = 0; i < N; ++i) x[i] = to_float(e[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) x[i] = to_float(p[i]);
-  }
 }
 
 // N bytes (N >= 8, a multiple of 8; src aligned to min(N, 16)) from global memory into 32-bit words.
