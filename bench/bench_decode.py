@@ -87,13 +87,13 @@ def bench_paged_pq(cp, batch, context, M):
 
 def bench_paged_pq_pages(cp, batch, context, M):
     """The paged kernel over caller-managed pages (prepare_paged_pq_decode): no PagedPQCache needed."""
+    from million_cupy.cache import pack_pages
     from million_cupy.decode import prepare_paged_pq_decode
 
     rng = cp.random.default_rng(6)
     main = (context - R) // P * P + P if context >= R else 0
     npages = main // P
-    kp = rng.integers(0, 256, (max(1, batch * npages), NH_K, P, M), dtype=cp.uint8)
-    vp = rng.integers(0, 256, (max(1, batch * npages), NH_K, M, P), dtype=cp.uint8)
+    kp, vp = pack_pages(*rng.integers(0, 256, (2, max(1, batch * npages), NH_K, P, M), dtype=cp.uint8))
     indptr = np.arange(batch + 1, dtype=np.int32) * npages
     indices = cp.asarray(np.random.default_rng(7).permutation(max(1, batch * npages)).astype(np.int32))
     kc = rng.standard_normal((1, M, 256, D // M), dtype=cp.float32)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cupy as cp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from million_cupy.cache import pack_pages  # noqa: E402
 from million_cupy.decode import paged_pq_decode  # noqa: E402
 
 CASES = [(128, 64, 32, 8, 64), (64, 16, 8, 2, 16)]  # d, M, nh, nh_k, page size
@@ -26,8 +27,7 @@ def main() -> None:
     pages, res = np.array([0, 3, 40]), np.array([5, 0, 63])
     for d, M, nh, nh_k, P in CASES:
         n = int(pages.sum()) + 2
-        kp = cp.asarray(rng.integers(0, 256, (n, nh_k, P, M), dtype=np.uint8))
-        vp = cp.asarray(rng.integers(0, 256, (n, nh_k, M, P), dtype=np.uint8))
+        kp, vp = pack_pages(*cp.asarray(rng.integers(0, 256, (2, n, nh_k, P, M), dtype=np.uint8)))
         indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
         ids = cp.asarray(rng.permutation(n)[: pages.sum()].astype(np.int32))
         kc = cp.asarray(rng.standard_normal((1, M, 256, d // M)).astype(np.float32))

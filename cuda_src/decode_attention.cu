@@ -3,8 +3,9 @@
 // One CTA of 256 threads serves one work item: a (sequence, group of G query heads sharing a kv head,
 // token range) triple chosen by the host planner (split-K). The whole GQA group is served by ONE read
 // of the codes. Modes:
-//   MODE_PAGED_PQ   PQ codes in pages (K rows XOR-permuted, V codes transposed [m][t]); the last split of a
-//                   sequence also covers its exact residual tokens (a ring buffer).
+//   MODE_PAGED_PQ   PQ codes in pages (K rows XOR-permuted in 16-byte chunks, chunk-major; V codes transposed
+//                   [m][t] in 16-token blocks: cache.pack_pages); the exact residual tokens (a ring buffer)
+//                   go to the last split of a sequence or to a work item of their own.
 //   MODE_CONTIG_PQ  MILLION's contiguous layout (B, nh_k, T, M) for K and V, no permutation.
 //   MODE_PAGED_EXACT plain fp16/bf16/fp32 K/V in pages (num_pages, nh_k, P, D): the unquantized baseline.
 //
@@ -151,6 +152,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   constexpr int MPL = M < 32 ? 1 : M / 32;   // subspaces per lane in the V pass
   constexpr int ROT = M < 32 ? M : 32;       // K-row permutation period (see cache.permute_k_rows)
   constexpr int KW = M / 4;                  // 32-bit words of one K row
+  constexpr int KC = M < 16 ? M : 16;        // bytes of a stored K row chunk (cache.pack_pages)
   // V bytes of a chunk read per page lookup: 16 never crosses a page (page sizes are powers of two >= 16).
   constexpr int VPIECE = CHUNK < 16 ? CHUNK : 16;
   constexpr int VWL = MPL * CHUNK / 4;       // 32-bit words of a lane's V codes
@@ -327,8 +329,12 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       if (MODE == MODE_PAGED_PQ && page_shift < 5 && tok0 + 16 < tok_end)
         page_hi = __ldg(seq_pages + ((tok0 + 16) >> page_shift));
       if (tok < tok_end) {
-        if constexpr (MODE == MODE_PAGED_PQ)
-          load_code_bytes<M>(kw, k_base + (long long)(lane < 16 ? page : page_hi) * page_stride + (tok & page_mask) * M);
+        if constexpr (MODE == MODE_PAGED_PQ) {
+          // Chunk-major rows: lane t's chunk i sits right after lane t-1's, so each load is coalesced.
+          const unsigned char* row = k_base + (long long)(lane < 16 ? page : page_hi) * page_stride + (tok & page_mask) * KC;
+#pragma unroll
+          for (int i = 0; i < M / KC; ++i) load_code_bytes<KC>(kw + i * (KC / 4), row + i * (page_mask + 1) * KC);
+        }
         else
           load_code_bytes<M>(kw, k_base + (long long)tok * M);
       }
@@ -337,10 +343,13 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
         for (int piece = 0; piece < CHUNK / VPIECE; ++piece) {
           const int x = vtg * CHUNK + piece * VPIECE;  // the piece's first token within the tile
           if (tok0 + x < tok_end) {
-            const unsigned char* src = v_base + (long long)(x < 16 ? page : page_hi) * page_stride + ((tok0 + x) & page_mask);
+            // 16-token blocks of [m][token]: lanes (subspaces) read consecutive 16-byte rows of one block.
+            const int t = (tok0 + x) & page_mask;
+            const unsigned char* src = v_base + (long long)(x < 16 ? page : page_hi) * page_stride +
+                                       (t >> 4) * (M * 16) + vm0 * 16 + (t & 15);
 #pragma unroll
             for (int k = 0; k < MPL; ++k)
-              load_code_bytes<VPIECE>(vw + (k * CHUNK + piece * VPIECE) / 4, src + (vm0 + VL * k) * (page_mask + 1));
+              load_code_bytes<VPIECE>(vw + (k * CHUNK + piece * VPIECE) / 4, src + VL * k * 16);
           }
         }
       } else {

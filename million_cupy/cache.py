@@ -16,7 +16,9 @@ Pages. One page id covers the ``P``-token block ``j`` of a sequence in every lay
 (or :meth:`PagedPQCache.reserve`) that needs block ``j`` allocates it and the other layers find it in
 the block table. Allocated blocks of a sequence are always a prefix ``[0, blocks)`` of its
 block-table row, so the host tracks only their count; the page ids themselves stay on the device.
-K code rows are stored XOR-permuted inside a page (:func:`permute_k_rows`), V codes transposed.
+Inside a page, K code rows are XOR-permuted (:func:`permute_k_rows`) and stored in 16-byte chunks,
+chunk-major, and V codes are transposed in 16-token blocks (:func:`pack_pages`), so that a warp of the
+decode kernel reads every code it needs with fully coalesced 16-byte loads.
 
 Two paths share all index math (host NumPy over the batch, ``O(B)`` per one-token append):
 
@@ -48,7 +50,7 @@ from .decode import PAGE_SIZES as _DECODE_PAGE_SIZES
 from .errors import DeviceUnavailable, SequenceSlotsExhausted, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
 
-__all__ = ["PagedPQCache", "permute_k_rows", "CACHE_DTYPES", "PAGE_SIZES"]
+__all__ = ["PagedPQCache", "permute_k_rows", "pack_pages", "unpack_pages", "CACHE_DTYPES", "PAGE_SIZES"]
 
 #: Cache (residual ring) dtypes.
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
@@ -92,6 +94,49 @@ def permute_k_rows(codes: Any, t: Any) -> Any:
     t = xp.asarray(t)
     source = xp.arange(M) ^ (t % rot)[..., None]
     return xp.take_along_axis(codes, xp.broadcast_to(source, codes.shape), axis=-1)
+
+
+#: Bytes of a K row stored together (the kernel's 16-byte load); rows shorter than this (M = 8) stay whole.
+K_CHUNK_BYTES = 16
+#: Tokens of a V block: a page stores V as ``P // V_BLOCK_TOKENS`` blocks of ``[m][16 tokens]``.
+V_BLOCK_TOKENS = 16
+
+
+def k_chunk(M: int) -> int:
+    """Bytes per stored K chunk for ``M`` subspaces: ``min(M, 16)``."""
+    return min(M, K_CHUNK_BYTES)
+
+
+def pack_pages(k_codes: Any, v_codes: Any) -> tuple[Any, Any]:
+    """Logical page codes → the stored page layout the decode kernels read (NumPy or CuPy, copies).
+
+    ``k_codes`` and ``v_codes`` are uint8 ``(..., P, M)``: code of subspace ``m`` of the page's token ``t``.
+    Returns K as ``(..., M // kc, P, kc)`` with ``kc = min(M, 16)``: each row XOR-permuted
+    (:func:`permute_k_rows`) and cut into ``kc``-byte chunks, chunk-major; and V as
+    ``(..., P // 16, M, 16)``: transposed ``[m][token]`` inside each 16-token block. With one lane per
+    token (K) or per subspace (V), a warp's 16-byte loads then cover consecutive addresses.
+    """
+    P, M = k_codes.shape[-2:]
+    if v_codes.shape != k_codes.shape:
+        raise ValueError(f"v_codes: expected shape {tuple(k_codes.shape)} (as k_codes), got {tuple(v_codes.shape)}")
+    if P % V_BLOCK_TOKENS:
+        raise ValueError(f"page size: expected a multiple of {V_BLOCK_TOKENS}, got {P}")
+    xp = cupy() if is_gpu_array(k_codes) else np
+    lead = k_codes.shape[:-2]
+    kc = k_chunk(M)
+    k = permute_k_rows(k_codes, xp.arange(P)).reshape(*lead, P, M // kc, kc)
+    v = v_codes.reshape(*lead, P // V_BLOCK_TOKENS, V_BLOCK_TOKENS, M)
+    return xp.ascontiguousarray(xp.swapaxes(k, -3, -2)), xp.ascontiguousarray(xp.swapaxes(v, -2, -1))
+
+
+def unpack_pages(k_pages: Any, v_pages: Any) -> tuple[Any, Any]:
+    """The inverse of :func:`pack_pages`: logical ``(..., P, M)`` K and V codes of stored pages."""
+    xp = cupy() if is_gpu_array(k_pages) else np
+    *lead, chunks, P, kc = k_pages.shape
+    M = chunks * kc
+    k = xp.swapaxes(k_pages, -3, -2).reshape(*lead, P, M)
+    v = xp.swapaxes(v_pages, -2, -1).reshape(*lead, P, M)
+    return permute_k_rows(k, xp.arange(P)), v
 
 
 def _index(value: Any, name: str) -> int:
@@ -330,15 +375,17 @@ class PagedPQCache:
         return (layer * 2 + kind) * self._nh_k * self._P * self._M
 
     def k_codes(self, layer: int) -> Any:
-        """View ``(num_pages, nh_k, P, M)`` of the pool: K codes of ``layer``, row-wise ``[token][m]``,
-        each row XOR-permuted by its in-page token index (see :func:`permute_k_rows`)."""
+        """View ``(num_pages, nh_k, M // kc, P, kc)`` of the pool (``kc = min(M, 16)``): K codes of ``layer``
+        as stored (see :func:`pack_pages`; :func:`unpack_pages` gives ``[token][m]`` codes)."""
         P, M = self._P, self._M
-        return self._codes_view(self.code_offset(layer, 0), (self._nh_k, P, M), (P * M, M, 1))
+        kc = k_chunk(M)
+        return self._codes_view(self.code_offset(layer, 0), (self._nh_k, M // kc, P, kc), (P * M, P * kc, kc, 1))
 
     def v_codes(self, layer: int) -> Any:
-        """View ``(num_pages, nh_k, M, P)`` of the pool: V codes of ``layer``, transposed ``[m][token]``."""
-        P, M = self._P, self._M
-        return self._codes_view(self.code_offset(layer, 1), (self._nh_k, M, P), (P * M, P, 1))
+        """View ``(num_pages, nh_k, P // 16, M, 16)`` of the pool: V codes of ``layer`` as stored,
+        transposed ``[m][token]`` in 16-token blocks (see :func:`pack_pages`)."""
+        P, M, T = self._P, self._M, V_BLOCK_TOKENS
+        return self._codes_view(self.code_offset(layer, 1), (self._nh_k, P // T, M, T), (P * M, M * T, T, 1))
 
     def _codes_view(self, offset: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
         return self._xp.lib.stride_tricks.as_strided(
@@ -533,8 +580,10 @@ class PagedPQCache:
         k_codes = encode(gather(self._ring_k, k), self.key_centroids(layer))  # (F, nh_k, M)
         v_codes = encode(gather(self._ring_v, v), self.value_centroids(layer))
         pages = self._block_table[dst_seq, dst_block]
-        self.k_codes(layer)[pages, :, dst_row, :] = permute_k_rows(k_codes, dst_row[:, None])
-        self.v_codes(layer)[pages, :, :, dst_row] = v_codes
+        kc = k_chunk(self._M)
+        stored_k = permute_k_rows(k_codes, dst_row[:, None]).reshape(*k_codes.shape[:2], -1, kc)
+        self.k_codes(layer)[pages, :, :, dst_row, :] = stored_k
+        self.v_codes(layer)[pages, :, dst_row // V_BLOCK_TOKENS, :, dst_row % V_BLOCK_TOKENS] = v_codes
         self._flushes += int((p1 - p0).sum())
 
     def _write_ring(self, layer: int, seq: np.ndarray, slot: np.ndarray, src: np.ndarray, k: Any, v: Any) -> None:
@@ -603,9 +652,10 @@ class PagedPQCache:
         slots = np.arange(paged, n) % self._R
         with self._on_stream():
             ids = self._block_table[seq, :pages]
-            k_codes = permute_k_rows(self.k_codes(layer)[ids], np.arange(self._P))
-            k_codes = k_codes.transpose(0, 2, 1, 3).reshape(paged, self._nh_k, self._M)
-            v_codes = self.v_codes(layer)[ids].transpose(0, 3, 1, 2).reshape(paged, self._nh_k, self._M)
+            k_codes, v_codes = (
+                c.transpose(0, 2, 1, 3).reshape(paged, self._nh_k, self._M)
+                for c in unpack_pages(self.k_codes(layer)[ids], self.v_codes(layer)[ids])
+            )
             out = []
             for codebooks, codes, ring in (
                 (self._codebooks.key_codebooks(layer), k_codes, self._ring_k),

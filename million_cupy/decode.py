@@ -28,6 +28,7 @@ splits (it builds no lookup table): at short contexts the residual is otherwise 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -584,16 +585,21 @@ def prepare_paged_pq_decode(q, k_pages, v_pages, indptr, indices, k_centroids, v
                             return_lse: bool = False, out=None, stream=None) -> _PreparedLaunch:
     """Decode attention over caller-managed PQ pages with a CSR page table (no PagedPQCache needed).
 
-    k_pages uint8 (num_pages, nh_k, P, M) with rows XOR-permuted as ``cache.permute_k_rows`` does;
-    v_pages uint8 (num_pages, nh_k, M, P) (transposed); sequence b owns the full pages
-    indices[indptr[b]:indptr[b+1]]; optional exact residual tokens (B, nh_k, Rcap, d) with residual_lens.
+    k_pages, v_pages: uint8 pages in the stored layout of :func:`million_cupy.cache.pack_pages` (K
+    ``(num_pages, nh_k, M // kc, P, kc)`` with ``kc = min(M, 16)``, V ``(num_pages, nh_k, P // 16, M, 16)``);
+    the launch reads them in place, so pages written later are seen by later replays. Sequence b owns the
+    full pages indices[indptr[b]:indptr[b+1]]; optional exact residual tokens (B, nh_k, Rcap, d) with
+    residual_lens.
+
+    Deprecated: the 0.1 layout (K ``(num_pages, nh_k, P, M)`` with rows XOR-permuted, V
+    ``(num_pages, nh_k, M, P)``) is still accepted; it is converted (copied) once here, with a warning.
     """
     q = as_array(q, "q", ndim=3, on_gpu=True)
     B, nh, d = q.shape
     dtype = dtype_name(q.dtype)
-    k_pages = as_array(k_pages, "k_pages", ndim=4, dtypes=("uint8",), on_gpu=True)
-    _, nh_k, P, m = k_pages.shape
-    v_pages = as_array(v_pages, "v_pages", shape=(k_pages.shape[0], nh_k, m, P), dtypes=("uint8",), on_gpu=True)
+    k_pages, v_pages = _stored_pages(k_pages, v_pages)
+    _, nh_k, chunks, P, kcb = k_pages.shape
+    m = chunks * kcb
     _check_config(d, m, dtype, P)
     if nh % nh_k:
         raise ValueError(f"k_pages: nh_k={nh_k} must divide num_heads={nh}")
@@ -606,14 +612,45 @@ def prepare_paged_pq_decode(q, k_pages, v_pages, indptr, indices, k_centroids, v
     lens = npages * P
     if np.any(lens + rlens == 0):
         raise ValueError("a sequence has no tokens (no pages and no residual tokens)")
-    cp = cupy()
     indices = as_array(indices, "indices", ndim=1, dtypes=("int32",), on_gpu=True)
     return _run_standalone(
         MODE_PAGED_PQ, q, d, m, P, lens, rlens, scale, return_lse, out, stream,
-        codebooks=(kc, vc), k_codes=cp.ascontiguousarray(k_pages), v_codes=cp.ascontiguousarray(v_pages),
+        codebooks=(kc, vc), k_codes=k_pages, v_codes=v_pages,
         exact=(rk, rv), page_stride=nh_k * P * m, head_stride=P * m, page_table=indices, page_row=ptr[:-1],
         res_row=np.arange(B, dtype=np.int32), ring_cap=rk.shape[2], nh_k=nh_k,
     )
+
+
+_legacy_pages_warned = False
+
+
+def _stored_pages(k_pages, v_pages):
+    """Validated (k_pages, v_pages) in the stored layout (cache.pack_pages); converts the 0.1 layout."""
+    from .cache import k_chunk, pack_pages, permute_k_rows, V_BLOCK_TOKENS  # noqa: PLC0415 (cache imports decode)
+
+    global _legacy_pages_warned
+    k_pages = as_array(k_pages, "k_pages", dtypes=("uint8",), on_gpu=True)
+    if k_pages.ndim == 4:  # the 0.1 layout: rows [t][m] XOR-permuted, V [m][t]
+        n, nh_k, P, m = k_pages.shape
+        v_pages = as_array(v_pages, "v_pages", shape=(n, nh_k, m, P), dtypes=("uint8",), on_gpu=True)
+        if not _legacy_pages_warned:
+            warnings.warn("paged_pq_decode: 4-D pages (the 0.1 layout) are converted with a copy on every "
+                          "prepare; store pages with million_cupy.cache.pack_pages instead", FutureWarning,
+                          stacklevel=3)
+            _legacy_pages_warned = True
+        cp = cupy()
+        return pack_pages(permute_k_rows(k_pages, cp.arange(P)), cp.swapaxes(v_pages, -2, -1))
+    if k_pages.ndim != 5:
+        raise ValueError(f"k_pages: expected (num_pages, nh_k, M // kc, P, kc) uint8 (cache.pack_pages), "
+                         f"got shape {tuple(k_pages.shape)}")
+    n, nh_k, chunks, P, kc = k_pages.shape
+    m = chunks * kc
+    if kc != k_chunk(m):
+        raise ValueError(f"k_pages: expected chunks of kc = min(M, 16) = {k_chunk(m)} bytes, got {kc}")
+    v_pages = as_array(v_pages, "v_pages", shape=(n, nh_k, P // V_BLOCK_TOKENS, m, V_BLOCK_TOKENS),
+                       dtypes=("uint8",), on_gpu=True)
+    cp = cupy()
+    return cp.ascontiguousarray(k_pages), cp.ascontiguousarray(v_pages)
 
 
 def _residual_args(q, residual_k, residual_v, residual_lens, nh_k: int):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from million_cupy import reference
-from million_cupy.cache import PagedPQCache, permute_k_rows
+from million_cupy.cache import PagedPQCache, pack_pages, permute_k_rows, unpack_pages
 from million_cupy.codebook import Codebook, ModelCodebooks
 from million_cupy.errors import PagePoolExhausted, SequenceSlotsExhausted, UnsupportedConfiguration
 from million_cupy.interop import cupy, resolve_dtype, to_numpy
@@ -52,16 +52,31 @@ def on(cache, x):
     return cupy().asarray(x) if cache.is_gpu else x
 
 
-def stored_to_logical(k_page_codes):
-    """``(..., P, M)`` K codes as stored in a page -> subspace order, written from docs/architecture.md
+def unpermute_rows(k_rows):
+    """``(..., P, M)`` K rows in stored (permuted) order -> subspace order, written from docs/architecture.md
     independently of the cache: stored position s of in-page row t holds subspace s ^ (t % ROT)."""
-    P, M = k_page_codes.shape[-2:]
+    P, M = k_rows.shape[-2:]
     rot = min(M, 32)
-    out = np.empty_like(k_page_codes)
+    out = np.empty_like(k_rows)
     for t in range(P):
         for s in range(M):
-            out[..., t, s ^ (t % rot)] = k_page_codes[..., t, s]
+            out[..., t, s ^ (t % rot)] = k_rows[..., t, s]
     return out
+
+
+def stored_to_logical(k_pages, v_pages):
+    """Stored pages (docs/architecture.md) -> ``(..., P, M)`` K and V codes in token / subspace order:
+    stored K position s of row t is byte s % kc of chunk s // kc (kc = min(M, 16)), chunk-major
+    ``(..., M // kc, P, kc)``; V ``(..., P // 16, M, 16)`` holds token t of subspace m at [t // 16, m, t % 16]."""
+    *lead, chunks, P, kc = k_pages.shape
+    M = chunks * kc
+    k_rows = np.empty((*lead, P, M), np.uint8)
+    v = np.empty((*lead, P, M), np.uint8)
+    for t in range(P):
+        for s in range(M):
+            k_rows[..., t, s] = k_pages[..., s // kc, t, s % kc]
+            v[..., t, s] = v_pages[..., t // 16, s, t % 16]
+    return unpermute_rows(k_rows), v
 
 
 def pages_of(n, P, R):
@@ -82,8 +97,10 @@ def contents(cache, layer, seq):
     P, R, M, nh = cache.page_size, cache.residual, cache.M, cache.num_kv_heads
     n = cache.seq_len(seq, layer)
     _, indices, residual_lens = cache.page_table(layer, [seq])
-    kc = stored_to_logical(to_numpy(cache.k_codes(layer)[indices])).transpose(0, 2, 1, 3).reshape(-1, nh, M)
-    vc = to_numpy(cache.v_codes(layer)[indices]).transpose(0, 3, 1, 2).reshape(-1, nh, M)
+    kc, vc = (
+        c.transpose(0, 2, 1, 3).reshape(-1, nh, M)
+        for c in stored_to_logical(to_numpy(cache.k_codes(layer)[indices]), to_numpy(cache.v_codes(layer)[indices]))
+    )
     slots = np.arange(n - int(to_numpy(residual_lens)[0]), n) % R
     rk = to_numpy(cache.residual_k(layer)[seq])[:, slots].transpose(1, 0, 2)
     rv = to_numpy(cache.residual_v(layer)[seq])[:, slots].transpose(1, 0, 2)
@@ -281,7 +298,7 @@ def test_pool_bytes_follow_the_documented_layout(rng, device, M):
     cache = make_cache(rng, device, num_layers=2, nh_k=2, M=M)
     s = cache.add_sequence()
     P, nh, nb = cache.page_size, cache.num_kv_heads, cache.page_nbytes
-    rot = min(M, 32)
+    rot, kc = min(M, 32), min(M, 16)
     n = 80  # 4 full pages
     for l in range(2):
         x, y = tokens(rng, n, cache), tokens(rng, n, cache)
@@ -295,8 +312,9 @@ def test_pool_bytes_follow_the_documented_layout(rng, device, M):
         for block in range(pages_of(n, P, cache.residual)):
             p = int(table[block])
             t, h, m = np.meshgrid(np.arange(P), np.arange(nh), np.arange(M), indexing="ij")
-            k_at = p * nb + ((l * 2 + 0) * nh + h) * P * M + t * M + (m ^ (t % rot))  # subspace m's position
-            v_at = p * nb + ((l * 2 + 1) * nh + h) * P * M + m * P + t
+            pos = m ^ (t % rot)  # subspace m's position in the stored row
+            k_at = p * nb + ((l * 2 + 0) * nh + h) * P * M + ((pos // kc) * P + t) * kc + pos % kc
+            v_at = p * nb + ((l * 2 + 1) * nh + h) * P * M + ((t // 16) * M + m) * 16 + t % 16
             tok = block * P + t
             assert_codes_match(flat[k_at], exact(x)[block * P : (block + 1) * P], cache.key_centroids(l))
             assert_codes_match(flat[v_at], exact(y)[block * P : (block + 1) * P], cache.value_centroids(l))
@@ -305,12 +323,14 @@ def test_pool_bytes_follow_the_documented_layout(rng, device, M):
                 np.testing.assert_array_equal(flat[v_at], vref[tok, h, m])
     # The code views alias the pool (no copies).
     kv, vv = cache.k_codes(1), cache.v_codes(1)
-    assert kv.shape == (cache.num_pages, nh, P, M) and vv.shape == (cache.num_pages, nh, M, P)
-    kv[3, 1, 5, 7] = 201
-    vv[3, 1, 7, 5] = 202
+    assert kv.shape == (cache.num_pages, nh, M // kc, P, kc) and vv.shape == (cache.num_pages, nh, P // 16, M, 16)
+    chunk = M // kc - 1
+    kv[3, 1, chunk, 5, 7] = 201
+    block = P // 16 - 1
+    vv[3, 1, block, 7, 5] = 202
     flat = to_numpy(cache.pool).reshape(-1)
-    assert flat[3 * nb + ((1 * 2 + 0) * nh + 1) * P * M + 5 * M + 7] == 201
-    assert flat[3 * nb + ((1 * 2 + 1) * nh + 1) * P * M + 7 * P + 5] == 202
+    assert flat[3 * nb + ((1 * 2 + 0) * nh + 1) * P * M + (chunk * P + 5) * kc + 7] == 201
+    assert flat[3 * nb + ((1 * 2 + 1) * nh + 1) * P * M + (block * M + 7) * 16 + 5] == 202
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -319,7 +339,7 @@ def test_permute_k_rows_is_the_documented_involution(rng, device, M):
     side = (lambda x: cupy().asarray(x)) if device == "cuda" else (lambda x: x)
     codes = rng.integers(0, 256, (3, 2, 16, M), dtype=np.uint8)  # (pages, nh_k, P, M)
     stored = permute_k_rows(side(codes), np.arange(16))
-    np.testing.assert_array_equal(stored_to_logical(to_numpy(stored)), codes)
+    np.testing.assert_array_equal(unpermute_rows(to_numpy(stored)), codes)
     np.testing.assert_array_equal(to_numpy(permute_k_rows(stored, np.arange(16))), codes)
     # One in-page index per token, broadcast over heads: how a flush calls it.
     rows = rng.integers(0, 16, 5)
@@ -327,6 +347,21 @@ def test_permute_k_rows_is_the_documented_involution(rng, device, M):
     got = to_numpy(permute_k_rows(side(tok), rows[:, None]))
     for i, t in enumerate(rows):
         np.testing.assert_array_equal(got[i][:, np.arange(M) ^ (t % min(M, 32))], tok[i])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,P", [(8, 16), (32, 32), (64, 64), (128, 16)])
+def test_pack_pages_is_the_documented_layout(rng, device, M, P):
+    side = (lambda x: cupy().asarray(x)) if device == "cuda" else (lambda x: x)
+    k, v = rng.integers(0, 256, (2, 3, 2, P, M), dtype=np.uint8)  # (pages, nh_k, P, M) each
+    kp, vp = pack_pages(side(k), side(v))
+    assert kp.shape == (3, 2, M // min(M, 16), P, min(M, 16)) and vp.shape == (3, 2, P // 16, M, 16)
+    for got, want in zip(stored_to_logical(to_numpy(kp), to_numpy(vp)), (k, v)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(unpack_pages(kp, vp), (k, v)):
+        np.testing.assert_array_equal(to_numpy(got), want)
+    with pytest.raises(ValueError, match="v_codes"):
+        pack_pages(side(k), side(v[..., : P // 2, :]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

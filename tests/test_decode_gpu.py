@@ -73,21 +73,29 @@ class Problem:
                                       self.res_v[b, :, :r].transpose(1, 0, 2).astype(np.float64)]))
         return reference.decode_attention(self.q.astype(np.float64), ks, vs)
 
-    def paged(self, rng):
-        """Pages in a shuffled pool: k (N, nh_k, P, M) permuted rows, v (N, nh_k, M, P); CSR table."""
+    def paged(self, rng, legacy=False):
+        """Pages in a shuffled pool, in the stored layout of docs/architecture.md (written here independently
+        of cache.pack_pages): k (N, nh_k, M // kc, P, kc) permuted rows cut into kc = min(M, 16)-byte chunks,
+        v (N, nh_k, P // 16, M, 16); CSR table. ``legacy``: the 0.1 layout, k (N, nh_k, P, M) permuted rows
+        and v (N, nh_k, M, P)."""
         total = int(self.pages.sum())
         n_pool = total + 3
         ids = rng.permutation(n_pool)[:total].astype(np.int32)
-        kp = rng.integers(0, 256, (n_pool, self.nh_k, self.P, self.M), dtype=np.uint8)  # junk elsewhere
-        vp = rng.integers(0, 256, (n_pool, self.nh_k, self.M, self.P), dtype=np.uint8)
+        P, M, kc = self.P, self.M, min(self.M, 16)
+        shapes = ((P, M), (M, P)) if legacy else ((M // kc, P, kc), (P // 16, M, 16))
+        kp = rng.integers(0, 256, (n_pool, self.nh_k, *shapes[0]), dtype=np.uint8)  # junk elsewhere
+        vp = rng.integers(0, 256, (n_pool, self.nh_k, *shapes[1]), dtype=np.uint8)
         indptr = np.concatenate([[0], np.cumsum(self.pages)]).astype(np.int32)
         for b in range(self.B):
             for j in range(self.pages[b]):
                 pid = ids[indptr[b] + j]
-                blk_k = self.codes_k[b][j * self.P:(j + 1) * self.P].transpose(1, 0, 2)  # (nh_k, P, M)
-                blk_v = self.codes_v[b][j * self.P:(j + 1) * self.P].transpose(1, 2, 0)  # (nh_k, M, P)
-                kp[pid] = permute_rows(blk_k)
-                vp[pid] = blk_v
+                rows = permute_rows(self.codes_k[b][j * P:(j + 1) * P].transpose(1, 0, 2))  # (nh_k, P, M)
+                blk_v = self.codes_v[b][j * P:(j + 1) * P].transpose(1, 0, 2)  # (nh_k, P, M)
+                if legacy:
+                    kp[pid], vp[pid] = rows, blk_v.transpose(0, 2, 1)
+                else:
+                    kp[pid] = rows.reshape(self.nh_k, P, M // kc, kc).transpose(0, 2, 1, 3)
+                    vp[pid] = blk_v.reshape(self.nh_k, P // 16, 16, M).transpose(0, 1, 3, 2)
         return kp, vp, indptr, ids
 
     def contiguous(self):
@@ -148,6 +156,24 @@ def test_paged_pq_ragged(rng, d, M, nh, nh_k, dtype, P):
                            residual_v=cp.asarray(prob.res_v), residual_lens=prob.res, return_lse=True, out=out)
     assert o is out
     _check(o, l, prob.reference(), dtype)
+
+
+def test_paged_pq_legacy_layout_is_converted_with_a_warning(rng, monkeypatch):
+    """0.1-layout pages (4-D) still decode correctly, after one FutureWarning."""
+    from million_cupy import decode as decode_mod
+
+    cp = _cp()
+    monkeypatch.setattr(decode_mod, "_legacy_pages_warned", False)
+    prob = Problem(rng, d=128, M=64, nh=8, nh_k=2, dtype="float16", pages=[3, 0, 2], res=[5, 9, 0], P=64,
+                   res_cap=64)
+    kp, vp, indptr, ids = prob.paged(rng, legacy=True)
+    args = (cp.asarray(prob.q), cp.asarray(kp), cp.asarray(vp), indptr, cp.asarray(ids), cp.asarray(prob.kc),
+            cp.asarray(prob.vc))
+    kw = dict(residual_k=cp.asarray(prob.res_k), residual_v=cp.asarray(prob.res_v), residual_lens=prob.res,
+              return_lse=True)
+    with pytest.warns(FutureWarning, match="pack_pages"):
+        o, l = decode_mod.paged_pq_decode(*args, **kw)
+    _check(o, l, prob.reference(), "float16")
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -232,6 +258,6 @@ def test_unsupported_config_raises():
     cp = _cp()
     q = cp.zeros((1, 4, 96), cp.float16)
     with pytest.raises(UnsupportedConfiguration, match="head_dim"):
-        paged_pq_decode(q, cp.zeros((1, 4, 64, 48), cp.uint8), cp.zeros((1, 4, 48, 64), cp.uint8), [0, 1],
+        paged_pq_decode(q, cp.zeros((1, 4, 3, 64, 16), cp.uint8), cp.zeros((1, 4, 4, 48, 16), cp.uint8), [0, 1],
                         cp.zeros(1, cp.int32), cp.zeros((1, 48, 256, 2), cp.float32),
                         cp.zeros((1, 48, 256, 2), cp.float32))
