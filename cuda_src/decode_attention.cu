@@ -120,7 +120,7 @@ struct DecodeSmem {
 template <int MODE, int D, int M, int G, typename T>
 __global__ void __launch_bounds__(NT, 1) decode_attention(
     const T* __restrict__ q,                  // (B, nh, D)
-    const float* __restrict__ k_cent,         // PQ: (Hc, 256, M, DSUB) fp32, [c][m] order
+    const __half* __restrict__ k_cent,        // PQ: (Hc, 256, M, DSUB) fp16, [c][m] order
     const __half* __restrict__ v_cent,        // PQ: (Hc, 256, M, DSUB) fp16, [c][m] order
     long long cb_head_stride,                 // elements between kv heads' codebooks (0: shared)
     const unsigned char* __restrict__ k_codes,  // PAGED: pool + layer K offset; CONTIG: (B, nh_k, Tcap, M)
@@ -156,6 +156,9 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   // V bytes of a chunk read per page lookup: 16 never crosses a page (page sizes are powers of two >= 16).
   constexpr int VPIECE = CHUNK < 16 ? CHUNK : 16;
   constexpr int VWL = MPL * CHUNK / 4;       // 32-bit words of a lane's V codes
+  constexpr int LPT = 4;                     // exact tiles: lanes per token
+  constexpr int TE = 32 / LPT;               // exact tiles: tokens per tile
+  constexpr int CHUNK_E = TE * VL / 32;      // exact tiles: tokens of a lane's V chunk
   static_assert(G == 1 || G == 2 || G == 4 || G == 8, "G in {1,2,4,8}");
   static_assert(M % 8 == 0 && (M < 32 || M % 32 == 0), "M");
   constexpr bool V_HALF = DSUB >= 2;  // packed fp16 V accumulation needs centroid pairs
@@ -219,14 +222,12 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       for (int h = 0; h < G; ++h)
 #pragma unroll
         for (int i = 0; i < DSUB; ++i) qm[h][i] = to_float(q[((long long)b * nh + h0 + h) * D + m * DSUB + i]) * scale_log2;
-      const float* ksrc = k_cent + kvh * cb_head_stride + (long long)tid * DSUB;  // entry tid / M, m
+      const __half* ksrc = k_cent + kvh * cb_head_stride + (long long)tid * DSUB;  // entry tid / M, m
 #pragma unroll 1
       for (int k0 = 0; k0 < ENT; k0 += BATCH) {
         float c[BATCH][DSUB];
 #pragma unroll
-        for (int k = 0; k < BATCH; ++k)
-#pragma unroll
-          for (int i = 0; i < DSUB; ++i) c[k][i] = __ldg(ksrc + (long long)(k0 + k) * NT * DSUB + i);
+        for (int k = 0; k < BATCH; ++k) pq_load_subvector<DSUB>(ksrc + (long long)(k0 + k) * NT * DSUB, c[k]);
 #pragma unroll
         for (int k = 0; k < BATCH; ++k) {
           __half entry[G];
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   const int ex_begin = MODE == MODE_PAGED_EXACT ? tok_begin : 0;
   const int ex_end = MODE == MODE_PAGED_EXACT ? tok_end : (with_residual ? res_len[b] : 0);
   const int pq_tiles = (n_pq + 31) / 32;
-  const int all_tiles = pq_tiles + (ex_end - ex_begin + 31) / 32;
+  const int all_tiles = pq_tiles + (ex_end - ex_begin + TE - 1) / TE;
 
   float m_run[G], l_lane[G];
   float acc[MPL][G][DSUB];
@@ -274,8 +275,9 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
 
   // Online softmax over this warp's tile: s[] are the lane's token scores (log2 domain, -inf when
   // masked); leaves the probabilities in p_w (fp16 [token][G] for the packed V pass, else fp32) and
-  // rescales the accumulators.
-  auto softmax_tile = [&](float (&s)[G], bool half_p) {
+  // rescales the accumulators. Lanes that share a token (exact tiles) hold the same score; only its
+  // `writer` lane counts it in l and stores its p at row `slot`.
+  auto softmax_tile = [&](float (&s)[G], bool half_p, bool writer, int slot) {
     float p[G];
 #pragma unroll
     for (int h = 0; h < G; ++h) {
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       const float m_new = fmaxf(m_run[h], mt);  // finite: every tile holds a valid token
       const float alpha = fast_exp2(m_run[h] - m_new);
       p[h] = fast_exp2(s[h] - m_new);
-      l_lane[h] = l_lane[h] * alpha + p[h];
+      l_lane[h] = l_lane[h] * alpha + (writer ? p[h] : 0.f);
       m_run[h] = m_new;
 #pragma unroll
       for (int k = 0; k < MPL; ++k)
@@ -297,10 +299,10 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       __half ph[G];
 #pragma unroll
       for (int h = 0; h < G; ++h) ph[h] = __float2half_rn(p[h]);
-      store_halves<G>(reinterpret_cast<__half*>(p_w) + lane * G, ph);
-    } else {
+      store_halves<G>(reinterpret_cast<__half*>(p_w) + slot * G, ph);
+    } else if (writer) {
 #pragma unroll
-      for (int h = 0; h < G; ++h) p_w[lane * G + h] = p[h];
+      for (int h = 0; h < G; ++h) p_w[slot * G + h] = p[h];
     }
     __syncwarp();
   };
@@ -322,12 +324,15 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     auto fetch_page = [&](int tile) -> int {
       return MODE == MODE_PAGED_PQ ? __ldg(seq_pages + ((tok_begin + tile * 32) >> page_shift)) : 0;
     };
-    auto load_codes = [&](int tile, int page, unsigned int (&kw)[KW], unsigned int (&vw)[VWL]) {
+    // The page of a tile's tokens 16..31: its own with 16-token pages, else the tile's page.
+    auto page_hi_of = [&](int tok0, int page) -> int {
+      return MODE == MODE_PAGED_PQ && page_shift < 5 && tok0 + 16 < tok_end
+                 ? __ldg(seq_pages + ((tok0 + 16) >> page_shift)) : page;
+    };
+    auto load_k = [&](int tile, int page, unsigned int (&kw)[KW]) {
       const int tok0 = tok_begin + tile * 32;
       const int tok = tok0 + lane;
-      int page_hi = page;  // the page of the tile's tokens 16..31
-      if (MODE == MODE_PAGED_PQ && page_shift < 5 && tok0 + 16 < tok_end)
-        page_hi = __ldg(seq_pages + ((tok0 + 16) >> page_shift));
+      const int page_hi = page_hi_of(tok0, page);
       if (tok < tok_end) {
         if constexpr (MODE == MODE_PAGED_PQ) {
           // Chunk-major rows: lane t's chunk i sits right after lane t-1's, so each load is coalesced.
@@ -338,6 +343,10 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
         else
           load_code_bytes<M>(kw, k_base + (long long)tok * M);
       }
+    };
+    auto load_v = [&](int tile, int page, unsigned int (&vw)[VWL]) {
+      const int tok0 = tok_begin + tile * 32;
+      const int page_hi = page_hi_of(tok0, page);
       if constexpr (MODE == MODE_PAGED_PQ) {
 #pragma unroll
         for (int piece = 0; piece < CHUNK / VPIECE; ++piece) {
@@ -404,7 +413,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
 #pragma unroll
         for (int h = 0; h < G; ++h) s[h] = -kInf;
       }
-      softmax_tile(s, V_HALF);
+      softmax_tile(s, V_HALF, true, lane);
       // V: masked tokens have p = 0 and (stale but valid) codes, so no per-token branch is needed.
       if constexpr (V_HALF) {
         // One tile's p.v in packed fp16 FMAs (p <= 1, at most 32 terms), folded into fp32 per tile.
@@ -466,29 +475,50 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       }
     };
 
-    unsigned int kw[KW], vw[VWL];  // codes of the warp's next tile
-    int page = 0;                  // page-table entry of the tile after it
-    // With M = 256 a second code buffer would not fit in registers: each tile is loaded when it starts.
+    // K codes are prefetched one tile ahead (the K pass starts with them). V codes too where both buffers are
+    // small (M <= 32); with larger M they are loaded when their tile starts and arrive during its K pass,
+    // which keeps one V buffer instead of two in registers (the 128-register cap would otherwise spill).
+    unsigned int kw[KW], vw[VWL];  // the next tile's K codes; V codes of the next (V_AHEAD) or current tile
+    int page = 0, page_next = 0;   // page-table entries of the warp's current and next tile
+    // With M = 256 a second K buffer would not fit in registers: each tile is loaded when it starts.
     constexpr bool PREFETCH = M <= 128;
+    constexpr bool V_AHEAD = M <= 32;
     if constexpr (PREFETCH) {
       // The first tile's loads are issued before the tables are staged, so they overlap that work.
-      if (warp < pq_tiles) load_codes(warp, fetch_page(warp), kw, vw);
-      if (warp + NWARPS < pq_tiles) page = fetch_page(warp + NWARPS);
+      if (warp < pq_tiles) {
+        page = fetch_page(warp);
+        load_k(warp, page, kw);
+        load_v(warp, page, vw);
+      }
+      if (warp + NWARPS < pq_tiles) page_next = fetch_page(warp + NWARPS);
       stage_tables();
       for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
         unsigned int kcur[KW], vcur[VWL];
 #pragma unroll
         for (int i = 0; i < KW; ++i) kcur[i] = kw[i];
+        if constexpr (V_AHEAD) {
 #pragma unroll
-        for (int i = 0; i < VWL; ++i) vcur[i] = vw[i];
-        if (tile + NWARPS < pq_tiles) load_codes(tile + NWARPS, page, kw, vw);  // in flight during this tile
-        if (tile + 2 * NWARPS < pq_tiles) page = fetch_page(tile + 2 * NWARPS);
-        process_tile(tile, kcur, vcur);
+          for (int i = 0; i < VWL; ++i) vcur[i] = vw[i];
+        } else if (tile != warp) {
+          load_v(tile, page, vw);
+        }
+        if (tile + NWARPS < pq_tiles) {  // in flight during this tile
+          load_k(tile + NWARPS, page_next, kw);
+          if constexpr (V_AHEAD) load_v(tile + NWARPS, page_next, vw);
+        }
+        page = page_next;
+        if (tile + 2 * NWARPS < pq_tiles) page_next = fetch_page(tile + 2 * NWARPS);
+        if constexpr (V_AHEAD)
+          process_tile(tile, kcur, vcur);
+        else
+          process_tile(tile, kcur, vw);
       }
     } else {
       stage_tables();
       for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
-        load_codes(tile, fetch_page(tile), kw, vw);
+        page = fetch_page(tile);
+        load_k(tile, page, kw);
+        load_v(tile, page, vw);
         process_tile(tile, kw, vw);
       }
     }
@@ -506,52 +536,60 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       return base + (((long long)res_row[b] * nh_k + kvh) * ring_cap + slot) * D;
     }
   };
+  // A tile of TE tokens with LPT lanes per token: each lane reads every LPT-th 16-byte vector of its token's
+  // K row (the LPT lanes of a token read consecutive bytes, and their q vectors sit in distinct banks),
+  // so the dot products need few loads per lane, all in flight at once. Short contexts wait on exactly
+  // this work (the residual tokens), so it is spread over as many warps as there are tiles.
   for (int tile = pq_tiles + ((warp - pq_tiles) % NWARPS + NWARPS) % NWARPS; tile < all_tiles; tile += NWARPS) {
-    const int t0 = ex_begin + (tile - pq_tiles) * 32;
+    const int t0 = ex_begin + (tile - pq_tiles) * TE;
+    const int tq = lane / LPT;  // this lane's token in the tile
+    const bool valid = t0 + tq < ex_end;
     float s[G];
-    if (t0 + lane < ex_end) {
-      const T* kr = exact_ptr(exact_k, t0 + lane);
 #pragma unroll
-      for (int h = 0; h < G; ++h) s[h] = 0.f;
-      // The row's 16-byte vectors in batches whose loads are all in flight together (this tile is on the
-      // critical path of short contexts: each serialized global round trip shows in the step time).
+    for (int h = 0; h < G; ++h) s[h] = 0.f;
+    if (valid) {
       constexpr int EPV = 16 / sizeof(T);
-      constexpr int NVEC = D / EPV;
+      const uint4* kr = reinterpret_cast<const uint4*>(exact_ptr(exact_k, t0 + tq)) + lane % LPT;
+      const float* qr = q_s + (lane % LPT) * EPV;
+      constexpr int NVL = D / EPV / LPT;  // vectors per lane
       constexpr int ACC = MPL * G * DSUB;  // accumulator registers: the budget left for loads in flight
       constexpr int KMAX = ACC <= 16 ? 16 : (ACC <= 32 ? 8 : 4);
-      constexpr int KBATCH = NVEC < KMAX ? NVEC : KMAX;
+      constexpr int KBATCH = NVL < KMAX ? NVL : KMAX;
 #pragma unroll
-      for (int v0 = 0; v0 < NVEC; v0 += KBATCH) {
+      for (int v0 = 0; v0 < NVL; v0 += KBATCH) {
         uint4 raw[KBATCH];
 #pragma unroll
-        for (int i = 0; i < KBATCH; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(kr) + v0 + i);
+        for (int i = 0; i < KBATCH; ++i) raw[i] = __ldg(kr + (v0 + i) * LPT);
 #pragma unroll
         for (int i = 0; i < KBATCH; ++i) {
           float kv[EPV];
           unpack16<T>(raw[i], kv);
+          const float* qv = qr + (v0 + i) * LPT * EPV;
 #pragma unroll
           for (int h = 0; h < G; ++h)
 #pragma unroll
-            for (int e = 0; e < EPV; ++e) s[h] = fmaf(q_s[h * D + (v0 + i) * EPV + e], kv[e], s[h]);
+            for (int e = 0; e < EPV; ++e) s[h] = fmaf(qv[h * D + e], kv[e], s[h]);
         }
       }
-#pragma unroll
-      for (int h = 0; h < G; ++h) s[h] *= scale_log2;
-    } else {
-#pragma unroll
-      for (int h = 0; h < G; ++h) s[h] = -kInf;
     }
-    softmax_tile(s, false);
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+#pragma unroll
+      for (int off = 1; off < LPT; off <<= 1) s[h] += __shfl_xor_sync(0xffffffffu, s[h], off);
+      s[h] = valid ? s[h] * scale_log2 : -kInf;
+    }
+    softmax_tile(s, false, lane % LPT == 0, tq);
     // V: the lane's sub-vectors of VBATCH tokens loaded together. Values past the end may be NaN: they are
     // never loaded (zeros instead), not multiplied by p = 0.
-    const int nvalid = min(CHUNK, ex_end - (t0 + vtg * CHUNK));
-    constexpr int VBATCH = MPL * DSUB >= 32 ? 1 : (32 / (MPL * DSUB) < 8 ? 32 / (MPL * DSUB) : 8);
+    const int nvalid = min(CHUNK_E, ex_end - (t0 + vtg * CHUNK_E));
+    constexpr int VBATCH_MAX = MPL * DSUB >= 32 ? 1 : (32 / (MPL * DSUB) < 8 ? 32 / (MPL * DSUB) : 8);
+    constexpr int VBATCH = VBATCH_MAX < CHUNK_E ? VBATCH_MAX : CHUNK_E;
     for (int j0 = 0; j0 < nvalid; j0 += VBATCH) {
       float v[VBATCH][MPL][DSUB];
 #pragma unroll
       for (int jj = 0; jj < VBATCH; ++jj) {
         const bool ok = j0 + jj < nvalid;
-        const T* vr = exact_ptr(exact_v, t0 + vtg * CHUNK + (ok ? j0 + jj : 0));
+        const T* vr = exact_ptr(exact_v, t0 + vtg * CHUNK_E + (ok ? j0 + jj : 0));
 #pragma unroll
         for (int k = 0; k < MPL; ++k) {
           pq_load_subvector<DSUB>(vr + (vm0 + VL * k) * DSUB, v[jj][k]);
@@ -562,7 +600,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
       }
 #pragma unroll
       for (int jj = 0; jj < VBATCH; ++jj) {
-        const float* pj = p_w + (vtg * CHUNK + j0 + jj) * G;
+        const float* pj = p_w + (vtg * CHUNK_E + j0 + jj) * G;
 #pragma unroll
         for (int k = 0; k < MPL; ++k) accumulate_v<G, DSUB>(acc[k], pj, v[jj][k]);
       }
@@ -635,16 +673,18 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   if (single) return;
 
   // ---- the last CTA of this (sequence, head group) merges the splits --------------------------------
-  __threadfence();
+  // The barrier orders every thread's partial-state writes before thread 0's release (releases are
+  // cumulative; CUTLASS's split-K semaphore relies on the same), and thread 0's acquire plus the second
+  // barrier order the last CTA's reads after every other split's release: no per-thread fences.
   __syncthreads();
   __shared__ int is_last;
   if (tid == 0) {
-    const int done = atomicAdd(unit_counter + unit, 1);
+    int done;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(unit_counter + unit) : "memory");
     is_last = done == ui.y - 1;
   }
   __syncthreads();
   if (!is_last) return;
-  __threadfence();
   // One pass with a running max over batches of splits whose partial states are loaded together: the
   // loads of a batch are independent, so a batch costs one global round trip (at short contexts this merge
   // is on the critical path of the whole step).

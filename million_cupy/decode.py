@@ -260,9 +260,11 @@ def _launch(kernel, work_items: int, smem: int, args: tuple, stream) -> None:
 
 
 def kernel_codebooks(k_centroids, v_centroids):
-    """(Hc, M, C, dsub) centroids → the kernels' [c][m] layouts: K float32, V float16."""
+    """(Hc, M, C, dsub) centroids → the kernels' [c][m] layouts, both float16: every CTA reads the K codebook
+    to build its lookup table (whose entries are fp16 anyway), and at short contexts those reads are a
+    large part of the step."""
     cp = cupy()
-    k = cp.ascontiguousarray(cp.asarray(k_centroids, dtype=cp.float32).transpose(0, 2, 1, 3))
+    k = cp.ascontiguousarray(cp.asarray(k_centroids, dtype=cp.float32).transpose(0, 2, 1, 3).astype(cp.float16))
     v = cp.ascontiguousarray(cp.asarray(v_centroids, dtype=cp.float32).transpose(0, 2, 1, 3).astype(cp.float16))
     return k, v
 
