@@ -34,21 +34,20 @@ template <> struct VecOf<16> { using type = uint4; };
 
 constexpr int K_RUN = 4;  // lookups summed in fp16 before folding into the fp32 score
 
-// run[] (+)= LUT entry for the whole GQA group, read with one vector load.
+// run[] (+)= LUT entry for the whole GQA group at shared address `addr`, read with one vector load.
 template <int G>
-__device__ __forceinline__ void add_lut_run(__half2* run, const __half* e, bool first) {
+__device__ __forceinline__ void add_lut_run(__half2* run, unsigned int addr, bool first) {
   if constexpr (G == 1) {
-    const __half2 v = __halves2half2(e[0], __float2half_rn(0.f));
-    run[0] = first ? v : __hadd2(run[0], v);
-  } else if constexpr (G == 2) {
-    const __half2 v = *reinterpret_cast<const __half2*>(e);
+    const __half2 v = __halves2half2(__ushort_as_half(lds_u16(addr)), __float2half_rn(0.f));
     run[0] = first ? v : __hadd2(run[0], v);
   } else {
-    using V = typename VecOf<G * 2>::type;  // 8-byte (G=4) or 16-byte (G=8) load
-    const V raw = *reinterpret_cast<const V*>(e);
-    const __half2* hp = reinterpret_cast<const __half2*>(&raw);
+    unsigned int raw[G / 2];  // 4 (G=2), 8 (G=4) or 16 (G=8) bytes
+    lds_words<G / 2>(addr, raw);
 #pragma unroll
-    for (int k = 0; k < G / 2; ++k) run[k] = first ? hp[k] : __hadd2(run[k], hp[k]);
+    for (int k = 0; k < G / 2; ++k) {
+      const __half2 v = *reinterpret_cast<const __half2*>(&raw[k]);
+      run[k] = first ? v : __hadd2(run[k], v);
+    }
   }
 }
 
@@ -379,8 +378,14 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     };
     const int rot = (MODE == MODE_PAGED_PQ) ? ((tok_begin + lane) & page_mask) % ROT : 0;  // tiles are 32-aligned in a page
     const unsigned int rot_b = (unsigned)rot * (G * 2);
-    const unsigned char* lut_b = reinterpret_cast<const unsigned char*>(lut_s);
-    const unsigned char* vc_lane = reinterpret_cast<const unsigned char*>(vc_s) + vm0 * DSUB * 2;
+    const unsigned int lut_s32 = smem_addr(lut_s);
+    const unsigned char* vc_b = reinterpret_cast<const unsigned char*>(vc_s);  // V centroids in global memory
+    const unsigned int vc_s32 = smem_addr(vc_smem);                               // or in shared memory
+    // Byte offset of the lane's subspace k inside a V centroid row [m][DSUB] (fp16). With 256-byte rows
+    // (head_dim 128) it is below 256, so one byte-permute builds code * 256 + offset.
+    unsigned int v_lane_off[MPL];
+#pragma unroll
+    for (int k = 0; k < MPL; ++k) v_lane_off[k] = (vm0 + VL * k) * DSUB * 2;
 
     auto process_tile = [&](int tile, const unsigned int (&kcur)[KW], const unsigned int (&vcur)[VWL]) {
       const int tok0 = tok_begin + tile * 32;
@@ -401,11 +406,12 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
             unsigned int off;
             if constexpr (MODE == MODE_PAGED_PQ) {
               const unsigned int row = LUT_ROW == 256 ? code_byte_shl8(kcur, j) : code_byte(kcur, j) * LUT_ROW;
-              off = (row ^ ((((unsigned)j % MB) * (G * 2)) ^ rot_b)) + ((unsigned)j / MB) * (256 * LUT_ROW);
+              // The block offset is a power of two above every row offset, so it joins the XOR: one LOP3.
+              off = row ^ ((((unsigned)j % MB) * (G * 2) + ((unsigned)j / MB) * (256 * LUT_ROW)) ^ rot_b);
             } else {
               off = code_byte(kcur, j) * (G * 2) + (unsigned)j * (256 * G * 2);
             }
-            add_lut_run<G>(run, reinterpret_cast<const __half*>(lut_b + off), j == j0);
+            add_lut_run<G>(run, lut_s32 + off, j == j0);
           }
           fold_lut_run<G>(s, run);
         }
@@ -435,12 +441,16 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
           for (int j = j0; j < j0 + PT; ++j) {
 #pragma unroll
             for (int k = 0; k < MPL; ++k) {
-              const unsigned int cofs = M * DSUB * 2 == 256 ? code_byte_shl8(vcur, k * CHUNK + j)
-                                                              : code_byte(vcur, k * CHUNK + j) * (M * DSUB * 2);
-              const __half2* cv = reinterpret_cast<const __half2*>(vc_lane + cofs + VL * k * DSUB * 2);
+              const unsigned int cofs = M * DSUB * 2 == 256 ? code_byte_shl8_or(vcur, k * CHUNK + j, v_lane_off[k])
+                                                              : code_byte(vcur, k * CHUNK + j) * (M * DSUB * 2) + v_lane_off[k];
               __half2 v[DSUB / 2];
+              if constexpr (S::VC_SMEM) {
+                lds_words<DSUB / 2>(vc_s32 + cofs, reinterpret_cast<unsigned int(&)[DSUB / 2]>(v));
+              } else {
+                const __half2* cv = reinterpret_cast<const __half2*>(vc_b + cofs);
 #pragma unroll
-              for (int i = 0; i < DSUB / 2; ++i) v[i] = cv[i];
+                for (int i = 0; i < DSUB / 2; ++i) v[i] = cv[i];
+              }
 #pragma unroll
               for (int h = 0; h < G; ++h) {
                 const __half2 ph = __half2half2(pt[(j - j0) * G + h]);

@@ -26,6 +26,29 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// Loads from a 32-bit shared-window address. Table lookups computed this way compile to
+// LDS [offset + uniform base] with no per-lookup add of the shared window's base (which sm_90 generic
+// shared pointers carry in a register). volatile keeps them after the barrier that publishes the tables.
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+  return static_cast<unsigned int>(__cvta_generic_to_shared(p));
+}
+template <int N>
+__device__ __forceinline__ void lds_words(unsigned int addr, unsigned int (&w)[N]) {
+  static_assert(N == 1 || N == 2 || N == 4, "1, 2 or 4 words");
+  if constexpr (N == 1) {
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(w[0]) : "r"(addr));
+  } else if constexpr (N == 2) {
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "r"(addr));
+  } else {
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(addr));
+  }
+}
+__device__ __forceinline__ unsigned short lds_u16(unsigned int addr) {
+  unsigned short v;
+  asm volatile("ld.shared.b16 %0, [%1];" : "=h"(v) : "r"(addr));
+  return v;
+}
+
 // Convert 16 bytes holding 16 / sizeof(T) values of T to floats.
 template <typename T>
 __device__ __forceinline__ void unpack16(const uint4& v, float* f) {
@@ -58,6 +81,11 @@ __device__ __forceinline__ unsigned int code_byte(const unsigned int* w, int k) 
 // Byte k shifted left by 8, in the same single byte-permute instruction.
 __device__ __forceinline__ unsigned int code_byte_shl8(const unsigned int* w, int k) {
   return __byte_perm(w[k >> 2], 0u, 0x4404u | ((unsigned)(k & 3) << 4));
+}
+
+// (byte k << 8) | low for low < 256, still one byte-permute (low's byte 1 supplies the zero high bytes).
+__device__ __forceinline__ unsigned int code_byte_shl8_or(const unsigned int* w, int k, unsigned int low) {
+  return __byte_perm(w[k >> 2], low, 0x5504u | ((unsigned)(k & 3) << 4));
 }
 
 }  // namespace mc
