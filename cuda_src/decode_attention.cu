@@ -378,16 +378,19 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     };
     const int rot = (MODE == MODE_PAGED_PQ) ? ((tok_begin + lane) & page_mask) % ROT : 0;  // tiles are 32-aligned in a page
     const unsigned int rot_b = (unsigned)rot * (G * 2);
-    const unsigned int lut_s32 = smem_addr(lut_s);
-    const unsigned char* vc_b = reinterpret_cast<const unsigned char*>(vc_s);  // V centroids in global memory
-    const unsigned int vc_s32 = smem_addr(vc_smem);                               // or in shared memory
+    // One uniform base for both tables, their offsets compile-time constants: LDS [offset + base + imm].
+    const unsigned int smem32 = smem_addr(smem_raw);
+    constexpr unsigned int LUT_AT = S::q_bytes + S::p_bytes + S::vc_bytes, VC_AT = S::q_bytes + S::p_bytes;
+    const unsigned char* vc_b = reinterpret_cast<const unsigned char*>(vc_s);  // V centroids in global memory (!VC_SMEM)
     // Byte offset of the lane's subspace k inside a V centroid row [m][DSUB] (fp16). With 256-byte rows
     // (head_dim 128) it is below 256, so one byte-permute builds code * 256 + offset.
     unsigned int v_lane_off[MPL];
 #pragma unroll
     for (int k = 0; k < MPL; ++k) v_lane_off[k] = (vm0 + VL * k) * DSUB * 2;
 
-    auto process_tile = [&](int tile, const unsigned int (&kcur)[KW], const unsigned int (&vcur)[VWL]) {
+    // As soon as the K / V pass is done with its codes, the buffer is refilled with those of tile `next`
+    // (page-table entry `next_page`) when there is one.
+    auto process_tile = [&](int tile, unsigned int (&kcur)[KW], unsigned int (&vcur)[VWL], int next, int next_page) {
       const int tok0 = tok_begin + tile * 32;
       float s[G];
       if (tok0 + lane < tok_end) {
@@ -411,7 +414,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
             } else {
               off = code_byte(kcur, j) * (G * 2) + (unsigned)j * (256 * G * 2);
             }
-            add_lut_run<G>(run, lut_s32 + off, j == j0);
+            add_lut_run<G>(run, smem32 + off + LUT_AT, j == j0);
           }
           fold_lut_run<G>(s, run);
         }
@@ -419,6 +422,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
 #pragma unroll
         for (int h = 0; h < G; ++h) s[h] = -kInf;
       }
+      if (next < pq_tiles) load_k(next, next_page, kcur);
       softmax_tile(s, V_HALF, true, lane);
       // V: masked tokens have p = 0 and (stale but valid) codes, so no per-token branch is needed.
       if constexpr (V_HALF) {
@@ -445,7 +449,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
                                                               : code_byte(vcur, k * CHUNK + j) * (M * DSUB * 2) + v_lane_off[k];
               __half2 v[DSUB / 2];
               if constexpr (S::VC_SMEM) {
-                lds_words<DSUB / 2>(vc_s32 + cofs, reinterpret_cast<unsigned int(&)[DSUB / 2]>(v));
+                lds_words<DSUB / 2>(smem32 + cofs + VC_AT, reinterpret_cast<unsigned int(&)[DSUB / 2]>(v));
               } else {
                 const __half2* cv = reinterpret_cast<const __half2*>(vc_b + cofs);
 #pragma unroll
@@ -483,54 +487,27 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
           }
         }
       }
+      if (next < pq_tiles) load_v(next, next_page, vcur);
     };
 
-    // K codes are prefetched one tile ahead (the K pass starts with them). V codes too where both buffers are
-    // small (M <= 32); with larger M they are loaded when their tile starts and arrive during its K pass,
-    // which keeps one V buffer instead of two in registers (the 128-register cap would otherwise spill).
-    unsigned int kw[KW], vw[VWL];  // the next tile's K codes; V codes of the next (V_AHEAD) or current tile
-    int page = 0, page_next = 0;   // page-table entries of the warp's current and next tile
-    // With M = 256 a second K buffer would not fit in registers: each tile is loaded when it starts.
-    constexpr bool PREFETCH = M <= 128;
-    constexpr bool V_AHEAD = M <= 32;
-    if constexpr (PREFETCH) {
-      // The first tile's loads are issued before the tables are staged, so they overlap that work.
-      if (warp < pq_tiles) {
-        page = fetch_page(warp);
-        load_k(warp, page, kw);
-        load_v(warp, page, vw);
-      }
-      if (warp + NWARPS < pq_tiles) page_next = fetch_page(warp + NWARPS);
-      stage_tables();
-      for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
-        unsigned int kcur[KW], vcur[VWL];
-#pragma unroll
-        for (int i = 0; i < KW; ++i) kcur[i] = kw[i];
-        if constexpr (V_AHEAD) {
-#pragma unroll
-          for (int i = 0; i < VWL; ++i) vcur[i] = vw[i];
-        } else if (tile != warp) {
-          load_v(tile, page, vw);
-        }
-        if (tile + NWARPS < pq_tiles) {  // in flight during this tile
-          load_k(tile + NWARPS, page_next, kw);
-          if constexpr (V_AHEAD) load_v(tile + NWARPS, page_next, vw);
-        }
-        page = page_next;
-        if (tile + 2 * NWARPS < pq_tiles) page_next = fetch_page(tile + 2 * NWARPS);
-        if constexpr (V_AHEAD)
-          process_tile(tile, kcur, vcur);
-        else
-          process_tile(tile, kcur, vw);
-      }
-    } else {
-      stage_tables();
-      for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
-        page = fetch_page(tile);
-        load_k(tile, page, kw);
-        load_v(tile, page, vw);
-        process_tile(tile, kw, vw);
-      }
+    // One buffer per code kind: the next tile's K codes are loaded as soon as this tile's K pass is done
+    // with them (they arrive during its softmax and V pass), its V codes once the V pass is done (they
+    // arrive during the next K pass). No register copies, and room for M = 256.
+    unsigned int kw[KW], vw[VWL];
+    int page_next = 0;  // page-table entry of the warp's next tile
+    // The first tile's loads are issued before the tables are staged, so they overlap that work.
+    if (warp < pq_tiles) {
+      const int page = fetch_page(warp);
+      load_k(warp, page, kw);
+      load_v(warp, page, vw);
+    }
+    if (warp + NWARPS < pq_tiles) page_next = fetch_page(warp + NWARPS);
+    stage_tables();
+    for (int tile = warp; tile < pq_tiles; tile += NWARPS) {
+      const int next = tile + NWARPS;
+      const int page = page_next;
+      if (next + NWARPS < pq_tiles) page_next = fetch_page(next + NWARPS);
+      process_tile(tile, kw, vw, next, page);
     }
   } else {
     stage_tables();
