@@ -1,6 +1,6 @@
 // Flash-decoding attention for one query token per sequence, straight from compressed storage.
 //
-// One CTA of 256 threads serves one work item: a (sequence, group of G query heads sharing a kv head,
+// One CTA of 512 threads serves one work item: a (sequence, group of G query heads sharing a kv head,
 // token range) triple chosen by the host planner (split-K). The whole GQA group is served by ONE read
 // of the codes. Modes:
 //   MODE_PAGED_PQ   PQ codes in pages (K rows XOR-permuted in 16-byte chunks, chunk-major; V codes transposed
