@@ -116,11 +116,16 @@ def pack_pages(k_codes: Any, v_codes: Any) -> tuple[Any, Any]:
     ``(..., P // 16, M, 16)``: transposed ``[m][token]`` inside each 16-token block. With one lane per
     token (K) or per subspace (V), a warp's 16-byte loads then cover consecutive addresses.
     """
+    for name, c in (("k_codes", k_codes), ("v_codes", v_codes)):
+        if c.ndim < 2 or c.dtype != np.uint8:
+            raise ValueError(f"{name}: expected uint8 codes of shape (..., P, M), got {c.dtype} {tuple(c.shape)}")
     P, M = k_codes.shape[-2:]
     if v_codes.shape != k_codes.shape:
         raise ValueError(f"v_codes: expected shape {tuple(k_codes.shape)} (as k_codes), got {tuple(v_codes.shape)}")
     if P % V_BLOCK_TOKENS:
         raise ValueError(f"page size: expected a multiple of {V_BLOCK_TOKENS}, got {P}")
+    if M % k_chunk(M):
+        raise ValueError(f"M: expected 8 or a multiple of {K_CHUNK_BYTES}, got {M}")
     xp = cupy() if is_gpu_array(k_codes) else np
     lead = k_codes.shape[:-2]
     kc = k_chunk(M)
@@ -132,8 +137,14 @@ def pack_pages(k_codes: Any, v_codes: Any) -> tuple[Any, Any]:
 def unpack_pages(k_pages: Any, v_pages: Any) -> tuple[Any, Any]:
     """The inverse of :func:`pack_pages`: logical ``(..., P, M)`` K and V codes of stored pages."""
     xp = cupy() if is_gpu_array(k_pages) else np
+    if k_pages.ndim < 3:
+        raise ValueError(f"k_pages: expected (..., M // kc, P, kc), got shape {tuple(k_pages.shape)}")
     *lead, chunks, P, kc = k_pages.shape
     M = chunks * kc
+    want = (*lead, P // V_BLOCK_TOKENS, M, V_BLOCK_TOKENS)
+    if kc != k_chunk(M) or tuple(v_pages.shape) != want:
+        raise ValueError(f"k_pages {tuple(k_pages.shape)} / v_pages {tuple(v_pages.shape)}: expected pages from "
+                         f"pack_pages, i.e. kc = {k_chunk(M)} and v_pages of shape {want}")
     k = xp.swapaxes(k_pages, -3, -2).reshape(*lead, P, M)
     v = xp.swapaxes(v_pages, -2, -1).reshape(*lead, P, M)
     return permute_k_rows(k, xp.arange(P)), v

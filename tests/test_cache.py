@@ -362,6 +362,15 @@ def test_pack_pages_is_the_documented_layout(rng, device, M, P):
         np.testing.assert_array_equal(to_numpy(got), want)
     with pytest.raises(ValueError, match="v_codes"):
         pack_pages(side(k), side(v[..., : P // 2, :]))
+    with pytest.raises(ValueError, match="page size"):
+        pack_pages(side(k[..., :8, :]), side(v[..., :8, :]))
+    with pytest.raises(ValueError, match="uint8"):
+        pack_pages(side(k.astype(np.int32)), side(v))
+    with pytest.raises(ValueError, match="pack_pages"):
+        unpack_pages(kp, vp[:1])
+    if M > 8:
+        with pytest.raises(ValueError, match="M: expected"):
+            pack_pages(side(k[..., : M - 8]), side(v[..., : M - 8]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
