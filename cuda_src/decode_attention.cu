@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   // V bytes of a chunk read per page lookup: 16 never crosses a page (page sizes are powers of two >= 16).
   constexpr int VPIECE = CHUNK < 16 ? CHUNK : 16;
   constexpr int VWL = MPL * CHUNK / 4;       // 32-bit words of a lane's V codes
-  constexpr int LPT = 4;                     // exact tiles: lanes per token
+  // Exact tiles: lanes per token. Four spread the short residual over many warps (short contexts wait on
+  // it); the unquantized mode streams whole contexts, where one lane per token costs fewer instructions.
+  constexpr int LPT = MODE == MODE_PAGED_EXACT ? 1 : 4;
   constexpr int TE = 32 / LPT;               // exact tiles: tokens per tile
   constexpr int CHUNK_E = TE * VL / 32;      // exact tiles: tokens of a lane's V chunk
   static_assert(G == 1 || G == 2 || G == 4 || G == 8, "G in {1,2,4,8}");
