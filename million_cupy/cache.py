@@ -50,7 +50,8 @@ from .decode import PAGE_SIZES as _DECODE_PAGE_SIZES
 from .errors import DeviceUnavailable, SequenceSlotsExhausted, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
 
-__all__ = ["PagedPQCache", "permute_k_rows", "pack_pages", "unpack_pages", "CACHE_DTYPES", "PAGE_SIZES"]
+__all__ = ["PagedPQCache", "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape", "CACHE_DTYPES",
+           "PAGE_SIZES"]
 
 #: Cache (residual ring) dtypes.
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
@@ -134,17 +135,25 @@ def pack_pages(k_codes: Any, v_codes: Any) -> tuple[Any, Any]:
     return xp.ascontiguousarray(xp.swapaxes(k, -3, -2)), xp.ascontiguousarray(xp.swapaxes(v, -2, -1))
 
 
+def stored_v_shape(k_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the stored V pages that go with stored K pages of shape ``(..., M // kc, P, kc)``
+    (:func:`pack_pages`); raises ValueError when ``k_shape`` is not such a shape."""
+    if len(k_shape) < 3 or k_shape[-1] != k_chunk(k_shape[-3] * k_shape[-1]):
+        raise ValueError(f"k_pages: expected stored pages (..., M // kc, P, kc) with kc = min(M, 16) "
+                         f"(cache.pack_pages), got shape {tuple(k_shape)}")
+    *lead, chunks, P, kc = k_shape
+    return (*lead, P // V_BLOCK_TOKENS, chunks * kc, V_BLOCK_TOKENS)
+
+
 def unpack_pages(k_pages: Any, v_pages: Any) -> tuple[Any, Any]:
     """The inverse of :func:`pack_pages`: logical ``(..., P, M)`` K and V codes of stored pages."""
     xp = cupy() if is_gpu_array(k_pages) else np
-    if k_pages.ndim < 3:
-        raise ValueError(f"k_pages: expected (..., M // kc, P, kc), got shape {tuple(k_pages.shape)}")
+    want = stored_v_shape(tuple(k_pages.shape))
+    if tuple(v_pages.shape) != want:
+        raise ValueError(f"v_pages: expected shape {want} (the V pages pack_pages makes with these K pages), "
+                         f"got {tuple(v_pages.shape)}")
     *lead, chunks, P, kc = k_pages.shape
     M = chunks * kc
-    want = (*lead, P // V_BLOCK_TOKENS, M, V_BLOCK_TOKENS)
-    if kc != k_chunk(M) or tuple(v_pages.shape) != want:
-        raise ValueError(f"k_pages {tuple(k_pages.shape)} / v_pages {tuple(v_pages.shape)}: expected pages from "
-                         f"pack_pages, i.e. kc = {k_chunk(M)} and v_pages of shape {want}")
     k = xp.swapaxes(k_pages, -3, -2).reshape(*lead, P, M)
     v = xp.swapaxes(v_pages, -2, -1).reshape(*lead, P, M)
     return permute_k_rows(k, xp.arange(P)), v

@@ -628,7 +628,7 @@ _legacy_pages_warned = False
 
 def _stored_pages(k_pages, v_pages):
     """Validated (k_pages, v_pages) in the stored layout (cache.pack_pages); converts the 0.1 layout."""
-    from .cache import k_chunk, pack_pages, permute_k_rows, V_BLOCK_TOKENS  # noqa: PLC0415 (cache imports decode)
+    from .cache import pack_pages, permute_k_rows, stored_v_shape  # noqa: PLC0415 (cache imports decode)
 
     global _legacy_pages_warned
     k_pages = as_array(k_pages, "k_pages", dtypes=("uint8",), on_gpu=True)
@@ -645,12 +645,7 @@ def _stored_pages(k_pages, v_pages):
     if k_pages.ndim != 5:
         raise ValueError(f"k_pages: expected (num_pages, nh_k, M // kc, P, kc) uint8 (cache.pack_pages), "
                          f"got shape {tuple(k_pages.shape)}")
-    n, nh_k, chunks, P, kc = k_pages.shape
-    m = chunks * kc
-    if kc != k_chunk(m):
-        raise ValueError(f"k_pages: expected chunks of kc = min(M, 16) = {k_chunk(m)} bytes, got {kc}")
-    v_pages = as_array(v_pages, "v_pages", shape=(n, nh_k, P // V_BLOCK_TOKENS, m, V_BLOCK_TOKENS),
-                       dtypes=("uint8",), on_gpu=True)
+    v_pages = as_array(v_pages, "v_pages", shape=stored_v_shape(k_pages.shape), dtypes=("uint8",), on_gpu=True)
     cp = cupy()
     return cp.ascontiguousarray(k_pages), cp.ascontiguousarray(v_pages)
 
