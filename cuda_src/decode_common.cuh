@@ -26,6 +26,9 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// A hint to bring the 128-byte line holding p into L2 (no register, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Loads from a 32-bit shared-window address. Table lookups computed this way compile to
 // LDS [offset + uniform base] with no per-lookup add of the shared window's base (which sm_90 generic
 // shared pointers carry in a register). volatile keeps them after the barrier that publishes the tables.
