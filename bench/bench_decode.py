@@ -71,14 +71,19 @@ def time_run_and_graph(cp, wrapper, q, out) -> dict:
     return t
 
 
-def bench_paged_pq(cp, batch, context, M):
+def planned_paged_pq(cp, batch, context, M):
+    """The paged-PQ benchmark shape ready to run: (cache, seqs, planned wrapper, q, out) for layer 0."""
     from million_cupy import BatchDecodeWrapper
 
     cache, seqs = build_cache(cp, batch, context, M)
     wrapper = BatchDecodeWrapper(cache, num_heads=NH)
     wrapper.plan(seqs, new_tokens=0)
     q = cp.random.default_rng(2).standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
-    out = cp.empty_like(q)
+    return cache, seqs, wrapper, q, cp.empty_like(q)
+
+
+def bench_paged_pq(cp, batch, context, M):
+    cache, seqs, wrapper, q, out = planned_paged_pq(cp, batch, context, M)
     t = time_run_and_graph(cp, wrapper, q, out)
     n = cache.seq_lens(0, seqs)
     main = np.where(n < R, 0, (n - R) // P + 1) * P

@@ -27,14 +27,7 @@ def main(argv=None) -> int:
 
     import cupy as cp
 
-    from million_cupy import BatchDecodeWrapper
-
-    cache, seqs = bench_decode.build_cache(cp, args.batch, args.context, args.M)
-    wrapper = BatchDecodeWrapper(cache, num_heads=bench_decode.NH)
-    wrapper.plan(seqs, new_tokens=0)
-    q = cp.random.default_rng(2).standard_normal((args.batch, bench_decode.NH, bench_decode.D), dtype=cp.float32)
-    q = q.astype(cp.float16)
-    out = cp.empty_like(q)
+    _, _, wrapper, q, out = bench_decode.planned_paged_pq(cp, args.batch, args.context, args.M)
     for _ in range(args.launches):
         wrapper.run(0, q, out=out, check=False)
     cp.cuda.get_current_stream().synchronize()
