@@ -19,7 +19,7 @@ import glob
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -123,6 +123,7 @@ class OfflineBuild:
     arch: str
     cubin_size: int
     log: str
+    cubin: bytes = field(default=b"", repr=False)  # the compiled image (bench/issue_floor.py disassembles it)
 
     def spills(self) -> dict[str, int]:
         """Per kernel: spill store + load bytes reported by ptxas (0 = no spills)."""
@@ -209,6 +210,8 @@ def nvrtc_compile_offline(source: str, name_expressions: Iterable[str], arch: st
         if res != 0:
             raise RuntimeError(f"NVRTC failed to compile {source} for {arch}:\n{log}")
         lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        return OfflineBuild(source=source, arch=arch, cubin_size=size.value, log=log)
+        image = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, image)
+        return OfflineBuild(source=source, arch=arch, cubin_size=size.value, log=log, cubin=image.raw)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
