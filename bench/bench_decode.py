@@ -59,7 +59,8 @@ def build_cache(cp, batch, context, M, layers=1, chunk=65536):
 
 def time_run_and_graph(cp, wrapper, q, out) -> dict:
     """run() of layer 0 timed by the harness, plus the same launch replayed from a CUDA graph: the kernel's
-    own time where run()'s host cost would otherwise pace back-to-back calls (small contexts)."""
+    own time where run()'s host cost would otherwise pace back-to-back calls (small contexts). host_us /
+    host_checked_us: run()'s host time per call without / with its per-layer length check."""
     t = harness.time_gpu(lambda: wrapper.run(0, q, out=out, check=False), **TIMING)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
@@ -67,7 +68,9 @@ def time_run_and_graph(cp, wrapper, q, out) -> dict:
         wrapper.run(0, q, out=out, check=False)
         graph = stream.end_capture()
         g = harness.time_gpu(lambda: graph.launch(stream), **TIMING)
-    t.update(graph_gpu_us=g["median_us"], graph_call_us=g["call_us"])
+    t.update(graph_gpu_us=g["median_us"], graph_call_us=g["call_us"],
+             host_us=harness.time_host(lambda: wrapper.run(0, q, out=out, check=False)),
+             host_checked_us=harness.time_host(lambda: wrapper.run(0, q, out=out)))
     return t
 
 

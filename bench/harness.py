@@ -13,6 +13,7 @@ import json
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -80,6 +81,22 @@ def time_gpu(fn: Callable[[], object], *, queued: int = 20, repeats: int = 15, w
         "p90_us": float(np.percentile(per, 90)),
         "call_us": float(np.median(calls)),
     }
+
+
+def time_host(fn: Callable[[], object], *, calls: int = 500, repeats: int = 5) -> float:
+    """Host time per call in microseconds: ``calls`` back to back (the GPU queue absorbs them unless the
+    kernels are slower than the host), median over ``repeats``, the stream drained between repeats."""
+    import cupy as cp
+
+    per = []
+    for _ in range(repeats):
+        cp.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    cp.cuda.get_current_stream().synchronize()
+    return float(np.median(per))
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:

@@ -502,6 +502,11 @@ class PagedPQCache:
         layer = self._check_layer(layer)
         return self._lens[layer, self._check_seqs(seq_ids, "seq_lens", unique=False)]
 
+    def _lens_unchecked(self, layer: int, seq_ids: np.ndarray) -> np.ndarray:
+        """:meth:`seq_lens` for ids validated earlier (BatchDecodeWrapper.run's per-layer check, where the
+        validation would cost more than the launch); a freed sequence reads 0."""
+        return self._lens[layer, seq_ids]
+
     # ------------------------------------------------------------------------------ writing
 
     def append(

@@ -21,7 +21,9 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
 
 from .errors import DeviceUnavailable, UnsupportedConfiguration
 from .interop import cupy
@@ -105,6 +107,53 @@ def get_kernel(source: str, name_expression: str):
             kernel = module.get_function(name_expression)
             _cache[key] = kernel
     return kernel
+
+
+_smem_opted_in: set[tuple[int, int]] = set()
+
+
+def opt_in_shared_memory(kernel, smem: int) -> None:
+    """Allow ``kernel`` (a CuPy RawKernel) ``smem`` bytes of dynamic shared memory; above 48 KB CUDA needs
+    this once per kernel and size."""
+    key = (id(kernel), smem)
+    if smem > 48 * 1024 and key not in _smem_opted_in:
+        kernel.max_dynamic_shared_size_bytes = smem
+        _smem_opted_in.add(key)
+
+
+def _kernel_param(arg: Any) -> ctypes._SimpleCData:
+    if isinstance(arg, np.generic):
+        return np.ctypeslib.as_ctypes_type(arg.dtype)(arg.item())
+    data = getattr(arg, "data", None)
+    if data is not None and hasattr(data, "ptr"):  # a CuPy array: its device address
+        return ctypes.c_void_p(data.ptr)
+    raise TypeError(f"kernel argument: expected a CuPy array or a NumPy scalar, got {type(arg).__name__}")
+
+
+class BoundLaunch:
+    """A kernel launch whose parameter block is built once.
+
+    CuPy's generic launch converts every argument on every call, about a microsecond each, and a decode
+    layer has 26. Here they become C values once; a call rewrites only the pointers that change
+    (:meth:`set_pointer`) and calls ``cuLaunchKernel``. The arrays given at construction are kept alive.
+    """
+
+    def __init__(self, kernel, grid: int, block: int, smem: int, args: Sequence[Any]) -> None:
+        opt_in_shared_memory(kernel, smem)
+        self._func = kernel.kernel.ptr
+        self._grid, self._block, self._smem = grid, block, smem
+        self._args = tuple(args)
+        self._values = [_kernel_param(a) for a in self._args]
+        self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
+        self._params_at = ctypes.addressof(self._params)
+
+    def set_pointer(self, index: int, ptr: int) -> None:
+        """Argument ``index`` (a pointer) becomes ``ptr`` for the following launches."""
+        self._values[index].value = ptr
+
+    def launch(self, stream_ptr: int) -> None:
+        cupy().cuda.driver.launchKernel(self._func, self._grid, 1, 1, self._block, 1, 1, self._smem, stream_ptr,
+                                        self._params_at, 0)
 
 
 def compiled() -> list[dict]:

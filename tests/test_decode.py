@@ -213,6 +213,51 @@ def test_decode_loop_plan_before_appends(rng):
 
 
 @pytest.mark.gpu
+def test_repeated_runs_write_each_calls_arrays(rng):
+    """run() binds a layer's launch once per plan and sets q / out / lse per call: every call must read its
+    own q, write its own out, and leave an earlier call's lse alone when it asks for none."""
+    import cupy as cp
+
+    from million_cupy import BatchDecodeWrapper
+
+    cache = _cache(rng, "cuda", d=128, M=64, P=64, R=128, nh_k=2)
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _fill(rng, cache, seqs, [700, 90], 0)
+    _fill(rng, cache, seqs, [700, 90], 1)
+    wrapper = BatchDecodeWrapper(cache, num_heads=8)
+    wrapper.plan(seqs, new_tokens=0)
+    first_lse = cp.full((2, 8), cp.nan, cp.float32)
+    results = []
+    for call, layer in enumerate([0, 0, 1, 0]):
+        q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
+        out = _poison((2, 8, 128), "float16")
+        if call == 0:
+            wrapper.run(layer, q, out=out, lse=first_lse)
+            kept = cp.asnumpy(first_lse)
+        elif call == 1:
+            got, second_lse = wrapper.run(layer, q, return_lse=True)  # wrapper-allocated out and lse
+            assert got is not out
+            out = got
+            kept_second = cp.asnumpy(second_lse)
+            assert np.max(np.abs(kept_second - _reference(cache, layer, seqs, q)[1])) < 2e-2
+        else:
+            wrapper.run(layer, q, out=out)
+        results.append((layer, q, out))
+    cp.cuda.get_current_stream().synchronize()
+    # Later calls without lse wrote into neither earlier lse array.
+    assert np.array_equal(cp.asnumpy(first_lse), kept) and np.array_equal(cp.asnumpy(second_lse), kept_second)
+    assert np.max(np.abs(kept - _reference(cache, 0, seqs, results[0][1])[1])) < 2e-2
+    for layer, q, out in results:
+        ref = _reference(cache, layer, seqs, q)
+        assert reference.relative_error(cp.asnumpy(out).astype(np.float64), ref[0]) <= 2e-3
+    assert wrapper.stats()["runs"] == 4
+    cache.free(seqs[1])  # a sequence freed after plan(): run's check names it instead of launching
+    with pytest.raises(ValueError, match="not live"):
+        wrapper.run(0, results[0][1])
+    assert wrapper.stats()["runs"] == 4
+
+
+@pytest.mark.gpu
 def test_run_replays_in_a_cuda_graph(rng):
     import cupy as cp
 
