@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
 
+from million_cupy.cache import full_pages  # noqa: E402
+
 NH, NH_K, D, P, R = 32, 8, 128, 64, 128
 TIMING: dict = {}  # harness.time_gpu options; --fast trades repeats for a shorter run
 
@@ -88,8 +90,7 @@ def planned_paged_pq(cp, batch, context, M):
 def bench_paged_pq(cp, batch, context, M):
     cache, seqs, wrapper, q, out = planned_paged_pq(cp, batch, context, M)
     t = time_run_and_graph(cp, wrapper, q, out)
-    n = cache.seq_lens(0, seqs)
-    main = np.where(n < R, 0, (n - R) // P + 1) * P
+    main = full_pages(cache.seq_lens(0, seqs), P, R) * P
     return t, float(NH_K * 2 * M * main.sum()), wrapper.stats()["work_items"]
 
 
@@ -99,7 +100,7 @@ def bench_paged_pq_pages(cp, batch, context, M):
     from million_cupy.decode import prepare_paged_pq_decode
 
     rng = cp.random.default_rng(6)
-    main = (context - R) // P * P + P if context >= R else 0
+    main = int(full_pages(context, P, R)) * P
     npages = main // P
     kp, vp = pack_pages(*rng.integers(0, 256, (2, max(1, batch * npages), NH_K, P, M), dtype=cp.uint8))
     indptr = np.arange(batch + 1, dtype=np.int32) * npages
@@ -118,7 +119,7 @@ def bench_contiguous_pq(cp, batch, context, M):
     from million_cupy.decode import prepare_contiguous_pq_decode
 
     rng = cp.random.default_rng(3)
-    main = (context - R) // P * P + P if context >= R else 0
+    main = int(full_pages(context, P, R)) * P
     res = context - main
     k = rng.integers(0, 256, (batch, NH_K, max(main, 1), M), dtype=cp.uint8)
     v = rng.integers(0, 256, (batch, NH_K, max(main, 1), M), dtype=cp.uint8)

@@ -37,6 +37,7 @@ import harness  # noqa: E402
 from bench_decode import NH, NH_K, D, P, R  # noqa: E402
 
 from million_cupy import kernels  # noqa: E402
+from million_cupy.cache import full_pages  # noqa: E402
 from million_cupy.decode import MODE_PAGED_PQ, THREADS, TILE, _expr, choose_group, make_schedule  # noqa: E402
 
 # (batch, context, M, speed-up over SDPA the kernels issue asks for)
@@ -69,16 +70,19 @@ def main_loop(sass: str, min_packed_fmas: int) -> list[str]:
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
     best: list[str] | None = None
+    most = 0  # the most HFMA2 in any loop, for the error
     for i, line in enumerate(lines):
         m = _BACK_BRANCH.search(line)
         if not m or labels.get(m.group(1), len(lines)) >= i:
             continue
         ops = [x.group(1) for x in map(_INSTR.search, lines[labels[m.group(1)]:i + 1]) if x]
         ops = [op for op in ops if op != "NOP"]
+        most = max(most, ops.count("HFMA2"))
         if ops.count("HFMA2") >= min_packed_fmas and (best is None or len(ops) < len(best)):
             best = ops
     if best is None:
-        raise RuntimeError(f"no loop with >= {min_packed_fmas} HFMA2 in the SASS: the kernel's structure changed")
+        raise RuntimeError(f"no loop with >= {min_packed_fmas} HFMA2 (the P·V of one tile) in the SASS; the most "
+                           f"in any loop is {most}: the kernel's structure changed")
     return best
 
 
@@ -95,8 +99,7 @@ def loop_instructions(d: int, M: int, G: int, dtype: str = "float16", arch: str 
 
 def tiles_per_warp(batch: int, context: int, G: int, sms: int) -> int:
     """The busiest warp's tiles under the planner's schedule for the benchmark's cache."""
-    n = np.full(batch, context)
-    main = (np.where(n < R, 0, (n - R) // P + 1) * P).astype(np.int32)
+    main = (full_pages(np.full(batch, context), P, R) * P).astype(np.int32)
     work = make_schedule(main, NH, G, P, sms, residual=True).work
     tiles = -(-(work[:, 3] - work[:, 2]) // TILE)
     return int(-(-tiles.max() // NWARPS))

@@ -159,6 +159,13 @@ def unpack_pages(k_pages: Any, v_pages: Any) -> tuple[Any, Any]:
     return permute_k_rows(k, xp.arange(P)), v
 
 
+def full_pages(n: Any, page_size: int, residual: int) -> np.ndarray:
+    """``pages(n)`` of the flush rule (module docstring): the full PQ pages of a sequence holding ``n`` tokens,
+    elementwise; tokens ``[0, page_size * pages(n))`` are in pages, the rest in the residual ring."""
+    n = np.asarray(n, dtype=np.int64)
+    return np.where(n < residual, 0, (n - residual) // page_size + 1)
+
+
 def _index(value: Any, name: str) -> int:
     try:
         return operator.index(value)
@@ -747,9 +754,7 @@ class PagedPQCache:
     # ---------------------------------------------------------------------------- internals
 
     def _full_pages(self, n: Any) -> Any:
-        """``pages(n)``: full PQ pages of a sequence holding ``n`` tokens (elementwise)."""
-        n = np.asarray(n, dtype=np.int64)
-        return np.where(n < self._R, 0, (n - self._R) // self._P + 1)
+        return full_pages(n, self._P, self._R)
 
     @contextlib.contextmanager
     def _on_stream(self) -> Iterator[None]:

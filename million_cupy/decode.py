@@ -194,12 +194,12 @@ def make_schedule(main_len: np.ndarray, num_heads: int, group: int, align: int, 
     n_units = len(lens) * hg
     slots = max(1, sm_count * WAVES)
     step = math.lcm(TILE, align)
-    chunk, splits = _split_counts(lens, hg, slots, step)
+    _, splits = _split_counts(lens, hg, slots, step)
     separate = False
     if residual and 2 * n_units <= slots:
         chunk_r, splits_r = _split_counts(lens, hg, slots - n_units, step)
         if chunk_r <= RESIDUAL_ITEM_MAX_CHUNK and int(splits_r.sum()) * hg + n_units <= slots:
-            chunk, splits, separate = chunk_r, splits_r, True
+            splits, separate = splits_r, True
     # Even splits of each sequence (whole tiles), so its CTAs finish together.
     chunk_b = -(-(-(-lens // splits)) // step) * step
     counts = np.repeat(splits + int(separate), hg)
@@ -327,9 +327,8 @@ class BatchDecodeWrapper:
                              "layer first, or plan the layers separately (layers=[...])")
         if new_tokens:
             cache.reserve(seq, new_tokens)
-        P, R = cache.page_size, cache.residual
-        pages = np.where(n < R, 0, (n - R) // P + 1)
-        main = (pages * P).astype(np.int32)
+        P = cache.page_size
+        main = (cache._full_pages(n) * P).astype(np.int32)  # the cache's flush rule: tokens in full pages
         res = (n - main).astype(np.int32)
 
         dev = _device()
