@@ -35,27 +35,30 @@ def _codebooks(cp, M, layers=1, seed=0):
     return ModelCodebooks(kc, vc)
 
 
-def build_cache(cp, batch, context, M, layers=1, chunk=65536):
-    """A GPU PagedPQCache holding ``batch`` sequences of ``context`` random tokens in every layer."""
+def build_cache(cp, batch, context, M, layers=1, chunk=65536, spare_tokens=0, stream=None):
+    """A GPU PagedPQCache holding ``batch`` sequences of ``context`` random tokens in every layer, with room
+    for ``spare_tokens`` more per sequence, on ``stream`` (default: the current one)."""
     from million_cupy import PagedPQCache
 
-    pages = batch * (-(-context // P) + 2)
+    tokens = context + R + spare_tokens
+    pages = batch * (-(-tokens // P) + 2)
     cache = PagedPQCache(layers, NH_K, D, _codebooks(cp, M, layers), page_size=P, residual=R, max_pages=pages,
-                         max_seqs=batch, max_seq_len=context + R, dtype="float16", device="cuda")
+                         max_seqs=batch, max_seq_len=tokens, dtype="float16", device="cuda", stream=stream)
     seqs = [cache.add_sequence() for _ in range(batch)]
     rng = cp.random.default_rng(1)
     # One random block of tokens, reused: decode speed does not depend on which codes are stored.
     block = min(chunk, context)
     k_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
     v_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
-    for layer in range(layers):
-        for s in seqs:
-            done = 0
-            while done < context:
-                n = min(block, context - done)
-                cache.append(layer, [s], k_all[:n], v_all[:n], lengths=[n])
-                done += n
-    cp.cuda.get_current_stream().synchronize()
+    with cache.stream:
+        for layer in range(layers):
+            for s in seqs:
+                done = 0
+                while done < context:
+                    n = min(block, context - done)
+                    cache.append(layer, [s], k_all[:n], v_all[:n], lengths=[n])
+                    done += n
+        cache.stream.synchronize()
     return cache, seqs
 
 

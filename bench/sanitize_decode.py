@@ -4,8 +4,12 @@
     compute-sanitizer --tool racecheck --error-exitcode 9 python bench/sanitize_decode.py
 
 Ragged batch (0, 3 and 40 pages; 5, 0 and 63 residual tokens), splits merged by the last CTA, two
-geometries (d = 128 / M = 64 / GQA 4 / page 64, and d = 64 / M = 16 / GQA 4 / page 16).
-Both tools reported no error and no hazard on an H200 (2026-11-27).
+geometries (d = 128 / M = 64 / GQA 4 / page 64, and d = 64 / M = 16 / GQA 4 / page 16). Then the decode
+step (DecodeStep): bulk appends of ragged prompts (the thread-per-row encoder), steps whose sequences flush
+in the same and in different steps (the lane-group encoder and the padded, fixed-grid attention), a CUDA
+graph replay, and a replay after the batch changed (the device guard).
+Both tools reported no error and no hazard on an H200 (2026-11-27; the step cases: see the closing note of
+the session that added them).
 """
 
 import sys
@@ -38,6 +42,50 @@ def main() -> None:
                                  residual_lens=res, return_lse=True)
         cp.cuda.Device().synchronize()
         print(f"d={d} M={M}: finite output {bool(cp.isfinite(out).all())}")
+    step_cases(rng)
+
+
+def step_cases(rng) -> None:
+    from million_cupy import Codebook, DecodeStep, ModelCodebooks, PagedPQCache
+    from million_cupy.errors import MillionError
+
+    d, M, nh, nh_k, P, R = 128, 64, 8, 2, 16, 32
+    books = ModelCodebooks(*[[Codebook(rng.standard_normal((M, 256, d // M)).astype(np.float32)) for _ in range(2)]
+                             for _ in range(2)])
+    stream = cp.cuda.Stream(non_blocking=True)
+    cache = PagedPQCache(2, nh_k, d, books, page_size=P, residual=R, max_pages=256, max_seqs=4, max_seq_len=1024,
+                         device="cuda", stream=stream)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    lens = [1, R - 1, 3 * P + 5]
+    with stream:
+        for layer in range(2):
+            x = cp.asarray(rng.standard_normal((sum(lens), nh_k, d)).astype(np.float16))
+            cache.append(layer, seqs, x, x, lengths=lens)
+        step = DecodeStep(cache, nh, horizon=P)
+        k = cp.asarray(rng.standard_normal((3, nh_k, d)).astype(np.float16))
+        q = cp.asarray(rng.standard_normal((3, nh, d)).astype(np.float16))
+        out = cp.empty_like(q)
+        for _ in range(P + 3):
+            step.plan(seqs)
+            for layer in range(2):
+                step.append(layer, k, k)
+                step.run(layer, q, out=out)
+        stream.begin_capture()
+        for layer in range(2):
+            step.append(layer, k, k)
+            step.run(layer, q, out=out)
+        graph = stream.end_capture()
+        for _ in range(4):
+            step.plan(seqs)
+            graph.launch(stream)
+        cache.free(seqs[1])
+        cache.add_sequence()
+        graph.launch(stream)  # the guard: the freed slot's token is skipped and flagged
+    try:
+        step.check()
+        print("step: the device guard did not fire")
+    except MillionError:
+        print(f"step: finite output {bool(cp.isfinite(out).all())}; the device guard fired")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     const int* __restrict__ res_len,          // (B): exact residual tokens (PQ modes)
     const int* __restrict__ res_row,          // (B): residual ring row (sequence slot)
     int ring_cap, int ring_mode,              // ring slot of residual token i: ring_mode ? (main_len + i) % ring_cap : i
-    const int4* __restrict__ work,            // (W): {b, head group | WORK_RESIDUAL, token begin, token end}
+    const int4* __restrict__ work,            // (W): {b, head group | WORK_RESIDUAL, token begin, token end}; b < 0: padding
     const int2* __restrict__ unit_items,      // (B * nh / G): {first work item, number of items}
     float* __restrict__ part_o,               // (W, G, D) partial outputs
     float* __restrict__ part_lse,             // (W, G) partial log2-sum-exp
@@ -184,13 +184,18 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   const int warp = tid >> 5;
   float* p_w = p_all + warp * 32 * G;
   const int4 item = work[blockIdx.x];
-  const int b = item.x, hg = item.y & (WORK_RESIDUAL - 1), tok_begin = item.z, tok_end = item.w;
+  // Padding of a fixed grid (a plan sized for CUDA-graph replays): nothing to do.
+  if (item.x < 0) return;
+  const int b = item.x, hg = item.y & (WORK_RESIDUAL - 1);
   const bool with_residual = (item.y & WORK_RESIDUAL) != 0;  // this item covers the exact residual tokens
   const int unit = b * (nh / G) + hg;    // (sequence, head group)
   const int2 ui = unit_items[unit];      // its splits: first work item, count
   const int h0 = hg * G;                 // first query head of the group
   const int kvh = h0 / (nh / nh_k);
   const int n_main = main_len[b];
+  // A schedule may be planned for more tokens than the sequence holds now (it then stays valid while the
+  // sequence grows, decode.AttentionPlan): the item's range is cut at the tokens in pages.
+  const int tok_end = min(item.w, n_main), tok_begin = min(item.z, tok_end);
   const long long prow = page_row[b];
   const int page_mask = (1 << page_shift) - 1;
 
@@ -322,13 +327,16 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     // never wait on a page-table load (the warp issues in order, so that wait would stall the tile). A
     // 32-token tile lies in one page, except with 16-token pages where its second half is read on the spot.
     const int* seq_pages = page_table + prow;
+    // Page ids are clamped at 0: a block-table entry of a sequence freed since the launch's metadata was
+    // written (a misused CUDA-graph replay, which the append kernel flags) is -1; its reads then stay in the
+    // pool. One IMNMX per tile.
     auto fetch_page = [&](int tile) -> int {
-      return MODE == MODE_PAGED_PQ ? __ldg(seq_pages + ((tok_begin + tile * 32) >> page_shift)) : 0;
+      return MODE == MODE_PAGED_PQ ? max(__ldg(seq_pages + ((tok_begin + tile * 32) >> page_shift)), 0) : 0;
     };
     // The page of a tile's tokens 16..31: its own with 16-token pages, else the tile's page.
     auto page_hi_of = [&](int tok0, int page) -> int {
       return MODE == MODE_PAGED_PQ && page_shift < 5 && tok0 + 16 < tok_end
-                 ? __ldg(seq_pages + ((tok0 + 16) >> page_shift)) : page;
+                 ? max(__ldg(seq_pages + ((tok0 + 16) >> page_shift)), 0) : page;
     };
     auto load_k = [&](int tile, int page, unsigned int (&kw)[KW]) {
       const int tok0 = tok_begin + tile * 32;

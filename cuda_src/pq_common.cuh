@@ -127,6 +127,48 @@ __device__ __forceinline__ void pq_nearest_rows(const float (&x)[ROWS][DSUB],
     for (int r = 0; r < ROWS; ++r) code[r] = static_cast<unsigned char>(best_idx[r]);
 }
 
+// Nearest centroid of one sub-vector searched by a group of LANES consecutive lanes of a warp (LANES in
+// {2, 4, 8, 16, 32}; every lane of the warp calls it, each group with its own x): lane l of a group scans
+// centroids l, l + LANES, ..., then the group's bests are reduced lexicographically on (distance, index).
+// Each distance is computed exactly as in pq_nearest_rows and the reduction keeps the lowest index among
+// equal distances (NaN never wins), so the code is the one pq_nearest_rows gives, at a fraction of its
+// latency: for encoding a few rows at once (a decode step's new tokens). Every lane gets its group's code.
+template <int DSUB, int LANES>
+__device__ __forceinline__ unsigned char pq_nearest_lanes(const float (&x)[DSUB],
+                                                          const float* __restrict__ s_centroids,
+                                                          const float* __restrict__ s_norms) {
+    static_assert(LANES >= 2 && LANES <= 32 && (LANES & (LANES - 1)) == 0, "LANES: a power of two in [2, 32]");
+    const int lane = threadIdx.x & (LANES - 1);
+    float xm2[DSUB];
+#pragma unroll
+    for (int j = 0; j < DSUB; ++j) xm2[j] = -2.f * x[j];
+    float best = __int_as_float(0x7f800000);  // +inf
+    int best_idx = 0;
+#pragma unroll 8
+    for (int k = 0; k < PQ_NUM_CENTROIDS / LANES; ++k) {
+        const int c = lane + LANES * k;
+        float cv[DSUB];
+        pq_load_centroid<DSUB>(s_centroids + c * DSUB, cv);
+        float dist = s_norms[c];
+#pragma unroll
+        for (int j = 0; j < DSUB; ++j) dist = fmaf(xm2[j], cv[j], dist);
+        if (dist < best) {
+            best = dist;
+            best_idx = c;
+        }
+    }
+#pragma unroll
+    for (int off = LANES / 2; off > 0; off >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, best, off);
+        const int other_idx = __shfl_xor_sync(0xffffffffu, best_idx, off);
+        if (other < best || (other == best && other_idx < best_idx)) {
+            best = other;
+            best_idx = other_idx;
+        }
+    }
+    return static_cast<unsigned char>(best_idx);
+}
+
 // Nearest centroid of one sub-vector (see pq_nearest_rows).
 template <int DSUB>
 __device__ __forceinline__ unsigned char pq_nearest(const float (&x)[DSUB],

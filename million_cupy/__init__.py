@@ -24,7 +24,7 @@ from .errors import (
 )
 
 # Keep in step with pyproject.toml's [project] version (tests/test_package.py checks it).
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> (submodule, attribute in it; None = the submodule itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -33,6 +33,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "PageAllocator": ("allocator", "PageAllocator"),
     "PagedPQCache": ("cache", "PagedPQCache"),
     "BatchDecodeWrapper": ("decode", "BatchDecodeWrapper"),
+    "DecodeStep": ("step", "DecodeStep"),
     "decode": ("decode", None),  # the callable submodule, see _DecodeModule
     "merge_states": ("decode", "merge_states"),
     "contiguous_pq_decode": ("decode", "contiguous_pq_decode"),

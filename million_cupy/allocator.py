@@ -117,10 +117,9 @@ _NUMPY_HINT = (
 
 
 @cuda.jit
-def _alloc_kernel(out, stack, refcount, ctrl, num_pages):
-    """Pop ``out.shape[0]`` ids from the free stack into ``out``; refuse (ids -1) if too few."""
+def _alloc_kernel(out, n, stack, refcount, ctrl, num_pages):
+    """Pop ``n`` ids from the free stack into ``out[:n]``; refuse (ids -1) if too few."""
     tid = cuda.threadIdx.x
-    n = out.shape[0]
     if tid == 0:
         top = ctrl[_TOP]
         if top < n:
@@ -312,6 +311,7 @@ class PageAllocator:
         # Pinned so that reading the control words back is one async copy plus the sync.
         self._ctrl_host = cuda.pinned_array(_NCTRL, np.int64)
         self._free_known = num_pages
+        self._scratch: Any = None  # alloc_scratch's buffer
         self._syncs = 0  # host synchronisations made by this allocator (tests check alloc makes none)
         self._lock = threading.Lock()
 
@@ -326,6 +326,19 @@ class PageAllocator:
         Raises:
             PagePoolExhausted: fewer than ``n`` pages are free; nothing was allocated.
         """
+        return self._alloc_into(n, None)
+
+    def alloc_scratch(self, n: int) -> Any:
+        """:meth:`alloc`, with the ids in a buffer the allocator reuses (grown when needed): the returned
+        int32 device array holds them in its first ``n`` entries until the next ``alloc_scratch`` call, in
+        stream order. Making a device array costs more host time than the launch (numba checks its context),
+        so callers that consume the ids at once (the cache's block table) save it this way."""
+        n = operator.index(n)
+        if self._scratch is None or self._scratch.shape[0] < n:
+            self._scratch = self._device_empty(max(n, 256))
+        return self._alloc_into(n, self._scratch)
+
+    def _alloc_into(self, n: int, out: Any) -> Any:
         n = operator.index(n)
         if n < 0:
             raise ValueError(f"alloc: expected n >= 0, got {n}")
@@ -337,9 +350,10 @@ class PageAllocator:
                     raise PagePoolExhausted(
                         f"alloc: requested {n} pages, only {free} free of {self.num_pages}; nothing was allocated"
                     )
-            out = self._device_empty(n)
+            if out is None:
+                out = self._device_empty(n)
             if n:
-                self._launch(self._alloc_k, out, self._stack, self._refcount, self._ctrl, self.num_pages)
+                self._launch(self._alloc_k, out, n, self._stack, self._refcount, self._ctrl, self.num_pages)
                 self._free_known -= n
             return out
 

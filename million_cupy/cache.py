@@ -3,30 +3,30 @@
 Every layer keeps, per sequence, the most recent tokens exactly in a residual ring and the older
 ones as 8-bit PQ codes in fixed-size pages of one pool owned by a
 :class:`~million_cupy.allocator.PageAllocator`. The memory layout (pages, rings, block table) is
-the contract in ``docs/architecture.md``; the decode kernels read it directly.
+the contract in ``docs/architecture.md`` and :mod:`million_cupy.layout`; the decode kernels read it directly.
 
-Flush rule. A sequence holding ``n`` tokens in a layer has ``pages(n) = 0 if n < R else
-(n - R) // P + 1`` full pages (tokens ``[0, P * pages(n))``) and its residual tokens
-``[P * pages(n), n)`` sit in ring slots ``t % R``. The contents are therefore a function of the
-tokens alone, never of how they were split across :meth:`PagedPQCache.append` calls: a bulk
-append encodes the tokens that end up in pages straight from the input (or from the ring, for
-tokens that were already there) and writes only the rest to the ring.
+Flush rule (:func:`~million_cupy.layout.full_pages`). A sequence holding ``n`` tokens in a layer has
+``pages(n) = 0 if n < R else (n - R) // P + 1`` full pages (tokens ``[0, P * pages(n))``, read as codes)
+and its residual tokens ``[P * pages(n), n)`` sit exactly in ring slots ``t % R``.
+
+Codes are written when a token is appended. Every appended token is PQ-encoded at once into its place
+in block ``t // P`` of its sequence (allocated then: a sequence of ``n`` tokens holds ``ceil(n / P)``
+blocks), and the tokens that stay residual are also copied into the ring. A flush, a block becoming a
+full page, is therefore only a change of lengths. The contents are a function of the tokens alone,
+never of how they were split across :meth:`PagedPQCache.append` calls.
 
 Pages. One page id covers the ``P``-token block ``j`` of a sequence in every layer: the first layer
 (or :meth:`PagedPQCache.reserve`) that needs block ``j`` allocates it and the other layers find it in
 the block table. Allocated blocks of a sequence are always a prefix ``[0, blocks)`` of its
 block-table row, so the host tracks only their count; the page ids themselves stay on the device.
-Inside a page, K code rows are XOR-permuted (:func:`permute_k_rows`) and stored in 16-byte chunks,
-chunk-major, and V codes are transposed in 16-token blocks (:func:`pack_pages`), so that a warp of the
-decode kernel reads every code it needs with fully coalesced 16-byte loads.
 
-Two paths share all index math (host NumPy over the batch, ``O(B)`` per one-token append):
+Two paths share all index math (host NumPy over the batch):
 
-* GPU (CuPy): rings, block table and pool live on the device; the one-token decode append is one
-  small host-to-device copy plus one ``ring_append`` launch (``cuda_src/cache_append.cu``), plus a
-  conversion when the input is not in the cache dtype, and no device-to-host synchronisation (the
-  allocator only synchronises when the pool may be exhausted). Flushes add the gathers, the encoder
-  and the code scatters.
+* GPU (CuPy): rings, block table and pool live on the device; an append is one host-to-device copy of
+  per-token metadata and one ``append_tokens`` launch (``cuda_src/cache_append.cu``: encode, page store
+  and ring copy fused), plus a conversion when the input is not in the cache dtype, and no
+  device-to-host synchronisation (the allocator only synchronises when the pool may be exhausted).
+  :class:`~million_cupy.step.DecodeStep` launches the same kernel from metadata it prepared once per step.
 * CPU (NumPy): the exact reference path, with the float64 reference encoder. Page ids still come
   from the PageAllocator (under numba's CUDA simulator on a machine without a GPU).
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import operator
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -46,30 +47,46 @@ import numpy as np
 from . import kernels
 from .allocator import PageAllocator
 from .codebook import Codebook, ModelCodebooks, encode
-from .decode import PAGE_SIZES as _DECODE_PAGE_SIZES
 from .errors import DeviceUnavailable, SequenceSlotsExhausted, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
+from .layout import (  # re-exported: these names were public here before layout.py existed
+    K_CHUNK_BYTES, PAGE_SIZES, V_BLOCK_TOKENS, blocks, full_pages, k_chunk, pack_pages, permute_k_rows,
+    stored_v_shape, unpack_pages,
+)
 
-__all__ = ["PagedPQCache", "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape", "CACHE_DTYPES",
-           "PAGE_SIZES"]
+__all__ = ["PagedPQCache", "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape", "full_pages",
+           "CACHE_DTYPES", "PAGE_SIZES", "APPEND_SOURCE", "append_kernel_name", "APPEND_THREADS",
+           "APPEND_TILE_ROWS", "AppendKernel"]
 
 #: Cache (residual ring) dtypes.
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 #: Dtypes append accepts; others than the cache dtype are converted to it.
 INPUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-#: Supported page sizes (tokens per page): powers of two, so the decode kernels index pages by shifts.
-PAGE_SIZES = _DECODE_PAGE_SIZES
 
-_SOURCE = "cache_append.cu"
-# ring_append copies rows as the widest word that the row size and every pointer allow.
-_RING_WORDS = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short"}
-_THREADS = 256
-_MAX_GRID = 4096  # the kernels stride, so this only caps launch size
+#: The CUDA source of the append kernel (``append_tokens``) and the page-table gather.
+APPEND_SOURCE = "cache_append.cu"
+#: Threads per block of ``append_tokens`` and the rows one block encodes per tile (APPEND_THREADS and
+#: APPEND_ROWS in cuda_src/cache_append.cu; the kernel strides over tiles, so this sizes grids only).
+APPEND_THREADS = 128
+APPEND_TILE_ROWS = APPEND_THREADS * 4
+_MAX_TILES = 4096
+#: Rows (tokens x heads per codebook) up to which an append searches centroids with APPEND_LANES lanes per
+#: row: a decode step's few rows then cost about a microsecond instead of a thread's 256-centroid scan; bulk
+#: appends keep the scan, which needs fewer instructions per row.
+WARP_SEARCH_MAX_ROWS = 512
+APPEND_LANES = 8  # APPEND_LANES in cuda_src/cache_append.cu
+_CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+_DSUBS = (1, 2, 4, 8)
 
 
-@kernels.register_variants(_SOURCE)
+def append_kernel_name(dsub: int, dtype: str) -> str:
+    """Name expression of the ``append_tokens`` variant for sub-vectors of ``dsub`` values of ``dtype``."""
+    return f"append_tokens<{dsub}, {_CTYPES[dtype]}>"
+
+
+@kernels.register_variants(APPEND_SOURCE)
 def _cache_append_variants() -> list[str]:
-    return [f"ring_append<{word}>" for word in _RING_WORDS.values()] + ["gather_page_table"]
+    return [append_kernel_name(s, t) for s in _DSUBS for t in _CTYPES] + ["gather_page_table"]
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,90 +97,33 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     return owner, values
 
 
-def permute_k_rows(codes: Any, t: Any) -> Any:
-    """Apply the in-page XOR permutation of K code rows (docs/architecture.md); it is its own inverse.
+@dataclass(frozen=True)
+class AppendKernel:
+    """``append_tokens`` bound to one layer's storage: what never changes between launches.
 
-    ``codes`` is ``(..., M)`` uint8 (NumPy or CuPy), ``t`` the in-page token index of each row,
-    broadcastable to ``codes.shape[:-1]``. Position ``s`` of the result holds ``codes[..., s ^ (t % ROT)]``
-    with ``ROT = min(M, 32)``: stored rows from logical ones, and logical rows from stored ones.
-    The decode kernel reads K pages in this order so that its lookup-table reads hit distinct
-    shared-memory banks.
+    ``args(k, v, tok, status, n_tok)`` gives the kernel's whole argument tuple (``cuda_src/cache_append.cu``)
+    and ``grid(n_tok)`` its grid for ``n_tok`` token rows.
     """
-    xp = cupy() if is_gpu_array(codes) else np
-    M = codes.shape[-1]
-    rot = min(M, 32)
-    t = xp.asarray(t)
-    source = xp.arange(M) ^ (t % rot)[..., None]
-    return xp.take_along_axis(codes, xp.broadcast_to(source, codes.shape), axis=-1)
 
+    kernel: Any
+    grid_x: int           # 2 * Hc * M blocks: (kind, codebook head, subspace)
+    rows_per_token: int   # rows one codebook encodes per token: nh_k / Hc
+    storage: tuple        # ring_k, ring_v, K and V code bases, page_nbytes, centroids, block_table, max_blocks
+    geometry: tuple       # nh_k, M, Hc, R, page_shift
+    slot_gen: Any
 
-#: Bytes of a K row stored together (the kernel's 16-byte load); rows shorter than this (M = 8) stay whole.
-K_CHUNK_BYTES = 16
-#: Tokens of a V block: a page stores V as ``P // V_BLOCK_TOKENS`` blocks of ``[m][16 tokens]``.
-V_BLOCK_TOKENS = 16
+    def warp_search(self, n_tok: int) -> bool:
+        """Whether ``n_tok`` tokens are few enough for the kernel's one-warp-per-row search (lower latency)."""
+        return n_tok * self.rows_per_token <= WARP_SEARCH_MAX_ROWS
 
+    def grid(self, n_tok: int) -> tuple[int, int]:
+        rows = n_tok * self.rows_per_token
+        per_block = APPEND_THREADS // APPEND_LANES if self.warp_search(n_tok) else APPEND_TILE_ROWS
+        return self.grid_x, max(1, min(-(-rows // per_block), _MAX_TILES))
 
-def k_chunk(M: int) -> int:
-    """Bytes per stored K chunk for ``M`` subspaces: ``min(M, 16)``."""
-    return min(M, K_CHUNK_BYTES)
-
-
-def pack_pages(k_codes: Any, v_codes: Any) -> tuple[Any, Any]:
-    """Logical page codes → the stored page layout the decode kernels read (NumPy or CuPy, copies).
-
-    ``k_codes`` and ``v_codes`` are uint8 ``(..., P, M)``: code of subspace ``m`` of the page's token ``t``.
-    Returns K as ``(..., M // kc, P, kc)`` with ``kc = min(M, 16)``: each row XOR-permuted
-    (:func:`permute_k_rows`) and cut into ``kc``-byte chunks, chunk-major; and V as
-    ``(..., P // 16, M, 16)``: transposed ``[m][token]`` inside each 16-token block. With one lane per
-    token (K) or per subspace (V), a warp's 16-byte loads then cover consecutive addresses.
-    """
-    for name, c in (("k_codes", k_codes), ("v_codes", v_codes)):
-        if c.ndim < 2 or c.dtype != np.uint8:
-            raise ValueError(f"{name}: expected uint8 codes of shape (..., P, M), got {c.dtype} {tuple(c.shape)}")
-    P, M = k_codes.shape[-2:]
-    if v_codes.shape != k_codes.shape:
-        raise ValueError(f"v_codes: expected shape {tuple(k_codes.shape)} (as k_codes), got {tuple(v_codes.shape)}")
-    if P % V_BLOCK_TOKENS:
-        raise ValueError(f"page size: expected a multiple of {V_BLOCK_TOKENS}, got {P}")
-    if M % k_chunk(M):
-        raise ValueError(f"M: expected 8 or a multiple of {K_CHUNK_BYTES}, got {M}")
-    xp = cupy() if is_gpu_array(k_codes) else np
-    lead = k_codes.shape[:-2]
-    kc = k_chunk(M)
-    k = permute_k_rows(k_codes, xp.arange(P)).reshape(*lead, P, M // kc, kc)
-    v = v_codes.reshape(*lead, P // V_BLOCK_TOKENS, V_BLOCK_TOKENS, M)
-    return xp.ascontiguousarray(xp.swapaxes(k, -3, -2)), xp.ascontiguousarray(xp.swapaxes(v, -2, -1))
-
-
-def stored_v_shape(k_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the stored V pages that go with stored K pages of shape ``(..., M // kc, P, kc)``
-    (:func:`pack_pages`); raises ValueError when ``k_shape`` is not such a shape."""
-    if len(k_shape) < 3 or k_shape[-1] != k_chunk(k_shape[-3] * k_shape[-1]):
-        raise ValueError(f"k_pages: expected stored pages (..., M // kc, P, kc) with kc = min(M, 16) "
-                         f"(cache.pack_pages), got shape {tuple(k_shape)}")
-    *lead, chunks, P, kc = k_shape
-    return (*lead, P // V_BLOCK_TOKENS, chunks * kc, V_BLOCK_TOKENS)
-
-
-def unpack_pages(k_pages: Any, v_pages: Any) -> tuple[Any, Any]:
-    """The inverse of :func:`pack_pages`: logical ``(..., P, M)`` K and V codes of stored pages."""
-    xp = cupy() if is_gpu_array(k_pages) else np
-    want = stored_v_shape(tuple(k_pages.shape))
-    if tuple(v_pages.shape) != want:
-        raise ValueError(f"v_pages: expected shape {want} (the V pages pack_pages makes with these K pages), "
-                         f"got {tuple(v_pages.shape)}")
-    *lead, chunks, P, kc = k_pages.shape
-    M = chunks * kc
-    k = xp.swapaxes(k_pages, -3, -2).reshape(*lead, P, M)
-    v = xp.swapaxes(v_pages, -2, -1).reshape(*lead, P, M)
-    return permute_k_rows(k, xp.arange(P)), v
-
-
-def full_pages(n: Any, page_size: int, residual: int) -> np.ndarray:
-    """``pages(n)`` of the flush rule (module docstring): the full PQ pages of a sequence holding ``n`` tokens,
-    elementwise; tokens ``[0, page_size * pages(n))`` are in pages, the rest in the residual ring."""
-    n = np.asarray(n, dtype=np.int64)
-    return np.where(n < residual, 0, (n - residual) // page_size + 1)
+    def args(self, k: Any, v: Any, tok: Any, status: Any, n_tok: int) -> tuple:
+        return (k, v, *self.storage, tok, self.slot_gen, status, np.int32(n_tok), *self.geometry,
+                np.int32(self.warp_search(n_tok)))
 
 
 def _index(value: Any, name: str) -> int:
@@ -303,13 +263,24 @@ class PagedPQCache:
             self._ring_k = xp.zeros(ring_shape, dtype=self._dtype)
             self._ring_v = xp.zeros(ring_shape, dtype=self._dtype)
             self._block_table = xp.full((max_seqs, self._max_blocks), -1, dtype=np.int32)
+            # A slot's generation changes whenever it starts or stops holding a sequence; kernels launched
+            # from a step's metadata compare it so that a replay after the batch changed writes nothing.
+            self._slot_gen_dev = xp.zeros(max_seqs, dtype=np.int32)
 
         # Host bookkeeping: the device never has to be asked what the cache holds.
         self._lens = np.zeros((num_layers, max_seqs), dtype=np.int64)
         self._blocks = np.zeros(max_seqs, dtype=np.int64)  # allocated blocks per slot (a prefix)
         self._live = np.zeros(max_seqs, dtype=bool)
+        self._slot_gen = np.zeros(max_seqs, dtype=np.int32)
+        self._lens_view = self._lens.view()
+        self._lens_view.flags.writeable = False
         self._free_slots = list(range(max_seqs))  # a heap: the lowest free slot is reused first
         self._flushes = 0
+        self._version = 0  # bumped by every change of lengths, slots or blocks
+        self._append_kernels: dict[int, AppendKernel] = {}
+        self._ids_scratch: tuple | None = None  # (numba int32 buffer, CuPy view): where allocations land
+        # The plain path's status word: its host checks come first, so the kernel never flags anything there.
+        self._append_status = xp.zeros(1, dtype=np.int32) if gpu else None
 
     # ------------------------------------------------------------------------------ geometry
 
@@ -344,6 +315,11 @@ class PagedPQCache:
     def dtype(self) -> str:
         """Dtype name of the residual (exact) tokens."""
         return self._dtype_name
+
+    @property
+    def array_dtype(self) -> np.dtype:
+        """The NumPy dtype of the residual (exact) tokens: what append kernels and attention launches take."""
+        return self._dtype
 
     @property
     def M(self) -> int:
@@ -450,15 +426,16 @@ class PagedPQCache:
             )
         seq = heapq.heappop(self._free_slots)
         self._live[seq] = True
+        self._new_generation(seq)
         return seq
 
     def fork(self, seq: int) -> int:
         """A new sequence with the same contents as ``seq`` in every layer; returns its id.
 
-        Blocks that are full PQ pages in every layer are shared (one more reference each). Any
-        other allocated block (full in some layers only, or reserved ahead) would later receive
-        different tokens from the two sequences, so the child gets a fresh page instead, holding a
-        copy of the source page where some layer has written it. Residual rings and lengths are copied.
+        Blocks that are full PQ pages in every layer are shared (one more reference each). Every other
+        allocated block (still being filled, full in some layers only, or reserved ahead) would later
+        receive different tokens from the two sequences, so the child gets a fresh page holding a copy of
+        the source page. Residual rings and lengths are copied.
 
         Raises:
             PagePoolExhausted: not enough free pages for the copied blocks; nothing changed.
@@ -467,7 +444,6 @@ class PagedPQCache:
         if not self._free_slots:
             raise SequenceSlotsExhausted(f"fork: all max_seqs = {self._max_seqs} sequence slots are in use; free one first")
         shared = int(self._full_pages(self._lens[:, src].min()))
-        written = int(self._full_pages(self._lens[:, src].max()))
         blocks = int(self._blocks[src])
         with self._on_stream():
             fresh = self._alloc.alloc(blocks - shared) if blocks > shared else None
@@ -478,13 +454,13 @@ class PagedPQCache:
                 table[child, :shared] = table[src, :shared]
             if fresh is not None:
                 table[child, shared:blocks] = self._page_ids(fresh)
-                if written > shared:
-                    self._pool[table[child, shared:written]] = self._pool[table[src, shared:written]]
+                self._pool[table[child, shared:blocks]] = self._pool[table[src, shared:blocks]]
             self._ring_k[:, child] = self._ring_k[:, src]
             self._ring_v[:, child] = self._ring_v[:, src]
         self._lens[:, child] = self._lens[:, src]
         self._blocks[child] = blocks
         self._live[child] = True
+        self._new_generation(child)
         return int(child)
 
     def free(self, seq: int) -> None:
@@ -498,7 +474,14 @@ class PagedPQCache:
         self._lens[:, seq] = 0
         self._blocks[seq] = 0
         self._live[seq] = False
+        self._new_generation(seq)
         heapq.heappush(self._free_slots, int(seq))
+
+    def _new_generation(self, seq: int) -> None:
+        self._slot_gen[seq] += 1
+        self._version += 1
+        with self._on_stream():
+            self._slot_gen_dev[seq] = int(self._slot_gen[seq])
 
     def seq_len(self, seq: int, layer: int = 0) -> int:
         """Tokens sequence ``seq`` holds in ``layer``."""
@@ -509,10 +492,35 @@ class PagedPQCache:
         layer = self._check_layer(layer)
         return self._lens[layer, self._check_seqs(seq_ids, "seq_lens", unique=False)]
 
-    def _lens_unchecked(self, layer: int, seq_ids: np.ndarray) -> np.ndarray:
-        """:meth:`seq_lens` for ids validated earlier (BatchDecodeWrapper.run's per-layer check, where the
-        validation would cost more than the launch); a freed sequence reads 0."""
-        return self._lens[layer, seq_ids]
+    @property
+    def lengths(self) -> np.ndarray:
+        """Read-only host int64 ``(num_layers, max_seqs)``: tokens each slot holds in each layer (0 for a free
+        slot). A view, kept current by the cache: launchers compare it without a copy or a validation."""
+        return self._lens_view
+
+    @property
+    def version(self) -> int:
+        """A counter that changes with every change of lengths, sequences or allocated blocks, so a
+        launcher can tell in one comparison that nothing moved since it last looked."""
+        return self._version
+
+    def slot_generations(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Host int32 generation of each listed slot: it changes whenever a slot starts or stops holding a
+        sequence (add_sequence, fork, free). Device kernels compare it with :attr:`slot_generation_array`."""
+        return self._slot_gen[seq_ids]
+
+    @property
+    def slot_generation_array(self) -> Any:
+        """The device copy of every slot's generation, int32 ``(max_seqs,)`` (see :meth:`slot_generations`)."""
+        return self._slot_gen_dev
+
+    def allocated_blocks(self, seq_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Host int64 count of allocated blocks of each listed sequence (its block-table prefix)."""
+        return self._blocks[self._check_seqs(seq_ids, "allocated_blocks", unique=False)]
+
+    def full_pages(self, n: Any) -> np.ndarray:
+        """The flush rule for this cache's page size and window: full pages of sequences of ``n`` tokens."""
+        return full_pages(n, self._P, self._R)
 
     # ------------------------------------------------------------------------------ writing
 
@@ -531,9 +539,10 @@ class PagedPQCache:
         dtype is converted to the cache dtype. The GPU cache copies NumPy input to the device
         (converted to the cache dtype on the host first); the CPU cache rejects GPU input.
 
-        Pages that the append completes are allocated in one allocator call before anything is
+        Blocks that the tokens land in are allocated in one allocator call before anything is
         written, so every error, :class:`~million_cupy.errors.PagePoolExhausted` included, leaves
-        the cache unchanged.
+        the cache unchanged. For a decode loop, :class:`~million_cupy.step.DecodeStep` does the same
+        work from metadata prepared once per step (one launch per layer, no host index math).
         """
         layer = self._check_layer(layer)
         seqs = self._check_seqs(seq_ids, "append")
@@ -544,20 +553,33 @@ class PagedPQCache:
         n0 = self._lens[layer, seqs]
         n1 = n0 + counts
         self._check_max_len(seqs, n1, "append")
-        p0, p1 = self._full_pages(n0), self._full_pages(n1)
-        starts = np.cumsum(counts) - counts  # where each sequence's tokens start in k / v
+        p1 = self._full_pages(n1)
         with self._on_stream():
-            self._grow(seqs, p1)  # the only step that can fail; nothing is written before it
-            self._flush(layer, seqs, n0, p0, p1, starts, k, v)
-            # Input tokens that stay residual: [max(n0, P * p1), n1). Earlier ones went to pages.
-            first = np.maximum(n0, self._P * p1)
-            owner, t = _ranges(first, n1 - first)
+            self._grow(seqs, blocks(n1, self._P))  # the only step that can fail; nothing is written before it
+            owner, pos = _ranges(n0, counts)
             if owner.shape[0]:
-                self._write_ring(layer, seqs[owner], t % self._R, starts[owner] + t - n0[owner], k, v)
+                # Token j of the input is position pos[j] of seqs[owner[j]]; it stays exact in the ring
+                # when it is at or past the sequence's full pages after this append.
+                self._store_tokens(layer, seqs[owner], pos, pos >= self._P * p1[owner], k, v)
         self._lens[layer, seqs] = n1
+        self._flushes += int((p1 - self._full_pages(n0)).sum())
+        self._version += 1
+
+    def advance(self, seq_ids: np.ndarray | slice, new_tokens: int, new_full_pages: int) -> None:
+        """Count ``new_tokens`` more tokens in every layer of each listed sequence, whose data a launcher
+        writes with the append kernel itself (:class:`~million_cupy.step.DecodeStep`).
+
+        ``seq_ids`` (an int array or a slice of slots) must be validated live, distinct sequences holding
+        equal lengths in every layer, whose blocks already cover the new tokens (:meth:`reserve`), and
+        ``new_full_pages`` the blocks that become full pages in each layer by this advance (the flush rule
+        applied by the caller). This is the step's host commit: it does no checking of its own.
+        """
+        self._lens[:, seq_ids] += new_tokens
+        self._flushes += self._num_layers * new_full_pages
+        self._version += 1
 
     def reserve(self, seq_ids: Sequence[int] | np.ndarray, new_tokens: int | Sequence[int] | np.ndarray) -> int:
-        """Allocate every block that appending ``new_tokens`` tokens would complete, without appending.
+        """Allocate every block that appending ``new_tokens`` tokens would write into, without appending.
 
         ``new_tokens`` is one count for all listed sequences or one per sequence, counted from the
         sequence's longest layer. Later appends reuse the reserved pages from the block table.
@@ -571,7 +593,7 @@ class PagedPQCache:
         target = self._lens[:, seqs].max(axis=0, initial=0) + new
         self._check_max_len(seqs, target, "reserve")
         with self._on_stream():
-            return self._grow(seqs, self._full_pages(target))
+            return self._grow(seqs, blocks(target, self._P))
 
     def _grow(self, seqs: np.ndarray, target: np.ndarray) -> int:
         """Allocate blocks so that each sequence has at least ``target`` of them (one allocator call)."""
@@ -579,67 +601,61 @@ class PagedPQCache:
         total = int(need.sum())
         if total == 0:
             return 0
-        ids = self._page_ids(self._alloc.alloc(total))
+        ids = self._new_page_ids(total)
         owner, column = _ranges(self._blocks[seqs], need)
         rows, column = self._to_device(seqs[owner], column)
         self._block_table[rows, column] = ids
         self._blocks[seqs] += need
+        self._version += 1
         return total
 
-    def _flush(self, layer, seqs, n0, p0, p1, starts, k, v) -> None:
-        """PQ-encode tokens ``[P * p0, P * p1)`` of each sequence into their pages of ``layer``."""
-        P = self._P
-        owner, t = _ranges(P * p0, P * (p1 - p0))
-        if owner.shape[0] == 0:
+    def _store_tokens(self, layer: int, seq: np.ndarray, pos: np.ndarray, residual: np.ndarray, k: Any,
+                      v: Any) -> None:
+        """Token row ``j`` of ``k`` / ``v`` is position ``pos[j]`` of sequence ``seq[j]``: write its codes
+        into its block and, where ``residual[j]``, its exact rows into ring slot ``pos[j] % R``."""
+        if self.is_gpu:
+            meta = np.stack([seq, pos, self._slot_gen[seq], residual], axis=1).astype(np.int32)
+            append = self.append_kernel(layer)
+            append.kernel(append.grid(meta.shape[0]), (APPEND_THREADS,),
+                          append.args(k, v, self._xp.asarray(meta), self._append_status, meta.shape[0]))
             return
-        in_ring = t < n0[owner]
-        ring_owner, ring_t = owner[in_ring], t[in_ring]
-        new_owner, new_t = owner[~in_ring], t[~in_ring]
-        # The encode buffer holds the ring tokens, then the input tokens; the destinations follow suit.
-        dst_owner = np.concatenate([ring_owner, new_owner])
-        dst_t = np.concatenate([ring_t, new_t])
-        ring_seq, ring_slot, rows, dst_seq, dst_block, dst_row = self._to_device(
-            seqs[ring_owner], ring_t % self._R, starts[new_owner] + new_t - n0[new_owner],
-            seqs[dst_owner], dst_t // P, dst_t % P,
-        )
-        xp = self._xp
-
-        def gather(ring, x):  # (F, nh_k, d); a decode-step flush (R > P) reads the ring only
-            parts = [ring[layer][ring_seq, :, ring_slot]] if ring_seq.shape[0] else []
-            parts += [x[rows]] if rows.shape[0] else []
-            return parts[0] if len(parts) == 1 else xp.concatenate(parts)
-
-        k_codes = encode(gather(self._ring_k, k), self.key_centroids(layer))  # (F, nh_k, M)
-        v_codes = encode(gather(self._ring_v, v), self.value_centroids(layer))
-        pages = self._block_table[dst_seq, dst_block]
+        P, R = self._P, self._R
+        row = pos % P
+        pages = self._block_table[seq, pos // P]
         kc = k_chunk(self._M)
-        stored_k = permute_k_rows(k_codes, dst_row[:, None]).reshape(*k_codes.shape[:2], -1, kc)
-        self.k_codes(layer)[pages, :, :, dst_row, :] = stored_k
-        self.v_codes(layer)[pages, :, dst_row // V_BLOCK_TOKENS, :, dst_row % V_BLOCK_TOKENS] = v_codes
-        self._flushes += int((p1 - p0).sum())
+        for x, centroids, ring, kind in ((k, self.key_centroids(layer), self._ring_k, 0),
+                                         (v, self.value_centroids(layer), self._ring_v, 1)):
+            codes = encode(x, centroids)  # (T, nh_k, M), the float64 reference on the CPU
+            if kind == 0:
+                stored = permute_k_rows(codes, row[:, None]).reshape(*codes.shape[:2], -1, kc)
+                self.k_codes(layer)[pages, :, :, row, :] = stored
+            else:
+                self.v_codes(layer)[pages, :, row // V_BLOCK_TOKENS, :, row % V_BLOCK_TOKENS] = codes
+            ring[layer][seq[residual], :, pos[residual] % R] = x[residual]
 
-    def _write_ring(self, layer: int, seq: np.ndarray, slot: np.ndarray, src: np.ndarray, k: Any, v: Any) -> None:
-        """Ring slot ``slot[i]`` of sequence ``seq[i]`` := token row ``src[i]`` of ``k`` / ``v``."""
-        ring_k, ring_v = self._ring_k[layer], self._ring_v[layer]
-        if not self.is_gpu:
-            ring_k[seq, :, slot] = k[src]
-            ring_v[seq, :, slot] = v[src]
-            return
-        cp = self._xp
-        row_bytes = self._d * self._dtype.itemsize
-        word = next(
-            w for w in _RING_WORDS
-            if row_bytes % w == 0 and all(a.data.ptr % w == 0 for a in (k, v, ring_k, ring_v))
-        )
-        n = seq.shape[0]
-        idx = cp.asarray(np.concatenate([seq, slot, src]).astype(np.int32))
-        row_words = row_bytes // word
-        blocks = min(-(-n * self._nh_k * row_words // _THREADS), _MAX_GRID)
-        kernel = kernels.get_kernel(_SOURCE, f"ring_append<{_RING_WORDS[word]}>")
-        kernel(
-            (blocks,), (_THREADS,),
-            (k, v, ring_k, ring_v, idx, np.int32(n), np.int32(self._nh_k), np.int32(self._R), np.int32(row_words)),
-        )
+    def append_kernel(self, layer: int) -> AppendKernel:
+        """The ``append_tokens`` kernel bound to ``layer``'s storage (GPU path; built once per layer)."""
+        append = self._append_kernels.get(layer)
+        if append is None:
+            if not self.is_gpu:
+                raise UnsupportedConfiguration("append_kernel: the append kernel needs a GPU cache (device='cuda')")
+            layer = self._check_layer(layer)
+            xp = self._xp
+            kc, vc = xp.ascontiguousarray(self.key_centroids(layer)), xp.ascontiguousarray(self.value_centroids(layer))
+            flat = self._pool.reshape(-1)
+            Hc = int(kc.shape[0])
+            append = self._append_kernels[layer] = AppendKernel(
+                kernel=kernels.get_kernel(APPEND_SOURCE, append_kernel_name(self._d // self._M, self._dtype_name)),
+                grid_x=2 * Hc * self._M,
+                rows_per_token=self._nh_k // Hc,
+                storage=(self._ring_k[layer], self._ring_v[layer], flat[self.code_offset(layer, 0):],
+                         flat[self.code_offset(layer, 1):], np.int64(self._page_nbytes), kc, vc, self._block_table,
+                         np.int32(self._max_blocks)),
+                geometry=(np.int32(self._nh_k), np.int32(self._M), np.int32(Hc), np.int32(self._R),
+                          np.int32(self._P.bit_length() - 1)),
+                slot_gen=self._slot_gen_dev,
+            )
+        return append
 
     # ------------------------------------------------------------------------------ reading
 
@@ -666,7 +682,7 @@ class PagedPQCache:
             meta = cp.asarray(np.concatenate([seqs.astype(np.int32), indptr, residual_lens]))
             indices = cp.empty(int(indptr[-1]), dtype=np.int32)
             if indices.shape[0]:
-                kernel = kernels.get_kernel(_SOURCE, "gather_page_table")
+                kernel = kernels.get_kernel(APPEND_SOURCE, "gather_page_table")
                 kernel(
                     (B,), (128,),
                     (self._block_table, np.int32(self._max_blocks), meta, np.int32(B), indices),
@@ -772,6 +788,16 @@ class PagedPQCache:
         ends = np.cumsum([a.shape[0] for a in arrays])
         return [flat[end - a.shape[0] : end] for a, end in zip(arrays, ends)]
 
+    def _new_page_ids(self, n: int) -> Any:
+        """``n`` freshly allocated page ids on the cache's side (GPU: a view of a scratch buffer reused by every
+        allocation, consumed in stream order before the next one overwrites it)."""
+        if not self.is_gpu:
+            return self._page_ids(self._alloc.alloc(n))
+        scratch = self._alloc.alloc_scratch(n)
+        if self._ids_scratch is None or self._ids_scratch[0] is not scratch:
+            self._ids_scratch = (scratch, self._page_ids(scratch))
+        return self._ids_scratch[1][:n]
+
     def _page_ids(self, ids: Any) -> Any:
         """Allocator ids on the cache's side: zero-copy CuPy on the GPU path, a host copy on the CPU path."""
         return self._xp.asarray(ids) if self.is_gpu else ids.copy_to_host()
@@ -830,7 +856,10 @@ class PagedPQCache:
         )
         with self._on_stream():
             arr = arr.astype(self._dtype, copy=False)  # before the upload for NumPy input: less to copy
-            return self._xp.ascontiguousarray(self._xp.asarray(arr))
+            arr = self._xp.ascontiguousarray(self._xp.asarray(arr))
+            if self.is_gpu and arr.data.ptr % 16:
+                arr = arr.copy()  # the append kernel reads sub-vectors with aligned vector loads
+            return arr
 
     def _check_max_len(self, seqs: np.ndarray, n: np.ndarray, what: str) -> None:
         over = n > self._max_seq_len

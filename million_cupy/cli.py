@@ -36,6 +36,7 @@ BENCH_SUITES: dict[str, tuple[str, str]] = {
     "allocator": ("bench_allocator.py", "page alloc / free cost, single and batched"),
     "memory": ("bench_memory.py", "bytes per token and pool utilization on a mixed-length trace"),
     "accuracy": ("accuracy.py", "attention error of PQ vs uniform int2/int4 and KIVI on synthetic KV"),
+    "step": ("bench_step.py", "the whole 32-layer decode step (append + attention), eager and CUDA-graph replayed, vs PyTorch fp16"),
     "e2e": ("bench_e2e.py", "end-to-end Llama-shaped decode: PQ cache vs fp16 cache, tokens/s and p50/p99 latency"),
     "report": ("report.py", "regenerate REPORT.md and plots from bench/results"),
 }

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,7 +37,8 @@ import numpy as np
 
 from . import kernels, reference
 from .errors import MillionError, UnsupportedConfiguration
-from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, resolve_dtype, to_numpy
+from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
+from .layout import PAGE_SIZES, pack_pages, permute_k_rows, stored_v_shape
 
 SOURCE = "decode_attention.cu"
 MODE_PAGED_PQ, MODE_CONTIG_PQ, MODE_PAGED_EXACT = 0, 1, 2
@@ -49,7 +51,6 @@ RESIDUAL_ITEM_MAX_CHUNK = 2048  # tokens; longer splits keep the residual in the
 HEAD_DIMS = (64, 128, 256)
 DSUBS = (1, 2, 4, 8)
 GROUPS = (8, 4, 2, 1)
-PAGE_SIZES = (16, 32, 64, 128, 256)
 _CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 _SMEM_LIMIT_FALLBACK = 227 * 1024
 
@@ -222,27 +223,6 @@ def make_schedule(main_len: np.ndarray, num_heads: int, group: int, align: int, 
     return _Schedule(work=work, unit_items=unit_items, group=group)
 
 
-class _Workspace:
-    """Device buffers of one plan: schedule arrays and split-K partial states, grown but never shrunk."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, Any] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: Any, zero: bool = False):
-        cp = cupy()
-        n = int(np.prod(shape))
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
-            buf = cp.zeros(max(n, 1), dtype=dtype) if zero else cp.empty(max(n, 1), dtype=dtype)
-            self._bufs[name] = buf
-        return buf[:n].reshape(shape)
-
-    def upload(self, name: str, host: np.ndarray, stream):
-        dev = self.get(name, host.shape, host.dtype)
-        dev.set(np.ascontiguousarray(host), stream=stream)
-        return dev
-
-
 # ---------------------------------------------------------------------------------------------------
 # Codebooks in the kernels' format
 # ---------------------------------------------------------------------------------------------------
@@ -259,6 +239,210 @@ def kernel_codebooks(k_centroids, v_centroids):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The attention plan: graph-stable device metadata of one batch over a PagedPQCache
+# ---------------------------------------------------------------------------------------------------
+
+#: Tokens a plan's schedule looks ahead (and a DecodeStep reserves pages ahead): the kernel cuts each work
+#: item at the tokens the sequence holds in pages, so a schedule made for ``n + SCHEDULE_HORIZON`` tokens
+#: stays valid, and is not recomputed, while the sequence grows to that length.
+SCHEDULE_HORIZON = 256
+
+
+class AttentionPlan:
+    """Decode attention over a :class:`~million_cupy.cache.PagedPQCache` for batches of up to ``capacity``
+    sequences, from device metadata at fixed addresses (the plan half of FlashInfer's plan / run).
+
+    Everything a launch reads that changes from step to step (the split-K work list, per-sequence token
+    counts, ring rows, page-table rows, and ``extra_words`` int32 words for the caller) lives in ONE device
+    buffer, rewritten by :meth:`update` with one host-to-device copy from pinned memory. The grid has a
+    fixed size (``max(SMs, units)`` work items, unused ones padded), so each layer's launch is bound once
+    for the plan's life (:meth:`launch`) and a CUDA graph that captured it stays valid across updates.
+
+    The schedule is recomputed only when the batch changes or a sequence outgrows the token count it was
+    made for (``horizon`` tokens ahead); the kernel cuts each work item at the sequence's current tokens.
+    """
+
+    def __init__(self, cache, num_heads: int, capacity: int, *, scale: float | None = None,
+                 extra_words: int = 0) -> None:
+        cp = cupy()
+        self.cache = cache
+        self.num_heads = num_heads
+        self.capacity = capacity
+        d, m = cache.head_dim, cache.M
+        dev = _device()
+        self._sm_count = dev.sm_count
+        self.group = choose_group(MODE_PAGED_PQ, d, m, num_heads // cache.num_kv_heads, dev.smem_limit)
+        hg = num_heads // self.group
+        self.units = capacity * hg
+        self.grid = max(dev.sm_count * WAVES, self.units)  # make_schedule never gives more items
+        # int32 words: page_row (int64, first so it is 8-byte aligned) | work | unit_items | main | res | ring
+        # row | extra.
+        # Every part starts 16-byte aligned: the kernels read work items and the append's tokens as int4.
+        exact = (2 * capacity, 4 * self.grid, 2 * self.units, capacity, capacity, capacity, extra_words)
+        offsets = np.concatenate([[0], np.cumsum([-(-n // 4) * 4 for n in exact])])
+        self._words = int(offsets[-1])
+        with cache.stream:
+            self._dev = cp.zeros(self._words, dtype=np.int32)
+            self.part_o = cp.empty((self.grid, self.group, d), dtype=cp.float32)
+            self.part_lse = cp.empty((self.grid, self.group), dtype=cp.float32)
+            self.counter = cp.zeros(self.units, dtype=cp.int32)  # the kernel leaves it zeroed
+        from cupyx import empty_pinned  # noqa: PLC0415 (CuPy loads on first use)
+
+        # Two pinned staging buffers: one is rewritten while the copy from the other may still be queued.
+        self._host = [empty_pinned(self._words, dtype=np.int32) for _ in range(2)]
+        self._copied = [cp.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
+        self._recorded = [False, False]
+        self._staged = [False, False]  # whether each buffer holds the current schedule and batch words
+        self._turn = 0
+        self._memcpy = cp.cuda.runtime.memcpyAsync
+
+        def part(i: int, dtype=np.int32, shape=None):
+            dev = self._dev[offsets[i] : offsets[i] + exact[i]]
+            host = [h[offsets[i] : offsets[i] + exact[i]] for h in self._host]
+            if dtype == np.int64:
+                dev, host = dev.view(np.int64), [h.view(np.int64) for h in host]
+            if shape is not None:
+                dev, host = dev.reshape(shape), [h.reshape(shape) for h in host]
+            return dev, host
+
+        self.page_row, self._page_row = part(0, np.int64)
+        self.work, self._work = part(1, shape=(self.grid, 4))
+        self.unit_items, self._unit_items = part(2, shape=(self.units, 2))
+        self.main_len, self._main = part(3)
+        self.res_len, self._res = part(4)
+        self.res_row, self._res_row = part(5)
+        self.extra, self._extra = part(6)
+        self._sched_key: tuple | None = None  # (seq ids, tokens scheduled per sequence)
+        self._sched_main: np.ndarray | None = None
+        self._scale = (1.0 / math.sqrt(d)) if scale is None else float(scale)
+        self._layer_fixed: dict[int, tuple] = {}
+        self._launches: dict[tuple[int, Any], kernels.BoundLaunch] = {}  # (layer, numpy dtype)
+        self.schedules = 0  # schedules computed (the rest of the updates reused one)
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale of the launches (default ``1 / sqrt(head_dim)``)."""
+        return self._scale
+
+    def claim_turn(self) -> int:
+        """The staging buffer the next :meth:`update` writes, once its previous copy is done (in a running
+        decode loop it finished long ago). A caller may queue its own per-step copies on the plan's stream
+        before that update: the event recorded after the update's copy covers them too."""
+        t = self._turn
+        if self._recorded[t]:
+            self._copied[t].synchronize()
+            self._recorded[t] = False
+        return t
+
+    @property
+    def cover(self) -> np.ndarray | None:
+        """Tokens in full pages per sequence that the current schedule serves (None before the first)."""
+        return self._sched_main
+
+    def covers(self, seq: np.ndarray, main: np.ndarray) -> bool:
+        """Whether the current schedule serves ``seq`` holding ``main`` tokens in full pages."""
+        key = self._sched_key
+        return key is not None and key.shape == seq.shape and bool((key == seq).all()) and \
+            not bool((main > self._sched_main).any())
+
+    def schedule(self, seq: np.ndarray, cover: np.ndarray) -> None:
+        """Make the split-K schedule for ``seq`` holding up to ``cover`` tokens in full pages each (the kernel
+        cuts every work item at the sequence's tokens, so it serves any ``main <= cover``)."""
+        cache = self.cache
+        sched = make_schedule(cover, self.num_heads, self.group, cache.page_size, self._sm_count, residual=True)
+        if sched.work.shape[0] > self.grid or sched.unit_items.shape[0] > self.units:
+            raise MillionError(f"internal: a schedule of {sched.work.shape[0]} work items does not fit the "
+                               f"plan's grid of {self.grid}")
+        self._schedule = sched
+        self._sched_key = seq.copy()
+        self._sched_main = np.array(cover, dtype=np.int64)
+        self._staged = [False, False]
+        self.schedules += 1
+
+    def update(self, seq: np.ndarray, main: np.ndarray, res: np.ndarray, stream, extra: np.ndarray | None = None) -> None:
+        """Point the launches at ``seq`` (int64 slot ids, at most ``capacity``, as scheduled) holding ``main``
+        tokens in full pages and ``res`` residual tokens each.
+
+        Writes the staging buffer and queues its single host-to-device copy on ``stream`` (a CuPy stream),
+        ordered after every launch queued there before it: launch the plan's kernels on the same stream.
+        ``extra`` (int32, at most ``extra_words``) goes to :attr:`extra`. The schedule and the per-batch
+        words are copied into a staging buffer only when it holds an older schedule.
+        """
+        t = self.claim_turn()
+        self._turn ^= 1
+        B = seq.shape[0]
+        if not self._staged[t]:
+            sched = self._schedule
+            w = sched.work.shape[0]
+            work = self._work[t]
+            work[:w] = sched.work
+            work[w:] = -1  # padding items: the kernel returns at once
+            self._unit_items[t][: sched.unit_items.shape[0]] = sched.unit_items
+            self._page_row[t][:B] = seq * self.cache.max_blocks_per_seq
+            self._res_row[t][:B] = seq
+            self._staged[t] = True
+        self._main[t][:B] = main
+        self._res[t][:B] = res
+        if extra is not None:
+            self._extra[t][: extra.shape[0]] = extra
+        host = self._host[t]
+        self._memcpy(self._dev.data.ptr, host.ctypes.data, host.nbytes, 1, stream.ptr)  # 1: host to device
+        self._copied[t].record(stream)
+        self._recorded[t] = True
+
+    def launch(self, layer: int, dtype: Any) -> kernels.BoundLaunch:
+        """The bound attention launch of ``layer`` (built once): arguments 0, :attr:`OUT_ARG` and
+        ``OUT_ARG + 1`` (q, out, lse) are set per call with ``set_pointer``."""
+        key = (layer, dtype)
+        bound = self._launches.get(key)
+        if bound is None:
+            cache = self.cache
+            d, m, g = cache.head_dim, cache.M, self.group
+            null = np.uint64(0)
+            args = (null, *self._layer_args(layer), self.page_row, self.main_len, self.res_len, self.res_row,
+                    np.int32(cache.residual), np.int32(1), self.work, self.unit_items, self.part_o, self.part_lse,
+                    self.counter, null, null, np.int32(self.num_heads), np.int32(cache.num_kv_heads),
+                    np.float32(self._scale * math.log2(math.e)))
+            assert args[self.OUT_ARG] is null and args[self.OUT_ARG + 1] is null
+            kernel = kernels.get_kernel(SOURCE, _expr(MODE_PAGED_PQ, d, m, g, dtype_name(dtype)))
+            bound = self._launches[key] = kernels.BoundLaunch(kernel, self.grid, THREADS,
+                                                              smem_bytes(MODE_PAGED_PQ, d, m, g), args)
+        return bound
+
+    #: Index of ``out`` in the kernel's arguments (``lse`` follows it).
+    OUT_ARG = 23
+
+    def _layer_args(self, layer: int) -> tuple:
+        """The arguments fixed for a layer: codebooks in the kernels' layout, code and ring addresses."""
+        fixed = self._layer_fixed.get(layer)
+        if fixed is None:
+            cache = self.cache
+            kc, vc = kernel_codebooks(cache.key_centroids(layer), cache.value_centroids(layer))
+            flat = cache.pool.reshape(-1)
+            fixed = self._layer_fixed[layer] = (
+                kc, vc, np.int64(kc.shape[1] * kc.shape[2] * kc.shape[3] if kc.shape[0] > 1 else 0),
+                flat[cache.code_offset(layer, 0):], flat[cache.code_offset(layer, 1):], cache.residual_k(layer),
+                cache.residual_v(layer), np.int64(cache.page_nbytes), np.int64(cache.page_size * cache.M),
+                cache.block_table, np.int32(cache.page_size.bit_length() - 1),
+            )
+        return fixed
+
+    def attend(self, layer: int, q, out, lse, stream_ptr: int) -> None:
+        """Launch layer ``layer``'s attention of ``q`` into ``out`` (and ``lse`` or None) on ``stream_ptr``;
+        arrays checked by the caller (C-contiguous CuPy, q and out ``(B, num_heads, head_dim)``)."""
+        bound = self._launches.get((layer, q.dtype)) or self.launch(layer, q.dtype)
+        bound.set_pointer(0, q.data.ptr)
+        bound.set_pointer(self.OUT_ARG, out.data.ptr)
+        bound.set_pointer(self.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
+        bound.launch(stream_ptr)
+
+
+def capacity_for(batch: int) -> int:
+    """Plan capacity for a batch: the next power of two (plans are re-made only when a batch outgrows it)."""
+    return 1 << max(0, int(batch) - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Plan / run over a PagedPQCache
 # ---------------------------------------------------------------------------------------------------
 
@@ -266,16 +450,20 @@ def kernel_codebooks(k_centroids, v_centroids):
 class BatchDecodeWrapper:
     """Plan once per decode step, run once per layer (FlashInfer's BatchDecodeWithPagedKVCacheWrapper shape).
 
-    >>> wrapper = BatchDecodeWrapper(cache)
+    >>> wrapper = BatchDecodeWrapper(cache, num_heads=32)
     >>> wrapper.plan(seq_ids, new_tokens=1)      # before the step's appends; reserves pages
     >>> for layer in range(cache.num_layers):
     ...     cache.append(layer, seq_ids, k, v)
     ...     out = wrapper.run(layer, q)           # (B, num_heads, head_dim)
+
+    The appends here are the cache's general ``append`` (host index math per call). A decode loop that
+    appends one token per sequence and layer runs faster through :class:`~million_cupy.step.DecodeStep`,
+    whose appends are prepared by its plan.
     """
 
     def __init__(self, cache, num_heads: int | None = None, *, stream: Any = None) -> None:
-        """``stream``: a CuPy stream or raw handle for every launch; None = CuPy's current stream at each
-        call (so ``with stream:`` blocks and CUDA-graph capture work as usual)."""
+        """``stream``: a CuPy stream or raw handle for every launch; None = CuPy's current stream when a plan
+        is made (so ``with stream:`` blocks and CUDA-graph capture work as usual)."""
         if not cache.is_gpu:
             raise UnsupportedConfiguration(
                 "BatchDecodeWrapper runs the GPU kernels and needs a GPU cache (device='cuda'); "
@@ -285,11 +473,13 @@ class BatchDecodeWrapper:
         self.cache = cache
         self.num_heads = num_heads
         self._stream = stream
-        self._ws = _Workspace()
-        self._layer_cache: dict[int, tuple] = {}
-        self._keepalive: list[tuple] = []
-        self._plan: dict[str, Any] | None = None
-        self._stats = {"plans": 0, "runs": 0, "work_items": 0, "generic_path_runs": 0}
+        self._attn: AttentionPlan | None = None
+        self._seq: np.ndarray | None = None
+        self._n: np.ndarray | None = None        # tokens each planned layer holds when run() is called
+        self._layers: set[int] = set()
+        self._version = -1                        # cache.version when the plan was made
+        self._stats = {"plans": 0, "plans_reused": 0, "runs": 0, "work_items": 0, "schedules": 0,
+                       "generic_path_runs": 0}
 
     # -- planning ----------------------------------------------------------------------------------
     def plan(self, seq_ids: Sequence[int], new_tokens: int = 1, *, num_heads: int | None = None,
@@ -300,7 +490,8 @@ class BatchDecodeWrapper:
         ``run(layer)`` is called (1 in a decode loop that appends then attends; 0 when the cache already
         holds the step's tokens). Pages those appends will fill are reserved now, so ``run`` needs no
         allocation and no synchronisation. ``layers`` restricts the plan to some layers (default: all,
-        which must then hold equal lengths).
+        which must then hold equal lengths). A plan with ``new_tokens = 0`` for the batch, heads and scale
+        of the previous one, while the cache has not changed, costs only that comparison.
         """
         cache = self.cache
         nh = num_heads or self.num_heads
@@ -317,82 +508,48 @@ class BatchDecodeWrapper:
         bad = [x for x in planned if not 0 <= x < cache.num_layers]
         if bad or not planned:
             raise ValueError(f"plan: layers must be a non-empty subset of [0, {cache.num_layers}), got {planned}")
+        attn = self._attn
+        same_heads = attn is not None and attn.num_heads == nh and attn.scale == _scale_of(cache, scale)
+        if new_tokens == 0 and same_heads and self._reuse(seq, planned):
+            return
         # Expected per-layer lengths when run(layer) is called (seq_lens also validates the ids).
-        expected = {x: cache.seq_lens(x, seq) + new_tokens for x in planned}
-        n = expected[planned[0]]
+        n = cache.seq_lens(planned[0], seq) + new_tokens
         if np.any(n == 0):
             raise ValueError(f"plan: sequences {seq[n == 0].tolist()} hold no tokens; nothing to attend to")
-        if any(not np.array_equal(e, n) for e in expected.values()):
+        if any(not np.array_equal(cache.seq_lens(x, seq) + new_tokens, n) for x in planned[1:]):
             raise ValueError("plan: the planned layers hold different lengths for these sequences; append every "
                              "layer first, or plan the layers separately (layers=[...])")
         if new_tokens:
             cache.reserve(seq, new_tokens)
+        if not same_heads or attn.capacity < seq.shape[0]:
+            attn = self._attn = AttentionPlan(cache, nh, capacity_for(seq.shape[0]), scale=scale)
         P = cache.page_size
-        main = (cache._full_pages(n) * P).astype(np.int32)  # the cache's flush rule: tokens in full pages
-        res = (n - main).astype(np.int32)
-
-        dev = _device()
-        d, m = cache.head_dim, cache.M
-        g = choose_group(MODE_PAGED_PQ, d, m, nh // cache.num_kv_heads, dev.smem_limit)
-        sched = make_schedule(main, nh, g, P, dev.sm_count, residual=True)
-        stream = as_stream(self._stream)
-        w = len(sched.work)
-        u = len(sched.unit_items)
-        with stream:  # workspace allocation and zeroing ordered with the launches
-            self._plan = self._build_plan(seq, expected, nh, g, sched, main, res, scale, stream, w, u)
-        p = self._plan
-        p["args"] = (p["page_row"], p["main_len"], p["res_len"], p["res_row"], np.int32(cache.residual),
-                     np.int32(1), p["work"], p["unit_items"], p["part_o"], p["part_lse"], p["counter"])
+        main = cache.full_pages(n) * P
+        if not attn.covers(seq, main):
+            attn.schedule(seq, cache.full_pages(n + (new_tokens and SCHEDULE_HORIZON)) * P)
+        attn.update(seq, main, n - main, as_stream(self._stream))
+        self._seq, self._n, self._layers = seq, n, set(planned)
+        self._version = cache.version
         self._stats["plans"] += 1
-        self._stats["work_items"] = w
+        self._stats["work_items"] = len(attn._schedule.work)
+        self._stats["schedules"] = attn.schedules
 
-    def _build_plan(self, seq, expected, nh, g, sched, main, res, scale, stream, w, u) -> dict:
-        cache, ws = self.cache, self._ws
-        d, m = cache.head_dim, cache.M
-        return {
-            "seq": seq,
-            "expected": expected,
-            "nh": nh,
-            "g": g,
-            "work": ws.upload("work", sched.work, stream),
-            "unit_items": ws.upload("unit_items", sched.unit_items, stream),
-            "page_row": ws.upload("page_row", (seq * cache.max_blocks_per_seq).astype(np.int64), stream),
-            "main_len": ws.upload("main_len", main, stream),
-            "res_len": ws.upload("res_len", res, stream),
-            "res_row": ws.upload("res_row", seq.astype(np.int32), stream),
-            "part_o": ws.get("part_o", (w, g, d), np.float32),
-            "part_lse": ws.get("part_lse", (w, g), np.float32),
-            "counter": ws.get("counter", (u,), np.int32, zero=True),
-            "kernel": kernels.get_kernel(SOURCE, _expr(MODE_PAGED_PQ, d, m, g, cache.dtype)),
-            "tail": (np.int32(nh), np.int32(cache.num_kv_heads),
-                     np.float32(((1.0 / math.sqrt(d)) if scale is None else float(scale)) * math.log2(math.e))),
-            "smem": smem_bytes(MODE_PAGED_PQ, d, m, g),
-            "dtype": resolve_dtype(cache.dtype),
-            "launches": {},  # layer -> (kernels.BoundLaunch, index of `out`), bound on the layer's first run
-        }
+    def _reuse(self, seq: np.ndarray, layers: Sequence[int]) -> bool:
+        """Keep the current plan for attention-only runs of ``seq`` over ``layers`` if nothing changed since it
+        was made (same batch, cache untouched, the layers holding the planned lengths)."""
+        cache = self.cache
+        if cache.version != self._version or self._seq is None or seq.shape != self._seq.shape \
+                or not (seq == self._seq).all():
+            return False
+        for x in layers:
+            if x not in self._layers:
+                if not (cache.lengths[x, seq] == self._n).all():
+                    return False
+                self._layers.add(x)
+        self._stats["plans_reused"] += 1
+        return True
 
     # -- running -----------------------------------------------------------------------------------
-    def _layer_args(self, layer: int) -> tuple:
-        """Kernel arguments fixed for a layer (codebooks in kernel layout, code and ring addresses), built
-        once: per-call host work stays a tuple concatenation and the launch."""
-        args = self._layer_cache.get(layer)
-        if args is None:
-            cache = self.cache
-            kc, vc = kernel_codebooks(cache.key_centroids(layer), cache.value_centroids(layer))
-            pool = cache.pool
-            keep = (kc, vc, _ptr_offset(pool, cache.code_offset(layer, 0)),
-                    _ptr_offset(pool, cache.code_offset(layer, 1)), cache.residual_k(layer),
-                    cache.residual_v(layer), cache.block_table)
-            self._keepalive.append(keep)
-            args = (
-                keep[0], keep[1], np.int64(kc.shape[1] * kc.shape[2] * kc.shape[3] if kc.shape[0] > 1 else 0),
-                keep[2], keep[3], keep[4], keep[5],
-                np.int64(cache.page_nbytes), np.int64(cache.page_size * cache.M), keep[6],
-                np.int32(cache.page_size.bit_length() - 1),
-            )
-            self._layer_cache[layer] = args
-        return args
-
     def run(self, layer: int, q: Any, *, out: Any = None, lse: Any = None, return_lse: bool = False,
             check: bool = True):
         """Attention of ``q`` (B, num_heads, head_dim) over layer ``layer`` for the planned batch.
@@ -400,66 +557,55 @@ class BatchDecodeWrapper:
         Returns ``out`` (a CuPy array, or the caller's ``out``), or ``(out, lse)`` with ``return_lse`` /
         a caller-provided ``lse`` (float32 (B, num_heads), natural log). ``check=False`` skips the
         host-side check that the layer holds the planned lengths (for CUDA-graph capture, or to save its
-        few microseconds of host time per layer). A layer's first run under a plan binds the launch's fixed
-        arguments; later runs only set q, out and lse and launch.
+        microseconds of host time per layer). The launch's arguments are bound once per plan capacity;
+        a call sets only q, out and lse and launches.
         """
-        plan = self._plan
-        if plan is None:
+        attn = self._attn
+        if attn is None:
             raise MillionError("run() before plan(): call plan(seq_ids, new_tokens) once per decode step")
         cache = self.cache
         if not 0 <= layer < cache.num_layers:
             raise IndexError(f"layer must be in [0, {cache.num_layers}), got {layer}")
-        if layer not in plan["expected"]:
-            raise MillionError(f"layer {layer} is not in this plan (planned: {sorted(plan['expected'])})")
-        if check and not (cache._lens_unchecked(layer, plan["seq"]) == plan["expected"][layer]).all():
-            got = cache.seq_lens(layer, plan["seq"])  # validates the ids: a sequence freed since plan() raises
-            if not np.array_equal(got, plan["expected"][layer]):
-                bad = np.nonzero(got != plan["expected"][layer])[0][0]
-                raise MillionError(
-                    f"layer {layer}: plan expected sequence {int(plan['seq'][bad])} to hold "
-                    f"{int(plan['expected'][layer][bad])} tokens, it holds {int(got[bad])} "
-                    f"(append the step's tokens before run, or plan again)"
-                )
-        B, nh, d = len(plan["seq"]), plan["nh"], cache.head_dim
-        if not _ready_cupy(q, (B, nh, d), plan["dtype"]):  # the per-layer hot path skips the general checks
-            q = as_array(q, "q", shape=(B, nh, d), dtypes=(cache.dtype,), on_gpu=True)
-            if not q.flags.c_contiguous:
-                raise ValueError("q: expected a C-contiguous array (B, num_heads, head_dim)")
-        if lse is None and not return_lse and _ready_cupy(out, (B, nh, d), plan["dtype"]):
-            pass
-        else:
-            out, lse = _outputs(out, lse, return_lse, (B, nh, d), q.dtype)
-        bound = plan["launches"].get(layer)
-        if bound is None:  # this layer's first run under this plan: bind every fixed argument once
-            null = np.uint64(0)  # q, out and lse are set per call (the launch keeps no caller array alive)
-            fixed = self._layer_args(layer) + plan["args"]
-            launch = kernels.BoundLaunch(plan["kernel"], len(plan["work"]), THREADS, plan["smem"],
-                                         (null, *fixed, null, null, *plan["tail"]))
-            bound = plan["launches"][layer] = (launch, 1 + len(fixed))
-        launch, out_at = bound
-        launch.set_pointer(0, q.data.ptr)
-        launch.set_pointer(out_at, out.data.ptr)
-        launch.set_pointer(out_at + 1, 0 if lse is None else lse.data.ptr)
-        launch.launch(as_stream(self._stream).ptr)
+        if layer not in self._layers:
+            raise MillionError(f"layer {layer} is not in this plan (planned: {sorted(self._layers)})")
+        seq = self._seq
+        if check and not np.array_equal(cache.lengths[layer, seq], self._n):
+            got = cache.seq_lens(layer, seq)  # validates the ids: a sequence freed since plan() raises
+            bad = int(np.nonzero(got != self._n)[0][0])
+            raise MillionError(
+                f"layer {layer}: plan expected sequence {int(seq[bad])} to hold {int(self._n[bad])} tokens, "
+                f"it holds {int(got[bad])} (append the step's tokens before run, or plan again)"
+            )
+        q, out, lse = _attention_arrays(q, out, lse, return_lse, (seq.shape[0], attn.num_heads, cache.head_dim),
+                                        cache.array_dtype)
+        attn.attend(layer, q, out, lse, as_stream(self._stream).ptr)
         self._stats["runs"] += 1
         return (out, lse) if (return_lse or lse is not None) else out
 
     def stats(self) -> dict:
-        """Counters: plans, runs, work items of the last plan, and runs that took a generic path (always 0:
-        every supported configuration has a native kernel; others raise UnsupportedConfiguration)."""
+        """Counters: ``plans`` made, ``plans_reused`` (repeated plans that changed nothing), ``runs``,
+        ``work_items`` of the last plan, ``schedules`` computed, and ``generic_path_runs`` (always 0: every
+        supported configuration has a native kernel; others raise UnsupportedConfiguration)."""
         return dict(self._stats)
 
 
-def _ready_cupy(x, shape: tuple[int, ...], dtype) -> bool:
-    """True for a C-contiguous CuPy array of exactly this shape and dtype (usable as is)."""
+def _scale_of(cache, scale: float | None) -> float:
+    return (1.0 / math.sqrt(cache.head_dim)) if scale is None else float(scale)
+
+
+def _attention_arrays(q, out, lse, return_lse: bool, shape: tuple[int, int, int], dtype: np.dtype):
+    """``(q, out, lse)`` ready for a launch: C-contiguous CuPy arrays of ``shape`` and ``dtype`` (lse
+    ``shape[:2]`` float32 or None). The per-layer hot path passes exact arrays with a few comparisons."""
     cp = cupy()
-    return type(x) is cp.ndarray and x.shape == shape and x.dtype == dtype and x.flags.c_contiguous
-
-
-def _ptr_offset(arr, offset: int):
-    """A uint8 view starting ``offset`` bytes into ``arr`` (kernels take raw pointers)."""
-    flat = arr.reshape(-1)
-    return flat[offset:]
+    if not (type(q) is cp.ndarray and q.shape == shape and q.dtype == dtype and q.flags.c_contiguous):
+        q = as_array(q, "q", shape=shape, dtypes=(dtype_name(dtype),), on_gpu=True)
+        if not q.flags.c_contiguous:
+            raise ValueError(f"q: expected a C-contiguous array {shape}")
+    if lse is None and not return_lse and type(out) is cp.ndarray and out.shape == shape and \
+            out.dtype == q.dtype and out.flags.c_contiguous:
+        return q, out, None
+    out, lse = _outputs(out, lse, return_lse, shape, q.dtype)
+    return q, out, lse
 
 
 def _nullable(arr):
@@ -487,22 +633,36 @@ def _outputs(out, lse, return_lse: bool, shape: tuple[int, int, int], dtype):
 # One-call convenience
 # ---------------------------------------------------------------------------------------------------
 
+# One wrapper per (cache, stream) for decode(): a repeated call on the same batch reuses its plan.
+_decode_wrappers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
 def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
            return_lse: bool = False, out: Any = None, stream: Any = None):
     """Attention of one query token per sequence over ``cache`` layer ``layer`` (plan + run in one call).
 
-    GPU cache: the native kernel (a BatchDecodeWrapper kept on the cache). CPU cache: the float64 NumPy
-    reference over the dequantized cache, returned in q's dtype — exact but slow, for checking and for
-    machines without a GPU.
+    GPU cache: the native kernel through a :class:`BatchDecodeWrapper` kept for the cache and stream, so
+    a repeated call on an unchanged batch reuses the plan and costs about one ``run``. CPU cache: the
+    float64 NumPy reference over the dequantized cache, returned in q's dtype — exact but slow, for
+    checking and for machines without a GPU.
     """
     if cache.is_gpu:
-        q_arr = as_array(q, "q", ndim=3, on_gpu=True)
-        wrapper = getattr(cache, "_decode_wrapper", None)
-        if wrapper is None or wrapper._stream is not stream:
-            wrapper = BatchDecodeWrapper(cache, stream=stream)
-            cache._decode_wrapper = wrapper
-        wrapper.plan(seq_ids, new_tokens=0, num_heads=q_arr.shape[1], scale=scale, layers=[layer])
-        return wrapper.run(layer, q_arr, out=out, return_lse=return_lse)
+        cp = cupy()
+        q_arr = q if type(q) is cp.ndarray and q.ndim == 3 else as_array(q, "q", ndim=3, on_gpu=True)
+        per_stream = _decode_wrappers.get(cache)
+        if per_stream is None:
+            per_stream = _decode_wrappers[cache] = {}
+        key = as_stream(stream).ptr
+        wrapper = per_stream.get(key)
+        if wrapper is None:
+            wrapper = per_stream[key] = BatchDecodeWrapper(cache, stream=stream)
+        attn = wrapper._attn
+        # A repeated call on an unchanged batch skips plan() and its argument checks: only the comparison.
+        if not (attn is not None and attn.num_heads == q_arr.shape[1] and attn.scale == _scale_of(cache, scale)
+                and 0 <= layer < cache.num_layers
+                and wrapper._reuse(np.asarray(seq_ids, dtype=np.int64).reshape(-1), (layer,))):
+            wrapper.plan(seq_ids, new_tokens=0, num_heads=q_arr.shape[1], scale=scale, layers=[layer])
+        return wrapper.run(layer, q_arr, out=out, return_lse=return_lse, check=False)
     q_arr = as_array(q, "q", ndim=3, on_gpu=False)
     seq = list(np.asarray(seq_ids).reshape(-1))
     if q_arr.shape[0] != len(seq) or q_arr.shape[2] != cache.head_dim:
@@ -629,8 +789,6 @@ _legacy_pages_warned = False
 
 def _stored_pages(k_pages, v_pages):
     """Validated (k_pages, v_pages) in the stored layout (cache.pack_pages); converts the 0.1 layout."""
-    from .cache import pack_pages, permute_k_rows, stored_v_shape  # noqa: PLC0415 (cache imports decode)
-
     global _legacy_pages_warned
     k_pages = as_array(k_pages, "k_pages", dtypes=("uint8",), on_gpu=True)
     if k_pages.ndim == 4:  # the 0.1 layout: rows [t][m] XOR-permuted, V [m][t]

@@ -127,7 +127,23 @@ def _kernel_param(arg: Any) -> ctypes._SimpleCData:
     data = getattr(arg, "data", None)
     if data is not None and hasattr(data, "ptr"):  # a CuPy array: its device address
         return ctypes.c_void_p(data.ptr)
+    if isinstance(arg, int):  # a raw device address
+        return ctypes.c_void_p(arg)
     raise TypeError(f"kernel argument: expected a CuPy array or a NumPy scalar, got {type(arg).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_launch_kernel():
+    """The driver's cuLaunchKernel through ctypes, or None where libcuda does not load (CuPy's wrapper is
+    then used). A bound launch is the decode step's per-layer host cost, and the ctypes call with preset
+    argument types takes about half of the host time of ``cupy.cuda.driver.launchKernel``."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    fn.restype = ctypes.c_int
+    return fn
 
 
 class BoundLaunch:
@@ -138,22 +154,31 @@ class BoundLaunch:
     (:meth:`set_pointer`) and calls ``cuLaunchKernel``. The arrays given at construction are kept alive.
     """
 
-    def __init__(self, kernel, grid: int, block: int, smem: int, args: Sequence[Any]) -> None:
+    def __init__(self, kernel, grid: int | tuple[int, int], block: int, smem: int, args: Sequence[Any]) -> None:
         opt_in_shared_memory(kernel, smem)
         self._func = kernel.kernel.ptr
-        self._grid, self._block, self._smem = grid, block, smem
+        self._grid = (grid, 1) if isinstance(grid, int) else tuple(grid)
+        self._block, self._smem = block, smem
         self._args = tuple(args)
         self._values = [_kernel_param(a) for a in self._args]
         self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
         self._params_at = ctypes.addressof(self._params)
+        self._cu_launch = _cu_launch_kernel()
+        self._launch_kernel = cupy().cuda.driver.launchKernel  # looked up once: launch() is the hot path
 
     def set_pointer(self, index: int, ptr: int) -> None:
         """Argument ``index`` (a pointer) becomes ``ptr`` for the following launches."""
         self._values[index].value = ptr
 
     def launch(self, stream_ptr: int) -> None:
-        cupy().cuda.driver.launchKernel(self._func, self._grid, 1, 1, self._block, 1, 1, self._smem, stream_ptr,
-                                        self._params_at, 0)
+        if self._cu_launch is None:
+            self._launch_kernel(self._func, self._grid[0], self._grid[1], 1, self._block, 1, 1, self._smem,
+                                stream_ptr, self._params_at, 0)
+            return
+        status = self._cu_launch(self._func, self._grid[0], self._grid[1], 1, self._block, 1, 1, self._smem,
+                                 stream_ptr, self._params_at, None)
+        if status:
+            raise cupy().cuda.driver.CUDADriverError(status)
 
 
 def compiled() -> list[dict]:

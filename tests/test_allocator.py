@@ -397,7 +397,7 @@ def test_kernels_compile_for_a_gpu_target():
             print("NO_NVVM", exc); sys.exit(0)
         from million_cupy import allocator as A
         i32, i64 = t.int32[::1], t.int64[::1]
-        cuda.compile_ptx(A._alloc_kernel.py_func, (i32, i32, i32, i64, t.int64), cc=(8, 0))
+        cuda.compile_ptx(A._alloc_kernel.py_func, (i32, t.int64, i32, i32, i64, t.int64), cc=(8, 0))
         cuda.compile_ptx(A._free_kernel.py_func, (t.int32[:], i32, i32, i32, i64, t.int64), cc=(8, 0))
         cuda.compile_ptx(A._incref_kernel.py_func, (t.int32[:], i32, i64, t.int64), cc=(8, 0))
         cuda.compile_ptx(A._count_failure_kernel.py_func, (i64,), cc=(8, 0))

@@ -83,6 +83,11 @@ def pages_of(n, P, R):
     return 0 if n < R else (n - R) // P + 1
 
 
+def blocks_of(n, P):
+    """Allocated blocks of a sequence of n tokens: every token's codes are written at append."""
+    return -(-n // P)
+
+
 def exact(x, dtype="float16"):
     """What the residual ring stores for float32 input ``x``."""
     return np.asarray(x).astype(resolve_dtype(dtype))
@@ -242,7 +247,7 @@ def test_contents_do_not_depend_on_how_tokens_were_split(rng, device, P, R):
         stats = cache.stats()
         expect = L * (pages_of(n_a, P, R) + pages_of(n_b, P, R))
         assert stats["flushes"] == expect
-        assert stats["used"] == pages_of(n_a, P, R) + pages_of(n_b, P, R)  # pages shared by the layers
+        assert stats["used"] == blocks_of(n_a, P) + blocks_of(n_b, P)  # pages shared by the layers
 
     # And the contents are the reference encoding of the (dtype-converted) tokens.
     for l in range(L):
@@ -409,7 +414,7 @@ def test_flushes_happen_exactly_at_the_flush_rule(rng, device):
         n += step
         p = pages_of(n, 16, 48)
         stats = cache.stats()
-        assert stats["flushes"] == p and stats["used"] == p
+        assert stats["flushes"] == p and stats["used"] == blocks_of(n, 16)
         _, _, res = cache.page_table(0, [s])
         assert int(to_numpy(res)[0]) == n - 16 * p == (n if n < 48 else 32 + (n - 48) % 16)
 
@@ -454,12 +459,12 @@ def test_one_page_id_serves_a_block_in_every_layer(rng, device):
     for l in (2, 0, 1):
         n = {2: 80, 0: 48, 1: 64}[l]
         cache.append(l, [s], on(cache, tokens(rng, n, cache)), on(cache, tokens(rng, n, cache)), [n])
-    # pages: layer 2 has 4, layer 0 has 2, layer 1 has 3; layer 2 allocated all 4 blocks first.
+    # full pages: layer 2 has 4, layer 0 has 2, layer 1 has 3; layer 2 allocated all 5 blocks first.
     tables = [to_numpy(cache.page_table(l, [s])[1]) for l in range(3)]
     assert [t.shape[0] for t in tables] == [2, 3, 4]
     np.testing.assert_array_equal(tables[0], tables[2][:2])
     np.testing.assert_array_equal(tables[1], tables[2][:3])
-    assert cache.stats()["used"] == 4 and cache.stats()["flushes"] == 9
+    assert cache.stats()["used"] == 5 and cache.stats()["flushes"] == 9
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -467,12 +472,13 @@ def test_reserve_allocates_the_pages_that_appends_then_use(rng, device):
     cache = make_cache(rng, device)
     a, b = cache.add_sequence(), cache.add_sequence()
     cache.append(0, [a, b], on(cache, tokens(rng, 40, cache)), on(cache, tokens(rng, 40, cache)), [30, 10])
-    # a: 30 tokens in layer 0, 0 in layer 1; +20 in its longest layer gives 50 -> 2 pages; b: 10 + 60 -> 3.
-    assert cache.reserve([a, b], [20, 60]) == 5
+    # a: 30 tokens (2 blocks) in layer 0, 0 in layer 1; +20 in its longest layer gives 50 -> 4 blocks;
+    # b: 10 (1 block) + 60 -> 5 blocks.
+    assert cache.reserve([a, b], [20, 60]) == 6
     assert cache.reserve([a, b], [20, 60]) == 0  # idempotent
     table = to_numpy(cache.block_table).copy()
     allocs = cache.stats()["allocs"]
-    assert (table[a, :2] >= 0).all() and table[a, 2] == -1 and (table[b, :3] >= 0).all()
+    assert (table[a, :4] >= 0).all() and table[a, 4] == -1 and (table[b, :5] >= 0).all() and table[b, 5] == -1
     assert cache.stats()["pool_utilization"] == 0.0  # reserved, nothing flushed yet
     cache.append(0, [a, b], on(cache, tokens(rng, 80, cache)), on(cache, tokens(rng, 80, cache)), [20, 60])
     cache.append(1, [a, b], on(cache, tokens(rng, 120, cache)), on(cache, tokens(rng, 120, cache)), [50, 70])
@@ -494,17 +500,18 @@ def test_fork_shares_full_pages_and_diverges(rng, device):
     data = [(tokens(rng, 200, cache), tokens(rng, 200, cache)) for _ in range(2)]
     cache.append(0, [parent], on(cache, data[0][0][:n0]), on(cache, data[0][1][:n0]), [n0])
     cache.append(1, [parent], on(cache, data[1][0][:n1]), on(cache, data[1][1][:n1]), [n1])
-    cache.reserve([parent], 16)  # block 5 reserved ahead
+    cache.reserve([parent], 16)  # blocks 0..6 hold layer 0's 100 tokens; block 7 is reserved ahead
     used = cache.stats()["used"]
     child = cache.fork(parent)
     table = to_numpy(cache.block_table)
     refs = cache.allocator.refcounts()
-    # Blocks 0..2 are full in both layers: shared. Blocks 3, 4 (full in layer 0 only) and 5 (reserved): copied.
+    # Blocks 0..2 are full in both layers: shared. Blocks 3, 4 (full in layer 0 only), 5, 6 (being filled)
+    # and 7 (reserved): copied.
     np.testing.assert_array_equal(table[child, :3], table[parent, :3])
     assert (refs[table[parent, :3]] == 2).all()
-    assert not set(table[child, 3:6]) & set(table[parent, 3:6]) and (table[child, 3:6] >= 0).all()
-    assert (refs[table[parent, 3:6]] == 1).all() and (refs[table[child, 3:6]] == 1).all()
-    assert cache.stats()["used"] == used + 3
+    assert not set(table[child, 3:8]) & set(table[parent, 3:8]) and (table[child, 3:8] >= 0).all()
+    assert (refs[table[parent, 3:8]] == 1).all() and (refs[table[child, 3:8]] == 1).all()
+    assert cache.stats()["used"] == used + 5
     for l in range(2):
         assert cache.seq_len(child, l) == cache.seq_len(parent, l)
         assert_same_contents(contents(cache, l, child), contents(cache, l, parent))
@@ -616,12 +623,12 @@ def test_cpu_cache_rejects_gpu_input(rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_pool_exhaustion_changes_nothing_and_succeeds_after_a_free(rng, device):
-    cache = make_cache(rng, device, max_pages=6)
+    cache = make_cache(rng, device, max_pages=8)
     a, b = cache.add_sequence(), cache.add_sequence()
     x = tokens(rng, 96, cache)
-    cache.append(0, [a, b], on(cache, x), on(cache, x), [64, 32])  # a: 3 pages, b: 1 page
+    cache.append(0, [a, b], on(cache, x), on(cache, x), [64, 32])  # a: 4 blocks, b: 2 blocks
     exhausting = [
-        # a needs 2 more pages and b 2 more: 4 > 2 free.
+        # a needs 2 more blocks and b 2 more: 4 > 2 free.
         lambda: cache.append(0, [a, b], on(cache, x[:64]), on(cache, x[:64]), [32, 32]),
         lambda: cache.reserve([b], 100),
     ]
@@ -636,9 +643,9 @@ def test_pool_exhaustion_changes_nothing_and_succeeds_after_a_free(rng, device):
         cache.fork(b)  # b's 3 blocks are not full in layer 1, so a fork must copy them
     assert_unchanged(before, cache, [a, b])
     cache.free(b)
-    assert cache.stats()["used"] == 3
+    assert cache.stats()["used"] == 4
     cache.append(0, [a], on(cache, x[:48]), on(cache, x[:48]), [48])
-    assert cache.stats()["used"] == 6 and cache.seq_len(a) == 112
+    assert cache.stats()["used"] == 7 and cache.seq_len(a) == 112
     assert cache.stats()["failed"] >= 3
 
 
@@ -723,9 +730,10 @@ def test_stats_account_for_pages_rings_and_tokens(rng, device):
     assert st["fp16_bytes_per_token"] == 2 * 2 * 64 * 2 * 2
     assert st["compression_ratio"] == 8.0
     pa, pb = pages_of(100, 16, 32), pages_of(50, 16, 32)  # 5 and 2
-    assert st["used"] == pa + pb and st["flushes"] == 2 * pa + pb
+    used = blocks_of(100, 16) + blocks_of(50, 16)  # 7 and 4
+    assert st["used"] == used and st["flushes"] == 2 * pa + pb
     code_bytes = 2 * 2 * 16  # per token per layer
-    assert st["pool_utilization"] == pytest.approx((2 * pa + pb) * 16 * code_bytes / ((pa + pb) * cache.page_nbytes))
+    assert st["pool_utilization"] == pytest.approx((2 * pa + pb) * 16 * code_bytes / (used * cache.page_nbytes))
     assert st["residual_bytes_reserved"] == 2 * 2 * 4 * 2 * 32 * 64 * 2
     res_tokens = (100 - 16 * pa) * 2 + (50 - 16 * pb)
     assert st["residual_bytes_in_use"] == res_tokens * 2 * 2 * 64 * 2
@@ -794,4 +802,4 @@ def test_gpu_decode_step_appends_do_not_synchronise_the_allocator(rng):
             x = cp.asarray(tokens(rng, 8, cache))
             cache.append(l, seqs, x, x)
     assert cache.allocator._syncs == syncs
-    assert cache.stats()["used"] == 8 * pages_of(100, 16, 32)
+    assert cache.stats()["used"] == 8 * blocks_of(100, 16)

@@ -32,6 +32,7 @@ LAZY = {
     "PageAllocator": "million_cupy.allocator",
     "PagedPQCache": "million_cupy.cache",
     "BatchDecodeWrapper": "million_cupy.decode",
+    "DecodeStep": "million_cupy.step",
     "merge_states": "million_cupy.decode",
     "contiguous_pq_decode": "million_cupy.decode",
     "paged_pq_decode": "million_cupy.decode",

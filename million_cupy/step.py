@@ -1,0 +1,392 @@
+"""DecodeStep: a whole decode step (append + attention in every layer) at the speed of its kernels.
+
+A decode loop appends one token per sequence to every layer and attends over it. Everything such a
+step needs is known before its first layer runs: the ring slot and block of every new token, which
+sequences flush, the attention schedule. :meth:`DecodeStep.plan` computes it once per step on the host
+(O(batch) NumPy, no allocation in the steady state), reserves pages ahead for many steps in one
+allocator call, and sends the metadata to the device in ONE copy into buffers at fixed addresses. Per
+layer, :meth:`DecodeStep.append` and :meth:`DecodeStep.run` are then one bound kernel launch each, with no
+index math, allocation, synchronisation or argument conversion.
+
+A flush costs nothing here: every token's codes are written when it is appended (``append_tokens`` in
+``cuda_src/cache_append.cu``: nearest-centroid encode, page store and ring copy in one launch), so a
+block turning into a full page is only a change of the lengths in the metadata.
+
+CUDA graphs. The launches of a step read only the step's device buffers, the cache's storage and the
+caller's q / k / v / out arrays, so a caller can capture a whole step (their own projections and our
+append + run for every layer) once and replay it for many steps::
+
+    step = DecodeStep(cache, num_heads=32)
+    step.plan(seq_ids)                       # step 0
+    stream.begin_capture()                   # the step's stream (DecodeStep.stream)
+    for layer in range(L):
+        ...                                  # projections into the fixed q / k / v buffers
+        step.append(layer, k[layer], v[layer])
+        step.run(layer, q[layer], out=o[layer])
+    graph = stream.end_capture()
+    graph.launch(stream)                     # step 0 (capture does not run the kernels)
+    for _ in range(steps):
+        step.plan(seq_ids)                   # cheap: rewrites the device metadata
+        graph.launch(stream)
+
+The contract: replay on the step's stream (the cache's: build the cache on a capturable stream), with the buffers that were captured, after ``plan()`` for the
+same batch (the same sequence ids in the same order). A batch of another size needs another capture
+(its q / k / v buffers differ anyway); the step keeps its device buffers while batches fit its capacity.
+``plan()`` counts the step's tokens in the cache's lengths at once: between two plans, the step's
+appends must run for every layer (eagerly or by one replay) before the cache is read otherwise.
+
+Misuse is caught, never written through: a replay after the batch changed without a new ``plan()``
+(a sequence freed, or its slot reused by another sequence) is detected on the device, where the
+append kernel compares each slot's generation and skips the token, so no other sequence's pages or ring
+are touched; the flag raises :class:`~million_cupy.errors.MillionError` at a later ``plan()`` (at most two
+steps later, without a synchronisation) or at :meth:`DecodeStep.check`. An eager step that appended only
+some layers raises at the next ``plan()``; ``run(layer)`` before ``append(layer)`` raises at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import kernels
+from .cache import APPEND_THREADS, PagedPQCache
+from .decode import SCHEDULE_HORIZON, AttentionPlan, _attention_arrays, _check_config, capacity_for
+from .errors import MillionError, UnsupportedConfiguration
+from .interop import as_array, cupy
+
+__all__ = ["DecodeStep"]
+
+_STATUS_STALE_SLOT = 1  # STATUS_STALE_SLOT in cuda_src/cache_append.cu
+_STATUS_NO_PAGE = 2
+
+
+class DecodeStep:
+    """One decode step of a batch over every layer of a GPU :class:`~million_cupy.cache.PagedPQCache`.
+
+    Args:
+        cache: the cache (``device="cuda"``).
+        num_heads: query heads ``nh`` (a multiple of the cache's kv heads).
+        max_batch: sequences the step's device buffers hold (default: the first batch, rounded up to a
+            power of two); a larger batch later re-makes them (and needs a new graph capture).
+        horizon: tokens of look-ahead: pages are reserved, and the attention schedule made, for this many
+            tokens beyond each sequence's length, so that ``plan`` calls the allocator and the scheduler
+            only once per ``horizon`` steps.
+        scale: softmax scale (default ``1 / sqrt(head_dim)``).
+
+    Every launch and copy runs on the cache's stream (:attr:`stream`), so the step is ordered with all of
+    the cache's other work; to capture steps in a CUDA graph, build the cache on a stream that can be
+    captured (``PagedPQCache(..., stream=cupy.cuda.Stream(non_blocking=True))``), not the legacy default.
+
+    Raises:
+        UnsupportedConfiguration: a CPU cache (use :func:`million_cupy.decode`, which computes the float64
+            reference there) or a configuration without a native kernel.
+    """
+
+    def __init__(self, cache: PagedPQCache, num_heads: int, *, max_batch: int | None = None,
+                 horizon: int = SCHEDULE_HORIZON, scale: float | None = None) -> None:
+        if not isinstance(cache, PagedPQCache):
+            raise TypeError(f"cache: expected a PagedPQCache, got {type(cache).__name__}")
+        if not cache.is_gpu:
+            raise UnsupportedConfiguration(
+                "DecodeStep launches the GPU kernels and needs a GPU cache (device='cuda'); on a CPU cache use "
+                "cache.append and million_cupy.decode(), which computes the float64 reference"
+            )
+        _check_config(cache.head_dim, cache.M, cache.dtype, cache.page_size)
+        if num_heads < 1 or num_heads % cache.num_kv_heads:
+            raise ValueError(f"num_heads: expected a positive multiple of num_kv_heads = {cache.num_kv_heads}, "
+                             f"got {num_heads}")
+        if horizon < 1:
+            raise ValueError(f"horizon: expected a positive number of tokens, got {horizon}")
+        self.cache = cache
+        self.num_heads = num_heads
+        self.horizon = int(horizon)
+        self._max_batch = max_batch
+        self._scale = scale
+        self.stream = cache.stream
+        self._attn: AttentionPlan | None = None
+        self._seq: np.ndarray | None = None
+        self._tok: np.ndarray | None = None    # the append kernel's per-token words (slot, pos, gen, 1)
+        self._tok_flat: np.ndarray | None = None
+        self._pos: np.ndarray | None = None    # the planned token's position per sequence (a view of _tok)
+        self._main: np.ndarray | None = None   # tokens in full pages after the planned token
+        self._res: np.ndarray | None = None    # residual tokens after the planned token
+        self._rows: Any = None                 # the batch's slots: a slice when they are consecutive
+        self._flushed = 0                      # blocks the planned step turns into full pages (per layer)
+        self._to_flush = 0                     # steps until a window fills
+        self._steps_left = 0                   # steps the fast path may take before planning from the cache
+        self._new = 0
+        self._version = -1                     # cache.version right after this step's commit
+        self._appended = np.zeros(cache.num_layers, dtype=bool)
+        self._appended_count = 0
+        self._appends: list[kernels.BoundLaunch] = []
+        self._appends_for = -1                 # batch size the append launches are bound for
+        cp = cupy()
+        with self.stream:
+            self._status = cp.zeros(1, dtype=np.int32)  # the append kernel's guard flags
+        from cupyx import empty_pinned  # noqa: PLC0415 (CuPy loads on first use)
+
+        # Two snapshots of the flags, copied with the plan's metadata into the staging turn's slot and read when
+        # that turn comes round again, two plans later (no synchronisation of its own).
+        self._status_host = empty_pinned(2, dtype=np.int32)
+        self._status_host[:] = 0
+        self._memcpy = cp.cuda.runtime.memcpyAsync
+        self._np_dtype = cache.array_dtype
+        self._ndarray = cp.ndarray
+        self._stream_ptr = int(self.stream.ptr)
+        self._kv_shape: tuple[int, int, int] = (0, cache.num_kv_heads, cache.head_dim)
+        self._q_shape: tuple[int, int, int] = (0, num_heads, cache.head_dim)
+        self._stats = {"plans": 0, "reserves": 0, "schedules": 0,
+                       "device_path_layers": cache.num_layers, "fallback_layers": 0}
+
+    # ------------------------------------------------------------------------------------ planning
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences of the planned batch (0 before the first plan)."""
+        return 0 if self._seq is None else int(self._seq.shape[0])
+
+    @property
+    def seq_ids(self) -> np.ndarray:
+        """The planned batch's sequence ids (a copy)."""
+        return np.array([] if self._seq is None else self._seq, dtype=np.int64)
+
+    def plan(self, seq_ids: Sequence[int] | np.ndarray, new_tokens: int = 1) -> None:
+        """Prepare the next step of ``seq_ids``: ``new_tokens`` (1, or 0 to attend without appending) more
+        tokens in every layer of each sequence.
+
+        Counts the new tokens in the cache's lengths, reserves pages ``horizon`` tokens ahead when a
+        sequence needs one, and queues one host-to-device copy of the step's metadata on the step's stream.
+        Every layer must hold the same length for each sequence.
+
+        Raises:
+            PagePoolExhausted: the pool cannot hold the step's tokens; nothing changed (free sequences and
+                plan again).
+            MillionError: the previous step appended only some layers, or a device guard fired since an
+                earlier plan (a replay after the batch changed).
+            ValueError: unknown or repeated ids, unequal layer lengths, sequences longer than max_seq_len.
+        """
+        if new_tokens not in (0, 1):
+            raise ValueError(f"plan: new_tokens: expected 1 (a decode step) or 0 (attention only), got {new_tokens}")
+        cache = self.cache
+        L = cache.num_layers
+        if self._new and 0 < self._appended_count < L:
+            raise MillionError(
+                f"plan: the previous step appended layers {np.flatnonzero(self._appended).tolist()} but not "
+                f"{np.flatnonzero(~self._appended).tolist()}; every layer's append must run once per planned step "
+                f"(or replay a captured graph)"
+            )
+        seq = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        prev = self._seq
+        attn = self._attn
+        if attn is not None:
+            turn = attn.claim_turn()  # its copy two plans ago carried the device flags' snapshot read now
+            self._raise_device_flags(int(self._status_host[turn]))
+        if (new_tokens and self._new and self._steps_left > 0 and cache.version == self._version
+                and seq.shape == prev.shape and (seq == prev).all()):
+            self._next_token(attn)  # the decode loop: the same batch one token further, no checks to redo
+        else:
+            self._plan_from_cache(seq, new_tokens)
+            attn = self._attn
+        turn = attn.claim_turn()
+        self._memcpy(self._status_host[turn:].ctypes.data, self._status.data.ptr, 4, 2, self.stream.ptr)  # 2: D2H
+        attn.update(self._seq, self._main, self._res, self.stream, extra=self._tok_flat)
+        if new_tokens:
+            cache.advance(self._rows, new_tokens, self._flushed)
+        self._new = new_tokens
+        self._version = cache.version
+        if self._appended_count:
+            self._appended[:] = False
+            self._appended_count = 0
+        self._stats["plans"] += 1
+        self._stats["schedules"] = attn.schedules
+
+    def _next_token(self, attn: AttentionPlan) -> None:
+        """The next step of the planned batch, from the previous step's state: O(1) NumPy calls, except on
+        the (rare) steps where a sequence's window fills and a block becomes a full page."""
+        P, R = self.cache.page_size, self.cache.residual
+        self._pos += 1
+        self._res += 1
+        self._steps_left -= 1
+        self._flushed = 0
+        self._to_flush -= 1
+        if self._to_flush == 0:
+            full = self._res >= R  # a window reached R tokens: its oldest P become a full page
+            self._main[full] += P
+            self._res[full] -= P
+            self._flushed = int(full.sum())
+            self._to_flush = int((R - self._res).min())
+            if (self._main > attn.cover).any():  # outgrew the schedule (about once per `horizon` steps)
+                end = self._pos.astype(np.int64) + 1
+                attn.schedule(self._seq, self.cache.full_pages(end + self.horizon) * P)
+
+    def _plan_from_cache(self, seq: np.ndarray, new_tokens: int) -> None:
+        """A plan from the cache's lengths: the first of a batch, after the cache changed, or when the step
+        needs more pages or a new schedule. Validates, reserves pages ``horizon`` tokens ahead and schedules."""
+        cache = self.cache
+        P, R = cache.page_size, cache.residual
+        same = (self._seq is not None and cache.version == self._version and seq.shape == self._seq.shape
+                and bool((seq == self._seq).all()))
+        n = self._pos.astype(np.int64) + self._new if same else self._validate(seq)
+        end = n + new_tokens
+        over = end > cache.max_seq_len
+        if over.any():
+            raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {end[over].tolist()} tokens, "
+                             f"more than max_seq_len = {cache.max_seq_len}")
+        if not new_tokens and (end == 0).any():
+            raise ValueError(f"plan: sequences {seq[end == 0].tolist()} hold no tokens; nothing to attend to")
+        attn = self._attention_for(seq.shape[0])
+        limit = np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)
+        if new_tokens and (end > limit).any():
+            cache.reserve(seq, np.maximum(np.minimum(self.horizon, cache.max_seq_len - n), new_tokens))
+            limit = np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)  # PagePoolExhausted: unchanged
+            self._stats["reserves"] += 1
+        main = cache.full_pages(end) * P
+        if not attn.covers(seq, main):
+            attn.schedule(seq, cache.full_pages(end + (self.horizon if new_tokens else 0)) * P)
+        self._main = main.astype(np.int32)
+        self._res = (end - main).astype(np.int32)
+        self._tok[:, 1] = n
+        self._pos = self._tok[:, 1]  # a view: the append kernel's position words
+        self._flushed = int((cache.full_pages(end) - cache.full_pages(n)).sum())
+        self._to_flush = int((R - self._res).min())
+        # Further steps the fast path may take: within the reserved pages.
+        self._steps_left = int((limit - end).min()) if new_tokens else 0
+        self._seq = seq
+        self._kv_shape = (seq.shape[0], cache.num_kv_heads, cache.head_dim)
+        self._q_shape = (seq.shape[0], self.num_heads, cache.head_dim)
+        lo = int(seq[0])
+        contiguous = bool((seq == np.arange(lo, lo + seq.shape[0])).all())
+        self._rows = slice(lo, lo + seq.shape[0]) if contiguous else seq  # cheaper length updates
+
+    def _validate(self, seq: np.ndarray) -> np.ndarray:
+        """Host lengths of a batch seen for the first time (or after the cache changed), checked."""
+        cache = self.cache
+        if seq.size == 0:
+            raise ValueError("plan: seq_ids is empty")
+        lens = np.stack([cache.seq_lens(layer, seq) for layer in range(cache.num_layers)])  # validates ids
+        if np.unique(seq).shape[0] != seq.shape[0]:
+            values, counts = np.unique(seq, return_counts=True)
+            raise ValueError(f"plan: expected distinct sequence ids, got repeats of {values[counts > 1].tolist()}")
+        unequal = np.flatnonzero((lens != lens[0]).any(axis=0))
+        if unequal.size:
+            b = int(unequal[0])
+            raise ValueError(
+                f"plan: sequence {int(seq[b])} holds {lens[:, b].tolist()} tokens in layers 0..{cache.num_layers - 1}; "
+                f"a decode step needs equal lengths in every layer (append the missing layers with cache.append)"
+            )
+        # append_tokens' int4 per token: slot, position (set per plan), slot generation, stays residual
+        self._tok = np.empty((seq.shape[0], 4), dtype=np.int32)
+        self._tok[:, 0] = seq
+        self._tok[:, 2] = cache.slot_generations(seq)
+        self._tok[:, 3] = 1
+        self._tok_flat = self._tok.reshape(-1)
+        return lens[0]
+
+    def _attention_for(self, B: int) -> AttentionPlan:
+        attn = self._attn
+        if attn is None or attn.capacity < B:
+            capacity = max(capacity_for(B), self._max_batch or 0)
+            self.stream.synchronize()  # rare: the flags' snapshots restart with the new buffers
+            attn = self._attn = AttentionPlan(self.cache, self.num_heads, capacity, scale=self._scale,
+                                              extra_words=4 * capacity)
+            self._appends_for = -1
+        if self._appends_for != B:
+            self._bind_appends(attn, B)
+        return attn
+
+    def _bind_appends(self, attn: AttentionPlan, B: int) -> None:
+        """One bound append launch per layer for batches of ``B`` (k and v are set per call)."""
+        cache = self.cache
+        null = np.uint64(0)
+        self._appends = []
+        for layer in range(cache.num_layers):
+            append = cache.append_kernel(layer)
+            args = append.args(null, null, attn.extra, self._status, B)
+            self._appends.append(kernels.BoundLaunch(append.kernel, append.grid(B), APPEND_THREADS, 0, args))
+        self._appends_for = B
+
+    # ------------------------------------------------------------------------------------- running
+
+    def append(self, layer: int, k: Any, v: Any) -> None:
+        """Write the step's new token of ``layer`` for every sequence: ``k``, ``v`` ``(B, nh_k, head_dim)`` in
+        the cache dtype (C-contiguous CuPy arrays, or anything DLPack / CUDA-array-interface converts to one;
+        pass exact arrays when capturing a graph). One kernel launch: encode, page store and ring copy."""
+        if self._new != 1:
+            raise MillionError("append: no decode step is planned (plan(seq_ids) first; a plan with new_tokens=0 "
+                               "attends without appending)")
+        if not 0 <= layer < len(self._appends):
+            raise IndexError(f"layer: expected 0 <= layer < {self.cache.num_layers}, got {layer}")
+        # The hot path: exact arrays pass these comparisons and nothing else is done per call.
+        nd = self._ndarray
+        if not (type(k) is nd and k.shape == self._kv_shape and k.dtype == self._np_dtype and k.flags.c_contiguous
+                and not k.data.ptr & 15):
+            k = self._tokens(k, "k")
+        if not (type(v) is nd and v.shape == self._kv_shape and v.dtype == self._np_dtype and v.flags.c_contiguous
+                and not v.data.ptr & 15):
+            v = self._tokens(v, "v")
+        launch = self._appends[layer]
+        launch.set_pointer(0, k.data.ptr)
+        launch.set_pointer(1, v.data.ptr)
+        launch.launch(self._stream_ptr)
+        if not self._appended[layer]:
+            self._appended[layer] = True
+            self._appended_count += 1
+
+    def _tokens(self, x: Any, name: str):
+        shape = self._kv_shape
+        arr = as_array(x, name, shape=shape, dtypes=(self.cache.dtype,), on_gpu=True)
+        if not arr.flags.c_contiguous or arr.data.ptr % 16:
+            raise ValueError(f"{name}: expected a C-contiguous, 16-byte aligned array {shape} of {self.cache.dtype}")
+        return arr
+
+    def run(self, layer: int, q: Any, *, out: Any = None, lse: Any = None, return_lse: bool = False):
+        """Attention of ``q`` ``(B, num_heads, head_dim)`` over ``layer`` for the planned batch, the step's new
+        token included. Returns ``out`` (CuPy ``(B, num_heads, head_dim)``, or the caller's ``out``), or
+        ``(out, lse)`` with ``return_lse`` or a given ``lse`` (float32 ``(B, num_heads)``, natural log).
+        Pass ``out`` (and ``lse``) when capturing a graph."""
+        attn = self._attn
+        if attn is None:
+            raise MillionError("run() before plan(): call plan(seq_ids) once per decode step")
+        if not 0 <= layer < self.cache.num_layers:
+            raise IndexError(f"layer: expected 0 <= layer < {self.cache.num_layers}, got {layer}")
+        if self._new and not self._appended[layer]:
+            raise MillionError(f"run({layer}) before append({layer}): this step's token of layer {layer} is "
+                               f"not in the cache yet")
+        q, out, lse = _attention_arrays(q, out, lse, return_lse, self._q_shape, self._np_dtype)
+        attn.attend(layer, q, out, lse, self._stream_ptr)
+        return (out, lse) if (return_lse or lse is not None) else out
+
+    # ------------------------------------------------------------------------------------- checking
+
+    def check(self) -> None:
+        """Synchronise the step's stream and raise if a device guard fired since the last check."""
+        self.stream.synchronize()
+        flags = int(self._status.get(stream=self.stream)[0])
+        self._raise_device_flags(flags)
+
+    def _raise_device_flags(self, flags: int) -> None:
+        if not flags:
+            return
+        cupy().cuda.runtime.memsetAsync(self._status.data.ptr, 0, 4, self.stream.ptr)
+        self.stream.synchronize()  # error path: later snapshots must not report the same flags again
+        self._status_host[:] = 0
+        reasons = []
+        if flags & _STATUS_STALE_SLOT:
+            reasons.append("a replayed or launched append named a sequence slot that was freed or reused since "
+                           "its plan() (the batch changed without planning again)")
+        if flags & _STATUS_NO_PAGE:
+            reasons.append("an append found no page for its token's block")
+        raise MillionError(f"DecodeStep: {'; '.join(reasons)}; those tokens were not written, and nothing else "
+                           f"was touched; plan(seq_ids) again for the batch you replay")
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``plans``, ``reserves`` (allocator calls: about one per ``horizon`` steps), ``schedules``
+        computed, ``device_path_layers`` (layers whose append and attention run
+        from the step's device metadata: all of them) and ``fallback_layers`` (0: a configuration without
+        the device path raises UnsupportedConfiguration instead of taking a slower one)."""
+        return dict(self._stats)
+
+    def __repr__(self) -> str:
+        return (f"DecodeStep(batch={self.batch_size}, num_heads={self.num_heads}, horizon={self.horizon}, "
+                f"capacity={0 if self._attn is None else self._attn.capacity})")

@@ -1,0 +1,350 @@
+"""DecodeStep on the GPU: a whole decode step (append + attention per layer) from device metadata.
+
+Checked against the float64 reference on fresh random data: attention of every step against the reference
+over the cache's own dequantized contents (outputs poisoned first), and the stored codes and rings against
+a CPU cache fed the same tokens through the plain append (codes equal up to fp32 near-ties). Ragged
+batches, flushes in the same and in different steps, GQA and per-head codebooks, a window equal to the
+page size, forks, batches that change between steps, CUDA-graph replay against the eager path token for
+token, a replay after the batch changed, and pool exhaustion in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
+from million_cupy.errors import MillionError, PagePoolExhausted, UnsupportedConfiguration
+from million_cupy.interop import resolve_dtype, to_numpy
+
+pytestmark = pytest.mark.gpu
+
+TOL = {"float16": 2e-3, "bfloat16": 6e-3, "float32": 1e-3}
+
+
+def _codebooks(rng, layers, M, d, heads=1):
+    def layer():
+        books = [Codebook(rng.standard_normal((M, 256, d // M)).astype(np.float32)) for _ in range(heads)]
+        return books[0] if heads == 1 else books
+
+    return ModelCodebooks([layer() for _ in range(layers)], [layer() for _ in range(layers)])
+
+
+def _caches(rng, *, layers=2, nh_k=2, d=128, M=64, P=16, R=32, heads=1, dtype="float16", max_pages=512,
+            devices=("cuda", "cpu"), stream=None):
+    books = _codebooks(rng, layers, M, d, heads)
+    return [PagedPQCache(layers, nh_k, d, books, page_size=P, residual=R, max_pages=max_pages, max_seqs=8,
+                         max_seq_len=4096, dtype=dtype, device=dev, stream=stream if dev == "cuda" else None)
+            for dev in devices]
+
+
+def _tokens(rng, n, cache):
+    return rng.standard_normal((n, cache.num_kv_heads, cache.head_dim)).astype(np.float32)
+
+
+def _prefill(rng, caches, seqs, lengths):
+    """The same prompts into every cache, through the plain append."""
+    for layer in range(caches[0].num_layers):
+        k, v = _tokens(rng, sum(lengths), caches[0]), _tokens(rng, sum(lengths), caches[0])
+        for cache in caches:
+            conv = _device_array if cache.is_gpu else np.asarray
+            cache.append(layer, seqs, conv(k), conv(v), lengths=lengths)
+
+
+def _device_array(x):
+    import cupy as cp
+
+    return cp.asarray(x)
+
+
+def _poison(shape, dtype):
+    import cupy as cp
+
+    return cp.full(shape, cp.nan, dtype=resolve_dtype(dtype))
+
+
+def _check_attention(cache, layer, seqs, q, out, lse, dtype):
+    ks, vs = zip(*(cache.dequantize(layer, int(s)) for s in seqs))
+    ref_o, ref_lse = reference.decode_attention(to_numpy(q).astype(np.float64), list(ks), list(vs))
+    o = to_numpy(out).astype(np.float64)
+    assert np.isfinite(o).all()
+    assert reference.relative_error(o, ref_o) <= TOL[dtype]
+    if lse is not None:
+        assert np.max(np.abs(to_numpy(lse) - ref_lse)) < 2e-2
+
+
+def _check_storage(gpu, cpu, seqs):
+    """Rings equal, codes equal the CPU cache's reference codes up to fp32 near-ties, lengths equal."""
+    from test_cache import contents  # noqa: PLC0415 (the cache tests' reader of the stored layout)
+
+    for layer in range(gpu.num_layers):
+        for s in seqs:
+            assert gpu.seq_len(s, layer) == cpu.seq_len(s, layer)
+            kc_g, vc_g, rk_g, rv_g = contents(gpu, layer, s)
+            kc_c, vc_c, rk_c, rv_c = contents(cpu, layer, s)
+            np.testing.assert_array_equal(rk_g, rk_c)
+            np.testing.assert_array_equal(rv_g, rv_c)
+            for got, want in ((kc_g, kc_c), (vc_g, vc_c)):
+                # the GPU compares fp32 distances: on rare near-ties it picks the other centroid
+                assert got.shape == want.shape and (got.size == 0 or (got == want).mean() > 0.999)
+    assert gpu.stats()["flushes"] == cpu.stats()["flushes"]
+
+
+@pytest.mark.parametrize("d,M,P,R,nh,nh_k,heads,dtype", [
+    (128, 64, 16, 32, 8, 2, 1, "float16"),   # GQA 4, several flushes per sequence
+    (128, 32, 16, 16, 8, 8, 1, "bfloat16"),  # MHA, window = page: the new token itself enters a page
+    (64, 32, 32, 64, 8, 1, 1, "float16"),    # MQA
+    (128, 64, 16, 48, 16, 2, 2, "float16"),  # per-kv-head codebooks, GQA 8
+])
+def test_eager_steps_match_the_reference(rng, d, M, P, R, nh, nh_k, heads, dtype):
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    gpu, cpu = _caches(rng, d=d, M=M, P=P, R=R, nh_k=nh_k, heads=heads, dtype=dtype)
+    seqs = [gpu.add_sequence() for _ in range(4)]
+    for _ in seqs:
+        cpu.add_sequence()
+    # ragged: one token, a window one short of full, exactly full pages, many pages
+    _prefill(rng, (gpu, cpu), seqs, [1, R - 1, 2 * P + R - P, 5 * P + 3])
+    step = DecodeStep(gpu, num_heads=nh, horizon=2 * P)
+    dt = resolve_dtype(dtype)
+    for t in range(3 * P + 2):  # every sequence flushes several times, in different steps
+        step.plan(seqs)
+        for layer in range(gpu.num_layers):
+            k, v = _tokens(rng, len(seqs), gpu), _tokens(rng, len(seqs), gpu)
+            step.append(layer, cp.asarray(k.astype(dt)), cp.asarray(v.astype(dt)))
+            cpu.append(layer, seqs, k.astype(dt), v.astype(dt))
+            q = cp.asarray(rng.standard_normal((len(seqs), nh, d)).astype(dt))
+            out, lse = _poison((len(seqs), nh, d), dtype), cp.full((len(seqs), nh), cp.nan, cp.float32)
+            step.run(layer, q, out=out, lse=lse)
+            if t % 9 == 0 or t == 3 * P + 1:
+                _check_attention(gpu, layer, seqs, q, out, lse, dtype)
+    step.check()
+    _check_storage(gpu, cpu, seqs)
+    st = step.stats()
+    assert st["reserves"] < (3 * P + 2) / 4 and st["fallback_layers"] == 0  # pages reserved ahead, in batches
+
+
+def test_batches_that_change_between_steps_and_forks(rng):
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    gpu, cpu = _caches(rng)
+    a, b, c = (gpu.add_sequence() for _ in range(3))
+    for _ in range(3):
+        cpu.add_sequence()
+    _prefill(rng, (gpu, cpu), [a, b, c], [40, 17, 90])
+    step = DecodeStep(gpu, num_heads=8)
+    child = None
+    for i in range(18):
+        if i == 9:  # fork c mid-run: the child shares c's full pages
+            child = gpu.fork(c)
+            assert cpu.fork(c) == child
+        batch = ([a, b, c] if i < 5 else [c, a] if i < 9 else [c, child, a] if i < 13 else [b] if i < 16
+                 else [a, b, c, child])  # b pauses, then steps alone, then rejoins
+        step.plan(batch)
+        for layer in range(2):
+            k, v = _tokens(rng, len(batch), gpu), _tokens(rng, len(batch), gpu)
+            step.append(layer, cp.asarray(k.astype(np.float16)), cp.asarray(v.astype(np.float16)))
+            cpu.append(layer, batch, k.astype(np.float16), v.astype(np.float16))
+            q = cp.asarray(rng.standard_normal((len(batch), 8, 128)).astype(np.float16))
+            out = step.run(layer, q, out=_poison((len(batch), 8, 128), "float16"))
+            _check_attention(gpu, layer, batch, q, out, None, "float16")
+    step.check()
+    _check_storage(gpu, cpu, [a, b, c, child])
+    # The child's shared pages are still shared and its parent's prefix is untouched by the child's tokens.
+    table = to_numpy(gpu.block_table)
+    shared = int(gpu.full_pages(90))
+    np.testing.assert_array_equal(table[child, :shared], table[c, :shared])
+
+
+def test_graph_replay_equals_eager_token_for_token(rng):
+    """A whole 2-layer step captured once and replayed for 200 steps (every sequence flushes many times)
+    gives exactly the eager path's outputs and cache contents."""
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    eager, graphed = _caches(rng, devices=("cuda", "cuda"), stream=stream, max_pages=1024)
+    seqs = [eager.add_sequence() for _ in range(3)]
+    for _ in seqs:
+        graphed.add_sequence()
+    _prefill(rng, (eager, graphed), seqs, [5, 31, 70])
+    steps = 200
+    B, nh, d = 3, 8, 128
+    k_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
+    v_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
+    q_all = cp.asarray(rng.standard_normal((steps, 2, B, nh, d)).astype(np.float16))
+
+    with stream:
+        s_eager, s_graph = DecodeStep(eager, nh), DecodeStep(graphed, nh)
+        out_eager = cp.empty((steps, 2, B, nh, d), cp.float16)
+        for t in range(steps):
+            s_eager.plan(seqs)
+            for layer in range(2):
+                s_eager.append(layer, k_all[t, layer], v_all[t, layer])
+                s_eager.run(layer, q_all[t, layer], out=out_eager[t, layer])
+
+        # Fixed buffers the graph reads; each replay's inputs are copied in first.
+        k_buf, v_buf = cp.empty((2, B, 2, d), cp.float16), cp.empty((2, B, 2, d), cp.float16)
+        q_buf, o_buf = cp.empty((2, B, nh, d), cp.float16), cp.empty((2, B, nh, d), cp.float16)
+        out_graph = cp.empty_like(out_eager)
+        s_graph.plan(seqs)
+        for layer in range(2):  # compile and bind outside the capture
+            s_graph.append(layer, k_all[0, layer], v_all[0, layer])
+            s_graph.run(layer, q_all[0, layer], out=out_graph[0, layer])
+        stream.begin_capture()
+        for layer in range(2):
+            s_graph.append(layer, k_buf[layer], v_buf[layer])
+            s_graph.run(layer, q_buf[layer], out=o_buf[layer])
+        graph = stream.end_capture()
+        for t in range(1, steps):
+            s_graph.plan(seqs)
+            k_buf[...] = k_all[t]
+            v_buf[...] = v_all[t]
+            q_buf[...] = q_all[t]
+            graph.launch(stream)
+            out_graph[t] = o_buf
+        stream.synchronize()
+    s_eager.check()
+    s_graph.check()
+    np.testing.assert_array_equal(cp.asnumpy(out_graph), cp.asnumpy(out_eager))
+    from test_cache import assert_same_contents, contents  # noqa: PLC0415
+
+    for layer in range(2):
+        for s in seqs:
+            assert_same_contents(contents(graphed, layer, s), contents(eager, layer, s))
+    assert s_graph.stats()["schedules"] < 10  # one schedule serves many steps
+
+
+def test_replay_after_the_batch_changed_writes_nothing_and_raises(rng):
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    (cache,) = _caches(rng, devices=("cuda",), stream=stream)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    _prefill(rng, (cache,), [a, b], [20, 30])
+    step = DecodeStep(cache, 8)
+    k = cp.asarray(rng.standard_normal((2, 2, 128)).astype(np.float16))
+    q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
+    out = cp.empty((2, 8, 128), cp.float16)
+    with stream:
+        step.plan([a, b])
+        for layer in range(2):
+            step.append(layer, k, k)
+            step.run(layer, q, out=out)
+        stream.begin_capture()
+        for layer in range(2):
+            step.append(layer, k, k)
+            step.run(layer, q, out=out)
+        graph = stream.end_capture()
+        graph.launch(stream)  # step 1 of [a, b]
+        step.plan([a, b])
+        graph.launch(stream)  # step 2
+        cache.free(b)
+        c = cache.add_sequence()  # takes b's slot
+        assert c == b
+        _prefill(rng, (cache,), [c], [45])
+        from test_cache import contents  # noqa: PLC0415
+
+        before = [[np.copy(x) for x in contents(cache, layer, c)] for layer in range(2)]
+        rings = [cp.asnumpy(cache.residual_k(layer)[c]) for layer in range(2)]
+        graph.launch(stream)  # misuse: a replay without plan() after the batch changed
+        stream.synchronize()
+    for layer in range(2):
+        for x, y in zip(before[layer], contents(cache, layer, c)):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(rings[layer], cp.asnumpy(cache.residual_k(layer)[c]))
+    with pytest.raises(MillionError, match="freed or reused"):
+        step.check()
+    step.check()  # the flag was cleared with the error
+
+
+def test_pool_exhaustion_in_a_run_of_steps_loses_nothing(rng):
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    (cache,) = _caches(rng, devices=("cuda",), max_pages=12)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    _prefill(rng, (cache,), [a, b], [60, 60])  # 4 + 4 blocks of 16
+    step = DecodeStep(cache, 8, horizon=16)
+    k = cp.asarray(rng.standard_normal((2, 2, 128)).astype(np.float16))
+    steps = 0
+    with pytest.raises(PagePoolExhausted):
+        while True:
+            step.plan([a, b])
+            for layer in range(2):
+                step.append(layer, k, k)
+            steps += 1
+            snapshot = [[cache.dequantize(layer, s) for s in (a, b)] for layer in range(2)]
+            lens = [cache.seq_len(s) for s in (a, b)]
+    assert steps > 0 and [cache.seq_len(s) for s in (a, b)] == lens
+    for layer in range(2):
+        for i, s in enumerate((a, b)):
+            for x, y in zip(snapshot[layer][i], cache.dequantize(layer, s)):
+                np.testing.assert_array_equal(x, y)
+    cache.free(b)
+    step.plan([a])  # the step goes on with the pages b gave back
+    for layer in range(2):
+        step.append(layer, k[:1], k[:1])
+        q = cp.asarray(rng.standard_normal((1, 8, 128)).astype(np.float16))
+        _check_attention(cache, layer, [a], q, step.run(layer, q), None, "float16")
+    step.check()
+
+
+def test_eager_misuse_is_a_clear_error(rng):
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    (cache,) = _caches(rng, devices=("cuda",))
+    a, b = cache.add_sequence(), cache.add_sequence()
+    _prefill(rng, (cache,), [a, b], [20, 30])
+    step = DecodeStep(cache, 8)
+    k = cp.zeros((2, 2, 128), cp.float16)
+    q = cp.zeros((2, 8, 128), cp.float16)
+    step.plan([a, b])
+    with pytest.raises(MillionError, match="before append"):
+        step.run(0, q)
+    step.append(0, k, k)
+    with pytest.raises(MillionError, match="not \\[1\\]"):
+        step.plan([a, b])
+    with pytest.raises(ValueError, match="k: expected shape"):
+        step.append(1, cp.zeros((3, 2, 128), cp.float16), k)
+    step.append(1, k, k)
+    step.plan([a, b])  # the step is whole again
+    for layer in range(2):
+        step.append(layer, k, k)
+    cache.append(0, [a, b], k, k)  # layer 0 one token ahead of layer 1
+    with pytest.raises(ValueError, match="equal lengths"):
+        step.plan([a, b])
+    with pytest.raises(UnsupportedConfiguration, match="GPU cache"):
+        DecodeStep(_caches(rng, devices=("cpu",))[0], 8)
+
+
+def test_repeated_decode_reuses_its_plan(rng):
+    import cupy as cp
+
+    import million_cupy as mc
+
+    (cache,) = _caches(rng, devices=("cuda",))
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [100, 7])
+    q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
+    for layer in (0, 1, 0, 1):
+        out = mc.decode(cache, layer, seqs, q)
+        _check_attention(cache, layer, seqs, q, out, None, "float16")
+    from million_cupy.decode import _decode_wrappers  # noqa: PLC0415
+
+    (wrapper,) = _decode_wrappers[cache].values()
+    assert wrapper.stats()["plans"] == 1 and wrapper.stats()["plans_reused"] == 3
+    _prefill(rng, (cache,), seqs, [1, 1])  # the cache changed: the next call plans again
+    out = mc.decode(cache, 0, seqs, q)
+    _check_attention(cache, 0, seqs, q, out, None, "float16")
+    assert wrapper.stats()["plans"] == 2
