@@ -95,6 +95,7 @@ def bench_train(cp, args, rng) -> list[dict]:
 
 def main() -> None:
     args = parse_args()
+    harness.require_gpu("codebook")
     import cupy as cp
 
     rng = np.random.default_rng(0)

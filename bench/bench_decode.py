@@ -251,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", choices=["paged_pq", "paged_pq_pages", "contiguous_pq", "fp16_paged",
                                                      "torch_sdpa"], help="override the suite's methods")
     args = ap.parse_args(argv)
+    harness.require_gpu("decode" if args.suite != "million" else "million")
     if args.fast:
         TIMING.update(queued=10, repeats=7)
     if args.suite == "million":

@@ -5,8 +5,8 @@ hidden 4096, 32 query heads, 8 kv heads, head dim 128, ``--layers`` layers (4), 
 ``--ffn`` (14336, Llama-3-8B), float32 weights and activations. Per (batch, context) pair:
 
 * **pq_cache**: a :class:`million_cupy.PagedPQCache` (M = ``--M`` = 64, C = 256, page 64, residual
-  128) decoded with ``BatchDecodeWrapper`` (``plan`` once per step, then per layer: QKV, ``append``,
-  ``run``, MLP), then the LM head and a greedy argmax;
+  128) decoded with ``DecodeStep`` (``plan`` once per step, then per layer: QKV, ``append``, ``run``,
+  MLP; eager, not graph-captured), then the LM head and a greedy argmax;
 * **fp16_cache**: the same model over plain float16 K / V arrays, one per layer, in a
   (B, nh_k, T, d) layout; attention is two cuBLAS float16 matmuls with a float32 softmax between
   them (``--fp16-attn cublas``, the default) or the example's own float32 einsum attention
@@ -141,23 +141,23 @@ def run_pq(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
     # residual margin (128 tokens) covers the warm-up and timed steps.
     assert args.warmup + args.steps <= bench_decode.R, "steps beyond the prefill margin"
     cache, seqs = bench_decode.build_cache(cp, batch, context, args.M, layers=cfg.layers)
-    wrapper = mc.BatchDecodeWrapper(cache, NH)
+    decode_step = mc.DecodeStep(cache, NH)
     state = {"tokens": cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch)),
              "pos": cp.full(batch, context, dtype=cp.int64)}
 
     def step() -> None:
-        wrapper.plan(seqs, new_tokens=1)
+        decode_step.plan(seqs)
         x = model.embed[state["tokens"]]
         for layer in range(cfg.layers):
             q, k, v = model.qkv(layer, x, state["pos"])
-            cache.append(layer, seqs, k.astype(cp.float16), v.astype(cp.float16))
-            attn = wrapper.run(layer, q.astype(cp.float16), check=False).astype(cp.float32)
+            decode_step.append(layer, cp.ascontiguousarray(k, dtype=cp.float16), cp.ascontiguousarray(v, dtype=cp.float16))
+            attn = decode_step.run(layer, cp.ascontiguousarray(q, dtype=cp.float16)).astype(cp.float32)
             x = model.finish(layer, x, attn)
         state["tokens"] = model.logits(x).argmax(axis=-1)
         state["pos"] = state["pos"] + 1
 
     timer = StepTimer(cp).run(step, args.warmup, args.steps)
-    del wrapper, cache
+    del decode_step, cache
     return timer
 
 

@@ -7,7 +7,8 @@ Trace: ``--num-seqs`` sequences (256) with lengths drawn between ``--min-len`` (
 (32768) tokens, uniformly (the primary trace) and log-uniformly; page 64, residual 128, nh_k 8, d 128,
 M 64, one layer (every layer holds the same tokens, so ratios do not depend on the layer count).
 Every sequence is filled with random fp16 tokens in one bulk append; the pool holds exactly the pages
-the trace needs.
+the trace needs (``ceil(n / 64)`` blocks per sequence: codes are written at append, so the blocks under the
+residual window are allocated too).
 
 Per trace, per method (``paged_pq``: this cache; ``contiguous_fp16`` / ``contiguous_pq``: a cache that
 reserves ``max_len`` tokens for every sequence, unquantized or as PQ codes):
@@ -41,6 +42,7 @@ import harness  # noqa: E402
 
 from million_cupy import Codebook, ModelCodebooks, PagedPQCache  # noqa: E402
 from million_cupy.interop import cupy, gpu_available  # noqa: E402
+from million_cupy.layout import blocks, full_pages  # noqa: E402
 
 PAGE, RESIDUAL = 64, 128
 GPU_SHAPES = dict(num_seqs=256, min_len=100, max_len=32768, nh_k=8, d=128, M=64)
@@ -80,7 +82,13 @@ def trace_lengths(kind: str, n: int, lo: int, hi: int, rng: np.random.Generator)
 
 
 def pages(n: np.ndarray) -> np.ndarray:
-    return np.where(n < RESIDUAL, 0, (n - RESIDUAL) // PAGE + 1)
+    """Full pages of sequences of ``n`` tokens (the flush rule)."""
+    return full_pages(n, PAGE, RESIDUAL)
+
+
+def allocated(n: np.ndarray) -> np.ndarray:
+    """Blocks a sequence of ``n`` tokens holds: its codes are written at append (layout.blocks)."""
+    return blocks(n, PAGE)
 
 
 def measure(kind: str, lengths: np.ndarray, shapes: dict, gpu: bool, seed: int) -> tuple[list[dict], float]:
@@ -94,7 +102,7 @@ def measure(kind: str, lengths: np.ndarray, shapes: dict, gpu: bool, seed: int) 
 
     cache = PagedPQCache(
         1, nh_k, d, ModelCodebooks([codebook()], [codebook()]), page_size=PAGE, residual=RESIDUAL,
-        max_pages=max(1, int(pages(lengths).sum())), max_seqs=len(lengths), max_seq_len=max_len,
+        max_pages=max(1, int(allocated(lengths).sum())), max_seqs=len(lengths), max_seq_len=max_len,
         dtype="float16", device="cuda" if gpu else "cpu",
     )
     t0 = time.perf_counter()
@@ -111,7 +119,7 @@ def measure(kind: str, lengths: np.ndarray, shapes: dict, gpu: bool, seed: int) 
 
     st = cache.stats()
     tokens = int(lengths.sum())
-    assert st["tokens"] == tokens and st["used"] == int(pages(lengths).sum())
+    assert st["tokens"] == tokens and st["used"] == int(allocated(lengths).sum())
     code_bytes = st["bytes_per_token"]  # one layer
     exact_bytes = st["fp16_bytes_per_token"]
     paged_tokens = int((pages(lengths) * PAGE).sum())

@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     args = ap.parse_args()
+    harness.require_gpu("step")
     import cupy as cp
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]

@@ -20,6 +20,17 @@ from typing import Callable
 import numpy as np
 
 
+def require_gpu(suite: str) -> None:
+    """Exit with one ``error:`` line (status 2, as the CLI's other user errors) where no GPU is usable."""
+    from million_cupy.interop import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(f"error: bench {suite} measures GPU kernels and needs a CUDA GPU usable through CuPy: {reason}",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def gpu_name() -> str:
     try:
         import cupy as cp

@@ -19,7 +19,8 @@
 //   tok           int4 (n_tok): {sequence slot, position, slot generation, stays residual}
 //   slot_gen      int32 (max_seqs): the cache's current generation of each slot
 //   status        int32 word: bit 1 = a token named a slot of another generation (a batch that changed
-//                 since it was planned), bit 2 = its block has no page; such tokens write nothing
+//                 since it was planned), bit 2 = its block has no page (such tokens write nothing),
+//                 bit 4 = a token holds NaN or inf (it is written)
 //   warp_search   0: each thread searches APPEND_ROWS rows (bulk appends); 1: APPEND_LANES lanes per row
 //                 (a few rows, e.g. a decode step's tokens: far lower latency, the same codes)
 //   launch        blockDim.x = APPEND_THREADS; gridDim.x = 2 * Hc * M (kind, codebook head, subspace);
@@ -39,6 +40,17 @@ constexpr int APPEND_ROWS = 4;  // rows per thread and tile: each staged centroi
 constexpr int APPEND_LANES = 8;  // lanes per row with warp_search
 constexpr int STATUS_STALE_SLOT = 1;
 constexpr int STATUS_NO_PAGE = 2;
+constexpr int STATUS_NON_FINITE = 4;
+
+// Flags a sub-vector holding NaN or inf (appends do not check on the host in the decode path; the flag is
+// reported by PagedPQCache.stats() and DecodeStep's next plan).
+template <int DSUB>
+__device__ __forceinline__ void flag_non_finite(const float (&x)[DSUB], int* status) {
+    bool bad = false;
+#pragma unroll
+    for (int j = 0; j < DSUB; ++j) bad |= !isfinite(x[j]);
+    if (bad) atomicOr(status, STATUS_NON_FINITE);
+}
 
 // Where row i (token t = i / heads_per_cb, head h) comes from and goes to; page < 0: write nothing.
 template <int DSUB, typename T>
@@ -135,6 +147,7 @@ append_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ 
         {
             const PqVec<T, DSUB> raw = load(row, xs);
             if (leader) store_exact(row, raw);
+            flag_non_finite<DSUB>(xs, status);
         }
         pq_load_codebook<DSUB>(cent, s_centroids, s_norms);
         // The loop runs while any row of the warp is live, so every lane takes part in the shuffles.
@@ -143,6 +156,7 @@ append_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ 
             float next_xs[DSUB];
             const PqVec<T, DSUB> next_raw = load(next, next_xs);
             if (leader) store_exact(next, next_raw);
+            flag_non_finite<DSUB>(next_xs, status);
             const unsigned char code = pq_nearest_lanes<DSUB, APPEND_LANES>(xs, s_centroids, s_norms);
             if (leader && row.page >= 0) pages[row.dst] = code;
             i += stride;
@@ -162,6 +176,7 @@ append_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ 
         for (int r = 0; r < APPEND_ROWS; ++r) {
             const AppendRow<DSUB, T> row = row_at(tile * tile_rows + static_cast<long long>(r) * APPEND_THREADS + threadIdx.x);
             store_exact(row, load(row, xs[r]));
+            flag_non_finite<DSUB>(xs[r], status);
             dst[r] = row.dst;
         }
         unsigned char code[APPEND_ROWS];

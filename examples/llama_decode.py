@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{stats['fp16_bytes_per_token']} B fp16 ({stats['compression_ratio']:.1f}x), {stats['used']} pages used")
 
     # 3. Greedy decoding from the PQ cache; the exact model is fed the same tokens.
-    wrapper = mc.BatchDecodeWrapper(cache, cfg.heads) if gpu else None
+    decode_step = mc.DecodeStep(cache, cfg.heads) if gpu else None  # the CPU path appends and decodes per call
     tokens = xp.stack(first_logits).argmax(axis=-1)  # both models share the prefill, hence this token
     pos = xp.asarray(lens)
     diffs, rel_num, rel_den, agree, generated = [], 0.0, 0.0, 0, []
@@ -245,15 +245,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # PQ model
         _sync(xp)
         t = time.perf_counter()
-        if wrapper is not None:
-            wrapper.plan(seq_ids, new_tokens=1)  # before the step's appends: reserves the pages they fill
+        if decode_step is not None:
+            decode_step.plan(seq_ids)  # the step's token in every layer: metadata for all layers in one copy
         x = model.embed[tokens]
         for layer in range(cfg.layers):
             q, k, v = model.qkv(layer, x, pos)
-            cache.append(layer, seq_ids, k.astype(np.float16), v.astype(np.float16))
-            if wrapper is not None:
-                attn = wrapper.run(layer, q.astype(np.float16)).astype(np.float32)
+            if decode_step is not None:
+                decode_step.append(layer, xp.ascontiguousarray(k, dtype=np.float16),
+                                   xp.ascontiguousarray(v, dtype=np.float16))
+                attn = decode_step.run(layer, xp.ascontiguousarray(q, dtype=np.float16)).astype(np.float32)
             else:
+                cache.append(layer, seq_ids, k.astype(np.float16), v.astype(np.float16))
                 attn = mc.decode(cache, layer, seq_ids, q)
             x = model.finish(layer, x, attn)
         pq_logits = model.logits(x)

@@ -10,6 +10,7 @@ whichever of the two was reached first.
 """
 
 import importlib as _importlib
+import inspect as _inspect
 import sys as _sys
 import types as _types
 
@@ -71,6 +72,9 @@ class _Package(_types.ModuleType):
     def __setattr__(self, name: str, value) -> None:
         if name == "decode" and type(value) is _types.ModuleType:
             value.__class__ = _DecodeModule
+            # inspect.signature / help() of million_cupy.decode describe the function it calls.
+            value.__signature__ = _inspect.signature(value.decode)
+            value.__doc__ = f"million_cupy.decode{value.__signature__}\n\n{value.decode.__doc__}\n\n{value.__doc__}"
         super().__setattr__(name, value)
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from . import kernels
 from .allocator import PageAllocator
 from .codebook import Codebook, ModelCodebooks, encode
-from .errors import DeviceUnavailable, SequenceSlotsExhausted, UnsupportedConfiguration
+from .errors import DeviceUnavailable, PagePoolExhausted, SequenceSlotsExhausted, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
 from .layout import (  # re-exported: these names were public here before layout.py existed
     K_CHUNK_BYTES, PAGE_SIZES, V_BLOCK_TOKENS, blocks, full_pages, k_chunk, pack_pages, permute_k_rows,
@@ -281,6 +281,7 @@ class PagedPQCache:
         self._ids_scratch: tuple | None = None  # (numba int32 buffer, CuPy view): where allocations land
         # The plain path's status word: its host checks come first, so the kernel never flags anything there.
         self._append_status = xp.zeros(1, dtype=np.int32) if gpu else None
+        self._cpu_non_finite = False
 
     # ------------------------------------------------------------------------------ geometry
 
@@ -291,14 +292,17 @@ class PagedPQCache:
 
     @property
     def num_layers(self) -> int:
+        """Transformer layers the cache holds."""
         return self._num_layers
 
     @property
     def num_kv_heads(self) -> int:
+        """Key / value heads per layer ``nh_k``."""
         return self._nh_k
 
     @property
     def head_dim(self) -> int:
+        """Head dimension ``d``."""
         return self._d
 
     @property
@@ -328,10 +332,12 @@ class PagedPQCache:
 
     @property
     def max_seqs(self) -> int:
+        """Sequence slots (sequence ids are slot numbers ``0 .. max_seqs - 1``)."""
         return self._max_seqs
 
     @property
     def max_seq_len(self) -> int:
+        """Most tokens one sequence may hold."""
         return self._max_seq_len
 
     @property
@@ -341,6 +347,7 @@ class PagedPQCache:
 
     @property
     def num_pages(self) -> int:
+        """Pages in the pool."""
         return self._num_pages
 
     @property
@@ -446,7 +453,11 @@ class PagedPQCache:
         shared = int(self._full_pages(self._lens[:, src].min()))
         blocks = int(self._blocks[src])
         with self._on_stream():
-            fresh = self._alloc.alloc(blocks - shared) if blocks > shared else None
+            try:
+                fresh = self._alloc.alloc(blocks - shared) if blocks > shared else None
+            except PagePoolExhausted as exc:
+                raise PagePoolExhausted(f"fork: sequence {int(src)} has {blocks - shared} blocks that are not full "
+                                        f"pages in every layer, which a fork copies ({exc}); nothing changed") from None
             child = heapq.heappop(self._free_slots)
             table = self._block_table
             if shared:
@@ -531,6 +542,8 @@ class PagedPQCache:
         k: Any,
         v: Any,
         lengths: Sequence[int] | np.ndarray | None = None,
+        *,
+        check_finite: bool | None = None,
     ) -> None:
         """Append tokens of ``layer`` to the listed sequences.
 
@@ -538,6 +551,11 @@ class PagedPQCache:
         those of ``seq_ids[1]``, ...; ``lengths`` None means one token per sequence. Any float
         dtype is converted to the cache dtype. The GPU cache copies NumPy input to the device
         (converted to the cache dtype on the host first); the CPU cache rejects GPU input.
+
+        ``check_finite``: refuse NaN / inf tokens (ValueError, nothing written). None (default) checks
+        bulk appends (a sequence receiving more than one token, as a prefill does: one device sync) and
+        leaves one-token appends, the decode path, unchecked on the host: the append kernel flags such
+        tokens and :meth:`stats` reports them (``non_finite_appended``).
 
         Blocks that the tokens land in are allocated in one allocator call before anything is
         written, so every error, :class:`~million_cupy.errors.PagePoolExhausted` included, leaves
@@ -550,12 +568,19 @@ class PagedPQCache:
         total = int(counts.sum())
         k = self._check_tokens(k, "k", total)
         v = self._check_tokens(v, "v", total)
+        if check_finite or (check_finite is None and total > seqs.shape[0]):
+            for x, name in ((k, "k"), (v, "v")):
+                bad = ~self._xp.isfinite(x).reshape(total, -1).all(axis=1)
+                if bool(bad.any()):
+                    rows = to_numpy(self._xp.flatnonzero(bad))
+                    raise ValueError(f"append: {name} holds NaN or inf in {rows.size} of {total} tokens (first rows: "
+                                     f"{rows[:8].tolist()}); nothing was appended (check_finite=False stores them)")
         n0 = self._lens[layer, seqs]
         n1 = n0 + counts
         self._check_max_len(seqs, n1, "append")
         p1 = self._full_pages(n1)
         with self._on_stream():
-            self._grow(seqs, blocks(n1, self._P))  # the only step that can fail; nothing is written before it
+            self._grow(seqs, blocks(n1, self._P), "append")  # the only step that can fail; nothing written before
             owner, pos = _ranges(n0, counts)
             if owner.shape[0]:
                 # Token j of the input is position pos[j] of seqs[owner[j]]; it stays exact in the ring
@@ -593,15 +618,23 @@ class PagedPQCache:
         target = self._lens[:, seqs].max(axis=0, initial=0) + new
         self._check_max_len(seqs, target, "reserve")
         with self._on_stream():
-            return self._grow(seqs, blocks(target, self._P))
+            return self._grow(seqs, blocks(target, self._P), "reserve")
 
-    def _grow(self, seqs: np.ndarray, target: np.ndarray) -> int:
+    def _grow(self, seqs: np.ndarray, target: np.ndarray, what: str) -> int:
         """Allocate blocks so that each sequence has at least ``target`` of them (one allocator call)."""
         need = np.maximum(target - self._blocks[seqs], 0)
         total = int(need.sum())
         if total == 0:
             return 0
-        ids = self._new_page_ids(total)
+        try:
+            ids = self._new_page_ids(total)
+        except PagePoolExhausted as exc:
+            short = seqs[need > 0]
+            raise PagePoolExhausted(
+                f"{what}: sequences {short.tolist()[:16]} need {need[need > 0].tolist()[:16]} more pages "
+                f"({total} in all) and the pool cannot hold them ({exc}); nothing changed: free sequences "
+                f"(or build the cache with a larger max_pages) and retry"
+            ) from None
         owner, column = _ranges(self._blocks[seqs], need)
         rows, column = self._to_device(seqs[owner], column)
         self._block_table[rows, column] = ids
@@ -620,6 +653,7 @@ class PagedPQCache:
                           append.args(k, v, self._xp.asarray(meta), self._append_status, meta.shape[0]))
             return
         P, R = self._P, self._R
+        self._cpu_non_finite |= not (np.isfinite(k).all() and np.isfinite(v).all())
         row = pos % P
         pages = self._block_table[seq, pos // P]
         kc = k_chunk(self._M)
@@ -729,12 +763,13 @@ class PagedPQCache:
         all layers, kinds and heads: ``2 * M * nh_k * num_layers``), ``fp16_bytes_per_token``
         (``2 * 2 * d * nh_k * num_layers``) and ``compression_ratio`` (fp16 / PQ);
         ``pool_utilization``: code bytes of the tokens held in full pages, summed over sequences,
-        over the bytes of allocated pages (reserved or partly flushed pages lower it; pages shared
-        by :meth:`fork` count once in the denominator and once per sequence in the numerator, so
-        it can exceed 1; 0.0 with no page allocated); ``residual_bytes_reserved`` (both rings, all
-        slots) and ``residual_bytes_in_use`` (residual tokens of live sequences); ``flushes``
-        (pages written, counted per layer); ``sequences``; ``tokens`` (per live sequence, the
-        length of its longest layer, summed).
+        over the bytes of allocated pages (reserved blocks and the blocks still being filled under the
+        residual window lower it; pages shared by :meth:`fork` count once in the denominator and once per
+        sequence in the numerator, so it can exceed 1; 0.0 with no page allocated);
+        ``residual_bytes_reserved`` (both rings, all slots) and ``residual_bytes_in_use`` (residual tokens of
+        live sequences); ``flushes`` (blocks that became full pages, counted per layer);
+        ``non_finite_appended`` (an unchecked append stored a NaN or inf token, see :meth:`append`);
+        ``sequences``; ``tokens`` (per live sequence, the length of its longest layer, summed).
         """
         counters = self._alloc.stats()
         lens = self._lens[:, self._live]
@@ -755,9 +790,17 @@ class PagedPQCache:
             "residual_bytes_reserved": int(self._ring_k.nbytes + self._ring_v.nbytes),
             "residual_bytes_in_use": int((lens - self._P * pages).sum()) * exact_bytes_per_layer_token,
             "flushes": self._flushes,
+            "non_finite_appended": self._non_finite_appended(),
             "sequences": int(self._live.sum()),
             "tokens": int(lens.max(axis=0, initial=0).sum()),
         }
+
+    def _non_finite_appended(self) -> bool:
+        """Whether an unchecked append stored a NaN or inf token (the append kernel's flag; CPU: a host check)."""
+        if not self.is_gpu:
+            return self._cpu_non_finite
+        with self._on_stream():
+            return bool(int(self._append_status.get()[0]) & 4)  # STATUS_NON_FINITE in cache_append.cu
 
     def __repr__(self) -> str:
         return (
@@ -802,11 +845,20 @@ class PagedPQCache:
         """Allocator ids on the cache's side: zero-copy CuPy on the GPU path, a host copy on the CPU path."""
         return self._xp.asarray(ids) if self.is_gpu else ids.copy_to_host()
 
-    def _check_layer(self, layer: int) -> int:
+    def check_layer(self, layer: int) -> int:
+        """``layer`` as an int, or IndexError naming the valid range."""
         layer = _index(layer, "layer")
         if not 0 <= layer < self._num_layers:
             raise IndexError(f"layer: expected 0 <= layer < {self._num_layers}, got {layer}")
         return layer
+
+    _check_layer = check_layer
+
+    def check_ids(self, seq_ids: Any, what: str, *, unique: bool = True) -> np.ndarray:
+        """Host int64 ids of live sequences (a scalar counts as one id); errors are reported as ``what:``, so a
+        caller (decode, a step's plan) validates ids under its own name. Raises TypeError / ValueError naming
+        unknown, freed or (with ``unique``) repeated ids."""
+        return self._check_seqs(seq_ids, what, unique=unique)
 
     def _check_seqs(self, seq_ids: Any, what: str, *, unique: bool = True) -> np.ndarray:
         """Host int64 ids of live sequences (a scalar counts as one id)."""

@@ -183,6 +183,12 @@ def _load_samples(path: Path):
     if not path.is_file():
         problem = "is not a file" if path.exists() else "not found"
         raise FileNotFoundError(f"samples file {str(path)!r} {problem} (expected a .npy file of shape (n, d))")
+    with path.open("rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):
+        raise ValueError(f"{path}: expected a .npy file (NumPy's binary format, written by numpy.save) holding a "
+                         f"numeric (n, d) array, got a file that does not start like one (first bytes {magic!r}); "
+                         f"convert text with numpy.save(path, numpy.loadtxt(text_file))")
     try:
         samples = np.load(path, allow_pickle=False)
     except ValueError as exc:

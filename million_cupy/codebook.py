@@ -37,14 +37,16 @@ from tqdm import tqdm
 
 from . import kernels, reference
 from .errors import CodebookFormatError, UnsupportedConfiguration
-from .interop import array_module, as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
+from .interop import array_module, as_array, as_stream, cupy, dtype_name, is_gpu_array, require_gpu, to_numpy
 
 NUM_CENTROIDS = 256
 NBITS = 8
 SUPPORTED_D = (64, 128, 256)
 SUPPORTED_DSUB = (1, 2, 4, 8)
 CENTROID_DTYPES = ("float16", "float32")
-INPUT_DTYPES = ("float16", "bfloat16", "float32")
+INPUT_DTYPES = ("float16", "bfloat16", "float32")  # what the encoder kernel reads
+#: What encode accepts: float64 as well, as training does (the GPU encodes it as float32).
+ENCODE_DTYPES = INPUT_DTYPES + ("float64",)
 SAMPLE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 CODEBOOK_MAGIC = "million-cupy-codebook"
@@ -66,6 +68,16 @@ _KERNEL_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "f
 _TRAIN_CHUNK_ELEMENTS = {"gpu": 1 << 25, "cpu": 1 << 20}
 # progress=None shows a bar (on a tty) from about a second of CPU work: M * n * C * iters distances.
 _LONG_RUN_WORK = 1 << 31
+
+
+def _check_finite(x: Any, name: str) -> None:
+    """ValueError naming the rows of ``x`` (n, d) that hold NaN or inf (one device sync for GPU arrays)."""
+    xp = array_module(x)
+    bad = ~xp.isfinite(x).all(axis=-1)
+    if bool(bad.any()):
+        rows = to_numpy(xp.flatnonzero(bad))
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in {rows.size} of {x.shape[0]} rows "
+                         f"(first: {rows[:8].tolist()}); k-means needs finite samples: drop or fix those rows")
 
 
 def _check_geometry(M: int, d: int, what: str) -> None:
@@ -122,7 +134,7 @@ def encode(x: Any, centroids: Any, out: Any = None):
     near-ties the code may differ from the float64 reference, see ``cuda_src/pq_common.cuh``);
     NumPy arrays get :func:`million_cupy.reference.pq_encode` exactly.
     """
-    xa = as_array(x, "x", dtypes=INPUT_DTYPES)
+    xa = as_array(x, "x", dtypes=ENCODE_DTYPES)
     ca = as_array(centroids, "centroids", ndim=4, dtypes=CENTROID_DTYPES)
     Hc, M, C, dsub = ca.shape
     if C != NUM_CENTROIDS:
@@ -162,6 +174,8 @@ def _side(gpu: bool) -> str:
 def _encode_gpu(x, centroids, shape: tuple[int, ...], out):
     cp = cupy()
     Hc, M, _, dsub = centroids.shape
+    if x.dtype == np.float64:
+        x = x.astype(np.float32)  # the kernel reads float16 / bfloat16 / float32 rows
     if not x.flags.c_contiguous or x.data.ptr % 16:
         x = x.copy(order="C")  # the kernel reads rows with aligned vector loads
     with x.device:  # compile for, allocate on and launch on the device holding x
@@ -364,35 +378,44 @@ class Codebook:
 
     @property
     def M(self) -> int:
+        """Subspaces (code bytes per vector)."""
         return int(self._centroids.shape[0])
 
     @property
     def C(self) -> int:
+        """Centroids per subspace (256: 8-bit codes)."""
         return int(self._centroids.shape[1])
 
     @property
     def dsub(self) -> int:
+        """Dimensions per subspace ``d // M``."""
         return int(self._centroids.shape[2])
 
     @property
     def d(self) -> int:
+        """Vector dimension ``M * dsub``."""
         return self.M * self.dsub
 
     @property
     def nbits(self) -> int:
+        """Bits per code (8)."""
         return NBITS
 
     @property
     def dtype(self) -> str:
+        """Dtype name of the centroids ("float16" or "float32")."""
         return dtype_name(self._centroids.dtype)
 
     @property
     def is_gpu(self) -> bool:
+        """True when the centroids are a GPU (CuPy) array."""
         return is_gpu_array(self._centroids)
 
     def to_gpu(self) -> Codebook:
         """A copy of this codebook on the current CUDA device."""
-        return Codebook(cupy().asarray(self._centroids))
+        cp = require_gpu("Codebook.to_gpu (and load(..., gpu=True))",
+                         "keep the codebook on the CPU (gpu=False): the CPU path encodes and decodes with NumPy")
+        return Codebook(cp.asarray(self._centroids))
 
     def to_cpu(self) -> Codebook:
         """A copy of this codebook in host memory."""
@@ -421,7 +444,7 @@ class Codebook:
         for the numerics.
         """
         with _on(stream, x):
-            xa = as_array(x, "x", dtypes=INPUT_DTYPES)
+            xa = as_array(x, "x", dtypes=ENCODE_DTYPES)
             self._check_side(xa, "x")
             return encode(xa, self.centroids_f32()[None], out=out)
 
@@ -461,6 +484,7 @@ class Codebook:
         CuPy matmuls must run in full fp32 for this (CuPy's default; ``CUPY_TF32=1`` degrades it).
         """
         x = as_array(samples, "samples", ndim=2, dtypes=SAMPLE_DTYPES)
+        _check_finite(x, "samples")
         n, d = x.shape
         _check_nbits(nbits)
         _check_geometry(M, d, "samples")
@@ -553,6 +577,7 @@ class ModelCodebooks:
 
     @property
     def num_layers(self) -> int:
+        """Layers (each with a K and a V codebook, or one per kv head)."""
         return len(self._keys)
 
     @property
@@ -562,26 +587,32 @@ class ModelCodebooks:
 
     @property
     def M(self) -> int:
+        """Subspaces (code bytes per vector)."""
         return self._keys[0][0].M
 
     @property
     def C(self) -> int:
+        """Centroids per subspace (256: 8-bit codes)."""
         return self._keys[0][0].C
 
     @property
     def d(self) -> int:
+        """Vector dimension ``M * dsub``."""
         return self._keys[0][0].d
 
     @property
     def dsub(self) -> int:
+        """Dimensions per subspace ``d // M``."""
         return self._keys[0][0].dsub
 
     @property
     def dtype(self) -> str:
+        """Dtype name of the centroids ("float16" or "float32")."""
         return self._keys[0][0].dtype
 
     @property
     def is_gpu(self) -> bool:
+        """True when the centroids are a GPU (CuPy) array."""
         return self._keys[0][0].is_gpu
 
     def _check_layer(self, layer: int) -> int:

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import kernels, reference
 from .errors import MillionError, UnsupportedConfiguration
-from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
+from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, require_gpu, to_numpy
 from .layout import PAGE_SIZES, pack_pages, permute_k_rows, stored_v_shape
 
 SOURCE = "decode_attention.cu"
@@ -512,11 +512,12 @@ class BatchDecodeWrapper:
         same_heads = attn is not None and attn.num_heads == nh and attn.scale == _scale_of(cache, scale)
         if new_tokens == 0 and same_heads and self._reuse(seq, planned):
             return
-        # Expected per-layer lengths when run(layer) is called (seq_lens also validates the ids).
-        n = cache.seq_lens(planned[0], seq) + new_tokens
+        # Expected per-layer lengths when run(layer) is called.
+        seq = cache.check_ids(seq, "plan", unique=False)
+        n = cache.lengths[planned[0], seq] + new_tokens
         if np.any(n == 0):
             raise ValueError(f"plan: sequences {seq[n == 0].tolist()} hold no tokens; nothing to attend to")
-        if any(not np.array_equal(cache.seq_lens(x, seq) + new_tokens, n) for x in planned[1:]):
+        if any(not np.array_equal(cache.lengths[x, seq] + new_tokens, n) for x in planned[1:]):
             raise ValueError("plan: the planned layers hold different lengths for these sequences; append every "
                              "layer first, or plan the layers separately (layers=[...])")
         if new_tokens:
@@ -589,6 +590,17 @@ class BatchDecodeWrapper:
         return dict(self._stats)
 
 
+#: Query dtypes of the CPU path (the GPU kernels take the cache dtype).
+QUERY_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _check_query_heads(q, B: int, cache) -> None:
+    """q must be ``(B, num_heads, head_dim)`` with ``num_heads`` a multiple of the cache's kv heads."""
+    if q.shape[0] != B or q.shape[2] != cache.head_dim or q.shape[1] % cache.num_kv_heads:
+        raise ValueError(f"q: expected shape ({B}, num_heads, {cache.head_dim}) with num_heads a multiple of "
+                         f"num_kv_heads = {cache.num_kv_heads}, got {tuple(q.shape)}")
+
+
 def _scale_of(cache, scale: float | None) -> float:
     return (1.0 / math.sqrt(cache.head_dim)) if scale is None else float(scale)
 
@@ -649,6 +661,8 @@ def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | 
     if cache.is_gpu:
         cp = cupy()
         q_arr = q if type(q) is cp.ndarray and q.ndim == 3 else as_array(q, "q", ndim=3, on_gpu=True)
+        if q_arr.dtype != cache.array_dtype:
+            raise TypeError(f"q: expected dtype in {[cache.dtype]}, got {dtype_name(q_arr.dtype)}")
         per_stream = _decode_wrappers.get(cache)
         if per_stream is None:
             per_stream = _decode_wrappers[cache] = {}
@@ -663,12 +677,13 @@ def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | 
                 and wrapper._reuse(np.asarray(seq_ids, dtype=np.int64).reshape(-1), (layer,))):
             wrapper.plan(seq_ids, new_tokens=0, num_heads=q_arr.shape[1], scale=scale, layers=[layer])
         return wrapper.run(layer, q_arr, out=out, return_lse=return_lse, check=False)
-    q_arr = as_array(q, "q", ndim=3, on_gpu=False)
-    seq = list(np.asarray(seq_ids).reshape(-1))
-    if q_arr.shape[0] != len(seq) or q_arr.shape[2] != cache.head_dim:
-        raise ValueError(
-            f"q: expected shape ({len(seq)}, num_heads, {cache.head_dim}), got {tuple(q_arr.shape)}"
-        )
+    q_arr = as_array(q, "q", ndim=3, dtypes=QUERY_DTYPES, on_gpu=False)
+    seq = cache.check_ids(seq_ids, "decode", unique=False)
+    _check_query_heads(q_arr, len(seq), cache)
+    lens = cache.lengths[cache.check_layer(layer), seq]
+    if (lens == 0).any():
+        raise ValueError(f"decode: sequences {seq[lens == 0].tolist()} hold no tokens in layer {layer}; "
+                         f"attention over no keys is undefined")
     ks, vs = zip(*(cache.dequantize(layer, int(s)) for s in seq))
     o, l = reference.decode_attention(q_arr.astype(np.float64), list(ks), list(vs), scale=scale)
     o = o.astype(q_arr.dtype)
@@ -693,19 +708,44 @@ def _host_ints(x, name: str, n: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def contiguous_pq_decode(q, k_codes, v_codes, lengths, k_centroids, v_centroids, **kwargs):
-    """Decode attention over MILLION's contiguous PQ layout (see :func:`prepare_contiguous_pq_decode`)."""
-    return prepare_contiguous_pq_decode(q, k_codes, v_codes, lengths, k_centroids, v_centroids, **kwargs)()
+#: What the companions' "no GPU" error suggests instead.
+_CPU_ALTERNATIVE = ("on a machine without a GPU, million_cupy.reference.decode_attention computes the same attention "
+                    "in float64 from K/V vectors (Codebook.decode turns codes into them), and million_cupy.decode() "
+                    "does it for a CPU PagedPQCache")
 
 
-def paged_pq_decode(q, k_pages, v_pages, indptr, indices, k_centroids, v_centroids, **kwargs):
-    """Decode attention over caller-managed PQ pages (see :func:`prepare_paged_pq_decode`)."""
-    return prepare_paged_pq_decode(q, k_pages, v_pages, indptr, indices, k_centroids, v_centroids, **kwargs)()
+def contiguous_pq_decode(q: Any, k_codes: Any, v_codes: Any, lengths: Any, k_centroids: Any, v_centroids: Any, *,
+                         residual_k: Any = None, residual_v: Any = None, residual_lens: Any = None,
+                         scale: float | None = None, return_lse: bool = False, out: Any = None, stream: Any = None):
+    """Decode attention over MILLION's contiguous PQ layout: ``out`` (B, nh, d), or ``(out, lse)``.
+
+    Arguments as :func:`prepare_contiguous_pq_decode`, which validates and schedules once and returns a launch
+    to replay. GPU only (NumPy inputs are copied to the GPU); without one it raises DeviceUnavailable.
+    """
+    return prepare_contiguous_pq_decode(q, k_codes, v_codes, lengths, k_centroids, v_centroids,
+                                        residual_k=residual_k, residual_v=residual_v, residual_lens=residual_lens,
+                                        scale=scale, return_lse=return_lse, out=out, stream=stream)()
 
 
-def paged_exact_decode(q, k_pages, v_pages, indptr, indices, last_page_len, **kwargs):
-    """Decode attention over an unquantized paged cache (see :func:`prepare_paged_exact_decode`)."""
-    return prepare_paged_exact_decode(q, k_pages, v_pages, indptr, indices, last_page_len, **kwargs)()
+def paged_pq_decode(q: Any, k_pages: Any, v_pages: Any, indptr: Any, indices: Any, k_centroids: Any,
+                    v_centroids: Any, *, residual_k: Any = None, residual_v: Any = None, residual_lens: Any = None,
+                    scale: float | None = None, return_lse: bool = False, out: Any = None, stream: Any = None):
+    """Decode attention over caller-managed PQ pages (CSR page table): ``out`` (B, nh, d), or ``(out, lse)``.
+
+    Arguments as :func:`prepare_paged_pq_decode`. GPU only (NumPy inputs are copied to the GPU); without one it
+    raises DeviceUnavailable.
+    """
+    return prepare_paged_pq_decode(q, k_pages, v_pages, indptr, indices, k_centroids, v_centroids,
+                                   residual_k=residual_k, residual_v=residual_v, residual_lens=residual_lens,
+                                   scale=scale, return_lse=return_lse, out=out, stream=stream)()
+
+
+def paged_exact_decode(q: Any, k_pages: Any, v_pages: Any, indptr: Any, indices: Any, last_page_len: Any, *,
+                       scale: float | None = None, return_lse: bool = False, out: Any = None, stream: Any = None):
+    """Decode attention over an unquantized paged cache (FlashInfer's page-table convention): ``out``
+    (B, nh, d), or ``(out, lse)``. Arguments as :func:`prepare_paged_exact_decode`. GPU only."""
+    return prepare_paged_exact_decode(q, k_pages, v_pages, indptr, indices, last_page_len, scale=scale,
+                                      return_lse=return_lse, out=out, stream=stream)()
 
 
 def prepare_contiguous_pq_decode(q, k_codes, v_codes, lengths, k_centroids, v_centroids, *, residual_k=None,
@@ -717,6 +757,7 @@ def prepare_contiguous_pq_decode(q, k_codes, v_codes, lengths, k_centroids, v_ce
     centroids (Hc, M, 256, d // M) with Hc in {1, nh_k}; optional exact residual tokens residual_k/v
     (B, nh_k, Rcap, d) in q's dtype with residual_lens (B,), attended after the coded tokens.
     """
+    require_gpu("contiguous_pq_decode", _CPU_ALTERNATIVE)
     q = as_array(q, "q", ndim=3, on_gpu=True)
     B, nh, d = q.shape
     dtype = dtype_name(q.dtype)
@@ -757,6 +798,7 @@ def prepare_paged_pq_decode(q, k_pages, v_pages, indptr, indices, k_centroids, v
     Deprecated: the 0.1 layout (K ``(num_pages, nh_k, P, M)`` with rows XOR-permuted, V
     ``(num_pages, nh_k, M, P)``) is still accepted; it is converted (copied) once here, with a warning.
     """
+    require_gpu("paged_pq_decode", _CPU_ALTERNATIVE)
     q = as_array(q, "q", ndim=3, on_gpu=True)
     B, nh, d = q.shape
     dtype = dtype_name(q.dtype)
@@ -834,6 +876,7 @@ def prepare_paged_exact_decode(q, k_pages, v_pages, indptr, indices, last_page_l
     k_pages, v_pages (num_pages, nh_k, P, d) in q's dtype; sequence b owns pages
     indices[indptr[b]:indptr[b+1]] and its last page holds last_page_len[b] tokens.
     """
+    require_gpu("paged_exact_decode", _CPU_ALTERNATIVE)
     q = as_array(q, "q", ndim=3, on_gpu=True)
     B, nh, d = q.shape
     dtype = dtype_name(q.dtype)

@@ -51,16 +51,34 @@ def cupy():
 
 
 @functools.lru_cache(maxsize=None)
+def gpu_unavailable_reason() -> str | None:
+    """Why no CUDA device is usable through CuPy here, or None when one is."""
+    if os.environ.get("MILLION_CUPY_DISABLE_GPU"):
+        return "MILLION_CUPY_DISABLE_GPU is set"
+    if not cuda_driver_present():
+        return "no CUDA driver is installed (libcuda cannot be loaded)"
+    try:
+        count = cupy().cuda.runtime.getDeviceCount()
+    except DeviceUnavailable as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - any driver/runtime failure means "no usable GPU"
+        return f"CuPy cannot reach the driver: {type(exc).__name__}: {exc}"
+    return None if count > 0 else "the CUDA driver reports no device"
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
-    if os.environ.get("MILLION_CUPY_DISABLE_GPU"):
-        return False
-    if not cuda_driver_present():
-        return False
-    try:
-        return cupy().cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - any driver/runtime failure means "no usable GPU"
-        return False
+    return gpu_unavailable_reason() is None
+
+
+def require_gpu(what: str, cpu_alternative: str = "") -> Any:
+    """CuPy, once a CUDA device is known to be usable; otherwise :class:`DeviceUnavailable` naming ``what``,
+    the reason, and ``cpu_alternative`` (what to use on this machine instead) when given."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise DeviceUnavailable(f"{what} needs a CUDA GPU usable through CuPy, and there is none: {reason}"
+                                + (f"; {cpu_alternative}" if cpu_alternative else ""))
+    return cupy()
 
 
 def is_gpu_array(x: Any) -> bool:
@@ -122,7 +140,7 @@ def as_array(
             )
         arr = np.asarray(x)
         if on_gpu:
-            arr = cupy().asarray(arr)
+            arr = require_gpu(f"{name} (a host array moved to the GPU)").asarray(arr)
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(arr.shape)}")
     if shape is not None:

@@ -222,6 +222,7 @@ def _nvrtc_library() -> ctypes.CDLL:
             candidates += sorted(glob.glob(os.path.join(base, "lib", "libnvrtc.so*")))
     except ImportError:
         pass
+    candidates += [path for base in _nvidia_wheel_dirs() for path in sorted(glob.glob(os.path.join(base, "lib", "libnvrtc.so*")))]
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if root:
             candidates += sorted(glob.glob(os.path.join(root, "lib64", "libnvrtc.so*")))
@@ -236,6 +237,15 @@ def _nvrtc_library() -> ctypes.CDLL:
     raise DeviceUnavailable("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (or install the CUDA toolkit)")
 
 
+def _nvidia_wheel_dirs() -> list[str]:
+    """``nvidia/cu<major>`` directories of NVIDIA's CUDA 13+ wheels (nvidia-cuda-nvrtc, -runtime)."""
+    try:
+        import nvidia  # noqa: PLC0415 - a namespace package shared by NVIDIA's wheels
+    except ImportError:
+        return []
+    return sorted(d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "cu[0-9]*")))
+
+
 def cuda_include_dirs() -> list[str]:
     """Directories holding cuda_fp16.h etc.: pip's nvidia-cuda-runtime headers, or the toolkit's."""
     dirs: list[str] = []
@@ -245,6 +255,7 @@ def cuda_include_dirs() -> list[str]:
         dirs += [os.path.join(p, "include") for p in nvidia.cuda_runtime.__path__]
     except ImportError:
         pass
+    dirs += [os.path.join(base, "include") for base in _nvidia_wheel_dirs()]
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if root:
             dirs.append(os.path.join(root, "include"))

@@ -45,6 +45,7 @@ some layers raises at the next ``plan()``; ``run(layer)`` before ``append(layer)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -57,8 +58,9 @@ from .interop import as_array, cupy
 
 __all__ = ["DecodeStep"]
 
-_STATUS_STALE_SLOT = 1  # STATUS_STALE_SLOT in cuda_src/cache_append.cu
+_STATUS_STALE_SLOT = 1  # STATUS_* in cuda_src/cache_append.cu
 _STATUS_NO_PAGE = 2
+_STATUS_NON_FINITE = 4
 
 
 class DecodeStep:
@@ -136,8 +138,9 @@ class DecodeStep:
         self._stream_ptr = int(self.stream.ptr)
         self._kv_shape: tuple[int, int, int] = (0, cache.num_kv_heads, cache.head_dim)
         self._q_shape: tuple[int, int, int] = (0, num_heads, cache.head_dim)
-        self._stats = {"plans": 0, "reserves": 0, "schedules": 0,
+        self._stats = {"plans": 0, "reserves": 0, "schedules": 0, "non_finite_appended": False,
                        "device_path_layers": cache.num_layers, "fallback_layers": 0}
+        self._warned_non_finite = False
 
     # ------------------------------------------------------------------------------------ planning
 
@@ -264,10 +267,8 @@ class DecodeStep:
         cache = self.cache
         if seq.size == 0:
             raise ValueError("plan: seq_ids is empty")
-        lens = np.stack([cache.seq_lens(layer, seq) for layer in range(cache.num_layers)])  # validates ids
-        if np.unique(seq).shape[0] != seq.shape[0]:
-            values, counts = np.unique(seq, return_counts=True)
-            raise ValueError(f"plan: expected distinct sequence ids, got repeats of {values[counts > 1].tolist()}")
+        seq = cache.check_ids(seq, "plan")  # live, distinct
+        lens = cache.lengths[:, seq]
         unequal = np.flatnonzero((lens != lens[0]).any(axis=0))
         if unequal.size:
             b = int(unequal[0])
@@ -371,6 +372,19 @@ class DecodeStep:
         cupy().cuda.runtime.memsetAsync(self._status.data.ptr, 0, 4, self.stream.ptr)
         self.stream.synchronize()  # error path: later snapshots must not report the same flags again
         self._status_host[:] = 0
+        if flags & _STATUS_NON_FINITE:
+            # The tokens are stored: warn (once per step object) rather than fail the loop.
+            self._stats["non_finite_appended"] = True
+            if not self._warned_non_finite:
+                warnings.warn("DecodeStep: an appended token held NaN or inf; attention over its sequence will be "
+                              "NaN from now on (the prefill append refuses such tokens; the decode path only "
+                              "flags them)", RuntimeWarning, stacklevel=3)
+                self._warned_non_finite = True
+            flags &= ~_STATUS_NON_FINITE
+            cupy().cuda.runtime.memsetAsync(self._status.data.ptr, 0, 4, self.stream.ptr)
+            self._status_host[:] = 0
+            if not flags:
+                return
         reasons = []
         if flags & _STATUS_STALE_SLOT:
             reasons.append("a replayed or launched append named a sequence slot that was freed or reused since "
@@ -382,7 +396,7 @@ class DecodeStep:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``plans``, ``reserves`` (allocator calls: about one per ``horizon`` steps), ``schedules``
-        computed, ``device_path_layers`` (layers whose append and attention run
+        computed, ``non_finite_appended`` (a token with NaN or inf was appended: warned once), ``device_path_layers`` (layers whose append and attention run
         from the step's device metadata: all of them) and ``fallback_layers`` (0: a configuration without
         the device path raises UnsupportedConfiguration instead of taking a slower one)."""
         return dict(self._stats)

@@ -245,7 +245,9 @@ def test_cpu_encode_out_validation(rng):
     with pytest.raises(ValueError, match="last dimension d = 64"):
         cb.encode(x[:, :32])
     with pytest.raises(TypeError, match="dtype"):
-        cb.encode(x.astype(np.float64))
+        cb.encode(x.astype(np.int32))
+    # float64 is accepted, as training accepts it (one dtype policy, README "Dtypes").
+    np.testing.assert_array_equal(cb.encode(x.astype(np.float64)), cb.encode(x))
 
 
 def test_per_head_encode_cpu(rng):

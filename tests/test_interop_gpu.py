@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import million_cupy as mc
-from million_cupy.interop import as_array, dtype_name
+from million_cupy.interop import as_array, dtype_name, to_numpy
 
 # XLA preallocates most of the GPU by default; CuPy needs room in the same process. Must be set
 # before JAX first initialises its backend.
@@ -252,8 +252,10 @@ def test_wrong_dtype(torch_fw, rng):
                      torch.zeros(B, NH_K, D, device="cuda", dtype=torch.float16))
     np.testing.assert_array_equal(via_t.seq_lens(0, seqs), lens)  # nothing appended
     book = via_t.codebooks.key_codebooks(0)[0]
-    with pytest.raises(TypeError, match=r"x: expected dtype in \['float16', 'bfloat16', 'float32'\], got float64"):
-        book.encode(torch.zeros(4, D, device="cuda", dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"x: expected dtype in \['float16', 'bfloat16', 'float32', 'float64'\], got int32"):
+        book.encode(torch.zeros(4, D, device="cuda", dtype=torch.int32))
+    x64 = torch.randn(4, D, device="cuda", dtype=torch.float64)  # accepted, as training accepts it
+    np.testing.assert_array_equal(to_numpy(book.encode(x64)), to_numpy(book.encode(x64.float())))
 
 
 def test_wrong_shape(fw, rng):

@@ -1,9 +1,12 @@
-"""Offline NVRTC build of the whole supported kernel grid for sm_80 and sm_90 (no GPU needed).
+"""Offline NVRTC build of the supported kernel grid for sm_80 and sm_90 (no GPU needed).
 
-Every source in ``cuda_src/`` is compiled per architecture with all of its supported name expressions
-(``kernels.supported_variants()``), in programs of ``CHUNK`` expressions built in parallel. Any compile
-error fails; ptxas register spills are printed and must be zero unless the source is listed in
-``KNOWN_SPILLS`` with the reason they are accepted.
+Every source in ``cuda_src/`` is compiled per architecture, in programs of ``CHUNK`` expressions built in
+parallel. The default run builds a representative subset (``representative``): the hot decode variants
+plus, per source, variants chosen so that every value of every template argument is built at least once.
+The whole grid (``kernels.supported_variants()``) is marked ``slow``: ``python -m pytest -m slow
+tests/test_nvrtc_grid.py`` (``.ci/run`` runs it after the default suite). Any compile error fails; ptxas
+register spills are printed and must be zero unless the source is listed in ``KNOWN_SPILLS`` with the
+reason they are accepted, and the hot decode variants must not spill in any case.
 
 Skips only when NVRTC itself cannot be loaded; with ``MILLION_CUPY_REQUIRE_NVRTC=1`` (set by
 ``.ci/run``) that is a failure too.
@@ -35,8 +38,34 @@ KNOWN_SPILLS: dict[str, str] = {
 }
 
 # Paged decode variants the benchmarks and the Llama-shaped examples use (mode 0, head_dim 128, M 32/64,
-# 4 query heads per kv head), as mangled-name fragments.
+# 4 query heads per kv head): as name expressions, and as mangled-name fragments of the built kernels.
+HOT_EXPRESSIONS = [f"mc::decode_attention<0, 128, {m}, 4, {t}>" for m in (32, 64) for t in ("__half", "__nv_bfloat16")]
 HOT_DECODE = [f"decode_attentionILi0ELi128ELi{m}ELi4E{t}E" for m in (32, 64) for t in ("6__half", "13__nv_bfloat16")]
+
+
+def _template_args(expr: str) -> tuple[str, list[str]]:
+    """``name<a, b, ...>`` -> (name, [a, b, ...]); a plain kernel name has no arguments."""
+    if "<" not in expr:
+        return expr, []
+    name, rest = expr.split("<", 1)
+    return name, [a.strip() for a in rest.rsplit(">", 1)[0].split(",")]
+
+
+def representative(exprs: list[str]) -> list[str]:
+    """The hot decode variants present in ``exprs``, then, greedily in grid order, every expression that builds
+    a (kernel, argument position, value) not built yet: each template axis's every value at least once."""
+    chosen = [e for e in HOT_EXPRESSIONS if e in exprs]
+    covered = set()
+    for e in chosen:
+        name, args = _template_args(e)
+        covered.update((name, i, a) for i, a in enumerate(args))
+    for e in exprs:
+        name, args = _template_args(e)
+        new = {(name, i, a) for i, a in enumerate(args)} - covered
+        if e not in chosen and (new or not args):
+            chosen.append(e)
+            covered |= new
+    return chosen
 
 
 # Name expressions per NVRTC program. NVRTC's front end costs ~0.2 s per program while ptxas costs
@@ -120,10 +149,23 @@ def grid() -> dict[str, list[str]]:
     return {source: list(dict.fromkeys(exprs)) for source, exprs in grid.items()}  # distinct, in order
 
 
-@pytest.fixture(scope="module")
-def builds(nvrtc_version, grid) -> tuple[dict[tuple[str, str], Result], str]:
+def test_representative_subset_covers_every_template_value(grid):
+    for source, exprs in grid.items():
+        subset = representative(exprs)
+        assert set(subset) <= set(exprs) and len(set(subset)) == len(subset)
+        want = {(n, i, a) for n, args in map(_template_args, exprs) for i, a in enumerate(args)}
+        got = {(n, i, a) for n, args in map(_template_args, subset) for i, a in enumerate(args)}
+        assert got == want, f"{source}: the subset misses {sorted(want - got)[:5]}"
+        assert {n for n, _ in map(_template_args, subset)} == {n for n, _ in map(_template_args, exprs)}
+    assert set(HOT_EXPRESSIONS) <= set(representative(grid["decode_attention.cu"]))
+
+
+@pytest.fixture(scope="module", params=["representative", pytest.param("whole", marks=pytest.mark.slow)])
+def builds(request, nvrtc_version, grid) -> tuple[dict[tuple[str, str], Result], str]:
     """Every (source, arch) built once, in chunks compiled in parallel (NVRTC is thread-safe and
-    ctypes releases the GIL during the call)."""
+    ctypes releases the GIL during the call): the representative subset, or (slow) the whole grid."""
+    if request.param == "representative":
+        grid = {source: representative(exprs) for source, exprs in grid.items()}
     results = {(s, a): Result(s, a, len(exprs)) for a in ARCHS for s, exprs in grid.items()}
     jobs = [
         (source, arch, exprs[i : i + CHUNK])
@@ -145,7 +187,8 @@ def builds(nvrtc_version, grid) -> tuple[dict[tuple[str, str], Result], str]:
         for (source, arch, _), b, error, seconds in pool.map(build, jobs):
             results[(source, arch)].add(b, error, seconds)
     wall = time.perf_counter() - t0
-    return results, f"{len(jobs)} NVRTC programs on {min(len(jobs), _workers())} threads, {wall:.0f} s wall"
+    return results, (f"{request.param} grid: {len(jobs)} NVRTC programs on {min(len(jobs), _workers())} threads, "
+                     f"{wall:.0f} s wall")
 
 
 def test_grid_covers_every_source(grid):
@@ -162,7 +205,7 @@ def test_grid_compiles_without_spills(arch, builds, nvrtc_version, capsys):
     all_results, how = builds
     results = [r for (_, a), r in sorted(all_results.items()) if a == arch]
     with capsys.disabled():
-        print(f"\nNVRTC {nvrtc_version[0]}.{nvrtc_version[1]}, {arch} (whole grid: {how}):")
+        print(f"\nNVRTC {nvrtc_version[0]}.{nvrtc_version[1]}, {arch} ({how}):")
         for r in results:
             print("  " + r.summary())
 
