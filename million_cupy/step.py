@@ -54,13 +54,54 @@ from . import kernels
 from .cache import APPEND_THREADS, PagedPQCache
 from .decode import SCHEDULE_HORIZON, AttentionPlan, _attention_arrays, _check_config, capacity_for
 from .errors import MillionError, UnsupportedConfiguration
+from .layout import full_pages
 from .interop import as_array, cupy
 
-__all__ = ["DecodeStep"]
+__all__ = ["DecodeStep", "StepLengths"]
 
 _STATUS_STALE_SLOT = 1  # STATUS_* in cuda_src/cache_append.cu
 _STATUS_NO_PAGE = 2
 _STATUS_NON_FINITE = 4
+
+
+class StepLengths:
+    """The token counts of a decode step's batch, advanced one token per step in O(1) NumPy calls.
+
+    After a step of ``new_tokens`` (0 or 1) tokens for sequences holding ``n`` tokens: ``pos`` is each
+    sequence's planned token position (``n``; written into the array given, the append kernel's position words),
+    ``main`` / ``res`` its tokens in full pages / in the residual window after the step (the flush rule,
+    ``layout.full_pages``), ``flushed`` the blocks the step turns into full pages (per layer), and
+    ``steps_left`` how many further one-token steps stay within ``limit`` tokens (the reserved pages).
+    :meth:`advance` moves to the next one-token step; only when a window fills (``to_flush`` reaching 0) does it
+    look at every sequence.
+    """
+
+    def __init__(self, pos: np.ndarray, n: np.ndarray, new_tokens: int, page_size: int, residual: int,
+                 limit: np.ndarray) -> None:
+        self.P, self.R = page_size, residual
+        end = n + new_tokens
+        main = full_pages(end, page_size, residual) * page_size
+        pos[:] = n
+        self.pos = pos
+        self.main = main.astype(np.int32)
+        self.res = (end - main).astype(np.int32)
+        self.flushed = int((full_pages(end, page_size, residual) - full_pages(n, page_size, residual)).sum())
+        self.to_flush = int((residual - self.res).min())  # steps until some window holds R tokens
+        self.steps_left = int((limit - end).min()) if new_tokens else 0
+
+    def advance(self) -> None:
+        """One more token in every sequence."""
+        self.pos += 1
+        self.res += 1
+        self.steps_left -= 1
+        self.flushed = 0
+        self.to_flush -= 1
+        if self.to_flush == 0:
+            full = self.res >= self.R  # a window reached R tokens: its oldest P become a full page
+            self.main[full] += self.P
+            self.res[full] -= self.P
+            self.flushed = int(full.sum())
+            self.to_flush = int((self.R - self.res).min())
 
 
 class DecodeStep:
@@ -110,13 +151,8 @@ class DecodeStep:
         self._seq: np.ndarray | None = None
         self._tok: np.ndarray | None = None    # the append kernel's per-token words (slot, pos, gen, 1)
         self._tok_flat: np.ndarray | None = None
-        self._pos: np.ndarray | None = None    # the planned token's position per sequence (a view of _tok)
-        self._main: np.ndarray | None = None   # tokens in full pages after the planned token
-        self._res: np.ndarray | None = None    # residual tokens after the planned token
+        self._lengths: StepLengths | None = None  # the batch's token counts, advanced step by step
         self._rows: Any = None                 # the batch's slots: a slice when they are consecutive
-        self._flushed = 0                      # blocks the planned step turns into full pages (per layer)
-        self._to_flush = 0                     # steps until a window fills
-        self._steps_left = 0                   # steps the fast path may take before planning from the cache
         self._new = 0
         self._version = -1                     # cache.version right after this step's commit
         self._appended = np.zeros(cache.num_layers, dtype=bool)
@@ -185,7 +221,7 @@ class DecodeStep:
         if attn is not None:
             turn = attn.claim_turn()  # its copy two plans ago carried the device flags' snapshot read now
             self._raise_device_flags(int(self._status_host[turn]))
-        if (new_tokens and self._new and self._steps_left > 0 and cache.version == self._version
+        if (new_tokens and self._new and self._lengths.steps_left > 0 and cache.version == self._version
                 and seq.shape == prev.shape and (seq == prev).all()):
             self._next_token(attn)  # the decode loop: the same batch one token further, no checks to redo
         else:
@@ -193,9 +229,10 @@ class DecodeStep:
             attn = self._attn
         turn = attn.claim_turn()
         self._memcpy(self._status_host[turn:].ctypes.data, self._status.data.ptr, 4, 2, self.stream.ptr)  # 2: D2H
-        attn.update(self._seq, self._main, self._res, self.stream, extra=self._tok_flat)
+        lengths = self._lengths
+        attn.update(self._seq, lengths.main, lengths.res, self.stream, extra=self._tok_flat)
         if new_tokens:
-            cache.advance(self._rows, new_tokens, self._flushed)
+            cache.advance(self._rows, new_tokens, lengths.flushed)
         self._new = new_tokens
         self._version = cache.version
         if self._appended_count:
@@ -205,23 +242,13 @@ class DecodeStep:
         self._stats["schedules"] = attn.schedules
 
     def _next_token(self, attn: AttentionPlan) -> None:
-        """The next step of the planned batch, from the previous step's state: O(1) NumPy calls, except on
-        the (rare) steps where a sequence's window fills and a block becomes a full page."""
-        P, R = self.cache.page_size, self.cache.residual
-        self._pos += 1
-        self._res += 1
-        self._steps_left -= 1
-        self._flushed = 0
-        self._to_flush -= 1
-        if self._to_flush == 0:
-            full = self._res >= R  # a window reached R tokens: its oldest P become a full page
-            self._main[full] += P
-            self._res[full] -= P
-            self._flushed = int(full.sum())
-            self._to_flush = int((R - self._res).min())
-            if (self._main > attn.cover).any():  # outgrew the schedule (about once per `horizon` steps)
-                end = self._pos.astype(np.int64) + 1
-                attn.schedule(self._seq, self.cache.full_pages(end + self.horizon) * P)
+        """The next step of the planned batch, from the previous step's state (StepLengths.advance), with a
+        new schedule on the (rare) step where a sequence outgrows the current one."""
+        lengths = self._lengths
+        lengths.advance()
+        if lengths.flushed and (lengths.main > attn.cover).any():  # about once per `horizon` steps
+            end = lengths.pos.astype(np.int64) + 1
+            attn.schedule(self._seq, self.cache.full_pages(end + self.horizon) * self.cache.page_size)
 
     def _plan_from_cache(self, seq: np.ndarray, new_tokens: int) -> None:
         """A plan from the cache's lengths: the first of a batch, after the cache changed, or when the step
@@ -230,7 +257,7 @@ class DecodeStep:
         P, R = cache.page_size, cache.residual
         same = (self._seq is not None and cache.version == self._version and seq.shape == self._seq.shape
                 and bool((seq == self._seq).all()))
-        n = self._pos.astype(np.int64) + self._new if same else self._validate(seq)
+        n = self._lengths.pos.astype(np.int64) + self._new if same else self._validate(seq)
         end = n + new_tokens
         over = end > cache.max_seq_len
         if over.any():
@@ -244,17 +271,10 @@ class DecodeStep:
             cache.reserve(seq, np.maximum(np.minimum(self.horizon, cache.max_seq_len - n), new_tokens))
             limit = np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)  # PagePoolExhausted: unchanged
             self._stats["reserves"] += 1
-        main = cache.full_pages(end) * P
-        if not attn.covers(seq, main):
+        # The append kernel's position words are the state's positions (a view), so advancing one advances both.
+        self._lengths = StepLengths(self._tok[:, 1], n, new_tokens, P, R, limit)
+        if not attn.covers(seq, self._lengths.main):
             attn.schedule(seq, cache.full_pages(end + (self.horizon if new_tokens else 0)) * P)
-        self._main = main.astype(np.int32)
-        self._res = (end - main).astype(np.int32)
-        self._tok[:, 1] = n
-        self._pos = self._tok[:, 1]  # a view: the append kernel's position words
-        self._flushed = int((cache.full_pages(end) - cache.full_pages(n)).sum())
-        self._to_flush = int((R - self._res).min())
-        # Further steps the fast path may take: within the reserved pages.
-        self._steps_left = int((limit - end).min()) if new_tokens else 0
         self._seq = seq
         self._kv_shape = (seq.shape[0], cache.num_kv_heads, cache.head_dim)
         self._q_shape = (seq.shape[0], self.num_heads, cache.head_dim)
