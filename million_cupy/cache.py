@@ -379,7 +379,7 @@ class PagedPQCache:
 
     def code_offset(self, layer: int, kind: int) -> int:
         """Byte offset in a page of the ``(layer, kind)`` codes (kind 0 = K, 1 = V); head ``h`` adds ``h * P * M``."""
-        layer = self._check_layer(layer)
+        layer = self.check_layer(layer)
         if kind not in (0, 1):
             raise ValueError(f"kind: expected 0 (K) or 1 (V), got {kind!r}")
         return (layer * 2 + kind) * self._nh_k * self._P * self._M
@@ -409,11 +409,11 @@ class PagedPQCache:
 
     def residual_k(self, layer: int) -> Any:
         """K ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``."""
-        return self._ring_k[self._check_layer(layer)]
+        return self._ring_k[self.check_layer(layer)]
 
     def residual_v(self, layer: int) -> Any:
         """V ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``."""
-        return self._ring_v[self._check_layer(layer)]
+        return self._ring_v[self.check_layer(layer)]
 
     def key_centroids(self, layer: int) -> Any:
         """Float32 ``(Hc, M, 256, dsub)`` key centroids of ``layer`` on the cache's side."""
@@ -447,7 +447,7 @@ class PagedPQCache:
         Raises:
             PagePoolExhausted: not enough free pages for the copied blocks; nothing changed.
         """
-        src = self._check_seqs(seq, "fork")[0]
+        src = self.check_ids(seq, "fork")[0]
         if not self._free_slots:
             raise SequenceSlotsExhausted(f"fork: all max_seqs = {self._max_seqs} sequence slots are in use; free one first")
         shared = int(self._full_pages(self._lens[:, src].min()))
@@ -476,7 +476,7 @@ class PagedPQCache:
 
     def free(self, seq: int) -> None:
         """Drop sequence ``seq``: one reference of each of its pages goes back, and the slot is recycled."""
-        seq = self._check_seqs(seq, "free")[0]
+        seq = self.check_ids(seq, "free")[0]
         blocks = int(self._blocks[seq])
         with self._on_stream():
             if blocks:
@@ -496,12 +496,12 @@ class PagedPQCache:
 
     def seq_len(self, seq: int, layer: int = 0) -> int:
         """Tokens sequence ``seq`` holds in ``layer``."""
-        return int(self._lens[self._check_layer(layer), self._check_seqs(seq, "seq_len")[0]])
+        return int(self._lens[self.check_layer(layer), self.check_ids(seq, "seq_len")[0]])
 
     def seq_lens(self, layer: int, seq_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Host int64 array of the tokens each listed sequence holds in ``layer``."""
-        layer = self._check_layer(layer)
-        return self._lens[layer, self._check_seqs(seq_ids, "seq_lens", unique=False)]
+        layer = self.check_layer(layer)
+        return self._lens[layer, self.check_ids(seq_ids, "seq_lens", unique=False)]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -527,7 +527,7 @@ class PagedPQCache:
 
     def allocated_blocks(self, seq_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Host int64 count of allocated blocks of each listed sequence (its block-table prefix)."""
-        return self._blocks[self._check_seqs(seq_ids, "allocated_blocks", unique=False)]
+        return self._blocks[self.check_ids(seq_ids, "allocated_blocks", unique=False)]
 
     def full_pages(self, n: Any) -> np.ndarray:
         """The flush rule for this cache's page size and window: full pages of sequences of ``n`` tokens."""
@@ -562,8 +562,8 @@ class PagedPQCache:
         the cache unchanged. For a decode loop, :class:`~million_cupy.step.DecodeStep` does the same
         work from metadata prepared once per step (one launch per layer, no host index math).
         """
-        layer = self._check_layer(layer)
-        seqs = self._check_seqs(seq_ids, "append")
+        layer = self.check_layer(layer)
+        seqs = self.check_ids(seq_ids, "append")
         counts = self._check_counts(lengths, seqs.shape[0], "lengths")
         total = int(counts.sum())
         k = self._check_tokens(k, "k", total)
@@ -613,7 +613,7 @@ class PagedPQCache:
         Raises:
             PagePoolExhausted: not enough free pages; nothing was allocated.
         """
-        seqs = self._check_seqs(seq_ids, "reserve")
+        seqs = self.check_ids(seq_ids, "reserve")
         new = self._check_counts(new_tokens, seqs.shape[0], "new_tokens")
         target = self._lens[:, seqs].max(axis=0, initial=0) + new
         self._check_max_len(seqs, target, "reserve")
@@ -673,7 +673,7 @@ class PagedPQCache:
         if append is None:
             if not self.is_gpu:
                 raise UnsupportedConfiguration("append_kernel: the append kernel needs a GPU cache (device='cuda')")
-            layer = self._check_layer(layer)
+            layer = self.check_layer(layer)
             xp = self._xp
             kc, vc = xp.ascontiguousarray(self.key_centroids(layer)), xp.ascontiguousarray(self.value_centroids(layer))
             flat = self._pool.reshape(-1)
@@ -700,8 +700,8 @@ class PagedPQCache:
         order and ``residual_lens[b]`` its residual token count; all int32, device arrays on the GPU
         path (one H2D copy of ``O(B)`` metadata and one gather launch from the block table).
         """
-        layer = self._check_layer(layer)
-        seqs = self._check_seqs(seq_ids, "page_table", unique=False)
+        layer = self.check_layer(layer)
+        seqs = self.check_ids(seq_ids, "page_table", unique=False)
         B = seqs.shape[0]
         n = self._lens[layer, seqs]
         pages = self._full_pages(n)
@@ -726,8 +726,8 @@ class PagedPQCache:
     def dequantize(self, layer: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
         """Host float32 ``(k, v)``, each ``(L, nh_k, d)`` in token order: PQ-decoded page tokens, then
         the exact residual tokens (the reference view of what decode attends to)."""
-        layer = self._check_layer(layer)
-        seq = self._check_seqs(seq, "dequantize")[0]
+        layer = self.check_layer(layer)
+        seq = self.check_ids(seq, "dequantize")[0]
         n = int(self._lens[layer, seq])
         pages = int(self._full_pages(n))
         paged = pages * self._P
@@ -852,16 +852,10 @@ class PagedPQCache:
             raise IndexError(f"layer: expected 0 <= layer < {self._num_layers}, got {layer}")
         return layer
 
-    _check_layer = check_layer
-
     def check_ids(self, seq_ids: Any, what: str, *, unique: bool = True) -> np.ndarray:
         """Host int64 ids of live sequences (a scalar counts as one id); errors are reported as ``what:``, so a
         caller (decode, a step's plan) validates ids under its own name. Raises TypeError / ValueError naming
         unknown, freed or (with ``unique``) repeated ids."""
-        return self._check_seqs(seq_ids, what, unique=unique)
-
-    def _check_seqs(self, seq_ids: Any, what: str, *, unique: bool = True) -> np.ndarray:
-        """Host int64 ids of live sequences (a scalar counts as one id)."""
         ids = np.asarray(to_numpy(seq_ids) if is_gpu_array(seq_ids) else seq_ids)
         if ids.ndim == 0:
             ids = ids.reshape(1)
