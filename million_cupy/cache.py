@@ -279,9 +279,10 @@ class PagedPQCache:
         self._version = 0  # bumped by every change of lengths, slots or blocks
         self._append_kernels: dict[int, AppendKernel] = {}
         self._ids_scratch: tuple | None = None  # (numba int32 buffer, CuPy view): where allocations land
-        # The plain path's status word: its host checks come first, so the kernel never flags anything there.
+        # The general append's status word: its host checks come first, so of the kernel's flags only
+        # "non-finite token" can be set there (read by stats()).
         self._append_status = xp.zeros(1, dtype=np.int32) if gpu else None
-        self._cpu_non_finite = False
+        self._non_finite_seen = False  # set by the CPU path and by launchers (record_non_finite)
 
     # ------------------------------------------------------------------------------ geometry
 
@@ -653,7 +654,7 @@ class PagedPQCache:
                           append.args(k, v, self._xp.asarray(meta), self._append_status, meta.shape[0]))
             return
         P, R = self._P, self._R
-        self._cpu_non_finite |= not (np.isfinite(k).all() and np.isfinite(v).all())
+        self._non_finite_seen |= not (np.isfinite(k).all() and np.isfinite(v).all())
         row = pos % P
         pages = self._block_table[seq, pos // P]
         kc = k_chunk(self._M)
@@ -795,10 +796,15 @@ class PagedPQCache:
             "tokens": int(lens.max(axis=0, initial=0).sum()),
         }
 
+    def record_non_finite(self) -> None:
+        """Note that a launcher's own append kernel stored a NaN or inf token (DecodeStep does), so that
+        :meth:`stats` reports it like the general append's."""
+        self._non_finite_seen = True
+
     def _non_finite_appended(self) -> bool:
         """Whether an unchecked append stored a NaN or inf token (the append kernel's flag; CPU: a host check)."""
-        if not self.is_gpu:
-            return self._cpu_non_finite
+        if self._non_finite_seen or not self.is_gpu:
+            return self._non_finite_seen
         with self._on_stream():
             return bool(int(self._append_status.get()[0]) & 4)  # STATUS_NON_FINITE in cache_append.cu
 

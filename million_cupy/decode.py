@@ -312,7 +312,7 @@ class AttentionPlan:
         self.res_len, self._res = part(4)
         self.res_row, self._res_row = part(5)
         self.extra, self._extra = part(6)
-        self._sched_key: tuple | None = None  # (seq ids, tokens scheduled per sequence)
+        self._sched_key: np.ndarray | None = None  # the seq ids the schedule was made for
         self._sched_main: np.ndarray | None = None
         self._scale = (1.0 / math.sqrt(d)) if scale is None else float(scale)
         self._layer_fixed: dict[int, tuple] = {}

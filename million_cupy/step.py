@@ -395,6 +395,7 @@ class DecodeStep:
         if flags & _STATUS_NON_FINITE:
             # The tokens are stored: warn (once per step object) rather than fail the loop.
             self._stats["non_finite_appended"] = True
+            self.cache.record_non_finite()
             if not self._warned_non_finite:
                 warnings.warn("DecodeStep: an appended token held NaN or inf; attention over its sequence will be "
                               "NaN from now on (the prefill append refuses such tokens; the decode path only "
