@@ -107,7 +107,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 
 
-def quantize_uniform(x: np.ndarray, bits: int, group: int, axis: int) -> np.ndarray:
+def array_module(x):
+    """NumPy for NumPy arrays, CuPy for CuPy arrays: the quantizers below run where the cache lives
+    (``bench/quality.py`` passes GPU arrays)."""
+    if isinstance(x, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def quantize_uniform(x, bits: int, group: int, axis: int):
     """Asymmetric ``bits``-bit quantize-dequantize of ``x``, groups of ``group`` along ``axis``.
 
     Each group stores ``zero = min`` and ``scale = (max - min) / (2**bits - 1)``, both rounded to fp16
@@ -115,35 +125,38 @@ def quantize_uniform(x: np.ndarray, bits: int, group: int, axis: int) -> np.ndar
     ``codes * scale + zero``. Values already on a group's grid, with the grid's end points present,
     come back exactly. A last, partial group holds the remaining entries.
     """
-    xf = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    xp = array_module(x)
+    xf = xp.moveaxis(xp.asarray(x, dtype=xp.float64), axis, -1)
     n = xf.shape[-1]
     # Padding by repeating the last entry leaves the partial group's min and max unchanged.
-    xp = np.pad(xf, [(0, 0)] * (xf.ndim - 1) + [(0, -n % group)], mode="edge")
-    g = xp.reshape(*xf.shape[:-1], -1, group)
+    xpad = xp.pad(xf, [(0, 0)] * (xf.ndim - 1) + [(0, -n % group)], mode="edge")
+    g = xpad.reshape(*xf.shape[:-1], -1, group)
     levels = 2**bits - 1
-    zero = g.min(axis=-1, keepdims=True).astype(np.float16).astype(np.float64)
-    scale = ((g.max(axis=-1, keepdims=True) - zero) / levels).astype(np.float16).astype(np.float64)
-    scale = np.where(scale > 0, scale, 1.0)  # a constant group is exact at code 0 with any scale
-    codes = np.clip(np.rint((g - zero) / scale), 0, levels)
-    return np.moveaxis((codes * scale + zero).reshape(xp.shape)[..., :n], -1, axis)
+    zero = g.min(axis=-1, keepdims=True).astype(xp.float16).astype(xp.float64)
+    scale = ((g.max(axis=-1, keepdims=True) - zero) / levels).astype(xp.float16).astype(xp.float64)
+    scale = xp.where(scale > 0, scale, 1.0)  # a constant group is exact at code 0 with any scale
+    codes = xp.clip(xp.rint((g - zero) / scale), 0, levels)
+    return xp.moveaxis((codes * scale + zero).reshape(xpad.shape)[..., :n], -1, axis)
 
 
-def per_token(x: np.ndarray, bits: int, group: int) -> np.ndarray:
+def per_token(x, bits: int, group: int):
     """``(T, H, d)`` cache quantized per token, groups of ``group`` channels."""
     return quantize_uniform(x, bits, group, axis=-1)
 
 
-def kivi(k: np.ndarray, v: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+def kivi(k, v, bits: int, group: int):
     """KIVI: keys per channel (groups of ``group`` tokens), values per token (groups of ``group`` channels)."""
     return quantize_uniform(k, bits, group, axis=0), quantize_uniform(v, bits, group, axis=-1)
 
 
-def pq_roundtrip(x: np.ndarray, model: ModelCodebooks, kind: int) -> np.ndarray:
-    """``(T, H, d)`` fp16 cache through its per-head codebooks of ``kind`` (0 keys, 1 values)."""
-    centroids = model.key_centroids(0) if kind == 0 else model.value_centroids(0)
-    books = model.key_codebooks(0) if kind == 0 else model.value_codebooks(0)
+def pq_roundtrip(x, model: ModelCodebooks, kind: int, layer: int = 0):
+    """``(T, H, d)`` cache through ``layer``'s codebooks of ``kind`` (0 keys, 1 values; one per head or one
+    shared by the heads), float64, on the side of ``x`` and ``model``."""
+    xp = array_module(x)
+    centroids = model.key_centroids(layer) if kind == 0 else model.value_centroids(layer)
+    books = model.key_codebooks(layer) if kind == 0 else model.value_codebooks(layer)
     codes = encode(x, centroids)
-    return np.stack([books[h].decode(codes[:, h]) for h in range(x.shape[1])], axis=1).astype(np.float64)
+    return xp.stack([books[h % len(books)].decode(codes[:, h]) for h in range(x.shape[1])], axis=1).astype(xp.float64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from .errors import MillionError
 
 EXIT_USAGE = 2
 
-# Suites `bench` will offer (placeholders until the benchmarks land).
 # suite -> (script in bench/, what it measures)
 BENCH_SUITES: dict[str, tuple[str, str]] = {
     "decode": ("bench_decode.py", "paged PQ vs contiguous PQ vs fp16 paged vs PyTorch SDPA decode attention"),
@@ -37,6 +36,9 @@ BENCH_SUITES: dict[str, tuple[str, str]] = {
     "memory": ("bench_memory.py", "bytes per token and pool utilization on a mixed-length trace"),
     "accuracy": ("accuracy.py", "attention error of PQ vs uniform int2/int4 and KIVI on synthetic KV"),
     "step": ("bench_step.py", "the whole 32-layer decode step (append + attention), eager and CUDA-graph replayed, vs PyTorch fp16"),
+    "quality": ("quality.py", "a small Llama trained here on real text: perplexity, passkey retrieval and greedy "
+                "generation with the PQ cache vs fp16 and KIVI"),
+    "train-lm": ("lm.py", "train the quality study's model (Llama, 6 layers, on the Python stdlib sources)"),
     "e2e": ("bench_e2e.py", "end-to-end Llama-shaped decode: PQ cache vs fp16 cache, tokens/s and p50/p99 latency"),
     "report": ("report.py", "regenerate REPORT.md and plots from bench/results"),
 }

@@ -52,7 +52,7 @@ import numpy as np
 
 from . import kernels
 from .cache import APPEND_THREADS, PagedPQCache
-from .decode import SCHEDULE_HORIZON, AttentionPlan, _attention_arrays, _check_config, capacity_for
+from .decode import SCHEDULE_HORIZON, AttentionPlan, _attention_arrays, _check_config, _scale_of, capacity_for
 from .errors import MillionError, UnsupportedConfiguration
 from .layout import full_pages
 from .interop import as_array, cupy
@@ -184,6 +184,11 @@ class DecodeStep:
     def batch_size(self) -> int:
         """Sequences of the planned batch (0 before the first plan)."""
         return 0 if self._seq is None else int(self._seq.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale of the step's attention."""
+        return _scale_of(self.cache, self._scale)
 
     @property
     def seq_ids(self) -> np.ndarray:

@@ -59,7 +59,7 @@ def test_gpu_entry_points_raise_device_unavailable_naming_the_cpu_alternative(rn
 
 
 @no_gpu
-@pytest.mark.parametrize("suite", ["decode", "million", "codebook", "step"])
+@pytest.mark.parametrize("suite", ["decode", "million", "codebook", "step", "quality", "train-lm"])
 def test_gpu_bench_suites_print_one_error_line_and_exit_2(suite, capsys):
     assert cli.main(["bench", suite]) == 2
     err = capsys.readouterr().err

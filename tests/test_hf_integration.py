@@ -1,0 +1,183 @@
+"""million_cupy.integrations.transformers: a tiny random Llama decoding through PQCache.
+
+CPU (the float64 reference path): every decode step's logits agree with the quality study's simulation
+(``bench/quality.py``: dequantized K/V in full pages, exact residual window, per query position), which
+is an independent, whole-forward computation of the same semantics; short sequences (all in the residual
+window) generate exactly what transformers' own DynamicCache generates. GPU: the kernels' decode agrees
+with the CPU reference path on the same model and codebooks. Misuse raises with the reason.
+
+Needs torch and transformers (extra ``hf``); skipped without them. CI runs this file in its own step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from million_cupy.errors import UnsupportedConfiguration  # noqa: E402
+from million_cupy.integrations.transformers import PQCache, calibrate, use_pq_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import quality  # noqa: E402
+
+
+def _model(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64 * heads, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=128,
+                         max_position_embeddings=1024, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _ids(rng, B: int, T: int):
+    return torch.from_numpy(rng.integers(0, 256, (B, T)).astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rng = np.random.default_rng(7)
+    model = _model()
+    books = {per_head: calibrate(model, [_ids(rng, 2, 300)], M=64, per_head=per_head, iters=3, progress=False)
+             for per_head in (False, True)}
+    return model, books
+
+
+def _decode_logits(model, cache, ids, prefill: int):
+    """Prefill ``ids[:, :prefill]``, then decode the rest one token at a time; logits predicting
+    tokens ``prefill .. T-1``."""
+    use_pq_attention(model)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(prefill, ids.shape[1] - 1):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1).double()
+
+
+def _simulated_logits(model, books, ids, prefill: int):
+    quality.register_simulation()
+    model.set_attn_implementation(quality.SIM_NAME)
+    quality.SIM.quantizer, quality.SIM.exact_below = quality.Quantizer("pq", books=books), prefill
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[:, prefill - 1:-1]
+    finally:
+        quality.SIM.quantizer, quality.SIM.exact_below = None, 0
+    return logits.double()
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("prefill,total", [(100, 260), (128, 200), (1, 140)])
+def test_cpu_decode_matches_simulation(tiny, rng, per_head, prefill, total):
+    # Crosses flushes at 128 and 192 tokens (exactly-full windows included), from a prefill shorter
+    # than, equal to and far below the window.
+    model, books = tiny
+    ids = _ids(rng, 2, total)
+    cache = PQCache(model, books[per_head], max_seq_len=512)
+    got = _decode_logits(model, cache, ids, prefill)
+    want = _simulated_logits(model, books[per_head], ids, prefill)
+    assert got.shape == want.shape == (2, total - prefill, 256)
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 2e-4, err
+    stats = cache.stats()
+    assert stats["decode_steps"] == total - prefill - 1
+    assert stats["prefill_tokens"] == 2 * prefill
+    assert cache.get_seq_length() == total - 1
+
+
+def test_short_generation_equals_dynamic_cache(tiny, rng):
+    # 100 + 20 tokens stay in the 128-token residual window: exact, so greedy tokens must match.
+    model, books = tiny
+    prompt = _ids(rng, 2, 100)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                             past_key_values=DynamicCache(config=model.config), pad_token_id=0)
+        use_pq_attention(model)
+        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                             past_key_values=PQCache(model, books[False], max_seq_len=256), pad_token_id=0)
+    assert torch.equal(got, ref)
+
+
+def test_quantization_changes_long_generation_logits(tiny, rng):
+    # The test above could pass with PQ switched off; here tokens leave the window, so logits must move.
+    model, books = tiny
+    ids = _ids(rng, 1, 300)
+    got = _decode_logits(model, PQCache(model, books[True], max_seq_len=512), ids, 10)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        exact = model(input_ids=ids, use_cache=False).logits[:, 9:-1].double()
+    assert (got[:, :118] - exact[:, :118]).abs().max() < 1e-4  # all in the window: exact
+    assert (got[:, 200:] - exact[:, 200:]).abs().max() > 1e-3  # reading PQ pages
+
+
+def test_second_prompt_over_history_raises(tiny, rng):
+    model, books = tiny
+    cache = PQCache(model, books[False], max_seq_len=512)
+    use_pq_attention(model)
+    ids = _ids(rng, 1, 40)
+    with torch.no_grad():
+        model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+        with pytest.raises(UnsupportedConfiguration, match="multi-token attention"):
+            model(input_ids=ids[:, 20:], past_key_values=cache, use_cache=True)
+
+
+def test_misuse_raises(tiny, rng):
+    model, books = tiny
+    use_pq_attention(model)
+    ids = _ids(rng, 2, 16)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad(), pytest.raises(UnsupportedConfiguration, match="padded"):
+        model(input_ids=ids, attention_mask=mask, past_key_values=PQCache(model, books[False]), use_cache=True)
+    with pytest.raises(UnsupportedConfiguration, match="beam search"):
+        PQCache(model, books[False]).reorder_cache(torch.tensor([0]))
+    other = _model(layers=3)
+    with pytest.raises(UnsupportedConfiguration, match="3 layers"):
+        PQCache(other, books[False])
+    with pytest.raises(TypeError, match="ModelCodebooks"):
+        PQCache(model, object())
+
+
+def test_without_cache_runs_sdpa(tiny, rng):
+    model, _ = tiny
+    ids = _ids(rng, 1, 32)
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(input_ids=ids, use_cache=False).logits
+        use_pq_attention(model)
+        got = model(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_calibrate_learns_from_the_model(tiny):
+    model, books = tiny
+    assert books[False].num_layers == 2 and books[False].M == 64 and books[False].d == 128
+    assert books[True].num_heads_per_layer == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_kernels_match_simulation(tiny, rng, dtype):
+    # The same fp16 / bf16 model on the GPU: decode through DecodeStep's kernels against the simulation's
+    # float32 attention over the dequantized K/V (GQA 2, per-head codebooks, three sequences, flushes).
+    _, books = tiny
+    ids = _ids(rng, 3, 280).cuda()
+    gpu = _model().to("cuda", getattr(torch, dtype))
+    cache = PQCache(gpu, books[True], max_seq_len=512)
+    got = _decode_logits(gpu, cache, ids, 60)
+    want = _simulated_logits(gpu, books[True].to_gpu(), ids, 60)
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < (1e-2 if dtype == "float16" else 4e-2), err
+    assert (got.argmax(-1) == want.argmax(-1)).double().mean() > 0.95
+    assert cache.stats()["step"]["plans"] == 280 - 60 - 1
+    assert cache.stats()["non_finite_appended"] is False
