@@ -6,16 +6,11 @@ hidden 4096, 32 query heads, 8 kv heads, head dim 128, ``--layers`` layers (4), 
 
 * **pq_cache**: a :class:`million_cupy.PagedPQCache` (M = ``--M`` = 64, C = 256, page 64, residual
   128) decoded with ``DecodeStep`` (``plan`` once per step, then per layer: QKV, ``append``, ``run``,
-  MLP), then the LM head and a greedy argmax; eager;
-* **pq_cache_graph**: the same, with the whole model step (every layer's projections, append, attention
-  and MLP, the LM head and the argmax) captured once in a CUDA graph and replayed per step after
-  ``plan`` (the step's state lives in fixed buffers updated in place);
+  MLP; eager, not graph-captured), then the LM head and a greedy argmax;
 * **fp16_cache**: the same model over plain float16 K / V arrays, one per layer, in a
   (B, nh_k, T, d) layout; attention is two cuBLAS float16 matmuls with a float32 softmax between
   them (``--fp16-attn cublas``, the default) or the example's own float32 einsum attention
-  (``--fp16-attn example``, ``exact_decode_attention``: an accuracy baseline, slow on purpose);
-* **fp16_cache_graph**: the cuBLAS fp16 baseline captured the same way; a captured shape cannot grow, so
-  its attention reads the whole fixed buffer (context + the warm-up and timed steps).
+  (``--fp16-attn example``, ``exact_decode_attention``: an accuracy baseline, slow on purpose).
 
 **Prefill is synthetic**: every sequence's ``context`` tokens are random float16 K / V appended
 straight into both caches (one random block reused), rather than running ``context`` tokens through
@@ -56,9 +51,6 @@ import bench_decode  # noqa: E402
 import harness  # noqa: E402
 
 EXIT_NO_GPU = 2
-# method -> (cache, whole model step captured in one CUDA graph)
-METHODS = {"pq_cache": ("pq", False), "pq_cache_graph": ("pq", True), "fp16_cache": ("fp16", False),
-           "fp16_cache_graph": ("fp16", True)}
 NH, NH_K, D, PAGE, RESIDUAL = 32, 8, 128, 64, 128
 
 
@@ -79,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     p.add_argument("--M", type=int, default=64, help="PQ subspaces")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=("pq_cache", "fp16_cache"), default=["pq_cache", "fp16_cache"])
     p.add_argument("--fp16-attn", choices=("cublas", "example"), default="cublas",
                    help="fp16 baseline attention: float16 cuBLAS matmuls, or the example's float32 einsum")
     p.add_argument("--seed", type=int, default=0)
@@ -143,79 +135,38 @@ class StepTimer:
         self.ms.append(cp.cuda.get_elapsed_time(start, stop))
 
 
-def timed(cp, args, stream, before, body, graph: bool) -> StepTimer:
-    """Time steps of ``before()`` (host work: the PQ step's plan) then ``body()`` (the GPU work), eagerly or as
-    one CUDA graph of ``body`` replayed per step. The graph's temporaries live in a private CuPy memory pool
-    (filled by an eager warm-up step, so the capture allocates nothing), which no other work can reuse
-    while the graph replays into it."""
-    if not graph:
-        def step() -> None:
-            before()
-            body()
-        with stream:
-            return StepTimer(cp).run(step, args.warmup, args.steps)
-    pool = cp.cuda.MemoryPool()
-    with stream:  # the host work (plan) allocates from the default pool, never from the graph's
-        before()
-        with cp.cuda.using_allocator(pool.malloc):
-            body()  # warm-up: every temporary of the body is now a free block of `pool`
-        stream.synchronize()
-        before()
-        with cp.cuda.using_allocator(pool.malloc):
-            stream.begin_capture()
-            body()
-            captured = stream.end_capture()
-        captured.launch(stream)  # the captured step itself (capture does not run it)
-
-        def step() -> None:
-            before()
-            captured.launch(stream)
-
-        timer = StepTimer(cp).run(step, max(0, args.warmup - 1), args.steps)
-    del captured, pool
-    return timer
-
-
-def run_pq(cp, mc, model, ex, args, batch: int, context: int, graph: bool = False) -> StepTimer:
+def run_pq(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
     cfg = model.cfg
     # Synthetic prefill (random K / V straight into the cache), shared with the attention benchmark; its
     # residual margin (128 tokens) covers the warm-up and timed steps.
-    assert args.warmup + args.steps + 2 <= bench_decode.R, "steps beyond the prefill margin"
-    stream = cp.cuda.Stream(non_blocking=True)  # capturable: the cache's and the model's stream
-    cache, seqs = bench_decode.build_cache(cp, batch, context, args.M, layers=cfg.layers, stream=stream)
+    assert args.warmup + args.steps <= bench_decode.R, "steps beyond the prefill margin"
+    cache, seqs = bench_decode.build_cache(cp, batch, context, args.M, layers=cfg.layers)
     decode_step = mc.DecodeStep(cache, NH)
-    with stream:  # the step's state lives in fixed buffers, updated in place (a graph replays them)
-        tokens = cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch))
-        pos = cp.full(batch, context, dtype=cp.int64)
-        out = cp.empty((batch, NH, D), dtype=cp.float16)
+    state = {"tokens": cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch)),
+             "pos": cp.full(batch, context, dtype=cp.int64)}
 
-    def before() -> None:
+    def step() -> None:
         decode_step.plan(seqs)
-
-    def body() -> None:
-        x = model.embed[tokens]
+        x = model.embed[state["tokens"]]
         for layer in range(cfg.layers):
-            q, k, v = model.qkv(layer, x, pos)
+            q, k, v = model.qkv(layer, x, state["pos"])
             decode_step.append(layer, cp.ascontiguousarray(k, dtype=cp.float16), cp.ascontiguousarray(v, dtype=cp.float16))
-            decode_step.run(layer, cp.ascontiguousarray(q, dtype=cp.float16), out=out)
-            x = model.finish(layer, x, out.astype(cp.float32))
-        cp.copyto(tokens, model.logits(x).argmax(axis=-1))
-        pos[...] += 1
+            attn = decode_step.run(layer, cp.ascontiguousarray(q, dtype=cp.float16)).astype(cp.float32)
+            x = model.finish(layer, x, attn)
+        state["tokens"] = model.logits(x).argmax(axis=-1)
+        state["pos"] = state["pos"] + 1
 
-    timer = timed(cp, args, stream, before, body, graph)
-    decode_step.check()
+    timer = StepTimer(cp).run(step, args.warmup, args.steps)
     del decode_step, cache
     return timer
 
 
-def run_fp16(cp, mc, model, ex, args, batch: int, context: int, graph: bool = False) -> StepTimer:
+def run_fp16(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
     cfg = model.cfg
-    total = context + args.warmup + args.steps + 2
+    total = context + args.warmup + args.steps
     block = min(context, 16384)
     k_blk, v_blk = kv_block(cp, block, args.seed + 1)
     example = args.fp16_attn == "example"
-    if example and graph:
-        raise SystemExit("bench_e2e: --fp16-attn example has no graph mode (its attention length grows)")
     # cublas: (B, nh_k, T, d); example: (B, T, nh_k, d), the layout exact_decode_attention takes.
     shape = (batch, total, NH_K, D) if example else (batch, NH_K, total, D)
     ks = [cp.zeros(shape, dtype=cp.float16) for _ in range(cfg.layers)]
@@ -233,37 +184,29 @@ def run_fp16(cp, mc, model, ex, args, batch: int, context: int, graph: bool = Fa
                 vs[layer][:, :, done:done + n] = vb[None]
             done += n
     del k_blk, v_blk
-    stream = cp.cuda.Stream(non_blocking=True)
-    cp.cuda.get_current_stream().synchronize()
     rows = cp.arange(batch)
-    with stream:
-        tokens = cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch))
-        pos = cp.full(batch, context, dtype=cp.int64)
-    state = {"n": context}
+    state = {"tokens": cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch)),
+             "pos": cp.full(batch, context, dtype=cp.int64), "n": context}
 
-    def body() -> None:
-        x = model.embed[tokens]
+    def step() -> None:
+        x = model.embed[state["tokens"]]
         n = state["n"]
         for layer in range(cfg.layers):
-            q, k, v = model.qkv(layer, x, pos)
+            q, k, v = model.qkv(layer, x, state["pos"])
             if example:
-                ks[layer][rows, pos] = k.astype(cp.float16)
-                vs[layer][rows, pos] = v.astype(cp.float16)
-                attn = ex.exact_decode_attention(cp, q, ks[layer], vs[layer], pos + 1)
-            elif graph:  # a captured shape cannot grow: attend over the whole fixed buffer, write at `pos`
-                ks[layer][rows, :, pos] = k.astype(cp.float16)
-                vs[layer][rows, :, pos] = v.astype(cp.float16)
-                attn = fp16_attention_cublas(cp, q, ks[layer], vs[layer], total)
+                ks[layer][rows, state["pos"]] = k.astype(cp.float16)
+                vs[layer][rows, state["pos"]] = v.astype(cp.float16)
+                attn = ex.exact_decode_attention(cp, q, ks[layer], vs[layer], state["pos"] + 1)
             else:  # every sequence has the same length here: one column per step
                 ks[layer][:, :, n] = k.astype(cp.float16)
                 vs[layer][:, :, n] = v.astype(cp.float16)
                 attn = fp16_attention_cublas(cp, q, ks[layer], vs[layer], n + 1)
             x = model.finish(layer, x, attn)
-        cp.copyto(tokens, model.logits(x).argmax(axis=-1))
-        pos[...] += 1
+        state["tokens"] = model.logits(x).argmax(axis=-1)
+        state["pos"] = state["pos"] + 1
         state["n"] = n + 1
 
-    timer = timed(cp, args, stream, lambda: None, body, graph)
+    timer = StepTimer(cp).run(step, args.warmup, args.steps)
     del ks, vs
     return timer
 
@@ -314,26 +257,24 @@ def main(argv=None) -> int:
     print(f"PQ M = {args.M}, page {PAGE}, residual {RESIDUAL}; fp16 baseline attention: {args.fp16_attn}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; synthetic prefill (random K/V appended)")
 
-    runners = {"pq": run_pq, "fp16": run_fp16}
+    runners = {"pq_cache": run_pq, "fp16_cache": run_fp16}
     records = []
     pool = cp.get_default_memory_pool()
     for context in args.contexts:
         for batch in args.batches:
             for method in args.methods:
                 t0 = time.perf_counter()
-                kind, graph = METHODS[method]
-                timer = runners[kind](cp, mc, model, ex, args, batch, context, graph)
+                timer = runners[method](cp, mc, model, ex, args, batch, context)
                 rec = {"suite": "e2e", "method": method, "batch": batch, "context": context,
                        **summarize(timer, batch),
                        "layers": cfg.layers, "hidden": cfg.hidden, "ffn": cfg.ffn, "vocab": cfg.vocab,
                        "nh": NH, "nh_k": NH_K, "d": D, "steps": args.steps, "warmup": args.warmup,
-                       "M": args.M if kind == "pq" else None, "graph": graph,
-                       "attention": "DecodeStep" if kind == "pq" else
-                       f"fp16_{args.fp16_attn}" + ("_full_buffer" if graph else ""),
+                       "M": args.M if method == "pq_cache" else None,
+                       "attention": "BatchDecodeWrapper" if method == "pq_cache" else f"fp16_{args.fp16_attn}",
                        "prefill": "synthetic"}
                 records.append(rec)
                 pool.free_all_blocks()
-                print(f"  {method:<16} batch {batch:>3} context {context:>7}: {rec['tokens_per_s']:9.1f} tok/s, "
+                print(f"  {method:<10} batch {batch:>3} context {context:>7}: {rec['tokens_per_s']:9.1f} tok/s, "
                       f"p50 {rec['p50_ms']:.3f} ms, p99 {rec['p99_ms']:.3f} ms ({time.perf_counter() - t0:.1f} s)",
                       flush=True)
 

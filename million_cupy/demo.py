@@ -162,6 +162,8 @@ def run(cfg: DemoConfig | None = None, *, gpu: bool | None = None, progress: boo
         f"({st['compression_ratio']:.1f}x smaller), pool utilization {st['pool_utilization']:.1%}")
     say(f"  attention error    {result['attention_rel_err_vs_fp16']:.3e} relative L2 vs exact fp16 attention "
         f"(last step, mean over layers)")
+    say("                     (0 is exact; this is on the demo's synthetic K/V, harder than a model's: on a "
+        "trained Llama, M = 64 changed held-out perplexity by at most +0.13 %, README 'Quality on a real model')")
     return result
 
 
