@@ -281,10 +281,16 @@ def generation_agreement(model, stream: np.ndarray, books_by_method: dict, promp
 # --------------------------------------------------------------------------------------------------
 
 
+#: Training budget when the study finds no model: the recorded run's (bench/results/quality_h200.json).
+DEFAULT_TRAIN_MINUTES = 4.6
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="/tmp/million_lm", help="bench/lm.py's output folder")
-    p.add_argument("--train-minutes", type=float, default=0.0, help="train the model first (bench/lm.py)")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="train the model first (bench/lm.py); default: only when --model holds none, for "
+                        f"{DEFAULT_TRAIN_MINUTES} minutes")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quality_h200.json"))
     p.add_argument("--tokens", type=int, default=131072, help="scored tokens per context")
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
@@ -362,8 +368,12 @@ def main(argv=None) -> list[dict]:
     import torch
     from million_cupy.integrations.transformers import calibrate
 
-    if args.train_minutes:
-        lm.main(["--out", args.model, "--minutes", str(args.train_minutes)])
+    minutes = args.train_minutes
+    if minutes is None and not (Path(args.model) / "meta.json").exists():
+        minutes = DEFAULT_TRAIN_MINUTES
+        print(f"no trained model in {args.model}: training one first (bench/lm.py, {minutes} minutes)", flush=True)
+    if minutes:
+        lm.main(["--out", args.model, "--minutes", str(minutes)])
     if args.quick:
         args.tokens, args.trials, args.calib_seqs, args.iters = 8192, 2, 2, 4
     contexts = [int(c) for c in args.contexts.split(",")]
