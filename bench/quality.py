@@ -281,8 +281,10 @@ def generation_agreement(model, stream: np.ndarray, books_by_method: dict, promp
 # --------------------------------------------------------------------------------------------------
 
 
-#: Training budget when the study finds no model: the recorded run's (bench/results/quality_h200.json).
+#: Training budget when the study finds no model: the recorded run's (bench/results/quality_h200.json);
+#: ``--quick`` trains a smoke-test model only.
 DEFAULT_TRAIN_MINUTES = 4.6
+QUICK_TRAIN_MINUTES = 0.4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -290,7 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="/tmp/million_lm", help="bench/lm.py's output folder")
     p.add_argument("--train-minutes", type=float, default=None,
                    help="train the model first (bench/lm.py); default: only when --model holds none, for "
-                        f"{DEFAULT_TRAIN_MINUTES} minutes")
+                        f"{DEFAULT_TRAIN_MINUTES} minutes ({QUICK_TRAIN_MINUTES} with --quick)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "quality_h200.json"))
     p.add_argument("--tokens", type=int, default=131072, help="scored tokens per context")
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
@@ -370,7 +372,7 @@ def main(argv=None) -> list[dict]:
 
     minutes = args.train_minutes
     if minutes is None and not (Path(args.model) / "meta.json").exists():
-        minutes = DEFAULT_TRAIN_MINUTES
+        minutes = QUICK_TRAIN_MINUTES if args.quick else DEFAULT_TRAIN_MINUTES
         print(f"no trained model in {args.model}: training one first (bench/lm.py, {minutes} minutes)", flush=True)
     if minutes:
         lm.main(["--out", args.model, "--minutes", str(minutes)])
