@@ -11,6 +11,14 @@ hidden 4096, 32 query heads, 8 kv heads, head dim 128, ``--layers`` layers (4), 
   (B, nh_k, T, d) layout; attention is two cuBLAS float16 matmuls with a float32 softmax between
   them (``--fp16-attn cublas``, the default) or the example's own float32 einsum attention
   (``--fp16-attn example``, ``exact_decode_attention``: an accuracy baseline, slow on purpose).
+* **pq_cache_graph** / **fp16_cache_graph**: the same two steps with the WHOLE model step (projections,
+  the cache's append and attention in every layer, LM head, argmax) captured once in a CUDA graph and
+  replayed: PQ after ``DecodeStep.plan`` each step; fp16 over static buffers holding every step's tokens,
+  the new token written at a device-held position and the positions past it masked (a captured shape
+  cannot grow). CuPy refuses cuBLAS calls during capture, so both graph methods run their matmuls through
+  ``capturable_gemm.CapturableGemm`` (the same cuBLAS, called through ctypes). Their records add
+  ``graph_gpu_ms`` (one replay, replays back to back) and ``cache_gpu_ms`` (the cache's own share: append +
+  attention of every layer, captured alone).
 
 **Prefill is synthetic**: every sequence's ``context`` tokens are random float16 K / V appended
 straight into both caches (one random block reused), rather than running ``context`` tokens through
@@ -49,6 +57,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import bench_decode  # noqa: E402
 import harness  # noqa: E402
+from capturable_gemm import CapturableGemm  # noqa: E402
 
 EXIT_NO_GPU = 2
 NH, NH_K, D, PAGE, RESIDUAL = 32, 8, 128, 64, 128
@@ -71,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     p.add_argument("--M", type=int, default=64, help="PQ subspaces")
-    p.add_argument("--methods", nargs="+", choices=("pq_cache", "fp16_cache"), default=["pq_cache", "fp16_cache"])
+    p.add_argument("--methods", nargs="+", choices=tuple(RUNNERS), default=list(RUNNERS))
     p.add_argument("--fp16-attn", choices=("cublas", "example"), default="cublas",
                    help="fp16 baseline attention: float16 cuBLAS matmuls, or the example's float32 einsum")
     p.add_argument("--seed", type=int, default=0)
@@ -211,8 +220,148 @@ def run_fp16(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
     return timer
 
 
+def _capture(stream, body):
+    """``body()`` captured on ``stream`` (which must be the current stream) into a CUDA graph."""
+    stream.begin_capture()
+    body()
+    return stream.end_capture()
+
+
+def _graph_gpu_ms(cp, graph, stream) -> float:
+    """GPU time of one replay of ``graph``, replays queued back to back."""
+    with stream:
+        return harness.time_gpu(lambda: graph.launch(stream), queued=5, repeats=5, warmup=1)["median_us"] * 1e-3
+
+
+def run_pq_graph(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
+    """The pq_cache step with the whole model step (projections, append + attention of every layer, LM head,
+    argmax) captured once in a CUDA graph and replayed after ``DecodeStep.plan`` each step."""
+    cfg = model.cfg
+    stream = cp.cuda.Stream(non_blocking=True)
+    spare = 2 * (args.warmup + args.steps) + 8
+    cache, seqs = bench_decode.build_cache(cp, batch, context, args.M, layers=cfg.layers, spare_tokens=spare,
+                                           stream=stream)
+    gemm = CapturableGemm(cp, stream)
+    previous, model.matmul = model.matmul, gemm.matmul
+    step = mc.DecodeStep(cache, NH)
+    with stream:
+        tokens = cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch))
+        pos = cp.full(batch, context, dtype=cp.int64)
+        attn_out = cp.empty((cfg.layers, batch, NH, D), dtype=cp.float16)
+
+    def body() -> None:
+        x = model.embed[tokens]
+        for layer in range(cfg.layers):
+            q, k, v = model.qkv(layer, x, pos)
+            step.append(layer, cp.ascontiguousarray(k, dtype=cp.float16), cp.ascontiguousarray(v, dtype=cp.float16))
+            step.run(layer, cp.ascontiguousarray(q, dtype=cp.float16), out=attn_out[layer])
+            x = model.finish(layer, x, attn_out[layer].astype(cp.float32))
+        tokens[...] = model.logits(x).argmax(axis=-1)
+        pos[...] += 1
+
+    try:
+        with stream:
+            for _ in range(args.warmup):  # eager: compiles the kernels and fills the memory pool with the step's blocks
+                step.plan(seqs)
+                body()
+            step.plan(seqs)
+            graph = _capture(stream, body)
+            graph.launch(stream)
+
+            def replay() -> None:
+                step.plan(seqs)
+                graph.launch(stream)
+
+            timer = StepTimer(cp).run(replay, args.warmup, args.steps)
+            step.check()
+            timer.breakdown = {"graph_gpu_ms": _graph_gpu_ms(cp, graph, stream), "gemm_rel_err": gemm.selftest()}
+            # The cache's own share: append + attention of every layer, from fixed buffers.
+            rng = cp.random.default_rng(args.seed)
+            kk = rng.standard_normal((batch, NH_K, D), dtype=cp.float32).astype(cp.float16)
+            qq = rng.standard_normal((batch, NH, D), dtype=cp.float32).astype(cp.float16)
+
+            def cache_only() -> None:
+                for layer in range(cfg.layers):
+                    step.append(layer, kk, kk)
+                    step.run(layer, qq, out=attn_out[layer])
+
+            timer.breakdown["cache_gpu_ms"] = _graph_gpu_ms(cp, _capture(stream, cache_only), stream)
+    finally:
+        model.matmul = previous
+    del step, cache
+    return timer
+
+
+def run_fp16_graph(cp, mc, model, ex, args, batch: int, context: int) -> StepTimer:
+    """The fp16_cache step captured whole in a CUDA graph: static (B, nh_k, T, d) buffers, the new token written
+    at a device-held position, attention over the whole buffer with the positions past it masked (a captured
+    shape cannot grow), cuBLAS float16 matmuls with float32 accumulation."""
+    cfg = model.cfg
+    stream = cp.cuda.Stream(non_blocking=True)
+    total = context + 2 * (args.warmup + args.steps) + 8
+    gemm = CapturableGemm(cp, stream)
+    previous, model.matmul = model.matmul, gemm.matmul
+    g = NH // NH_K
+    with stream:
+        k_blk, v_blk = kv_block(cp, min(context, 16384), args.seed + 1)
+        ks = [cp.zeros((batch, NH_K, total, D), dtype=cp.float16) for _ in range(cfg.layers)]
+        vs = [cp.zeros((batch, NH_K, total, D), dtype=cp.float16) for _ in range(cfg.layers)]
+        for layer in range(cfg.layers):
+            for done in range(0, context, k_blk.shape[0]):
+                n = min(k_blk.shape[0], context - done)
+                ks[layer][:, :, done:done + n] = k_blk[:n].swapaxes(0, 1)[None]
+                vs[layer][:, :, done:done + n] = v_blk[:n].swapaxes(0, 1)[None]
+        del k_blk, v_blk
+        tokens = cp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab, batch))
+        pos = cp.full(batch, context, dtype=cp.int64)
+        rows = cp.arange(batch)
+        token_index = cp.arange(total)[None, None, :, None]
+
+    def attention(layer: int, q, k, v):
+        ks[layer][rows, :, pos] = k.astype(cp.float16)
+        vs[layer][rows, :, pos] = v.astype(cp.float16)
+        qh = cp.ascontiguousarray(q.reshape(batch, NH_K, g, D), dtype=cp.float16)
+        s = gemm.scores(ks[layer], qh) * (1.0 / math.sqrt(D))  # (B, nh_k, T, g)
+        s = cp.where(token_index <= pos[:, None, None, None], s, -cp.inf)
+        s = cp.exp(s - s.max(axis=-2, keepdims=True))
+        s /= s.sum(axis=-2, keepdims=True)
+        return gemm.weighted_values(s.astype(cp.float16), vs[layer]).reshape(batch, NH, D)
+
+    def body() -> None:
+        x = model.embed[tokens]
+        for layer in range(cfg.layers):
+            q, k, v = model.qkv(layer, x, pos)
+            x = model.finish(layer, x, attention(layer, q, k, v))
+        tokens[...] = model.logits(x).argmax(axis=-1)
+        pos[...] += 1
+
+    try:
+        with stream:
+            for _ in range(args.warmup):
+                body()
+            graph = _capture(stream, body)
+            timer = StepTimer(cp).run(lambda: graph.launch(stream), args.warmup, args.steps)
+            timer.breakdown = {"graph_gpu_ms": _graph_gpu_ms(cp, graph, stream), "gemm_rel_err": gemm.selftest()}
+            rng = cp.random.default_rng(args.seed)
+            kk = rng.standard_normal((batch, NH_K, D), dtype=cp.float32)
+            qq = rng.standard_normal((batch, NH, D), dtype=cp.float32)
+            timer.breakdown["cache_gpu_ms"] = _graph_gpu_ms(
+                cp, _capture(stream, lambda: [attention(layer, qq, kk, kk) for layer in range(cfg.layers)]), stream)
+    finally:
+        model.matmul = previous
+    del ks, vs
+    return timer
+
+
+ATTENTION = {"pq_cache": "DecodeStep", "fp16_cache": "fp16_{fp16_attn}", "pq_cache_graph": "DecodeStep",
+             "fp16_cache_graph": "fp16_cublas_masked"}
+RUNNERS = {"pq_cache": run_pq, "fp16_cache": run_fp16, "pq_cache_graph": run_pq_graph,
+           "fp16_cache_graph": run_fp16_graph}
+
+
 def summarize(timer: StepTimer, batch: int) -> dict:
     ms = np.asarray(timer.ms)
+    extra = {k: float(v) for k, v in getattr(timer, "breakdown", {}).items()}
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
     return {
         "tokens_per_s": float(batch * len(ms) / (ms.sum() * 1e-3)),
@@ -223,6 +372,7 @@ def summarize(timer: StepTimer, batch: int) -> dict:
         "max_ms": float(ms.max()),
         "wall_p50_ms": float(np.percentile(timer.wall_ms, 50)),
         "step_ms": [float(x) for x in ms],
+        **extra,
     }
 
 
@@ -257,20 +407,20 @@ def main(argv=None) -> int:
     print(f"PQ M = {args.M}, page {PAGE}, residual {RESIDUAL}; fp16 baseline attention: {args.fp16_attn}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; synthetic prefill (random K/V appended)")
 
-    runners = {"pq_cache": run_pq, "fp16_cache": run_fp16}
     records = []
     pool = cp.get_default_memory_pool()
     for context in args.contexts:
         for batch in args.batches:
             for method in args.methods:
                 t0 = time.perf_counter()
-                timer = runners[method](cp, mc, model, ex, args, batch, context)
+                timer = RUNNERS[method](cp, mc, model, ex, args, batch, context)
                 rec = {"suite": "e2e", "method": method, "batch": batch, "context": context,
                        **summarize(timer, batch),
                        "layers": cfg.layers, "hidden": cfg.hidden, "ffn": cfg.ffn, "vocab": cfg.vocab,
                        "nh": NH, "nh_k": NH_K, "d": D, "steps": args.steps, "warmup": args.warmup,
                        "M": args.M if method == "pq_cache" else None,
-                       "attention": "BatchDecodeWrapper" if method == "pq_cache" else f"fp16_{args.fp16_attn}",
+                       "attention": ATTENTION[method].format(fp16_attn=args.fp16_attn),
+                       "captured": method.endswith("_graph"),
                        "prefill": "synthetic"}
                 records.append(rec)
                 pool.free_all_blocks()

@@ -33,6 +33,12 @@
 //   meta              int32 (2B + 1): seq_ids (B) then indptr (B + 1)
 //   indices           int32 (indptr[B])
 //   launch            gridDim.x = B, any 1-D blockDim.x
+//
+// store_block_ids     its inverse for new pages (PagedPQCache's page reservation): block b writes ids
+//                     [indptr[b], indptr[b+1]) into its sequence's block-table row from column first[b] on.
+//   meta              int32 (3B + 1): seq_ids (B), first columns (B), then indptr (B + 1)
+//   ids               int32 (indptr[B]) page ids, as the allocator popped them
+//   launch            gridDim.x = B, any 1-D blockDim.x
 #include "pq_common.cuh"
 
 constexpr int APPEND_THREADS = 128;
@@ -194,4 +200,13 @@ __global__ void gather_page_table(const int* __restrict__ block_table, int max_b
     const int start = meta[B + b];
     const int count = meta[B + b + 1] - start;
     for (int j = threadIdx.x; j < count; j += blockDim.x) indices[start + j] = block_table[row + j];
+}
+
+__global__ void store_block_ids(int* __restrict__ block_table, int max_blocks, const int* __restrict__ meta, int B,
+                                const int* __restrict__ ids) {
+    const int b = blockIdx.x;
+    const long long row = static_cast<long long>(meta[b]) * max_blocks + meta[B + b];
+    const int start = meta[2 * B + b];
+    const int count = meta[2 * B + b + 1] - start;
+    for (int j = threadIdx.x; j < count; j += blockDim.x) block_table[row + j] = ids[start + j];
 }

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import operator
 import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -53,8 +54,11 @@ class Config:
 class Model:
     """Random-weight Llama-style decoder; every array lives in ``xp`` (float32 weights and activations)."""
 
-    def __init__(self, cfg: Config, xp: ModuleType, seed: int) -> None:
+    def __init__(self, cfg: Config, xp: ModuleType, seed: int, matmul: Callable[[Any, Any], Any] | None = None) -> None:
+        """``matmul(a, b)``: the 2-D products of the projections (default ``a @ b``; a benchmark passes one that
+        can be captured in a CUDA graph)."""
         self.cfg, self.xp = cfg, xp
+        self.matmul = matmul or operator.matmul
         rng = np.random.default_rng(seed)
         H, d = cfg.hidden, cfg.head_dim
 
@@ -94,21 +98,22 @@ class Model:
         cfg, p = self.cfg, self.layers[layer]
         h = self.rmsnorm(x, p["attn_norm"])
         n, d = x.shape[0], cfg.head_dim
-        q = self.rope((h @ p["wq"]).reshape(n, cfg.heads, d), pos)
-        k = self.rope((h @ p["wk"]).reshape(n, cfg.kv_heads, d), pos)
-        v = (h @ p["wv"]).reshape(n, cfg.kv_heads, d)
+        q = self.rope(self.matmul(h, p["wq"]).reshape(n, cfg.heads, d), pos)
+        k = self.rope(self.matmul(h, p["wk"]).reshape(n, cfg.kv_heads, d), pos)
+        v = self.matmul(h, p["wv"]).reshape(n, cfg.kv_heads, d)
         return q, k, v
 
     def finish(self, layer: int, x: Any, attn: Any) -> Any:
         """Residual stream after the attention output ``attn`` (N, nh, d) and the MLP."""
         xp, p = self.xp, self.layers[layer]
-        x = x + attn.reshape(x.shape[0], -1) @ p["wo"]
+        mm = self.matmul
+        x = x + mm(attn.reshape(x.shape[0], -1), p["wo"])
         h = self.rmsnorm(x, p["mlp_norm"])
-        gate = h @ p["w_gate"]
-        return x + (gate / (1.0 + xp.exp(-gate)) * (h @ p["w_up"])) @ p["w_down"]
+        gate = mm(h, p["w_gate"])
+        return x + mm(gate / (1.0 + xp.exp(-gate)) * mm(h, p["w_up"]), p["w_down"])
 
     def logits(self, x: Any) -> Any:
-        return self.rmsnorm(x, self.final_norm) @ self.lm_head
+        return self.matmul(self.rmsnorm(x, self.final_norm), self.lm_head)
 
     def prefill(self, tokens: Any) -> tuple[Any, list[tuple[Any, Any]]]:
         """Exact causal attention over one prompt: (last-position logits (V,), per-layer float16 (K, V) (T, nh_k, d))."""

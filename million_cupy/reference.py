@@ -157,3 +157,29 @@ def relative_error(a: Any, b: Any) -> float:
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den
+
+
+def causal_attention(
+    q: Any, k: Sequence[Any], v: Sequence[Any], qo_indptr: Any, scale: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Several new query tokens per sequence over a ragged batch, causal, with GQA.
+
+    ``q`` is ``(N, nh, d)``: the new tokens of every sequence in order, sequence ``b`` owning rows
+    ``qo_indptr[b]:qo_indptr[b+1]`` (CSR, ``B + 1`` entries, ``N = qo_indptr[B]``). ``k[b]``, ``v[b]``
+    ``(L_b, nh_k, d)`` hold every key of sequence ``b`` with its new tokens last, so new token ``j`` of ``c_b``
+    attends to the first ``L_b - c_b + j + 1`` keys. Returns ``(out, lse)`` as :func:`decode_attention`.
+    """
+    ind = to_numpy(qo_indptr).astype(np.int64).reshape(-1)
+    if ind.shape[0] != len(k) + 1 or ind[0] != 0 or (np.diff(ind) < 0).any():
+        raise ValueError(f"qo_indptr: expected {len(k) + 1} non-decreasing offsets from 0, got {ind.tolist()[:16]}")
+    ks, vs = [], []
+    for b in range(len(k)):
+        kb, vb = to_numpy(k[b]), to_numpy(v[b])
+        c = int(ind[b + 1] - ind[b])
+        if c > kb.shape[0]:
+            raise ValueError(f"qo_indptr: sequence {b} has {c} new tokens but only {kb.shape[0]} keys")
+        for j in range(c):
+            end = kb.shape[0] - c + j + 1
+            ks.append(kb[:end])
+            vs.append(vb[:end])
+    return decode_attention(q, ks, vs, scale=scale)

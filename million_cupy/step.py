@@ -52,7 +52,8 @@ import numpy as np
 
 from . import kernels
 from .cache import APPEND_THREADS, PagedPQCache
-from .decode import SCHEDULE_HORIZON, AttentionPlan, _attention_arrays, _check_config, _scale_of, capacity_for
+from .decode import (SCHEDULE_HORIZON, AttentionPlan, attention_arrays, capacity_for, require_native_attention,
+                     softmax_scale)
 from .errors import MillionError, UnsupportedConfiguration
 from .layout import full_pages
 from .interop import as_array, cupy
@@ -130,15 +131,7 @@ class DecodeStep:
                  horizon: int = SCHEDULE_HORIZON, scale: float | None = None) -> None:
         if not isinstance(cache, PagedPQCache):
             raise TypeError(f"cache: expected a PagedPQCache, got {type(cache).__name__}")
-        if not cache.is_gpu:
-            raise UnsupportedConfiguration(
-                "DecodeStep launches the GPU kernels and needs a GPU cache (device='cuda'); on a CPU cache use "
-                "cache.append and million_cupy.decode(), which computes the float64 reference"
-            )
-        _check_config(cache.head_dim, cache.M, cache.dtype, cache.page_size)
-        if num_heads < 1 or num_heads % cache.num_kv_heads:
-            raise ValueError(f"num_heads: expected a positive multiple of num_kv_heads = {cache.num_kv_heads}, "
-                             f"got {num_heads}")
+        require_native_attention(cache, num_heads, "DecodeStep", "cache.append and million_cupy.decode()")
         if horizon < 1:
             raise ValueError(f"horizon: expected a positive number of tokens, got {horizon}")
         self.cache = cache
@@ -155,9 +148,10 @@ class DecodeStep:
         self._rows: Any = None                 # the batch's slots: a slice when they are consecutive
         self._new = 0
         self._version = -1                     # cache.version right after this step's commit
-        self._appended = np.zeros(cache.num_layers, dtype=bool)
+        self._appended = bytearray(cache.num_layers)  # per layer: appended this step (a bytearray: the hot path)
         self._appended_count = 0
         self._appends: list[kernels.BoundLaunch] = []
+        self._runs: list[kernels.BoundLaunch] = []   # per layer: the attention launch of the cache dtype
         self._appends_for = -1                 # batch size the append launches are bound for
         cp = cupy()
         with self.stream:
@@ -188,7 +182,7 @@ class DecodeStep:
     @property
     def scale(self) -> float:
         """The softmax scale of the step's attention."""
-        return _scale_of(self.cache, self._scale)
+        return softmax_scale(self.cache, self._scale)
 
     @property
     def seq_ids(self) -> np.ndarray:
@@ -216,8 +210,8 @@ class DecodeStep:
         L = cache.num_layers
         if self._new and 0 < self._appended_count < L:
             raise MillionError(
-                f"plan: the previous step appended layers {np.flatnonzero(self._appended).tolist()} but not "
-                f"{np.flatnonzero(~self._appended).tolist()}; every layer's append must run once per planned step "
+                f"plan: the previous step appended layers {[i for i, a in enumerate(self._appended) if a]} but not "
+                f"{[i for i, a in enumerate(self._appended) if not a]}; every layer's append must run once per planned step "
                 f"(or replay a captured graph)"
             )
         seq = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
@@ -241,7 +235,7 @@ class DecodeStep:
         self._new = new_tokens
         self._version = cache.version
         if self._appended_count:
-            self._appended[:] = False
+            self._appended = bytearray(L)
             self._appended_count = 0
         self._stats["plans"] += 1
         self._stats["schedules"] = attn.schedules
@@ -316,6 +310,7 @@ class DecodeStep:
             self.stream.synchronize()  # rare: the flags' snapshots restart with the new buffers
             attn = self._attn = AttentionPlan(self.cache, self.num_heads, capacity, scale=self._scale,
                                               extra_words=4 * capacity)
+            self._runs = [attn.launch(layer, self._np_dtype) for layer in range(self.cache.num_layers)]
             self._appends_for = -1
         if self._appends_for != B:
             self._bind_appends(attn, B)
@@ -371,16 +366,25 @@ class DecodeStep:
         token included. Returns ``out`` (CuPy ``(B, num_heads, head_dim)``, or the caller's ``out``), or
         ``(out, lse)`` with ``return_lse`` or a given ``lse`` (float32 ``(B, num_heads)``, natural log).
         Pass ``out`` (and ``lse``) when capturing a graph."""
-        attn = self._attn
-        if attn is None:
-            raise MillionError("run() before plan(): call plan(seq_ids) once per decode step")
-        if not 0 <= layer < self.cache.num_layers:
+        runs = self._runs
+        if not 0 <= layer < len(runs):
+            if self._attn is None:
+                raise MillionError("run() before plan(): call plan(seq_ids) once per decode step")
             raise IndexError(f"layer: expected 0 <= layer < {self.cache.num_layers}, got {layer}")
         if self._new and not self._appended[layer]:
             raise MillionError(f"run({layer}) before append({layer}): this step's token of layer {layer} is "
                                f"not in the cache yet")
-        q, out, lse = _attention_arrays(q, out, lse, return_lse, self._q_shape, self._np_dtype)
-        attn.attend(layer, q, out, lse, self._stream_ptr)
+        # The hot path: exact q and out arrays pass these comparisons and nothing else is done per call.
+        nd, shape, dtype = self._ndarray, self._q_shape, self._np_dtype
+        if not (lse is None and not return_lse and type(q) is nd and type(out) is nd and q.shape == shape
+                and out.shape == shape and q.dtype == dtype and out.dtype == dtype and q.flags.c_contiguous
+                and out.flags.c_contiguous):
+            q, out, lse = attention_arrays(q, out, lse, return_lse, shape, dtype)
+        launch = runs[layer]
+        launch.set_pointer(0, q.data.ptr)
+        launch.set_pointer(AttentionPlan.OUT_ARG, out.data.ptr)
+        launch.set_pointer(AttentionPlan.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
+        launch.launch(self._stream_ptr)
         return (out, lse) if (return_lse or lse is not None) else out
 
     # ------------------------------------------------------------------------------------- checking

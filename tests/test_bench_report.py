@@ -1,4 +1,4 @@
-"""bench/report.py on the stored results (CPU), and bench/bench_e2e.py's refusal without a GPU."""
+"""bench/report.py on the stored results (CPU); bench/bench_e2e.py: its refusal without a GPU, its graph capture on one."""
 
 import importlib.util
 import shutil
@@ -69,3 +69,22 @@ def test_e2e_quick_refuses_without_gpu(tmp_path):
     assert "needs a CUDA GPU" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.gpu
+def test_e2e_quick_captures_the_whole_model_step(tmp_path):
+    """The graph methods capture projections, append and attention of every layer in one CUDA graph; their
+    cuBLAS calls (through ctypes) match cupy.matmul, and the captured PQ step decodes as many tokens as eager."""
+    import json
+
+    out = tmp_path / "e.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--quick", "--out", str(out),
+                           "--methods", "pq_cache_graph", "fp16_cache_graph"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert {r["method"] for r in records} == {"pq_cache_graph", "fp16_cache_graph"}
+    for r in records:
+        assert r["captured"] and r["gemm_rel_err"] < 1e-3
+        assert 0 < r["cache_gpu_ms"] < r["graph_gpu_ms"]
+        assert len(r["step_ms"]) == r["steps"]

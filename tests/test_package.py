@@ -33,6 +33,8 @@ LAZY = {
     "PagedPQCache": "million_cupy.cache",
     "BatchDecodeWrapper": "million_cupy.decode",
     "DecodeStep": "million_cupy.step",
+    "BatchPrefillWrapper": "million_cupy.prefill",
+    "prefill_attention": "million_cupy.prefill",
     "merge_states": "million_cupy.decode",
     "contiguous_pq_decode": "million_cupy.decode",
     "paged_pq_decode": "million_cupy.decode",

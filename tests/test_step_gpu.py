@@ -348,3 +348,9 @@ def test_repeated_decode_reuses_its_plan(rng):
     out = mc.decode(cache, 0, seqs, q)
     _check_attention(cache, 0, seqs, q, out, None, "float16")
     assert wrapper.stats()["plans"] == 2
+    # Another order of the same ids, a tuple, then a NumPy array: each is the batch it names.
+    swapped = [seqs[1], seqs[0]]
+    for ids in (swapped, tuple(swapped), np.array(swapped)):
+        out, lse = mc.decode(cache, 1, ids, q, return_lse=True)
+        _check_attention(cache, 1, list(ids), q, out, lse, "float16")
+    assert wrapper.stats()["plans"] == 3
