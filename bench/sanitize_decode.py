@@ -6,10 +6,12 @@
 Ragged batch (0, 3 and 40 pages; 5, 0 and 63 residual tokens), splits merged by the last CTA, two
 geometries (d = 128 / M = 64 / GQA 4 / page 64, and d = 64 / M = 16 / GQA 4 / page 16). Then the decode
 step (DecodeStep): bulk appends of ragged prompts (the thread-per-row encoder), steps whose sequences flush
-in the same and in different steps (the lane-group encoder and the padded, fixed-grid attention), a CUDA
-graph replay, and a replay after the batch changed (the device guard).
+in the same and in different steps (the lane-group encoder and the padded, fixed-grid attention), several
+new tokens per sequence (BatchPrefillWrapper, a chunk crossing a flush), a CUDA graph replay, and a replay
+after the batch changed (the device guard).
 Both tools reported no error and no hazard on an H200 (2026-11-27; the step cases: see the closing note of
-the session that added them).
+the session that added them; the prefill case on 2026-12-02: racecheck 0 hazards, memcheck no kernel error,
+its only reports being numba's cuGetProcAddress probes of optional driver symbols at start-up).
 """
 
 import sys
@@ -46,7 +48,7 @@ def main() -> None:
 
 
 def step_cases(rng) -> None:
-    from million_cupy import Codebook, DecodeStep, ModelCodebooks, PagedPQCache
+    from million_cupy import BatchPrefillWrapper, Codebook, DecodeStep, ModelCodebooks, PagedPQCache
     from million_cupy.errors import MillionError
 
     d, M, nh, nh_k, P, R = 128, 64, 8, 2, 16, 32
@@ -70,6 +72,15 @@ def step_cases(rng) -> None:
             for layer in range(2):
                 step.append(layer, k, k)
                 step.run(layer, q, out=out)
+        # Several new tokens per sequence (BatchPrefillWrapper), a chunk crossing a flush.
+        counts = [1, 4, 2 * P + 1]
+        prefill = BatchPrefillWrapper(cache, nh)
+        prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
+        xs = cp.asarray(rng.standard_normal((sum(counts), nh_k, d)).astype(np.float16))
+        qs = cp.asarray(rng.standard_normal((sum(counts), nh, d)).astype(np.float16))
+        for layer in range(2):
+            cache.append(layer, seqs, xs, xs, lengths=counts)
+            prefill.run(layer, qs)
         stream.begin_capture()
         for layer in range(2):
             step.append(layer, k, k)

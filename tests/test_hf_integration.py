@@ -120,15 +120,42 @@ def test_quantization_changes_long_generation_logits(tiny, rng):
     assert (got[:, 200:] - exact[:, 200:]).abs().max() > 1e-3  # reading PQ pages
 
 
-def test_second_prompt_over_history_raises(tiny, rng):
-    model, books = tiny
-    cache = PQCache(model, books[False], max_seq_len=512)
+def _turns_logits(model, cache, ids, turns):
+    """Feed ``ids`` in the chunks ``turns`` (a prompt, then single tokens or further prompts); the logits
+    predicting tokens ``turns[0] .. T-1``."""
     use_pq_attention(model)
-    ids = _ids(rng, 1, 40)
+    logits, start = [], 0
     with torch.no_grad():
-        model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
-        with pytest.raises(UnsupportedConfiguration, match="multi-token attention"):
-            model(input_ids=ids[:, 20:], past_key_values=cache, use_cache=True)
+        for end in turns:
+            out = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True)
+            logits.append(out.logits if start else out.logits[:, -1:])
+            start = end
+    return torch.cat(logits, 1).double()
+
+
+def _chat_turns(prefill: int, second: tuple[int, int], total: int) -> list[int]:
+    """A prompt of ``prefill`` tokens, decode steps to ``second[0]``, a second prompt to ``second[1]``,
+    decode steps to ``total``."""
+    return [prefill, *range(prefill + 1, second[0] + 1), second[1], *range(second[1] + 1, total + 1)]
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_cpu_second_prompt_matches_simulation(tiny, rng, per_head):
+    # A second prompt of 40 tokens over a history with PQ pages (64 tokens flushed at 128), within one flush
+    # interval (the next flush is at 192), so the simulation's per-position rule is the cache's; decoding then
+    # continues across the flush at 192.
+    model, books = tiny
+    ids = _ids(rng, 2, 221)
+    cache = PQCache(model, books[per_head], max_seq_len=512)
+    turns = _chat_turns(130, (132, 172), 220)
+    got = _turns_logits(model, cache, ids, turns)[:, :-1]
+    want = _simulated_logits(model, books[per_head], ids, 130)[:, : got.shape[1]]
+    assert got.shape == want.shape == (2, 220 - 130, 256)
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 2e-4, err
+    stats = cache.stats()
+    assert stats["extend_tokens"] == 2 * 40 and stats["prefill_tokens"] == 2 * 130
+    assert cache.get_seq_length() == 220
 
 
 def test_misuse_raises(tiny, rng):
@@ -167,17 +194,27 @@ def test_calibrate_learns_from_the_model(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_gpu_kernels_match_simulation(tiny, rng, dtype):
-    # The same fp16 / bf16 model on the GPU: decode through DecodeStep's kernels against the simulation's
-    # float32 attention over the dequantized K/V (GQA 2, per-head codebooks, three sequences, flushes).
+@pytest.mark.parametrize("second_prompt", [False, True], ids=["decode", "second_prompt"])
+def test_gpu_kernels_match_simulation(tiny, rng, dtype, second_prompt):
+    # The same fp16 / bf16 model on the GPU against the simulation's float32 attention over the dequantized K/V
+    # (GQA 2, per-head codebooks, three sequences, flushes): decode through DecodeStep's kernels; or a chat's
+    # second prompt through BatchPrefillWrapper's kernels, then decoding on.
     _, books = tiny
-    ids = _ids(rng, 3, 280).cuda()
     gpu = _model().to("cuda", getattr(torch, dtype))
     cache = PQCache(gpu, books[True], max_seq_len=512)
-    got = _decode_logits(gpu, cache, ids, 60)
-    want = _simulated_logits(gpu, books[True].to_gpu(), ids, 60)
+    if second_prompt:
+        ids, prefill = _ids(rng, 3, 221).cuda(), 130
+        got = _turns_logits(gpu, cache, ids, _chat_turns(prefill, (132, 172), 220))[:, :-1]
+    else:
+        ids, prefill = _ids(rng, 3, 280).cuda(), 60
+        got = _decode_logits(gpu, cache, ids, prefill)
+    want = _simulated_logits(gpu, books[True].to_gpu(), ids, prefill)[:, : got.shape[1]]
     err = (got - want).abs().max() / want.abs().max()
     assert err < (1e-2 if dtype == "float16" else 4e-2), err
     assert (got.argmax(-1) == want.argmax(-1)).double().mean() > 0.95
-    assert cache.stats()["step"]["plans"] == 280 - 60 - 1
-    assert cache.stats()["non_finite_appended"] is False
+    stats = cache.stats()
+    assert stats["non_finite_appended"] is False
+    if second_prompt:
+        assert stats["extend"]["query_tokens"] == 3 * 40
+    else:
+        assert stats["step"]["plans"] == 280 - 60 - 1

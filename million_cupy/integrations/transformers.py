@@ -18,9 +18,11 @@ How a forward runs with a :class:`PQCache`:
   with this library's kernels (:class:`~million_cupy.step.DecodeStep`: one metadata copy per step, one
   launch per layer for the append and one for attention), tensors passing by DLPack without copies. A
   CPU model decodes through the float64 reference path (:func:`million_cupy.decode`).
-* Several new tokens over an existing history (a second chat turn, chunked prefill, speculative
-  verification) need multi-token attention over the PQ cache, which is not built yet: that raises
-  :class:`~million_cupy.errors.UnsupportedConfiguration` rather than attending to part of the history.
+* **Extend** (several new tokens over an existing history: a second chat turn, chunked prefill, speculative
+  verification): every layer appends its new tokens, then they attend causally over the PQ cache
+  (:class:`~million_cupy.prefill.BatchPrefillWrapper`: PQ pages and the exact window as the cache holds them
+  after the append; one plan per forward). A CPU model takes the float64 reference
+  (:func:`million_cupy.prefill_attention`).
 
 ``"million_pq"`` is registered with transformers' ``AttentionInterface`` (and its mask interface, as
 SDPA's) when this module is imported. A forward without a :class:`PQCache` (training, ``use_cache=False``)
@@ -48,6 +50,7 @@ from ..cache import PagedPQCache
 from ..codebook import ModelCodebooks
 from ..decode import decode as pq_decode
 from ..errors import UnsupportedConfiguration
+from ..prefill import BatchPrefillWrapper, prefill_attention
 from ..step import DecodeStep
 
 __all__ = ["ATTENTION_NAME", "PQCache", "calibrate", "use_pq_attention", "pq_attention"]
@@ -152,7 +155,8 @@ class PQCache(Cache):
         self.storage: PagedPQCache | None = None
         self.seq_ids: np.ndarray | None = None
         self._step: DecodeStep | None = None
-        self._counts = {"prefill_tokens": 0, "decode_steps": 0}
+        self._extend: BatchPrefillWrapper | None = None
+        self._counts = {"prefill_tokens": 0, "decode_steps": 0, "extend_tokens": 0}
 
     # ---------------------------------------------------------------------------- transformers hooks
 
@@ -170,18 +174,20 @@ class PQCache(Cache):
             raise ValueError(f"key_states: this PQCache holds a batch of {self.seq_ids.shape[0]} sequences, got "
                              f"{B} (use one cache per batch)")
         layer = self.layers[layer_idx]
-        if T > 1 or layer.length == 0:
-            if layer.length:
-                raise UnsupportedConfiguration(
-                    f"PQCache: {T} new tokens per sequence over {layer.length} cached ones (a second prompt, chunked "
-                    f"prefill or speculative verification) needs multi-token attention over the PQ cache, which "
-                    f"million-cupy does not have yet; decode one token at a time, or prefill the whole prompt at once")
-            self._prefill(layer_idx, key_states, value_states)
+        history = layer.length
+        if T > 1 or history == 0:
+            if history and self._gpu and layer_idx == 0:  # one plan per forward, before its appends
+                if self._extend is None:
+                    self._extend = BatchPrefillWrapper(self.storage, self.num_heads)
+                self._extend.plan(self.seq_ids, np.arange(B + 1) * T)
+            self._append_rows(layer_idx, key_states, value_states)
+            if layer_idx == 0:
+                self._counts["extend_tokens" if history else "prefill_tokens"] += B * T
         else:
             self._append_one(layer_idx, key_states, value_states)
         layer.length += T
         layer.is_initialized = True
-        _handoff.pending = (self, layer_idx, T)
+        _handoff.pending = (self, layer_idx, T, history)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -201,6 +207,7 @@ class PQCache(Cache):
                 self.storage.free(int(seq))
         self.seq_ids = None
         self._step = None
+        self._extend = None
         for layer in self.layers:
             layer.reset()
         if self.storage is not None:
@@ -208,12 +215,15 @@ class PQCache(Cache):
 
     def stats(self) -> dict[str, Any]:
         """The PQ storage's :meth:`~million_cupy.cache.PagedPQCache.stats`, the decode step's counters
-        (``step``) and this cache's ``prefill_tokens`` / ``decode_steps``."""
+        (``step``), the extend path's (``extend``) and this cache's ``prefill_tokens`` / ``decode_steps`` /
+        ``extend_tokens`` (new tokens over a history)."""
         out: dict[str, Any] = dict(self._counts)
         if self.storage is not None:
             out.update(self.storage.stats())
         if self._step is not None:
             out["step"] = self._step.stats()
+        if self._extend is not None:
+            out["extend"] = self._extend.stats()
         return out
 
     # ------------------------------------------------------------------------------------- internals
@@ -240,14 +250,13 @@ class PQCache(Cache):
         self.seq_ids = np.array([self.storage.add_sequence() for _ in range(B)], dtype=np.int64)
         self._gpu = gpu
 
-    def _prefill(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _append_rows(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """T new tokens per sequence ``(B, nh_k, T, d)`` into the storage in one append (flushes included)."""
         B, _, T, _ = k.shape
         rows = (B * T, self.num_kv_heads, self.head_dim)
         k_rows = self._array(k.transpose(1, 2).reshape(rows))
         v_rows = self._array(v.transpose(1, 2).reshape(rows))
         self.storage.append(layer_idx, self.seq_ids, k_rows, v_rows, lengths=np.full(B, T))
-        if layer_idx == 0:
-            self._counts["prefill_tokens"] += B * T
 
     def _append_one(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self._gpu:
@@ -270,6 +279,19 @@ class PQCache(Cache):
 
             return cupy().from_dlpack(t)
         return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+    def _attend_extend(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Causal attention of T new query tokens per sequence ``(B, nh, T, d)`` over the layer (their K/V
+        appended by ``update``); ``(B, T, nh, d)``."""
+        B, nh, T, d = query.shape
+        q = query.transpose(1, 2).reshape(B * T, nh, d).contiguous()  # sequence b's tokens in rows b*T .. b*T+T-1
+        if not self._gpu:
+            o = prefill_attention(self.storage, layer_idx, self.seq_ids, self._array(q), np.arange(B + 1) * T,
+                                  scale=scaling)
+            return torch.from_numpy(np.ascontiguousarray(o)).to(query.dtype).view(B, T, nh, d)
+        out = torch.empty((B, T, nh, d), dtype=query.dtype, device=query.device)
+        self._extend.run(layer_idx, self._array(q), out=self._array(out.view(B * T, nh, d)))
+        return out
 
     def _attend(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of one query token per sequence ``(B, nh, 1, d)`` over the layer; ``(B, 1, nh, d)``."""
@@ -299,26 +321,32 @@ def pq_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     if pending is None or pending[1] != layer_idx:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    cache, _, T = pending
+    cache, _, T, history = pending
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    if T > 1:
-        _check_causal(attention_mask, T)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale,
-                                      **kwargs)
+    if T > 1 or history == 0:
+        _check_causal(attention_mask, T, history)
+        if history == 0:  # a first prompt: exact attention over its own K/V
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale,
+                                          **kwargs)
+        if cache._gpu and abs(cache._extend.scale - scale) > 1e-12 * scale:
+            raise UnsupportedConfiguration(f"million_pq: the layer's softmax scale {scale} is not the cache's "
+                                           f"{cache._extend.scale}")
+        return cache._attend_extend(layer_idx, query, scale), None
     if cache._step is not None and abs(cache._step.scale - scale) > 1e-12 * scale:
         raise UnsupportedConfiguration(f"million_pq: the layer's softmax scale {scale} is not the cache's "
                                        f"{cache._step.scale}")
     return cache._attend(layer_idx, query, scale), None
 
 
-def _check_causal(mask: torch.Tensor | None, T: int) -> None:
-    """A prefill's mask must be plain causal: padded batches are not supported."""
+def _check_causal(mask: torch.Tensor | None, T: int, history: int) -> None:
+    """The mask of T new tokens over ``history`` cached ones must be plain causal: padded batches are not
+    supported."""
     if mask is None:
         return
     keep = mask if mask.dtype == torch.bool else mask == 0
-    keep = keep[..., -T:, -T:]
-    causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
-    if not bool((keep == causal).all()):
+    keep = keep[..., -T:, -(T + history):]
+    causal = torch.ones(T, T + history, dtype=torch.bool, device=keep.device).tril(diagonal=history)
+    if keep.shape[-1] != T + history or not bool((keep == causal).all()):
         raise UnsupportedConfiguration("PQCache: the prefill's attention mask is not plain causal (a padded batch?); "
                                        "PQCache takes batches of prompts of one length without padding")
 

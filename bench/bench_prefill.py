@@ -1,0 +1,154 @@
+"""Several new tokens per sequence over the PQ cache (BatchPrefillWrapper) against one-token decode and SDPA.
+
+Shapes: nh = 32, nh_k = 8, d = 128, page 64, window 128, float16, M = 64 and 32, one layer. Records (suite
+"prefill"), GPU time with calls queued back to back (bench/harness.py):
+
+* ``verify``: ``q`` = 4 and 8 new tokens per sequence at 8 x 32K (speculative verification), against the
+  one-token decode of the same batch (``vs_decode``; the issue's targets are 1.5x and 2x);
+* ``chunk``: a 2K-token chunk over a 32K-token history, batch 1 and 4, against PyTorch SDPA (fp16, flash or
+  efficient backend, the lower-right causal mask) over the same exact history (``vs_sdpa``; target 1.3x);
+* ``chunked_prompt``: a 32K-token prompt in 2K chunks, each appended then attended, end to end (wall time,
+  synchronised per chunk), against SDPA over the exact prompt in one call, with both caches' bytes.
+
+    python bench/bench_prefill.py --out bench/results/prefill_h200.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import harness  # noqa: E402
+from bench_decode import D, NH, NH_K, build_cache  # noqa: E402
+
+TIMING = {"queued": 3, "repeats": 5, "warmup": 1}
+
+
+def _q(cp, n, seed=3):
+    return cp.random.default_rng(seed).standard_normal((n, NH, D), dtype=cp.float32).astype(cp.float16)
+
+
+def bench_verify(cp, M, batch, context, counts) -> list[dict]:
+    from million_cupy import BatchDecodeWrapper, BatchPrefillWrapper
+
+    cache, seqs = build_cache(cp, batch, context, M, spare_tokens=max(counts))
+    decode = BatchDecodeWrapper(cache, num_heads=NH)
+    decode.plan(seqs, new_tokens=0)
+    q1, o1 = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
+    base = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
+    records = [{"suite": "prefill", "method": "decode_one_token", "batch": batch, "context": context, "M": M,
+                "queries_per_seq": 1, "median_us": base}]
+    prefill = BatchPrefillWrapper(cache, NH)
+    for c in counts:
+        ind = np.arange(batch + 1) * c
+        prefill.plan(seqs, ind, appended=True)  # the last c tokens of the history are the "new" ones
+        q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
+        t = harness.time_gpu(lambda: prefill.run(0, q, out=o), **TIMING)["median_us"]
+        records.append({"suite": "prefill", "method": "verify", "batch": batch, "context": context, "M": M,
+                        "queries_per_seq": c, "median_us": t, "vs_decode": t / base})
+    return records
+
+
+def _sdpa_us(torch, batch, q_len, kv_len) -> float:
+    from torch.nn.attention.bias import causal_lower_right
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, NH, q_len, D, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(batch, NH_K, kv_len, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn_like(k)
+    k, v = k.repeat_interleave(NH // NH_K, 1), v.repeat_interleave(NH // NH_K, 1)
+    mask = causal_lower_right(q_len, kv_len)
+    f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    for _ in range(2):
+        f()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        f()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3)
+    return float(np.median(times))
+
+
+def bench_chunk(cp, torch, M, batch, history, chunk) -> list[dict]:
+    from million_cupy import BatchPrefillWrapper
+
+    cache, seqs = build_cache(cp, batch, history + chunk, M)  # the chunk's tokens are the history's last ones
+    prefill = BatchPrefillWrapper(cache, NH)
+    prefill.plan(seqs, np.arange(batch + 1) * chunk, appended=True)
+    q, o = _q(cp, batch * chunk), cp.empty((batch * chunk, NH, D), dtype=cp.float16)
+    t = harness.time_gpu(lambda: prefill.run(0, q, out=o), queued=1, repeats=3, warmup=1)["median_us"]
+    rec = {"suite": "prefill", "method": "chunk", "batch": batch, "context": history, "M": M,
+           "queries_per_seq": chunk, "median_us": t}
+    if torch is not None:
+        s = _sdpa_us(torch, batch, chunk, history + chunk)
+        rec.update({"sdpa_us": s, "vs_sdpa": t / s})
+    return [rec]
+
+
+def bench_chunked_prompt(cp, torch, M, prompt, chunk) -> list[dict]:
+    from million_cupy import BatchPrefillWrapper
+
+    cache, (seq,) = build_cache(cp, 1, 0, M, spare_tokens=prompt)
+    rng = cp.random.default_rng(5)
+    k = rng.standard_normal((chunk, NH_K, D), dtype=cp.float32).astype(cp.float16)
+    q = _q(cp, chunk)
+    o = cp.empty_like(q)
+    prefill = BatchPrefillWrapper(cache, NH)
+    cp.cuda.get_current_stream().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(prompt // chunk):
+        prefill.plan([seq], [0, chunk])
+        cache.append(0, [seq], k, k, lengths=[chunk])
+        prefill.run(0, q, out=o)
+    cp.cuda.get_current_stream().synchronize()
+    wall = (time.perf_counter() - t0) * 1e6
+    stats = cache.stats()
+    rec = {"suite": "prefill", "method": "chunked_prompt", "batch": 1, "context": prompt, "M": M,
+           "queries_per_seq": chunk, "wall_us": wall, "pq_bytes_per_token": float(2 * NH_K * M),
+           "fp16_bytes_per_token": float(2 * NH_K * D * 2), "pages_used": stats.get("pages_used")}
+    if torch is not None:
+        rec["sdpa_exact_us"] = _sdpa_us(torch, 1, prompt, prompt)
+    return [rec]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<gpu>.json)")
+    p.add_argument("--quick", action="store_true", help="smaller shapes: 2 x 8K, a 512-token chunk over 8K")
+    args = p.parse_args(argv)
+    harness.require_gpu("prefill")
+    import cupy as cp
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    ctx = 8192 if args.quick else 32768
+    records = []
+    for M in (64, 32):
+        records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (4, 8))
+        for batch in (1, 4):
+            records += bench_chunk(cp, torch, M, batch, ctx, 512 if args.quick else 2048)
+        records += bench_chunked_prompt(cp, torch, M, ctx, 512 if args.quick else 2048)
+        cp.get_default_memory_pool().free_all_blocks()
+    gpu = harness.gpu_name().split()[-1].lower()
+    out = args.out or Path(__file__).resolve().parent / "results" / f"prefill_{gpu}.json"
+    harness.write_results(out, records)
+    print(f"wrote {out}")
+    for r in records:
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
