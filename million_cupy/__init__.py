@@ -37,6 +37,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "DecodeStep": ("step", "DecodeStep"),
     "BatchPrefillWrapper": ("prefill", "BatchPrefillWrapper"),
     "prefill_attention": ("prefill", "prefill_attention"),
+    "SequenceParallelCache": ("parallel", "SequenceParallelCache"),
+    "HeadParallelCache": ("parallel", "HeadParallelCache"),
     "decode": ("decode", None),  # the callable submodule, see _DecodeModule
     "merge_states": ("decode", "merge_states"),
     "contiguous_pq_decode": ("decode", "contiguous_pq_decode"),

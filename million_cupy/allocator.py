@@ -91,9 +91,11 @@ _GPU_THREADS = 256
 _SIM_THREADS = 4
 # The simulator's block manager busy-polls its threads while holding the GIL; with Python's default
 # 5 ms switch interval every syncthreads then costs about 5 ms. Simulated launches run with this one,
-# one at a time (the interval is process-wide; the lock makes its save / restore pairs nest).
+# one at a time (the interval is process-wide; the lock makes its save / restore pairs nest). The simulator
+# also swaps the kernels' module globals (``cuda``) while a launch runs, so under it every allocator operation
+# of any thread holds this (re-entrant) lock: PageAllocator stays safe to use from several threads there too.
 _SIM_SWITCH_INTERVAL_S = 1e-5
-_SIM_LAUNCH_LOCK = threading.Lock()
+_SIM_LAUNCH_LOCK = threading.RLock()
 
 # Control words (int64).
 _TOP, _ALLOCS, _FREES, _FAILED, _HIGH_WATER, _STATUS, _GRANT_TOP, _GRANTED = range(8)
@@ -280,6 +282,11 @@ class PageAllocator:
                 "imported before million_cupy.allocator could enable it, or NUMBA_ENABLE_CUDASIM=0). "
                 "On a machine without a GPU, set NUMBA_ENABLE_CUDASIM=1 or import million_cupy.allocator first."
             )
+        self._lock = _SIM_LAUNCH_LOCK if self.simulated else threading.Lock()
+        with self._lock:
+            self._build(num_pages, page_nbytes, stream)
+
+    def _build(self, num_pages: int, page_nbytes: int, stream: Any) -> None:
         self.num_pages = num_pages
         self.page_nbytes = page_nbytes
         self.threads = _SIM_THREADS if self.simulated else _GPU_THREADS
@@ -313,7 +320,6 @@ class PageAllocator:
         self._free_known = num_pages
         self._scratch: Any = None  # alloc_scratch's buffer
         self._syncs = 0  # host synchronisations made by this allocator (tests check alloc makes none)
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------- public API
 

@@ -72,3 +72,11 @@ def test_framework_interop(name):
     out = run_example(name, *INTEROP_TINY)
     assert f"{name}: skipped: " in out or f"{name}: all checks passed" in out, out
     assert "FAIL" not in out, out
+
+
+def test_multi_gpu_decode_says_what_it_needs():
+    """Without enough GPUs the launcher exits 2 with one line naming what is missing (never a traceback)."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "multi_gpu_decode.py"), "--gpus", "64", "--check"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "multi_gpu_decode: " in proc.stderr and "Traceback" not in proc.stderr

@@ -35,6 +35,8 @@ LAZY = {
     "DecodeStep": "million_cupy.step",
     "BatchPrefillWrapper": "million_cupy.prefill",
     "prefill_attention": "million_cupy.prefill",
+    "SequenceParallelCache": "million_cupy.parallel",
+    "HeadParallelCache": "million_cupy.parallel",
     "merge_states": "million_cupy.decode",
     "contiguous_pq_decode": "million_cupy.decode",
     "paged_pq_decode": "million_cupy.decode",

@@ -1,0 +1,393 @@
+"""A PQ cache spread over several GPUs: sequence parallel (a sequence's tokens in segments, one rank each) and
+head parallel (each rank its own kv heads), one process per GPU, partial states exchanged through a
+communicator.
+
+Both caches take the same calls on every rank (SPMD: the same ``add_sequence`` / ``append`` / ``decode``
+arguments everywhere) and answer the same full result on every rank.
+
+* :class:`SequenceParallelCache` — token position ``t`` of a sequence lives on rank ``t // tokens_per_shard``
+  (``segment`` ``t // tokens_per_shard``, so a sequence of ``n`` tokens uses ``ceil(n / tokens_per_shard)``
+  ranks); each rank keeps its segments as sequences of its own :class:`~million_cupy.cache.PagedPQCache`, so an
+  append and its flushes go to the rank that owns the tail and the others are untouched. Each segment follows
+  the flush rule on its own (a full segment keeps its last ``residual`` tokens exact). Decode: every rank
+  attends over its segments with the existing kernels (one partial ``(out, lse)`` per sequence, ``lse = -inf``
+  where it holds none), one all-gather exchanges the partials, and every rank merges them
+  (:func:`million_cupy.decode.merge_states`), which equals attention over the concatenated segments.
+* :class:`HeadParallelCache` — rank ``r`` holds kv heads ``[r h, (r + 1) h)`` (``h = nh_k / size``) and their
+  query heads, as tensor-parallel attention does; decode needs no merge, only the all-gather of the heads'
+  outputs.
+
+Communicators (``rank``, ``size``, ``allgather``, ``all_ok``): :class:`NcclCommunicator` (CuPy's NCCL
+bindings, one process per GPU; keep NVLink multicast off on shared machines, ``NCCL_NVLS_ENABLE=0``) and
+:class:`ThreadGroup` (ranks as threads of one process: the CPU reference path, or several shards on one GPU,
+where NCCL cannot run two ranks on one device).
+
+Running out of pages on one rank raises :class:`~million_cupy.errors.PagePoolExhausted` on every rank (one
+agreement per append, ``all_ok``), before any rank writes a token: nothing stored is lost, nothing is half
+appended.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from .cache import PagedPQCache
+from .codebook import ModelCodebooks
+from .decode import decode as _local_decode
+from .decode import merge_states
+from .errors import PagePoolExhausted
+from .interop import as_array, cupy, is_gpu_array, to_numpy
+
+__all__ = ["Communicator", "NcclCommunicator", "ThreadGroup", "SequenceParallelCache", "HeadParallelCache"]
+
+
+class Communicator(Protocol):
+    """What the parallel caches need from a process group."""
+
+    rank: int
+    size: int
+
+    def allgather(self, x: Any) -> Any:
+        """Every rank's ``x`` (same shape and dtype everywhere), stacked: ``(size, *x.shape)``, on x's side."""
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` is True on every rank."""
+
+
+class ThreadGroup:
+    """``size`` communicators for ranks that are threads of one process (``group.communicators[r]``); the
+    exchange is a copy through shared slots between two barriers. NumPy or CuPy arrays (all on one device)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size: expected at least 1 rank, got {size}")
+        self._barrier = threading.Barrier(size)
+        self._slots: list[Any] = [None] * size
+        self.communicators = [_ThreadCommunicator(self, r, size) for r in range(size)]
+
+    def run(self, fn, *args_per_rank: Sequence[Any]) -> list[Any]:
+        """``fn(comm, *args)`` on one thread per rank (``args_per_rank[i][r]`` is rank r's i-th argument);
+        their results in rank order. An exception on any rank is raised after every thread has finished."""
+        results: list[Any] = [None] * len(self.communicators)
+        errors: list[BaseException | None] = [None] * len(self.communicators)
+
+        def body(r: int) -> None:
+            try:
+                results[r] = fn(self.communicators[r], *(a[r] for a in args_per_rank))
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                errors[r] = exc
+                self._barrier.abort()  # the other ranks' collectives fail instead of waiting forever
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(len(self.communicators))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
+        if first is None:
+            first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            self._barrier.reset()
+            raise first
+        return results
+
+    def _exchange(self, rank: int, x: Any) -> list[Any]:
+        self._slots[rank] = x
+        self._barrier.wait()
+        got = list(self._slots)
+        self._barrier.wait()  # nobody overwrites a slot before every rank has read them all
+        return got
+
+
+class _ThreadCommunicator:
+    def __init__(self, group: ThreadGroup, rank: int, size: int) -> None:
+        self._group, self.rank, self.size = group, rank, size
+
+    def allgather(self, x: Any) -> Any:
+        xp = cupy() if is_gpu_array(x) else np
+        return xp.stack([xp.asarray(p) for p in self._group._exchange(self.rank, x.copy())])
+
+    def all_ok(self, ok: bool) -> bool:
+        return all(self._group._exchange(self.rank, bool(ok)))
+
+
+class NcclCommunicator:
+    """One rank of an NCCL group over CuPy's bindings (``cupy.cuda.nccl``): one process per GPU.
+
+    ``unique_id`` comes from :meth:`new_unique_id` on one rank and is passed to every other (a launcher's job,
+    see ``examples/multi_gpu_decode.py``). Collectives run on ``stream`` (default: the current stream).
+    """
+
+    def __init__(self, rank: int, size: int, unique_id: tuple, stream: Any = None) -> None:
+        from cupy.cuda import nccl  # noqa: PLC0415 (NCCL only where a multi-GPU group is made)
+
+        self._nccl = nccl
+        self.rank, self.size = int(rank), int(size)
+        self._comm = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+        self._stream = stream
+
+    @staticmethod
+    def new_unique_id() -> tuple:
+        """A fresh group id (call on one rank, send to the others)."""
+        from cupy.cuda import nccl  # noqa: PLC0415
+
+        return nccl.get_unique_id()
+
+    def _stream_ptr(self) -> int:
+        cp = cupy()
+        return (self._stream or cp.cuda.get_current_stream()).ptr
+
+    def allgather(self, x: Any) -> Any:
+        cp = cupy()
+        x = cp.ascontiguousarray(x)
+        types = {np.float32: self._nccl.NCCL_FLOAT32, np.float16: self._nccl.NCCL_FLOAT16,
+                 np.int32: self._nccl.NCCL_INT32, np.int64: self._nccl.NCCL_INT64}
+        if x.dtype.type not in types:
+            raise TypeError(f"allgather: expected float16/32 or int32/64 data, got {x.dtype}")
+        out = cp.empty((self.size, *x.shape), dtype=x.dtype)
+        self._comm.allGather(x.data.ptr, out.data.ptr, x.size, types[x.dtype.type], self._stream_ptr())
+        return out
+
+    def all_ok(self, ok: bool) -> bool:
+        cp = cupy()
+        flag = cp.asarray([1 if ok else 0], dtype=cp.int32)
+        self._comm.allReduce(flag.data.ptr, flag.data.ptr, 1, self._nccl.NCCL_INT32, self._nccl.NCCL_MIN,
+                             self._stream_ptr())
+        return bool(int(flag.get()[0]))
+
+
+def _rows(lengths: Any, seq_ids: np.ndarray, n_rows: int) -> np.ndarray:
+    """Tokens per sequence of an append (one each when ``lengths`` is None), checked against the rows given."""
+    counts = np.ones(seq_ids.shape[0], dtype=np.int64) if lengths is None else \
+        np.asarray(to_numpy(lengths) if is_gpu_array(lengths) else lengths, dtype=np.int64).reshape(-1)
+    if counts.shape != seq_ids.shape or (counts < 0).any() or int(counts.sum()) != n_rows:
+        raise ValueError(f"lengths: expected {seq_ids.shape[0]} non-negative counts summing to the {n_rows} rows of "
+                         f"k / v, got {counts.tolist()[:16]}")
+    return counts
+
+
+class _Parallel:
+    """What both caches share: SPMD sequence ids and lengths, the partial-state exchange."""
+
+    def __init__(self, comm: Communicator, num_layers: int, max_seqs: int) -> None:
+        self.comm = comm
+        self.num_layers = num_layers
+        self._lens = np.zeros((num_layers, max_seqs), dtype=np.int64)  # global tokens per (layer, sequence)
+        self._live = np.zeros(max_seqs, dtype=bool)
+        self._local_id = np.full(max_seqs, -1, dtype=np.int64)  # each sequence's id in this rank's local cache
+
+    def local_id(self, seq: int) -> int:
+        """The id of ``seq`` (or of its segment) in this rank's ``local`` cache; -1 while it holds none of it."""
+        return int(self._local_id[int(self._ids([seq], "local_id")[0])])
+
+    def add_sequence(self) -> int:
+        """A new empty sequence; every rank must call it in the same order (the ids agree)."""
+        free = np.flatnonzero(~self._live)
+        if free.size == 0:
+            raise ValueError(f"add_sequence: all {self._live.shape[0]} sequence ids are in use (free one first)")
+        seq = int(free[0])
+        self._live[seq] = True
+        self._lens[:, seq] = 0
+        return seq
+
+    def _ids(self, seq_ids: Any, what: str) -> np.ndarray:
+        ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        bad = [int(s) for s in ids if not (0 <= s < self._live.shape[0] and self._live[s])]
+        if bad:
+            raise ValueError(f"{what}: sequences {bad[:16]} are not live")
+        return ids
+
+    def seq_lens(self, layer: int, seq_ids: Any) -> np.ndarray:
+        """Global tokens of each sequence in ``layer`` (all ranks agree)."""
+        return self._lens[layer, self._ids(seq_ids, "seq_lens")].copy()
+
+    def _agree(self, ok: bool, what: str, error: BaseException | None) -> None:
+        """Every rank raises when any rank could not do its part (its own error where it had one)."""
+        if self.comm.all_ok(ok):
+            return
+        if error is not None:
+            raise error
+        raise PagePoolExhausted(f"{what}: another rank could not store its part; nothing was appended on any rank")
+
+
+class SequenceParallelCache(_Parallel):
+    """This rank's part of a PQ cache whose sequences are split into ``tokens_per_shard``-token segments, segment
+    ``i`` on rank ``i``.
+
+    Args:
+        comm: the group (:class:`NcclCommunicator`, :class:`ThreadGroup`'s).
+        num_layers, num_kv_heads, head_dim, codebooks, page_size, residual, dtype, device, stream: as
+            :class:`~million_cupy.cache.PagedPQCache` (this rank's device and stream).
+        tokens_per_shard: tokens a rank holds of each sequence (a multiple of page_size, at least residual);
+            sequences hold at most ``size * tokens_per_shard`` tokens.
+        max_seqs: sequences of the whole group; max_pages: this rank's pool.
+    """
+
+    def __init__(self, comm: Communicator, num_layers: int, num_kv_heads: int, head_dim: int,
+                 codebooks: ModelCodebooks, *, tokens_per_shard: int, page_size: int = 64, residual: int = 128,
+                 max_seqs: int = 64, max_pages: int | None = None, dtype: str = "float16",
+                 device: str | None = None, stream: Any = None) -> None:
+        if tokens_per_shard < residual or tokens_per_shard % page_size:
+            raise ValueError(f"tokens_per_shard: expected a multiple of page_size = {page_size} that is at least "
+                             f"residual = {residual}, got {tokens_per_shard}")
+        super().__init__(comm, num_layers, max_seqs)
+        self.tokens_per_shard = int(tokens_per_shard)
+        self.max_seq_len = comm.size * self.tokens_per_shard
+        self.local = PagedPQCache(num_layers, num_kv_heads, head_dim, codebooks, page_size=page_size,
+                                  residual=residual, max_pages=max_pages, max_seqs=max_seqs,
+                                  max_seq_len=self.tokens_per_shard, dtype=dtype, device=device, stream=stream)
+
+    def free(self, seq: int) -> None:
+        """Free a sequence on every rank (its segment's pages return to this rank's pool)."""
+        seq = int(self._ids([seq], "free")[0])
+        if self._local_id[seq] >= 0:
+            self.local.free(int(self._local_id[seq]))
+            self._local_id[seq] = -1
+        self._live[seq] = False
+
+    def local_tokens(self, layer: int, seq_ids: Any) -> np.ndarray:
+        """Tokens of each sequence's segment on this rank."""
+        lens = self.seq_lens(layer, seq_ids)
+        lo = self.comm.rank * self.tokens_per_shard
+        return np.clip(lens - lo, 0, self.tokens_per_shard)
+
+    def append(self, layer: int, seq_ids: Sequence[int], k: Any, v: Any, lengths: Any = None) -> None:
+        """Append ``lengths[b]`` (default 1) tokens to each ``seq_ids[b]``: rows of ``k`` / ``v``
+        ``(sum(lengths), nh_k, head_dim)`` in sequence order, on every rank. Each rank stores the rows whose
+        positions fall in its segment. Raises PagePoolExhausted on every rank, before any rank writes, when one
+        rank's pool cannot hold its rows; ValueError beyond ``size * tokens_per_shard`` tokens."""
+        seqs = self._ids(seq_ids, "append")
+        counts = _rows(lengths, seqs, int(k.shape[0]))
+        start = self._lens[layer, seqs]
+        if (start + counts > self.max_seq_len).any():
+            raise ValueError(f"append: sequences would exceed {self.max_seq_len} tokens ({self.comm.size} ranks x "
+                             f"tokens_per_shard = {self.tokens_per_shard})")
+        lo, hi = self.comm.rank * self.tokens_per_shard, (self.comm.rank + 1) * self.tokens_per_shard
+        first = np.cumsum(counts) - counts
+        take_lo, take_hi = np.clip(start, lo, hi), np.clip(start + counts, lo, hi)  # this rank's positions
+        mine = take_hi > take_lo
+        error = None
+        try:
+            if mine.any():
+                for b in np.flatnonzero(mine & (self._local_id[seqs] < 0)):
+                    self._local_id[seqs[b]] = self.local.add_sequence()
+                self.local.reserve(self._local_id[seqs[mine]], (take_hi - take_lo)[mine])
+        except PagePoolExhausted as exc:
+            error = exc
+        self._agree(error is None, "append", error)
+        if mine.any():
+            rows = np.concatenate([np.arange(f + (a - s), f + (e - s)) for f, s, a, e in
+                                   zip(first[mine], start[mine], take_lo[mine], take_hi[mine])])
+            xp = cupy() if is_gpu_array(k) else np
+            idx = xp.asarray(rows)
+            self.local.append(layer, self._local_id[seqs[mine]], k[idx], v[idx], lengths=(take_hi - take_lo)[mine])
+        self._lens[layer, seqs] += counts
+
+    def decode(self, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
+               return_lse: bool = False):
+        """Attention of ``q`` ``(B, nh, head_dim)``, one query per sequence, over every rank's segments; the same
+        ``out`` (and ``lse``) on every rank."""
+        seqs = self._ids(seq_ids, "decode")
+        if (self._lens[layer, seqs] == 0).any():
+            raise ValueError(f"decode: sequences {seqs[self._lens[layer, seqs] == 0].tolist()} hold no tokens")
+        q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
+        xp = cupy() if self.local.is_gpu else np
+        B, nh, d = q_arr.shape
+        out = xp.zeros((B, nh, d), dtype=xp.float32)
+        lse = xp.full((B, nh), -xp.inf, dtype=xp.float32)
+        held = np.flatnonzero(self.local_tokens(layer, seqs) > 0)
+        if held.size:
+            o, s = _local_decode(self.local, layer, self._local_id[seqs[held]], q_arr[xp.asarray(held)],
+                                 scale=scale, return_lse=True)
+            out[xp.asarray(held)] = o.astype(xp.float32)
+            lse[xp.asarray(held)] = s
+        packed = self.comm.allgather(xp.concatenate([out.reshape(B, -1), lse], axis=1))  # one exchange
+        merged_o, merged_s = packed[0, :, : nh * d].reshape(B, nh, d), packed[0, :, nh * d :]
+        for r in range(1, self.comm.size):
+            merged_o, merged_s = merge_states(merged_o, merged_s, packed[r, :, : nh * d].reshape(B, nh, d),
+                                              packed[r, :, nh * d :])
+        merged_o = merged_o.astype(q_arr.dtype)
+        return (merged_o, merged_s) if return_lse else merged_o
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's pool (:meth:`PagedPQCache.stats`) and the group's shape."""
+        return {**self.local.stats(), "rank": self.comm.rank, "size": self.comm.size,
+                "tokens_per_shard": self.tokens_per_shard}
+
+
+class HeadParallelCache(_Parallel):
+    """This rank's kv heads ``[rank * h, (rank + 1) * h)`` (``h = num_kv_heads / size``) of a PQ cache, with
+    the same calls as :class:`SequenceParallelCache` (k / v / q carry every head; each rank keeps its own).
+
+    Args as :class:`~million_cupy.cache.PagedPQCache`, with ``num_kv_heads`` the model's (a multiple of the
+    group size) and ``codebooks`` shared by the heads or one per kv head (each rank keeps its heads')."""
+
+    def __init__(self, comm: Communicator, num_layers: int, num_kv_heads: int, head_dim: int,
+                 codebooks: ModelCodebooks, *, page_size: int = 64, residual: int = 128, max_seqs: int = 64,
+                 max_pages: int | None = None, max_seq_len: int = 131072, dtype: str = "float16",
+                 device: str | None = None, stream: Any = None) -> None:
+        if num_kv_heads % comm.size:
+            raise ValueError(f"num_kv_heads: expected a multiple of the group size {comm.size}, got {num_kv_heads}")
+        super().__init__(comm, num_layers, max_seqs)
+        self.num_kv_heads = num_kv_heads
+        h = num_kv_heads // comm.size
+        self._heads = slice(comm.rank * h, (comm.rank + 1) * h)
+        if codebooks.num_heads_per_layer > 1:  # each rank keeps its heads' codebooks
+            codebooks = ModelCodebooks([list(codebooks.key_codebooks(x)[self._heads]) for x in range(num_layers)],
+                                       [list(codebooks.value_codebooks(x)[self._heads]) for x in range(num_layers)])
+        self.local = PagedPQCache(num_layers, h, head_dim, codebooks, page_size=page_size, residual=residual,
+                                  max_pages=max_pages, max_seqs=max_seqs, max_seq_len=max_seq_len, dtype=dtype,
+                                  device=device, stream=stream)
+
+    def add_sequence(self) -> int:
+        seq = super().add_sequence()
+        self._local_id[seq] = self.local.add_sequence()
+        return seq
+
+    def free(self, seq: int) -> None:
+        seq = int(self._ids([seq], "free")[0])
+        self.local.free(int(self._local_id[seq]))
+        self._local_id[seq] = -1
+        self._live[seq] = False
+
+    def append(self, layer: int, seq_ids: Sequence[int], k: Any, v: Any, lengths: Any = None) -> None:
+        """As :meth:`SequenceParallelCache.append`; each rank stores its heads of every row."""
+        seqs = self._ids(seq_ids, "append")
+        counts = _rows(lengths, seqs, int(k.shape[0]))
+        error = None
+        try:
+            self.local.reserve(self._local_id[seqs], counts)
+        except PagePoolExhausted as exc:
+            error = exc
+        self._agree(error is None, "append", error)
+        self.local.append(layer, self._local_id[seqs], k[:, self._heads], v[:, self._heads], lengths=counts)
+        self._lens[layer, seqs] += counts
+
+    def decode(self, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
+               return_lse: bool = False):
+        """As :meth:`SequenceParallelCache.decode`: each rank attends with its query heads, one all-gather
+        assembles every head."""
+        seqs = self._ids(seq_ids, "decode")
+        q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
+        xp = cupy() if self.local.is_gpu else np
+        B, nh, d = q_arr.shape
+        if nh % self.num_kv_heads:
+            raise ValueError(f"q: expected num_heads a multiple of num_kv_heads = {self.num_kv_heads}, got {nh}")
+        g = nh // self.num_kv_heads
+        mine = slice(self._heads.start * g, self._heads.stop * g)
+        o, s = _local_decode(self.local, layer, self._local_id[seqs], xp.ascontiguousarray(q_arr[:, mine]),
+                             scale=scale, return_lse=True)
+        packed = self.comm.allgather(xp.concatenate([o.astype(xp.float32).reshape(B, -1), s], axis=1))
+        per = nh // self.comm.size
+        out = xp.concatenate([packed[r, :, : per * d].reshape(B, per, d) for r in range(self.comm.size)], axis=1)
+        lse = xp.concatenate([packed[r, :, per * d :] for r in range(self.comm.size)], axis=1)
+        out = out.astype(q_arr.dtype)
+        return (out, lse) if return_lse else out
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's pool (:meth:`PagedPQCache.stats`) and the group's shape."""
+        return {**self.local.stats(), "rank": self.comm.rank, "size": self.comm.size, "heads": (
+            self._heads.start, self._heads.stop)}

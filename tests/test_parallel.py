@@ -1,0 +1,140 @@
+"""million_cupy.parallel on the CPU: ranks as threads (ThreadGroup), caches on the float64 reference path.
+
+Sequence parallel: decode merged over 1-3 ranks against the float64 reference over the concatenation of every
+rank's segment (dequantized as each rank holds it), appends crossing segment boundaries, a prompt spanning
+several ranks. Head parallel: equal to one cache holding every head with the same codebooks. Pool exhaustion on
+one rank raises on every rank and changes nothing. The NCCL path needs several GPUs (examples/multi_gpu_decode.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
+from million_cupy.errors import PagePoolExhausted
+from million_cupy.parallel import HeadParallelCache, SequenceParallelCache, ThreadGroup
+
+D, M, NH_K, NH, P, R = 64, 16, 4, 8, 16, 32
+
+
+def _books(rng, heads=1):
+    def layer():
+        books = [Codebook(rng.standard_normal((M, 256, D // M)).astype(np.float32)) for _ in range(heads)]
+        return books[0] if heads == 1 else books
+
+    return ModelCodebooks([layer()], [layer()])
+
+
+def _tokens(rng, n):
+    return rng.standard_normal((n, NH_K, D)).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_sequence_parallel_decode_is_attention_over_every_segment(rng, size):
+    books = _books(rng)
+    group = ThreadGroup(size)
+    per = 64  # tokens per shard: the 150-token prompt spans three ranks
+    prompts, steps = [150, 7, 60], 12
+    k_all = _tokens(rng, sum(prompts) + 3 * steps)
+    v_all = _tokens(rng, sum(prompts) + 3 * steps)
+    q = rng.standard_normal((steps, 3, NH, D))
+    budget = [size * per] * 3
+
+    def rank(comm):
+        cache = SequenceParallelCache(comm, 1, NH_K, D, books, tokens_per_shard=per, page_size=P, residual=R,
+                                      max_seqs=4, max_pages=64, dtype="float32", device="cpu")
+        seqs = [cache.add_sequence() for _ in range(3)]
+        fit = [min(n, b - steps) for n, b in zip(prompts, budget)]
+        cache.append(0, seqs, k_all[: sum(fit)], v_all[: sum(fit)], lengths=fit)
+        outs, segments = [], []
+        for t in range(steps):
+            row = sum(fit) + 3 * t
+            cache.append(0, seqs, k_all[row : row + 3], v_all[row : row + 3])  # crosses segment ends
+            outs.append(cache.decode(0, seqs, q[t], return_lse=True))
+            segments.append([cache.local.dequantize(0, int(cache.local_id(s))) if cache.local_tokens(0, [s])[0]
+                             else None for s in seqs])
+        return outs, segments, cache.seq_lens(0, seqs)
+
+    results = group.run(rank)
+    lens = results[0][2]
+    for t in range(steps):
+        # Every rank answers the same; it is attention over the segments concatenated in rank order.
+        for r in range(1, size):
+            np.testing.assert_array_equal(results[r][0][t][0], results[0][0][t][0])
+        ks, vs = [], []
+        for b in range(3):
+            parts = [results[r][1][t][b] for r in range(size) if results[r][1][t][b] is not None]
+            ks.append(np.concatenate([p[0] for p in parts]))
+            vs.append(np.concatenate([p[1] for p in parts]))
+        want_o, want_l = reference.decode_attention(q[t], ks, vs)
+        got_o, got_l = results[0][0][t]
+        assert reference.relative_error(got_o, want_o) < 1e-5
+        np.testing.assert_allclose(got_l, want_l, rtol=0, atol=1e-4)
+    assert lens.tolist() == [min(n, size * per - steps) + steps for n in prompts]
+
+
+def test_head_parallel_equals_one_cache_holding_every_head(rng):
+    books = _books(rng, heads=NH_K)
+    size = 2
+    one = PagedPQCache(1, NH_K, D, books, page_size=P, residual=R, max_pages=64, max_seqs=4, dtype="float32",
+                       device="cpu")
+    seqs_one = [one.add_sequence() for _ in range(2)]
+    k, v = _tokens(rng, 90), _tokens(rng, 90)
+    one.append(0, seqs_one, k, v, lengths=[70, 20])
+    q = rng.standard_normal((2, NH, D))
+    want_o, want_l = __import__("million_cupy").decode(one, 0, seqs_one, q, return_lse=True)
+
+    def rank(comm):
+        cache = HeadParallelCache(comm, 1, NH_K, D, books, page_size=P, residual=R, max_pages=64, max_seqs=4,
+                                  dtype="float32", device="cpu")
+        seqs = [cache.add_sequence() for _ in range(2)]
+        cache.append(0, seqs, k, v, lengths=[70, 20])
+        return cache.decode(0, seqs, q, return_lse=True)
+
+    for got_o, got_l in ThreadGroup(size).run(rank):
+        assert reference.relative_error(got_o, want_o) < 1e-6
+        np.testing.assert_allclose(got_l, want_l, rtol=0, atol=1e-5)
+
+
+def test_pool_exhaustion_on_one_rank_raises_everywhere_and_loses_nothing(rng):
+    books = _books(rng)
+    group = ThreadGroup(2)
+    k = _tokens(rng, 200)
+    q = rng.standard_normal((1, NH, D))
+
+    def rank(comm):
+        # Rank 1's pool holds 3 pages: a 150-token prompt (22 tokens, 2 pages on rank 1) fits, 40 more do not.
+        cache = SequenceParallelCache(comm, 1, NH_K, D, books, tokens_per_shard=128, page_size=P, residual=R,
+                                      max_seqs=2, max_pages=16 if comm.rank == 0 else 3, dtype="float32",
+                                      device="cpu")
+        (s,) = [cache.add_sequence()]
+        cache.append(0, [s], k[:150], k[:150], lengths=[150])
+        before = cache.decode(0, [s], q)
+        with pytest.raises(PagePoolExhausted):
+            cache.append(0, [s], k[150:190], k[150:190], lengths=[40])
+        after = cache.decode(0, [s], q)
+        return cache.seq_lens(0, [s]), before, after
+
+    for lens, before, after in group.run(rank):
+        assert lens.tolist() == [150]
+        np.testing.assert_array_equal(before, after)
+
+
+def test_bad_arguments_are_named(rng):
+    books = _books(rng)
+    (comm,) = ThreadGroup(1).communicators
+    with pytest.raises(ValueError, match="tokens_per_shard"):
+        SequenceParallelCache(comm, 1, NH_K, D, books, tokens_per_shard=20, page_size=P, residual=R, device="cpu")
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        HeadParallelCache(ThreadGroup(3).communicators[0], 1, NH_K, D, books, page_size=P, residual=R,
+                          device="cpu")
+    cache = SequenceParallelCache(comm, 1, NH_K, D, books, tokens_per_shard=64, page_size=P, residual=R,
+                                  max_seqs=2, dtype="float32", device="cpu")
+    s = cache.add_sequence()
+    with pytest.raises(ValueError, match="lengths: expected 1 non-negative counts"):
+        cache.append(0, [s], _tokens(rng, 3), _tokens(rng, 3), lengths=[2])
+    with pytest.raises(ValueError, match="exceed 64 tokens"):
+        cache.append(0, [s], _tokens(rng, 65), _tokens(rng, 65), lengths=[65])
+    with pytest.raises(ValueError, match="not live"):
+        cache.decode(0, [1], np.zeros((1, NH, D)))
