@@ -330,3 +330,20 @@ def test_explicit_streams(rng):
     assert codes.shape == (5, 32)
     ref = _reference(cache, 0, seqs, q)
     assert reference.relative_error(cp.asnumpy(out).astype(np.float64), ref[0]) <= 2e-3
+
+
+def test_bound_argument_indices_follow_the_kernel_signature():
+    """AttentionPlan sets q, out and lse by position in a parameter block built once: those positions must be the
+    kernel's (a CPU check of the source, so a signature change cannot silently bind the wrong pointers)."""
+    import re
+
+    from million_cupy import kernels
+    from million_cupy.decode import SOURCE, AttentionPlan
+
+    src = kernels.read_source(SOURCE)
+    body = re.sub(r"//[^\n]*", "", src[src.index("decode_attention(", src.index("__global__")) + len("decode_attention("):])
+    params = body[: body.index(")")].split(",")
+    names = [re.findall(r"[A-Za-z_]\w*", p)[-1] for p in params]
+    assert names[0] == "q"
+    assert names[AttentionPlan.OUT_ARG] == "out" and names[AttentionPlan.OUT_ARG + 1] == "lse_out"
+    assert names[-1] == "scale_log2" and len(names) == AttentionPlan.OUT_ARG + 5
