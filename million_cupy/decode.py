@@ -159,17 +159,18 @@ def check_native_config(d: int, m: int | None, dtype: str, page_size: int | None
         )
 
 
-def require_native_attention(cache, num_heads: int, owner: str, cpu_path: str) -> None:
+def require_native_attention(cache, num_heads: int | None, owner: str, cpu_path: str) -> None:
     """Raise unless ``owner`` (a launcher's name) can run the native kernels for ``num_heads`` query heads over
     ``cache``: UnsupportedConfiguration for a CPU cache (naming ``cpu_path``, the float64 alternative) or a
-    configuration without a kernel, ValueError for a head count that is not a multiple of the kv heads."""
+    configuration without a kernel, ValueError for a head count that is not a multiple of the kv heads
+    (None: not known yet, checked at plan time)."""
     if not cache.is_gpu:
         raise UnsupportedConfiguration(
             f"{owner} launches the GPU kernels and needs a GPU cache (device='cuda'); on a CPU cache use {cpu_path}, "
             f"which computes the float64 reference"
         )
     check_native_config(cache.head_dim, cache.M, cache.dtype, cache.page_size)
-    if num_heads < 1 or num_heads % cache.num_kv_heads:
+    if num_heads is not None and (num_heads < 1 or num_heads % cache.num_kv_heads):
         raise ValueError(f"num_heads: expected a positive multiple of num_kv_heads = {cache.num_kv_heads}, "
                          f"got {num_heads}")
 
@@ -481,12 +482,7 @@ class BatchDecodeWrapper:
     def __init__(self, cache, num_heads: int | None = None, *, stream: Any = None) -> None:
         """``stream``: a CuPy stream or raw handle for every launch; None = CuPy's current stream when a plan
         is made (so ``with stream:`` blocks and CUDA-graph capture work as usual)."""
-        if not cache.is_gpu:
-            raise UnsupportedConfiguration(
-                "BatchDecodeWrapper runs the GPU kernels and needs a GPU cache (device='cuda'); "
-                "for a CPU cache use million_cupy.decode(), which computes the float64 reference"
-            )
-        check_native_config(cache.head_dim, cache.M, cache.dtype, cache.page_size)
+        require_native_attention(cache, num_heads, "BatchDecodeWrapper", "million_cupy.decode()")
         self.cache = cache
         self.num_heads = num_heads
         self._stream = stream

@@ -32,6 +32,7 @@ from . import reference
 from .decode import AttentionPlan, attention_arrays, capacity_for, require_native_attention, softmax_scale
 from .errors import MillionError
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
+from .layout import full_pages
 
 __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX"]
 
@@ -56,8 +57,6 @@ def causal_lengths(n_final: np.ndarray, counts: np.ndarray, page_size: int, resi
     """Per query token (in CSR order): ``(sequence index, tokens in pages, residual tokens)`` it attends to, for
     sequences holding ``n_final`` tokens after the append of their ``counts`` new tokens (the flush rule of
     the final state, ``layout.full_pages``; a query before the last flush point reads a prefix of the pages)."""
-    from .layout import full_pages  # noqa: PLC0415 (layout is light; kept local to the helper that needs it)
-
     owner = np.repeat(np.arange(counts.shape[0]), counts)
     first = np.cumsum(counts) - counts
     j = np.arange(owner.shape[0], dtype=np.int64) - first[owner]

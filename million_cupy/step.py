@@ -54,7 +54,7 @@ from . import kernels
 from .cache import APPEND_THREADS, PagedPQCache
 from .decode import (SCHEDULE_HORIZON, AttentionPlan, attention_arrays, capacity_for, require_native_attention,
                      softmax_scale)
-from .errors import MillionError, UnsupportedConfiguration
+from .errors import MillionError
 from .layout import full_pages
 from .interop import as_array, cupy
 
