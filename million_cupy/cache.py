@@ -622,6 +622,28 @@ class PagedPQCache:
         with self._on_stream():
             return self._grow(seqs, blocks(target, self._P), "reserve")
 
+    def ensure_capacity(self, seq_ids: Sequence[int] | np.ndarray, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Allocate blocks so that each listed sequence can hold ``tokens[i]`` tokens in total (a length, not a
+        count of new tokens; at most ``max_seq_len``) without further allocation; one allocator call.
+
+        Returns each sequence's token capacity afterwards: host int64 ``(B,)``, its allocated blocks times
+        the page size, capped at ``max_seq_len`` (at least ``tokens``). A decode step's plan calls this once
+        per window of steps (:class:`~million_cupy.step.DecodeStep`), so it validates the ids once.
+
+        Raises:
+            PagePoolExhausted: not enough free pages; nothing was allocated.
+            ValueError: unknown or repeated ids, or ``tokens`` of another shape or beyond ``max_seq_len``.
+        """
+        seqs = self.check_ids(seq_ids, "ensure_capacity")
+        target = np.asarray(tokens).reshape(-1)
+        if target.shape != seqs.shape or (target.size and target.dtype.kind not in "iu"):
+            raise ValueError(f"tokens: expected {seqs.shape[0]} integer lengths (one per sequence), got "
+                             f"{target.dtype} of shape {target.shape}")
+        self._check_max_len(seqs, target, "ensure_capacity")
+        with self._on_stream():
+            self._grow(seqs, blocks(target.astype(np.int64), self._P), "ensure_capacity")
+        return np.minimum(self._blocks[seqs] * self._P, self._max_seq_len)
+
     def _grow(self, seqs: np.ndarray, target: np.ndarray, what: str) -> int:
         """Allocate blocks so that each sequence has at least ``target`` of them (one allocator call)."""
         need = np.maximum(target - self._blocks[seqs], 0)

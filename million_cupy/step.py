@@ -265,10 +265,12 @@ class DecodeStep:
         if not new_tokens and (end == 0).any():
             raise ValueError(f"plan: sequences {seq[end == 0].tolist()} hold no tokens; nothing to attend to")
         attn = self._attention_for(seq.shape[0])
-        limit = np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)
-        if new_tokens and (end > limit).any():
-            cache.reserve(seq, np.maximum(np.minimum(self.horizon, cache.max_seq_len - n), new_tokens))
-            limit = np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)  # PagePoolExhausted: unchanged
+        # The decode loop comes here when its reserved pages run out (same batch): reserve at once; another
+        # batch may hold enough already.
+        limit = None if same and new_tokens else np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)
+        if new_tokens and (limit is None or (end > limit).any()):
+            # Pages for `horizon` more tokens in one allocator call (PagePoolExhausted: nothing changed).
+            limit = cache.ensure_capacity(seq, np.minimum(n + self.horizon, cache.max_seq_len))
             self._stats["reserves"] += 1
         # The append kernel's position words are the state's positions (a view), so advancing one advances both.
         self._lengths = StepLengths(self._tok[:, 1], n, new_tokens, P, R, limit)

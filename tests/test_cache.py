@@ -489,6 +489,22 @@ def test_reserve_allocates_the_pages_that_appends_then_use(rng, device):
     assert cache.reserve(a, 0) == 0 and cache.reserve([], 5) == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ensure_capacity_allocates_to_a_length_and_reports_the_capacity(rng, device):
+    cache = make_cache(rng, device, max_seq_len=150)  # page 16
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(0, [a, b], on(cache, tokens(rng, 40, cache)), on(cache, tokens(rng, 40, cache)), [30, 10])
+    used = cache.stats()["used"]
+    # a holds 2 blocks, b 1: lengths 33 and 70 need 3 and 5 blocks.
+    np.testing.assert_array_equal(cache.ensure_capacity([a, b], [33, 70]), [48, 80])
+    assert cache.stats()["used"] == used + 5
+    np.testing.assert_array_equal(cache.allocated_blocks([a, b]), [3, 5])
+    # Already enough: nothing allocated, the capacity still reported; capped at max_seq_len.
+    np.testing.assert_array_equal(cache.ensure_capacity([b, a], np.array([1, 2], np.int32)), [80, 48])
+    np.testing.assert_array_equal(cache.ensure_capacity([a], [150]), [150])
+    assert cache.stats()["used"] == used + 5 + 7
+
+
 # ---------------------------------------------------------------------------------- fork and free
 
 
@@ -590,6 +606,10 @@ def _bad_calls(cache, rng, a, b, freed):
         ("reserve too long", ValueError, "max_seq_len", lambda: cache.reserve([a, b], [1, 1000])),
         ("reserve negative", ValueError, "non-negative", lambda: cache.reserve([a], -1)),
         ("reserve duplicates", ValueError, "distinct", lambda: cache.reserve([b, b], 40)),
+        ("capacity too long", ValueError, "max_seq_len", lambda: cache.ensure_capacity([a, b], [101, 1000])),
+        ("capacity shape", ValueError, "one per sequence", lambda: cache.ensure_capacity([a, b], [120])),
+        ("capacity floats", ValueError, "integer lengths", lambda: cache.ensure_capacity([a], [120.0])),
+        ("capacity duplicates", ValueError, "distinct", lambda: cache.ensure_capacity([b, b], [120, 120])),
         ("fork freed", ValueError, "not live", lambda: cache.fork(freed)),
         ("free twice", ValueError, "not live", lambda: cache.free(freed)),
         ("page_table unknown", ValueError, "not live", lambda: cache.page_table(0, [a, freed])),
@@ -631,6 +651,7 @@ def test_pool_exhaustion_changes_nothing_and_succeeds_after_a_free(rng, device):
         # a needs 2 more blocks and b 2 more: 4 > 2 free.
         lambda: cache.append(0, [a, b], on(cache, x[:64]), on(cache, x[:64]), [32, 32]),
         lambda: cache.reserve([b], 100),
+        lambda: cache.ensure_capacity([a, b], [64, 132]),
     ]
     for call in exhausting:
         before = snapshot(cache, [a, b])
