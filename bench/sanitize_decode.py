@@ -7,11 +7,15 @@ Ragged batch (0, 3 and 40 pages; 5, 0 and 63 residual tokens), splits merged by 
 geometries (d = 128 / M = 64 / GQA 4 / page 64, and d = 64 / M = 16 / GQA 4 / page 16). Then the decode
 step (DecodeStep): bulk appends of ragged prompts (the thread-per-row encoder), steps whose sequences flush
 in the same and in different steps (the lane-group encoder and the padded, fixed-grid attention), several
-new tokens per sequence (BatchPrefillWrapper, a chunk crossing a flush), a CUDA graph replay, and a replay
+new tokens per sequence (BatchPrefillWrapper: the LUT path, and the tensor-core path with a chunk crossing a
+flush and a split history), a CUDA graph replay, and a replay
 after the batch changed (the device guard).
 Both tools reported no error and no hazard on an H200 (2026-11-27; the step cases: see the closing note of
-the session that added them; the prefill case on 2026-12-02: racecheck 0 hazards, memcheck no kernel error,
-its only reports being numba's cuGetProcAddress probes of optional driver symbols at start-up).
+the session that added them; the LUT prefill case on 2026-12-02: racecheck 0 hazards, memcheck no kernel error,
+its only reports being numba's cuGetProcAddress probes of optional driver symbols at start-up). The
+tensor-core prefill cases on an H100 (2026-12-02, `--report-api-errors no`): racecheck 0 hazards, memcheck
+0 errors (that run's short case had 9 new tokens, so both of its prefill cases took the tensor-core path; the
+short case now has 7, the LUT path, as sanitized on the H200 before).
 """
 
 import sys
@@ -55,7 +59,7 @@ def step_cases(rng) -> None:
     books = ModelCodebooks(*[[Codebook(rng.standard_normal((M, 256, d // M)).astype(np.float32)) for _ in range(2)]
                              for _ in range(2)])
     stream = cp.cuda.Stream(non_blocking=True)
-    cache = PagedPQCache(2, nh_k, d, books, page_size=P, residual=R, max_pages=256, max_seqs=4, max_seq_len=1024,
+    cache = PagedPQCache(2, nh_k, d, books, page_size=P, residual=R, max_pages=256, max_seqs=4, max_seq_len=2048,
                          device="cuda", stream=stream)
     seqs = [cache.add_sequence() for _ in range(3)]
     lens = [1, R - 1, 3 * P + 5]
@@ -72,15 +76,21 @@ def step_cases(rng) -> None:
             for layer in range(2):
                 step.append(layer, k, k)
                 step.run(layer, q, out=out)
-        # Several new tokens per sequence (BatchPrefillWrapper), a chunk crossing a flush.
-        counts = [1, 4, 2 * P + 1]
-        prefill = BatchPrefillWrapper(cache, nh)
-        prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
-        xs = cp.asarray(rng.standard_normal((sum(counts), nh_k, d)).astype(np.float16))
-        qs = cp.asarray(rng.standard_normal((sum(counts), nh, d)).astype(np.float16))
+        # Several new tokens per sequence (BatchPrefillWrapper): the LUT path (short chunks), then the tensor-core
+        # path (a chunk crossing flushes; a 1,100-token history split in two and merged).
+        x = cp.asarray(rng.standard_normal((1100, nh_k, d)).astype(np.float16))
         for layer in range(2):
-            cache.append(layer, seqs, xs, xs, lengths=counts)
-            prefill.run(layer, qs)
+            cache.append(layer, [seqs[0]], x, x, lengths=[1100])
+        for counts in ([1, 4, 7], [1, 4, 2 * P + 1]):
+            prefill = BatchPrefillWrapper(cache, nh)
+            prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
+            xs = cp.asarray(rng.standard_normal((sum(counts), nh_k, d)).astype(np.float16))
+            qs = cp.asarray(rng.standard_normal((sum(counts), nh, d)).astype(np.float16))
+            for layer in range(2):
+                cache.append(layer, seqs, xs, xs, lengths=counts)
+                o, lse = prefill.run(layer, qs, return_lse=True)
+            print(f"prefill {counts} on {'tensor cores' if prefill.on_tensor_cores else 'the LUT path'}: finite "
+                  f"output {bool(cp.isfinite(o).all())}")
         stream.begin_capture()
         for layer in range(2):
             step.append(layer, k, k)

@@ -130,6 +130,11 @@ def _device() -> _DeviceInfo:
     return info
 
 
+def device_sm_count() -> int:
+    """Streaming multiprocessors of the current device (read once per device): what schedules spread over."""
+    return _device().sm_count
+
+
 def choose_group(mode: int, d: int, m: int, gqa: int, smem_limit: int) -> int:
     """Query heads one CTA serves: the largest G in {8,4,2,1} dividing the GQA ratio whose LUT fits."""
     for g in GROUPS:
@@ -431,18 +436,10 @@ class AttentionPlan:
     OUT_ARG = 23
 
     def _layer_args(self, layer: int) -> tuple:
-        """The arguments fixed for a layer: codebooks in the kernels' layout, code and ring addresses."""
+        """The arguments fixed for a layer (:func:`paged_layer_storage`), made once per plan."""
         fixed = self._layer_fixed.get(layer)
         if fixed is None:
-            cache = self.cache
-            kc, vc = kernel_codebooks(cache.key_centroids(layer), cache.value_centroids(layer))
-            flat = cache.pool.reshape(-1)
-            fixed = self._layer_fixed[layer] = (
-                kc, vc, np.int64(kc.shape[1] * kc.shape[2] * kc.shape[3] if kc.shape[0] > 1 else 0),
-                flat[cache.code_offset(layer, 0):], flat[cache.code_offset(layer, 1):], cache.residual_k(layer),
-                cache.residual_v(layer), np.int64(cache.page_nbytes), np.int64(cache.page_size * cache.M),
-                cache.block_table, np.int32(cache.page_size.bit_length() - 1),
-            )
+            fixed = self._layer_fixed[layer] = tuple(paged_layer_storage(self.cache, layer))
         return fixed
 
     def attend(self, layer: int, q, out, lse, stream_ptr: int) -> None:
@@ -453,6 +450,43 @@ class AttentionPlan:
         bound.set_pointer(self.OUT_ARG, out.data.ptr)
         bound.set_pointer(self.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
         bound.launch(stream_ptr)
+
+
+@dataclass(frozen=True)
+class PagedLayerStorage:
+    """What a kernel reading one layer of a GPU PagedPQCache takes, in the kernels' argument order: both
+    codebooks in the kernels' fp16 ``[c][m]`` layout (:func:`kernel_codebooks`) and the elements between kv
+    heads' codebooks (0: shared), the layer's K and V code sections of the pool, its residual rings, the
+    bytes per page and per kv head of a page (``P * M``), the block table and ``log2(page_size)``."""
+
+    k_centroids: Any
+    v_centroids: Any
+    codebook_head_stride: np.int64
+    k_codes: Any
+    v_codes: Any
+    ring_k: Any
+    ring_v: Any
+    page_stride: np.int64
+    head_stride: np.int64
+    block_table: Any
+    page_shift: np.int32
+
+    def __iter__(self):
+        return iter((self.k_centroids, self.v_centroids, self.codebook_head_stride, self.k_codes, self.v_codes,
+                     self.ring_k, self.ring_v, self.page_stride, self.head_stride, self.block_table, self.page_shift))
+
+
+def paged_layer_storage(cache, layer: int) -> PagedLayerStorage:
+    """The storage of ``layer`` of a GPU cache as the paged kernels read it (codebooks converted: keep the
+    result for the layer's launches)."""
+    kc, vc = kernel_codebooks(cache.key_centroids(layer), cache.value_centroids(layer))
+    flat = cache.pool.reshape(-1)
+    return PagedLayerStorage(
+        kc, vc, np.int64(kc.shape[1] * kc.shape[2] * kc.shape[3] if kc.shape[0] > 1 else 0),
+        flat[cache.code_offset(layer, 0):], flat[cache.code_offset(layer, 1):], cache.residual_k(layer),
+        cache.residual_v(layer), np.int64(cache.page_nbytes), np.int64(cache.page_size * cache.M),
+        cache.block_table, np.int32(cache.page_size.bit_length() - 1),
+    )
 
 
 def capacity_for(batch: int) -> int:

@@ -8,36 +8,186 @@ residual window as the cache holds them after the append, so a token that became
 same call is read through its codes by every query, as later decode steps read it.
 
 * :class:`BatchPrefillWrapper` — plan once per batch of new tokens (``qo_indptr``, FlashInfer's CSR of query
-  tokens per sequence), run once per layer; no synchronisation, launches on a fixed grid from device metadata
-  (capturable in a CUDA graph for a fixed ``qo_indptr``).
+  tokens per sequence), run once per layer; no synchronisation in ``run``. The LUT regime launches on a fixed
+  grid from device metadata (capturable in a CUDA graph for a fixed ``qo_indptr``); the tensor-core regime's
+  grid follows the plan (one upload of its work list per ``plan``).
 * :func:`prefill_attention` — the one-call form; on a CPU cache it computes the float64 reference
   (:func:`million_cupy.reference.causal_attention`).
 
-Regime (the documented rule): every query token is one work item of the decode kernel, LUT-scored and cut at
-its causal length, so a batch of ``N`` query tokens costs about ``N`` one-token decodes. Chunks of at most
-:data:`LUT_QUERIES_MAX` tokens per sequence (speculative verification) are what this path is for. Longer chunks
-run the same way, counted in ``stats()["long_chunk_queries"]`` with a warning once per wrapper: the kernels
-that share code loads between a sequence's queries and the tensor-core path for long chunks are not built yet.
+Regime (the documented rule), chosen per plan:
+
+* every sequence has at most :data:`LUT_QUERIES_MAX` new tokens (speculative verification, decode-like
+  batches): each query token is one work item of the LUT-scored decode kernel, cut at its causal length; a
+  batch of ``N`` query tokens costs about ``N`` one-token decodes, and the launch is capturable in a CUDA graph
+  for a fixed ``qo_indptr``;
+* some sequence has more (chunked prefill, a multi-turn prompt): the whole batch runs on tensor cores
+  (``cuda_src/prefill_attention.cu``): per tile of 128 query rows (new token x query head of one kv head) and
+  64 cached tokens, the CTA dequantizes the tile's codes into fp16 / bf16 in shared memory (exact rows from
+  the residual ring) and runs flash attention with ``mma.sync``; a sequence's history is read once per 128 rows,
+  whatever the chunk length. Short sequences in such a batch ride along (a decode-length sequence then costs
+  about two of its LUT decodes: plan them in a wrapper of their own to avoid it). Configurations without this
+  path (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16, float16 / bfloat16) keep the LUT path for
+  long chunks, counted in ``stats()["long_chunk_queries"]`` with a warning once per wrapper.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import reference
-from .decode import AttentionPlan, attention_arrays, capacity_for, require_native_attention, softmax_scale
+from . import kernels, reference
+from .decode import (AttentionPlan, attention_arrays, capacity_for, device_sm_count, paged_layer_storage,
+                     require_native_attention, softmax_scale)
 from .errors import MillionError
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 from .layout import full_pages
 
-__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX"]
+__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "tensor_core_supported"]
 
-#: Query tokens per sequence the LUT path is meant for (speculative verification); longer chunks are counted.
-LUT_QUERIES_MAX = 16
+#: New tokens per sequence up to which a batch takes the LUT path (speculative verification); a batch with a
+#: longer chunk runs on tensor cores. Measured at 8 x 32K (H100, M = 64): the LUT path costs ~97 us per query
+#: token per sequence (q = 4: 396 us), the tensor-core path ~720 us for q = 2 to 8 and 771 us at q = 16, so the
+#: two meet near q = 8, where the LUT path keeps the fixed, capturable grid.
+LUT_QUERIES_MAX = 8
+
+TC_SOURCE = "prefill_attention.cu"
+TC_THREADS = 256  # prefill_attention.cu: 8 warps
+TC_ROWS = 128     # query rows per CTA (16 per warp)
+TC_TILE = 64      # tokens per tile; split boundaries are whole tiles
+TC_MIN_CHUNK = 1024  # tokens: a split shorter than this costs more (its codebook staging) than it saves
+TC_HEAD_DIMS = (64, 128)
+_TC_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+def tensor_core_supported(head_dim: int, M: int, dtype: str) -> bool:
+    """Whether the tensor-core long-chunk path exists for this cache configuration."""
+    return (head_dim in TC_HEAD_DIMS and M >= 16 and M % 16 == 0 and head_dim % M == 0
+            and head_dim // M in (2, 4, 8) and dtype in _TC_TYPES)
+
+
+def tensor_core_smem(head_dim: int) -> int:
+    """Dynamic shared memory of the tensor-core kernel (PrefillSmem in prefill_attention.cu): both codebooks
+    of a kv head in fp16 and two stages of one K and one V tile with 16-byte padded rows."""
+    return 2 * 2 * 256 * head_dim + 2 * 2 * 2 * TC_TILE * (head_dim + 8)
+
+
+@kernels.register_variants(TC_SOURCE)
+def _tensor_core_variants() -> list[str]:
+    out = []
+    for t in _TC_TYPES.values():
+        for d in TC_HEAD_DIMS:
+            out += [f"mc::prefill::prefill_attention<{d}, {d // dsub}, {t}>" for dsub in (2, 4, 8) if d // dsub >= 16]
+            out.append(f"mc::prefill::prefill_merge<{d}, {t}>")
+    return out
+
+
+def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_heads: int,
+                         sm_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tensor-core path's work list for sequences with ``counts`` new tokens holding ``n`` tokens each.
+
+    Units are (sequence, kv head, tile of TC_ROWS query rows), row ``j * group + h`` being new token ``j`` and
+    query head ``h`` of the kv head; a unit covers the tokens its last row attends to. When the units leave
+    SMs idle, each is cut into splits of at least TC_MIN_CHUNK tokens (whole tiles). Returns int32
+    ``units`` ``(U, 4)`` {sequence index, kv head, first row, first item} and ``items`` ``(W, 4)`` {unit, token
+    begin, token end, splits of the unit}.
+    """
+    tiles = -(-counts * group // TC_ROWS)                      # row tiles per sequence (per kv head)
+    seq = np.repeat(np.arange(counts.shape[0]), tiles * num_kv_heads)
+    within = np.arange(seq.shape[0]) - np.repeat(np.cumsum(tiles * num_kv_heads) - tiles * num_kv_heads,
+                                                 tiles * num_kv_heads)
+    kvh, tile = within // np.maximum(tiles[seq], 1), within % np.maximum(tiles[seq], 1)
+    row0 = tile * TC_ROWS
+    last_token = np.minimum(counts[seq] - 1, (row0 + TC_ROWS - 1) // group)
+    tokens = n[seq] - counts[seq] + last_token + 1             # what the unit's last row attends to
+    if seq.shape[0] >= sm_count:
+        chunk = int(tokens.max(initial=1))
+    else:
+        chunk = max(TC_MIN_CHUNK, -(-int(tokens.sum()) // sm_count))
+    chunk = -(-chunk // TC_TILE) * TC_TILE
+    splits = -(-tokens // chunk)
+    first = np.cumsum(splits) - splits
+    units = np.stack([seq, kvh, row0, first], axis=1).astype(np.int32)
+    owner = np.repeat(np.arange(seq.shape[0]), splits)
+    k = np.arange(owner.shape[0]) - first[owner]
+    begin = k * chunk
+    items = np.stack([owner, begin, np.minimum(begin + chunk, tokens[owner]), splits[owner]], axis=1).astype(np.int32)
+    return units, items
+
+
+class TensorCorePlan:
+    """The tensor-core path's metadata for one batch of new tokens over a GPU cache, and its launches."""
+
+    def __init__(self, cache, num_heads: int, scale: float) -> None:
+        self.cache = cache
+        self.num_heads = num_heads
+        self.group = num_heads // cache.num_kv_heads
+        self._scale_log2 = np.float32(scale * math.log2(math.e))
+        self._storage: dict[int, tuple] = {}
+        self._meta = None
+        self._part_o = self._part_lse = None
+        self.work_items = self.units = 0
+        self.splits = False
+
+    def plan(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream) -> None:
+        """Schedule sequences ``seq`` (slots) with the CSR query offsets ``ind``, holding ``n`` tokens each after the
+        append; one upload of the metadata on ``stream``."""
+        cp = cupy()
+        cache = self.cache
+        counts = np.diff(ind)
+        main = full_pages(n, cache.page_size, cache.residual) * cache.page_size
+        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, device_sm_count())
+        B, U, W = seq.shape[0], units.shape[0], items.shape[0]
+        parts = [(seq * cache.max_blocks_per_seq).astype(np.int64).view(np.int32),
+                 np.stack([ind[:-1], counts, n, main], axis=1).astype(np.int32).reshape(-1),
+                 seq.astype(np.int32), units.reshape(-1), items.reshape(-1)]
+        # One upload; every part starts 16-byte aligned (the kernel reads int4 records).
+        sizes = [-(-p.shape[0] // 4) * 4 for p in parts]
+        words = np.zeros(sum(sizes), dtype=np.int32)
+        starts = np.cumsum([0] + sizes[:-1])
+        for p, at in zip(parts, starts):
+            words[at : at + p.shape[0]] = p
+        with stream:
+            meta = cp.asarray(words)
+        views = [meta[at : at + p.shape[0]] for p, at in zip(parts, starts)]
+        self._page_row = views[0].view(np.int64)
+        self._seq_meta, self._res_row, self._units, self._items = views[1:]
+        self._meta = meta
+        self.units, self.work_items = U, W
+        self.splits = bool((items[:, 3] > 1).any())
+        if self.splits and (self._part_o is None or self._part_o.shape[0] < W):
+            with stream:
+                self._part_o = cp.empty((W, TC_ROWS, cache.head_dim), dtype=cp.float32)
+                self._part_lse = cp.empty((W, TC_ROWS), dtype=cp.float32)
+
+    def attend(self, layer: int, q, out, lse, stream) -> None:
+        """Launch the attention of ``q`` over ``layer`` into ``out`` (and ``lse`` or None) on ``stream``."""
+        cache = self.cache
+        d, t = cache.head_dim, _TC_TYPES[dtype_name(q.dtype)]
+        storage = self._storage.get(layer)
+        if storage is None:
+            storage = self._storage[layer] = tuple(paged_layer_storage(cache, layer))
+        kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = storage
+        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_attention<{d}, {cache.M}, {t}>")
+        smem = tensor_core_smem(d)
+        kernels.opt_in_shared_memory(kernel, smem)
+        null = np.uint64(0)
+        part_o = self._part_o if self.splits else null
+        part_lse = self._part_lse if self.splits else null
+        lse_arg = null if lse is None else lse
+        nh, nh_k = np.int32(self.num_heads), np.int32(cache.num_kv_heads)
+        with stream:
+            kernel((self.work_items,), (TC_THREADS,),
+                   (q, out, lse_arg, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.residual),
+                    page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
+                    self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
+            if self.splits:
+                merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{d}, {t}>")
+                merge((self.units,), (TC_THREADS,), (self._units, self._items, self._seq_meta, part_o, part_lse,
+                                                     out, lse_arg, nh, nh_k))
 
 
 def _indptr(qo_indptr: Any, B: int) -> np.ndarray:
@@ -90,17 +240,24 @@ class BatchPrefillWrapper:
         self._scale = scale
         self._stream = stream
         self._attn: AttentionPlan | None = None
+        self._tc: TensorCorePlan | None = None
+        self._on_tensor_cores = False  # the current plan's regime
         self._seq: np.ndarray | None = None
         self._n: np.ndarray | None = None  # each sequence's length when run() is called
         self._layers: set[int] = set()
         self._q_shape = (0, num_heads, cache.head_dim)
         self._warned_long = False
-        self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "long_chunk_queries": 0}
+        self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "long_chunk_queries": 0}
 
     @property
     def scale(self) -> float:
         """The softmax scale of the attention."""
         return softmax_scale(self.cache, self._scale)
+
+    @property
+    def on_tensor_cores(self) -> bool:
+        """Whether the current plan runs on the tensor-core path (else the LUT path; see the module's rule)."""
+        return self._on_tensor_cores
 
     def plan(self, seq_ids: Sequence[int] | np.ndarray, qo_indptr: Any, *, appended: bool = False,
              layers: Sequence[int] | None = None) -> None:
@@ -133,21 +290,29 @@ class BatchPrefillWrapper:
         if over.any():
             raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {n[over].tolist()} tokens, more "
                              f"than max_seq_len = {cache.max_seq_len}")
-        owner, main, res = causal_lengths(n, counts, cache.page_size, cache.residual)
-        N = owner.shape[0]
-        attn = self._attn
-        if attn is None or attn.capacity < N:
-            attn = self._attn = AttentionPlan(cache, self.num_heads, capacity_for(N), scale=self._scale)
-        items = seq[owner]  # each query token is a work item over its sequence's pages and ring
-        if not attn.covers(items, main):
-            attn.schedule(items, main)
-        attn.update(items, main.astype(np.int32), res.astype(np.int32), as_stream(self._stream))
+        N = int(ind[-1])
         long = int(counts[counts > LUT_QUERIES_MAX].sum())
+        self._on_tensor_cores = bool(long) and tensor_core_supported(cache.head_dim, cache.M, cache.dtype)
+        if self._on_tensor_cores:
+            if self._tc is None:
+                self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
+            self._tc.plan(seq, ind, n, as_stream(self._stream))
+            self._stats["tensor_core_plans"] += 1
+            long = 0
+        else:
+            owner, main, res = causal_lengths(n, counts, cache.page_size, cache.residual)
+            attn = self._attn
+            if attn is None or attn.capacity < N:
+                attn = self._attn = AttentionPlan(cache, self.num_heads, capacity_for(N), scale=self._scale)
+            items = seq[owner]  # each query token is a work item over its sequence's pages and ring
+            if not attn.covers(items, main):
+                attn.schedule(items, main)
+            attn.update(items, main.astype(np.int32), res.astype(np.int32), as_stream(self._stream))
         if long and not self._warned_long:
             warnings.warn(f"BatchPrefillWrapper: {long} query tokens belong to chunks longer than "
-                          f"{LUT_QUERIES_MAX} per sequence; they run the per-token LUT path, whose cost grows "
-                          f"with the query count (the long-chunk tensor-core path is not built)",
-                          RuntimeWarning, stacklevel=2)
+                          f"{LUT_QUERIES_MAX} per sequence; this configuration (head_dim {cache.head_dim}, "
+                          f"M {cache.M}, {cache.dtype}) has no tensor-core path, so they run the per-token LUT "
+                          f"path, whose cost grows with the query count", RuntimeWarning, stacklevel=2)
             self._warned_long = True
         self._seq, self._n, self._layers = seq, n, set(planned)
         self._q_shape = (N, self.num_heads, cache.head_dim)
@@ -160,8 +325,7 @@ class BatchPrefillWrapper:
         over ``layer``. Returns ``out`` (``(N, num_heads, head_dim)``), or ``(out, lse)`` with ``return_lse`` or a
         given ``lse`` (float32 ``(N, num_heads)``, natural log). Raises MillionError when the layer does not
         hold the planned lengths (append the new tokens first)."""
-        attn = self._attn
-        if attn is None:
+        if self._seq is None:
             raise MillionError("run() before plan(): call plan(seq_ids, qo_indptr) first")
         cache = self.cache
         layer = cache.check_layer(layer)
@@ -174,13 +338,18 @@ class BatchPrefillWrapper:
                                f"{int(self._n[b])} tokens, it holds {int(held[b])} (append the new tokens to this "
                                f"layer before run, or plan again)")
         q, out, lse = attention_arrays(q, out, lse, return_lse, self._q_shape, cache.array_dtype)
-        attn.attend(layer, q, out, lse, as_stream(self._stream).ptr)
+        stream = as_stream(self._stream)
+        if self._on_tensor_cores:
+            self._tc.attend(layer, q, out, lse, stream)
+        else:
+            self._attn.attend(layer, q, out, lse, stream.ptr)
         self._stats["runs"] += 1
         return (out, lse) if (return_lse or lse is not None) else out
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``plans``, ``runs``, ``query_tokens`` planned, ``long_chunk_queries`` (query tokens of
-        chunks longer than LUT_QUERIES_MAX, which run the per-token LUT path; warned once)."""
+        """Counters: ``plans``, ``runs``, ``query_tokens`` planned, ``tensor_core_plans`` (plans that took the
+        tensor-core path), ``long_chunk_queries`` (query tokens of chunks longer than LUT_QUERIES_MAX that ran the
+        per-token LUT path because the configuration has no tensor-core path; warned once)."""
         return dict(self._stats)
 
 

@@ -9,7 +9,7 @@ import million_cupy as mc
 from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
 from million_cupy.errors import UnsupportedConfiguration
 from million_cupy.layout import full_pages
-from million_cupy.prefill import causal_lengths
+from million_cupy.prefill import TC_ROWS, TC_TILE, causal_lengths, tensor_core_schedule, tensor_core_supported
 
 
 def _cache(rng, P=16, R=32, nh_k=2, d=64, M=16):
@@ -17,6 +17,37 @@ def _cache(rng, P=16, R=32, nh_k=2, d=64, M=16):
                            [Codebook(rng.standard_normal((M, 256, d // M)).astype(np.float32))])
     return PagedPQCache(1, nh_k, d, books, page_size=P, residual=R, max_pages=64, max_seqs=4, max_seq_len=512,
                         dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("sm_count", [1, 8, 132])
+def test_tensor_core_schedule_covers_every_row_and_causal_token_once(sm_count):
+    counts = np.array([200, 1, 40, 0, 17])  # a sequence may have no new token
+    n = np.array([500, 3000, 40, 9, 17 + 64])
+    group, nh_k = 4, 2
+    units, items = tensor_core_schedule(counts, n, group, nh_k, sm_count)
+    # Every (sequence, kv head, row) is in exactly one unit; a unit's items cover [0, tokens its last row sees).
+    seen = {}
+    for u, (b, kvh, row0, first) in enumerate(units):
+        mine = items[items[:, 0] == u]
+        assert mine.shape[0] == mine[0, 3] and (mine[:, 3] == mine.shape[0]).all() and mine[0, 0] == u
+        assert np.flatnonzero(items[:, 0] == u)[0] == first
+        assert mine[0, 1] == 0 and (mine[1:, 1] == mine[:-1, 2]).all() and (mine[:, 1] % TC_TILE == 0).all()
+        last_row = min(counts[b] * group, row0 + TC_ROWS) - 1
+        assert mine[-1, 2] == n[b] - counts[b] + last_row // group + 1
+        for r in range(row0, min(counts[b] * group, row0 + TC_ROWS)):
+            seen[(b, kvh, r)] = seen.get((b, kvh, r), 0) + 1
+    assert seen == {(b, h, r): 1 for b in range(5) for h in range(nh_k) for r in range(counts[b] * group)}
+    if sm_count == 132:  # the units leave SMs idle: the long history is split
+        assert items.shape[0] > units.shape[0]
+
+
+def test_tensor_core_path_configurations():
+    assert tensor_core_supported(128, 64, "float16") and tensor_core_supported(128, 32, "bfloat16")
+    assert tensor_core_supported(64, 16, "float16")
+    assert not tensor_core_supported(256, 64, "float16")   # head_dim 256: the LUT path
+    assert not tensor_core_supported(128, 8, "float16")    # M < 16
+    assert not tensor_core_supported(128, 128, "float16")  # one dim per subspace
+    assert not tensor_core_supported(128, 64, "float32")
 
 
 def test_causal_lengths_follow_the_final_flush_state():
