@@ -28,10 +28,6 @@ constexpr int NWARPS = NT / 32;
 constexpr float LN2 = 0.6931471805599453f;
 #define kInf __int_as_float(0x7f800000)
 
-template <int BYTES> struct VecOf;
-template <> struct VecOf<8> { using type = uint2; };
-template <> struct VecOf<16> { using type = uint4; };
-
 constexpr int K_RUN = 4;  // lookups summed in fp16 before folding into the fp32 score
 
 // run[] (+)= LUT entry for the whole GQA group at shared address `addr`, read with one vector load.

@@ -52,6 +52,11 @@ __device__ __forceinline__ unsigned short lds_u16(unsigned int addr) {
   return v;
 }
 
+// The vector type of BYTES bytes (8 or 16).
+template <int BYTES> struct VecOf;
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<16> { using type = uint4; };
+
 // Convert 16 bytes holding 16 / sizeof(T) values of T to floats.
 template <typename T>
 __device__ __forceinline__ void unpack16(const uint4& v, float* f) {

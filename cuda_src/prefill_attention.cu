@@ -26,10 +26,6 @@ constexpr float LN2 = 0.6931471805599453f;
 #define kNegInf (-__int_as_float(0x7f800000))
 
 // Two values of T in one 32-bit register (the MMA operand format), and T's MMA.
-template <int BYTES> struct VecOf;
-template <> struct VecOf<8> { using type = uint2; };
-template <> struct VecOf<16> { using type = uint4; };
-
 template <typename T> struct Ops;
 template <> struct Ops<__half> {
   static __device__ __forceinline__ unsigned pack(float x, float y) {
@@ -97,7 +93,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     const long long* __restrict__ page_row,     // (B): index in page_table of the sequence's first page
     const int* __restrict__ res_row,            // (B): ring row (sequence slot)
     const int4* __restrict__ units,             // (U): {b, kv head, first query row of the tile, first item}
-    const int4* __restrict__ items,             // (W): {unit, token begin, token end, splits of the unit}; unit < 0: padding
+    const int4* __restrict__ items,             // (W): {unit, token begin, token end, splits of the unit}
     float* __restrict__ part_o,                 // (W, BM, D)
     float* __restrict__ part_lse,               // (W, BM) log2
     int nh, int nh_k, float scale_log2) {
@@ -123,7 +119,6 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     if (dyn < S::total) __trap();  // the host sizes shared memory from the same formula
   }
   const int4 item = items[blockIdx.x];
-  if (item.x < 0) return;  // padding of a fixed grid
   const int4 unit = units[item.x];
   const int b = unit.x, kvh = unit.y, row0 = unit.z;
   const int4 sm = seq_meta[b];
@@ -437,7 +432,6 @@ __global__ void __launch_bounds__(NT) prefill_merge(
     const float* __restrict__ part_o, const float* __restrict__ part_lse,
     T* __restrict__ out, float* __restrict__ lse_out, int nh, int nh_k) {
   const int4 unit = units[blockIdx.x];
-  if (unit.x < 0) return;
   const int first = unit.w;
   const int splits = items[first].w;
   if (splits <= 1) return;
