@@ -639,6 +639,8 @@ class PagedPQCache:
         if target.shape != seqs.shape or (target.size and target.dtype.kind not in "iu"):
             raise ValueError(f"tokens: expected {seqs.shape[0]} integer lengths (one per sequence), got "
                              f"{target.dtype} of shape {target.shape}")
+        if (target < 0).any():
+            raise ValueError(f"tokens: expected non-negative lengths, got {target[target < 0].tolist()}")
         self._check_max_len(seqs, target, "ensure_capacity")
         with self._on_stream():
             self._grow(seqs, blocks(target.astype(np.int64), self._P), "ensure_capacity")

@@ -31,7 +31,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -439,7 +439,7 @@ class AttentionPlan:
         """The arguments fixed for a layer (:func:`paged_layer_storage`), made once per plan."""
         fixed = self._layer_fixed.get(layer)
         if fixed is None:
-            fixed = self._layer_fixed[layer] = tuple(paged_layer_storage(self.cache, layer))
+            fixed = self._layer_fixed[layer] = paged_layer_storage(self.cache, layer)
         return fixed
 
     def attend(self, layer: int, q, out, lse, stream_ptr: int) -> None:
@@ -452,8 +452,7 @@ class AttentionPlan:
         bound.launch(stream_ptr)
 
 
-@dataclass(frozen=True)
-class PagedLayerStorage:
+class PagedLayerStorage(NamedTuple):
     """What a kernel reading one layer of a GPU PagedPQCache takes, in the kernels' argument order: both
     codebooks in the kernels' fp16 ``[c][m]`` layout (:func:`kernel_codebooks`) and the elements between kv
     heads' codebooks (0: shared), the layer's K and V code sections of the pool, its residual rings, the
@@ -470,10 +469,6 @@ class PagedLayerStorage:
     head_stride: np.int64
     block_table: Any
     page_shift: np.int32
-
-    def __iter__(self):
-        return iter((self.k_centroids, self.v_centroids, self.codebook_head_stride, self.k_codes, self.v_codes,
-                     self.ring_k, self.ring_v, self.page_stride, self.head_stride, self.block_table, self.page_shift))
 
 
 def paged_layer_storage(cache, layer: int) -> PagedLayerStorage:

@@ -24,8 +24,10 @@ Regime (the documented rule), chosen per plan:
   (``cuda_src/prefill_attention.cu``): per tile of 128 query rows (new token x query head of one kv head) and
   64 cached tokens, the CTA dequantizes the tile's codes into fp16 / bf16 in shared memory (exact rows from
   the residual ring) and runs flash attention with ``mma.sync``; a sequence's history is read once per 128 rows,
-  whatever the chunk length. Short sequences in such a batch ride along (a decode-length sequence then costs
-  about two of its LUT decodes: plan them in a wrapper of their own to avoid it). Configurations without this
+  whatever the chunk length. Short sequences in such a batch ride along: one with a few new tokens then
+  costs what a 128-row tile over its whole history costs (8 x 32K, H100: ~720 us against ~105 us per LUT-path
+  query token), counted in ``stats()["short_queries_on_tensor_cores"]`` and warned about once; plan them in a
+  wrapper of their own to avoid it. Configurations without this
   path (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16, float16 / bfloat16) keep the LUT path for
   long chunks, counted in ``stats()["long_chunk_queries"]`` with a warning once per wrapper.
 """
@@ -40,8 +42,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import kernels, reference
-from .decode import (AttentionPlan, attention_arrays, capacity_for, device_sm_count, paged_layer_storage,
-                     require_native_attention, softmax_scale)
+from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, device_sm_count,
+                     paged_layer_storage, require_native_attention, softmax_scale)
 from .errors import MillionError
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 from .layout import full_pages
@@ -126,7 +128,7 @@ class TensorCorePlan:
         self.num_heads = num_heads
         self.group = num_heads // cache.num_kv_heads
         self._scale_log2 = np.float32(scale * math.log2(math.e))
-        self._storage: dict[int, tuple] = {}
+        self._storage: dict[int, PagedLayerStorage] = {}
         self._meta = None
         self._part_o = self._part_lse = None
         self.work_items = self.units = 0
@@ -169,7 +171,7 @@ class TensorCorePlan:
         d, t = cache.head_dim, _TC_TYPES[dtype_name(q.dtype)]
         storage = self._storage.get(layer)
         if storage is None:
-            storage = self._storage[layer] = tuple(paged_layer_storage(cache, layer))
+            storage = self._storage[layer] = paged_layer_storage(cache, layer)
         kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = storage
         kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_attention<{d}, {cache.M}, {t}>")
         smem = tensor_core_smem(d)
@@ -246,8 +248,9 @@ class BatchPrefillWrapper:
         self._n: np.ndarray | None = None  # each sequence's length when run() is called
         self._layers: set[int] = set()
         self._q_shape = (0, num_heads, cache.head_dim)
-        self._warned_long = False
-        self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "long_chunk_queries": 0}
+        self._warned: set[str] = set()  # the slow paths warned about (_warn_once)
+        self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0,
+                       "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0}
 
     @property
     def scale(self) -> float:
@@ -299,6 +302,13 @@ class BatchPrefillWrapper:
             self._tc.plan(seq, ind, n, as_stream(self._stream))
             self._stats["tensor_core_plans"] += 1
             long = 0
+            short = int(counts[counts <= LUT_QUERIES_MAX].sum())
+            self._stats["short_queries_on_tensor_cores"] += short
+            if short:
+                self._warn_once("short", f"{short} query tokens of sequences with at most {LUT_QUERIES_MAX} new tokens "
+                                f"run on the tensor-core path beside a longer chunk; each such sequence costs a "
+                                f"128-row tile over its whole history (plan short sequences in a wrapper of their "
+                                f"own for the LUT path)")
         else:
             owner, main, res = causal_lengths(n, counts, cache.page_size, cache.residual)
             attn = self._attn
@@ -308,17 +318,22 @@ class BatchPrefillWrapper:
             if not attn.covers(items, main):
                 attn.schedule(items, main)
             attn.update(items, main.astype(np.int32), res.astype(np.int32), as_stream(self._stream))
-        if long and not self._warned_long:
-            warnings.warn(f"BatchPrefillWrapper: {long} query tokens belong to chunks longer than "
-                          f"{LUT_QUERIES_MAX} per sequence; this configuration (head_dim {cache.head_dim}, "
-                          f"M {cache.M}, {cache.dtype}) has no tensor-core path, so they run the per-token LUT "
-                          f"path, whose cost grows with the query count", RuntimeWarning, stacklevel=2)
-            self._warned_long = True
+        if long:
+            self._warn_once("long", f"{long} query tokens belong to chunks longer than {LUT_QUERIES_MAX} per sequence; "
+                            f"this configuration (head_dim {cache.head_dim}, M {cache.M}, {cache.dtype}) has no "
+                            f"tensor-core path, so they run the per-token LUT path, whose cost grows with the query "
+                            f"count")
         self._seq, self._n, self._layers = seq, n, set(planned)
         self._q_shape = (N, self.num_heads, cache.head_dim)
         self._stats["plans"] += 1
         self._stats["query_tokens"] += N
         self._stats["long_chunk_queries"] += long
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """A RuntimeWarning for the caller of plan(), once per wrapper and kind of slow path."""
+        if kind not in self._warned:
+            warnings.warn(f"BatchPrefillWrapper: {message}", RuntimeWarning, stacklevel=3)
+            self._warned.add(kind)
 
     def run(self, layer: int, q: Any, *, out: Any = None, lse: Any = None, return_lse: bool = False):
         """Attention of the planned query tokens ``q`` ``(N, num_heads, head_dim)`` (CSR order, the cache dtype)
@@ -348,7 +363,9 @@ class BatchPrefillWrapper:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``plans``, ``runs``, ``query_tokens`` planned, ``tensor_core_plans`` (plans that took the
-        tensor-core path), ``long_chunk_queries`` (query tokens of chunks longer than LUT_QUERIES_MAX that ran the
+        tensor-core path), ``short_queries_on_tensor_cores`` (query tokens of sequences with at most
+        LUT_QUERIES_MAX new tokens planned on the tensor-core path beside a longer chunk; warned once),
+        ``long_chunk_queries`` (query tokens of chunks longer than LUT_QUERIES_MAX that ran the
         per-token LUT path because the configuration has no tensor-core path; warned once)."""
         return dict(self._stats)
 

@@ -610,6 +610,7 @@ def _bad_calls(cache, rng, a, b, freed):
         ("capacity shape", ValueError, "one per sequence", lambda: cache.ensure_capacity([a, b], [120])),
         ("capacity floats", ValueError, "integer lengths", lambda: cache.ensure_capacity([a], [120.0])),
         ("capacity duplicates", ValueError, "distinct", lambda: cache.ensure_capacity([b, b], [120, 120])),
+        ("capacity negative", ValueError, "non-negative", lambda: cache.ensure_capacity([a, b], [120, -1])),
         ("fork freed", ValueError, "not live", lambda: cache.fork(freed)),
         ("free twice", ValueError, "not live", lambda: cache.free(freed)),
         ("page_table unknown", ValueError, "not live", lambda: cache.page_table(0, [a, freed])),

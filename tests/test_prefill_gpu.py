@@ -87,6 +87,7 @@ def test_tensor_core_prefill_matches_the_causal_reference(rng, dtype, gqa, M, P)
         _check_layer_and_one_call(rng, cache, wrapper, layer, seqs, ind, nh, dtype)
     stats = wrapper.stats()
     assert stats["tensor_core_plans"] == 1 and stats["long_chunk_queries"] == 0
+    assert stats["short_queries_on_tensor_cores"] == 1  # the sequence with one new token rode along
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
