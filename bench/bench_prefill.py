@@ -3,8 +3,10 @@
 Shapes: nh = 32, nh_k = 8, d = 128, page 64, window 128, float16, M = 64 and 32, one layer. Records (suite
 "prefill"), GPU time with calls queued back to back (bench/harness.py):
 
-* ``verify``: ``q`` = 4, 8, 16 and 32 new tokens per sequence at 8 x 32K (speculative verification), against
-  the one-token decode of the same batch (``vs_decode``; the issue's targets are 1.5x and 2x at q = 4 and 8);
+* ``verify``: ``q`` = 2, 4, 8, 16 and 32 new tokens per sequence at 8 x 32K (speculative verification), against
+  the one-token decode of the same batch (``vs_decode``; the issue's targets are 1.5x and 2x at q = 4 and 8),
+  with each ``backend`` of BatchPrefillWrapper (``auto``: the documented rule; ``lut``, ``tensor_cores``
+  forced), which is how LUT_QUERIES_MAX is measured;
 * ``chunk``: a 2K-token chunk over a 32K-token history, batch 1 and 4, against PyTorch SDPA (fp16, flash or
   efficient backend, the lower-right causal mask) over the same exact history (``vs_sdpa``; target 1.3x);
 * ``chunked_prompt``: a 32K-token prompt in 2K chunks, each appended then attended, end to end (wall time,
@@ -39,6 +41,7 @@ def _q(cp, n, seed=3):
 
 def bench_verify(cp, M, batch, context, counts) -> list[dict]:
     from million_cupy import BatchDecodeWrapper, BatchPrefillWrapper
+    from million_cupy.prefill import BACKENDS
 
     cache, seqs = build_cache(cp, batch, context, M, spare_tokens=max(counts))
     decode = BatchDecodeWrapper(cache, num_heads=NH)
@@ -47,14 +50,16 @@ def bench_verify(cp, M, batch, context, counts) -> list[dict]:
     base = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
     records = [{"suite": "prefill", "method": "decode_one_token", "batch": batch, "context": context, "M": M,
                 "queries_per_seq": 1, "median_us": base}]
-    prefill = BatchPrefillWrapper(cache, NH)
     for c in counts:
         ind = np.arange(batch + 1) * c
-        prefill.plan(seqs, ind, appended=True)  # the last c tokens of the history are the "new" ones
         q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
-        t = harness.time_gpu(lambda: prefill.run(0, q, out=o), **TIMING)["median_us"]
-        records.append({"suite": "prefill", "method": "verify", "batch": batch, "context": context, "M": M,
-                        "queries_per_seq": c, "median_us": t, "vs_decode": t / base, "path": _path(prefill)})
+        for backend in BACKENDS:
+            prefill = BatchPrefillWrapper(cache, NH, backend=backend)
+            prefill.plan(seqs, ind, appended=True)  # the last c tokens of the history are the "new" ones
+            t = harness.time_gpu(lambda: prefill.run(0, q, out=o), **TIMING)["median_us"]
+            records.append({"suite": "prefill", "method": "verify", "batch": batch, "context": context, "M": M,
+                            "queries_per_seq": c, "backend": backend, "median_us": t, "vs_decode": t / base,
+                            "path": _path(prefill)})
     return records
 
 
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
     ctx = 8192 if args.quick else 32768
     records = []
     for M in (64, 32):
-        records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (4, 8, 16, 32))
+        records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (2, 4, 8, 16, 32))
         for batch in (1, 4):
             records += bench_chunk(cp, torch, M, batch, ctx, 512 if args.quick else 2048)
         records += bench_chunked_prompt(cp, torch, M, ctx, 512 if args.quick else 2048)

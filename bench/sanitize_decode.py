@@ -7,8 +7,9 @@ Ragged batch (0, 3 and 40 pages; 5, 0 and 63 residual tokens), splits merged by 
 geometries (d = 128 / M = 64 / GQA 4 / page 64, and d = 64 / M = 16 / GQA 4 / page 16). Then the decode
 step (DecodeStep): bulk appends of ragged prompts (the thread-per-row encoder), steps whose sequences flush
 in the same and in different steps (the lane-group encoder and the padded, fixed-grid attention), several
-new tokens per sequence (BatchPrefillWrapper: the LUT path, and the tensor-core path with a chunk crossing a
-flush and a split history), a CUDA graph replay, and a replay
+new tokens per sequence (BatchPrefillWrapper: the LUT path, the tensor-core path with a chunk crossing a
+flush and a split history, and few rows forced onto tensor cores: 1 and 2 row tiles per CTA, the warps'
+states merged), a CUDA graph replay, and a replay
 after the batch changed (the device guard).
 Both tools reported no error and no hazard on an H200 (2026-11-27; the step cases: see the closing note of
 the session that added them; the LUT prefill case on 2026-12-02: racecheck 0 hazards, memcheck no kernel error,
@@ -81,8 +82,9 @@ def step_cases(rng) -> None:
         x = cp.asarray(rng.standard_normal((1100, nh_k, d)).astype(np.float16))
         for layer in range(2):
             cache.append(layer, [seqs[0]], x, x, lengths=[1100])
-        for counts in ([1, 4, 7], [1, 4, 2 * P + 1]):
-            prefill = BatchPrefillWrapper(cache, nh)
+        for counts, backend in (([1, 4, 7], "lut"), ([1, 2, 3], "tensor_cores"), ([1, 4, 7], "tensor_cores"),
+                                ([1, 4, 2 * P + 1], "auto")):
+            prefill = BatchPrefillWrapper(cache, nh, backend=backend)
             prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
             xs = cp.asarray(rng.standard_normal((sum(counts), nh_k, d)).astype(np.float16))
             qs = cp.asarray(rng.standard_normal((sum(counts), nh, d)).astype(np.float16))

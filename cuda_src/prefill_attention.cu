@@ -1,9 +1,12 @@
 // Causal attention of long chunks of new tokens over the PQ cache, on tensor cores (chunked prefill,
 // multi-turn prompts).
 //
-// One CTA of 8 warps serves one work item: a (sequence, kv head, tile of 128 query rows, token range)
+// One CTA of 8 warps serves one work item: a (sequence, kv head, tile of 16 * RT query rows, token range)
 // quadruple planned on the host (prefill.TensorCorePlan). A query row is one (new token j, query head h of the
 // kv head's group) pair, row = j * G + h, so the GQA group and the chunk's tokens share every K / V tile.
+// The warps are RT row tiles of 16 rows x 8 / RT token groups: with few rows (speculative verification, RT = 1)
+// every warp still has MMA work, on its own slice of each tile, with its own softmax state; the token groups'
+// states are merged through shared memory at the end. RT = 8 gives each warp 16 rows and whole tiles.
 // Per 64-token tile, the CTA first dequantizes the tile into shared memory (fp16 / bf16, [token][dim]):
 // PQ tokens (in full pages) by gathering centroids from the kv head's two codebooks, staged in shared memory
 // once per CTA; residual tokens by copying their exact rows from the ring. Each warp then runs flash
@@ -20,9 +23,9 @@ namespace prefill {
 
 constexpr int NWARPS = 8;
 constexpr int NT = NWARPS * 32;
-constexpr int BM = NWARPS * 16;  // query rows per CTA: one m16 tile per warp
 constexpr int BN = 64;           // tokens per tile
 constexpr float LN2 = 0.6931471805599453f;
+constexpr float RESCALE_SLACK = 8.f;  // log2 units a score may exceed the row's reference max by
 #define kNegInf (-__int_as_float(0x7f800000))
 
 // Two values of T in one 32-bit register (the MMA operand format), and T's MMA.
@@ -39,6 +42,10 @@ template <> struct Ops<__half> {
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+  static __device__ __forceinline__ void mma_k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(b0));
+  }
 };
 template <> struct Ops<__nv_bfloat16> {
   static __device__ __forceinline__ unsigned pack(float x, float y) {
@@ -53,6 +60,10 @@ template <> struct Ops<__nv_bfloat16> {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void mma_k8(float (&c)[4], unsigned a0, unsigned a1, unsigned b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(b0));
   }
 };
 
@@ -72,9 +83,12 @@ struct PrefillSmem {
   static constexpr size_t codebook_bytes = sizeof(__half) * 256 * D;  // one kind, [c][m][dsub]
   static constexpr size_t tile_bytes = 2 * BN * ROW;                  // one kind, [token][ROW] of 2-byte T
   static constexpr size_t total = 2 * codebook_bytes + 2 * STAGES * tile_bytes;
+  // The token groups' states (o and the row statistics, fragment order) reuse the tile buffers at the end.
+  static constexpr size_t merge_bytes = sizeof(float) * NWARPS * 32 * (D / 2 + 4);
+  static_assert(merge_bytes <= 2 * STAGES * tile_bytes, "merge area");
 };
 
-template <int D, int M, typename T>
+template <int D, int M, typename T, int RT>
 __global__ void __launch_bounds__(NT, 1) prefill_attention(
     const T* __restrict__ q,                    // (N, nh, D): the new tokens' queries, CSR order
     T* __restrict__ out,                        // (N, nh, D)
@@ -94,10 +108,14 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     const int* __restrict__ res_row,            // (B): ring row (sequence slot)
     const int4* __restrict__ units,             // (U): {b, kv head, first query row of the tile, first item}
     const int4* __restrict__ items,             // (W): {unit, token begin, token end, splits of the unit}
-    float* __restrict__ part_o,                 // (W, BM, D)
-    float* __restrict__ part_lse,               // (W, BM) log2
+    float* __restrict__ part_o,                 // (W, 16 * RT, D)
+    float* __restrict__ part_lse,               // (W, 16 * RT) log2
     int nh, int nh_k, float scale_log2) {
   using S = PrefillSmem<D>;
+  static_assert(RT == 1 || RT == 2 || RT == 4 || RT == 8, "RT");
+  constexpr int BM = 16 * RT;       // query rows per CTA
+  constexpr int TG = NWARPS / RT;   // token groups
+  constexpr int NW = BN / TG;       // tokens of a tile per warp
   constexpr int DSUB = D / M;
   constexpr int ROW = S::ROW;
   constexpr int ROT = M < 32 ? M : 32;                 // K-row permutation period (layout.permute_k_rows)
@@ -113,6 +131,8 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   T* tiles = reinterpret_cast<T*>(vc_s + 256 * D);  // per stage: K tile, then V tile
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rt = warp / TG, tg = warp % TG;  // this warp's row tile and token group
+  const int tok0 = tg * NW;                  // its slice of every tile
   if (tid == 0) {
     unsigned int dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
@@ -149,7 +169,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 
   // ---- this warp's 16 query rows: Q fragments in registers, causal limits ----------------------------
   const int g = lane >> 2, i4 = lane & 3;
-  const int rA = row0 + warp * 16 + g, rB = rA + 8;
+  const int rA = row0 + rt * 16 + g, rB = rA + 8;
   const bool vA = rA < rows, vB = rB < rows;
   const int jA = vA ? rA / G : 0, jB = vB ? rB / G : 0;
   const T* qA = q + ((long long)(sm.x + jA) * nh + kvh * G + (vA ? rA % G : 0)) * D;
@@ -171,6 +191,8 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   for (int off = 16; off > 0; off >>= 1) warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, off));
 
   // ---- tile staging: codes into registers (one tile ahead), then dequantized into shared memory -------
+  // (Loading the page ids an iteration before their codes, to take the page table's latency off the
+  // dependent load, measured 7 % slower on an H200: more registers live across the MMAs.)
   uint4 kreg[KT], vreg[VT];
   auto load_codes = [&](int x0) {
 #pragma unroll
@@ -291,14 +313,25 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 #pragma unroll
   for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
   float mA = kNegInf, mB = kNegInf, lA = 0.f, lB = 0.f;
+  auto scale_o = [&](float a, float b) {  // rows A (g) by a, rows B (g + 8) by b
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      o[nd][0] *= a;
+      o[nd][1] *= a;
+      o[nd][2] *= b;
+      o[nd][3] *= b;
+    }
+  };
   const unsigned tiles32 = smem_addr(tiles);
   constexpr unsigned STAGE_BYTES = 2 * BN * ROW * 2, V_AT = BN * ROW * 2;
   // ldmatrix row addresses: lane l supplies row l % 8 of 8x8 matrix l / 8.
   const int mat = lane >> 3, mrow = lane & 7;
   // K (B operand of Q K^T, [token][dim]): matrices (dims +0, +8, +16, +24) of 8 tokens.
   const unsigned k_lane = tiles32 + (unsigned)(mrow * ROW + mat * 8) * 2;
-  // V (B operand of P V, transposed): matrices (tokens +0, +8) x (dims +0, +8).
-  const unsigned v_lane = tiles32 + V_AT + (unsigned)(((mat & 1) * 8 + mrow) * ROW + (mat >> 1) * 8) * 2;
+  // V (B operand of P V, transposed): matrices (tokens +0, +8) x (dims +0, +8); with 8 tokens per warp
+  // (m16n8k8), matrices of dims +0, +8, +16, +24.
+  const unsigned v_lane = NW >= 16 ? tiles32 + V_AT + (unsigned)(((tok0 + (mat & 1) * 8 + mrow) * ROW + (mat >> 1) * 8) * 2)
+                                   : tiles32 + V_AT + (unsigned)(((tok0 + mrow) * ROW + mat * 8) * 2);
 
   // Two tile buffers and one barrier per tile: a warp dequantizes the next tile, then computes on the
   // current one, so one warp's shared-memory work overlaps another's MMAs (measured on an H100: a 2K chunk
@@ -314,28 +347,35 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     if (x0 > t_begin) __syncthreads();  // the tile filled last time is complete, the one before consumed
     if (x0 + BN < t_end) fill_tile(x0 + BN, stage ^ 1);
     if (x0 + 2 * BN < t_end) load_codes(x0 + 2 * BN);
-    if (x0 >= warp_lim) continue;  // causal: no row of this warp reaches this tile
+    if (x0 + tok0 >= warp_lim) continue;  // causal: no row of this warp reaches its slice of this tile
     const unsigned stage_at = stage * STAGE_BYTES;
 
-    float s[BN / 8][4];
+    // S = Q K^T; with one or two 8-token blocks per warp, each block's k-steps go to two accumulators
+    // (summed after) so that the MMAs are not one dependent chain.
+    constexpr int CHAINS = NW / 8 >= 4 ? 1 : 2;
+    float s[NW / 8][4], s2[NW / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) {
+    for (int nb = 0; nb < NW / 8; ++nb) {
       s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+      s2[nb][0] = s2[nb][1] = s2[nb][2] = s2[nb][3] = 0.f;
 #pragma unroll
       for (int kb = 0; kb < D / 16; kb += 2) {
         unsigned kf[4];
-        ldmatrix_x4(kf, k_lane + stage_at + (unsigned)(nb * 8 * ROW + kb * 16) * 2);
+        ldmatrix_x4(kf, k_lane + stage_at + (unsigned)((tok0 + nb * 8) * ROW + kb * 16) * 2);
         Ops<T>::mma(s[nb], qf[kb], kf[0], kf[1]);
-        Ops<T>::mma(s[nb], qf[kb + 1], kf[2], kf[3]);
+        Ops<T>::mma(CHAINS == 2 ? s2[nb] : s[nb], qf[kb + 1], kf[2], kf[3]);
       }
+      if constexpr (CHAINS == 2)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nb][e] += s2[nb][e];
     }
     // Mask (causal and the item's end), scale into the log2 domain, online softmax per row.
     float mxA = kNegInf, mxB = kNegInf;
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb)
+    for (int nb = 0; nb < NW / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int x = x0 + nb * 8 + 2 * i4 + (e & 1);
+        const int x = x0 + tok0 + nb * 8 + 2 * i4 + (e & 1);
         const int lim = min(e < 2 ? limA : limB, t_end);
         s[nb][e] = x < lim ? s[nb][e] * scale_log2 : kNegInf;
         if (e < 2) mxA = fmaxf(mxA, s[nb][e]); else mxB = fmaxf(mxB, s[nb][e]);
@@ -345,7 +385,11 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
       mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
       mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
     }
-    const float mnA = fmaxf(mA, mxA), mnB = fmaxf(mB, mxB);
+    // Lazy rescaling: the reference max moves only when a score exceeds it by more than RESCALE_SLACK (log2),
+    // so p stays <= 2^RESCALE_SLACK (exact in fp16 / bf16 as a value, fp32 sums) and the O rescale below,
+    // D / 2 multiplies per lane, runs only on the few tiles where some row of the warp moved its max.
+    const float mnA = mxA > mA + RESCALE_SLACK ? mxA : mA, mnB = mxB > mB + RESCALE_SLACK ? mxB : mB;
+    const bool moved = __any_sync(0xffffffffu, mnA != mA || mnB != mB);
     // A row that has seen no token yet keeps max -inf; exponents are then taken from 0 (all p = 0).
     const float baseA = mnA == kNegInf ? 0.f : mnA, baseB = mnB == kNegInf ? 0.f : mnB;
     const float alphaA = fast_exp2(mA - baseA), alphaB = fast_exp2(mB - baseB);
@@ -353,7 +397,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     mB = mnB;
     float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) {
+    for (int nb = 0; nb < NW / 8; ++nb) {
       s[nb][0] = fast_exp2(s[nb][0] - baseA);
       s[nb][1] = fast_exp2(s[nb][1] - baseA);
       s[nb][2] = fast_exp2(s[nb][2] - baseB);
@@ -363,16 +407,20 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     }
     lA = lA * alphaA + sumA;  // per-lane partial sums: the four lanes of a row are added at the end
     lB = lB * alphaB + sumB;
+    if (moved) scale_o(alphaA, alphaB);
+    // O += P V: the score accumulators are the A operand (16 rows x 16 tokens per k-block, or x 8) as they are.
+    if constexpr (NW == 8) {
+      const unsigned pa0 = Ops<T>::pack(s[0][0], s[0][1]), pa1 = Ops<T>::pack(s[0][2], s[0][3]);
 #pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      o[nd][0] *= alphaA;
-      o[nd][1] *= alphaA;
-      o[nd][2] *= alphaB;
-      o[nd][3] *= alphaB;
+      for (int nd = 0; nd < D / 8; nd += 4) {
+        unsigned vf[4];
+        ldmatrix_x4_trans(vf, v_lane + stage_at + (unsigned)(nd * 8) * 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) Ops<T>::mma_k8(o[nd + e], pa0, pa1, vf[e]);
+      }
     }
-    // O += P V: the score accumulators are the A operand (16 rows x 16 tokens per k-block) as they are.
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
+    for (int kk = 0; kk < NW / 16; ++kk) {
       const unsigned pa[4] = {Ops<T>::pack(s[2 * kk][0], s[2 * kk][1]), Ops<T>::pack(s[2 * kk][2], s[2 * kk][3]),
                               Ops<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               Ops<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
@@ -386,6 +434,56 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     }
   }
   cp_async_wait_all();  // an empty item still waits for its copies before the CTA exits
+
+  // ---- the token groups' states merged into group 0's registers (shared memory, fragment order) --------
+  if constexpr (TG > 1) {
+    constexpr int WORDS = D / 2 + 4;  // o, then mA, mB, lA, lB
+    float* merge = reinterpret_cast<float*>(tiles);
+    __syncthreads();  // every warp is done with the tiles
+    if (tg != 0) {
+      float* mine = merge + warp * WORDS * 32 + lane;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[(nd * 4 + e) * 32] = o[nd][e];
+      mine[(D / 2) * 32] = mA;
+      mine[(D / 2 + 1) * 32] = mB;
+      mine[(D / 2 + 2) * 32] = lA;
+      mine[(D / 2 + 3) * 32] = lB;
+    }
+    __syncthreads();
+    if (tg != 0) return;
+    float nmA = mA, nmB = mB;
+#pragma unroll
+    for (int w = 1; w < TG; ++w) {
+      const float* theirs = merge + (warp + w) * WORDS * 32 + lane;
+      nmA = fmaxf(nmA, theirs[(D / 2) * 32]);
+      nmB = fmaxf(nmB, theirs[(D / 2 + 1) * 32]);
+    }
+    // A state that has seen no token (max -inf) weighs 0; so do all when the row has seen none.
+    auto weight = [](float m, float mx) { return m == kNegInf ? 0.f : fast_exp2(m - mx); };
+    float fA = weight(mA, nmA), fB = weight(mB, nmB);
+    lA *= fA;
+    lB *= fB;
+    scale_o(fA, fB);
+#pragma unroll
+    for (int w = 1; w < TG; ++w) {
+      const float* theirs = merge + (warp + w) * WORDS * 32 + lane;
+      fA = weight(theirs[(D / 2) * 32], nmA);
+      fB = weight(theirs[(D / 2 + 1) * 32], nmB);
+      lA = fmaf(fA, theirs[(D / 2 + 2) * 32], lA);
+      lB = fmaf(fB, theirs[(D / 2 + 3) * 32], lB);
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[nd][0] = fmaf(fA, theirs[(nd * 4) * 32], o[nd][0]);
+        o[nd][1] = fmaf(fA, theirs[(nd * 4 + 1) * 32], o[nd][1]);
+        o[nd][2] = fmaf(fB, theirs[(nd * 4 + 2) * 32], o[nd][2]);
+        o[nd][3] = fmaf(fB, theirs[(nd * 4 + 3) * 32], o[nd][3]);
+      }
+    }
+    mA = nmA;
+    mB = nmB;
+  }
 
   // ---- the rows' states: output (one split) or partial state -----------------------------------------
 #pragma unroll
@@ -409,7 +507,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
       if (vB) lse_out[(qB - q) / D] = lseB * LN2;
     }
   } else {
-    const int wrA = warp * 16 + g, wrB = wrA + 8;
+    const int wrA = rt * 16 + g, wrB = wrA + 8;
     float* pA = part_o + ((long long)blockIdx.x * BM + wrA) * D;
     float* pB = part_o + ((long long)blockIdx.x * BM + wrB) * D;
 #pragma unroll
@@ -426,11 +524,12 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 }
 
 // Merge the partial states of every split unit (one CTA per unit; units of one split were written directly).
-template <int D, typename T>
+template <int D, typename T, int RT>
 __global__ void __launch_bounds__(NT) prefill_merge(
     const int4* __restrict__ units, const int4* __restrict__ items, const int4* __restrict__ seq_meta,
     const float* __restrict__ part_o, const float* __restrict__ part_lse,
     T* __restrict__ out, float* __restrict__ lse_out, int nh, int nh_k) {
+  constexpr int BM = 16 * RT;
   const int4 unit = units[blockIdx.x];
   const int first = unit.w;
   const int splits = items[first].w;

@@ -20,16 +20,22 @@ Regime (the documented rule), chosen per plan:
   batches): each query token is one work item of the LUT-scored decode kernel, cut at its causal length; a
   batch of ``N`` query tokens costs about ``N`` one-token decodes, and the launch is capturable in a CUDA graph
   for a fixed ``qo_indptr``;
-* some sequence has more (chunked prefill, a multi-turn prompt): the whole batch runs on tensor cores
-  (``cuda_src/prefill_attention.cu``): per tile of 128 query rows (new token x query head of one kv head) and
-  64 cached tokens, the CTA dequantizes the tile's codes into fp16 / bf16 in shared memory (exact rows from
-  the residual ring) and runs flash attention with ``mma.sync``; a sequence's history is read once per 128 rows,
-  whatever the chunk length. Short sequences in such a batch ride along: one with a few new tokens then
-  costs what a 128-row tile over its whole history costs (8 x 32K, H100: ~720 us against ~105 us per LUT-path
-  query token), counted in ``stats()["short_queries_on_tensor_cores"]`` and warned about once; plan them in a
-  wrapper of their own to avoid it. Configurations without this
+* some sequence has more (chunked prefill, a multi-turn prompt, verification of 6 or more drafts): the whole
+  batch runs on tensor cores (``cuda_src/prefill_attention.cu``): per tile of up to 128 query rows (new token
+  x query head of one kv head; 16, 32, 64 or 128 rows, the fewest that hold the longest sequence's rows,
+  :func:`tensor_core_row_tiles`) and 64 cached tokens, the CTA dequantizes the tile's codes into fp16 / bf16
+  in shared memory (exact rows from the residual ring) and runs flash attention with ``mma.sync``, the 8 warps
+  splitting the tokens of each tile when the rows are few; a sequence's history is read once per row tile,
+  whatever the chunk length, so the cost is nearly independent of the row count (8 x 32K, H200, M = 64:
+  ~525 us at q = 2 to 4, 572 us at q = 8, 661 us at q = 16). Short sequences in such a batch ride along
+  at the cost of a row tile over their whole history, counted in ``stats()["short_queries_on_tensor_cores"]``
+  and warned about once; plan them in a wrapper of their own to avoid it. Configurations without this
   path (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16, float16 / bfloat16) keep the LUT path for
   long chunks, counted in ``stats()["long_chunk_queries"]`` with a warning once per wrapper.
+
+``BatchPrefillWrapper(backend="lut" | "tensor_cores")`` takes one regime for every plan instead (the LUT path
+keeps its capturable grid for any count; the tensor-core path's grid and metadata change with each plan, so it
+is not for CUDA-graph capture).
 """
 
 from __future__ import annotations
@@ -44,23 +50,30 @@ import numpy as np
 from . import kernels, reference
 from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, device_sm_count,
                      paged_layer_storage, require_native_attention, softmax_scale)
-from .errors import MillionError
+from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 from .layout import full_pages
 
-__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "tensor_core_supported"]
+__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "BACKENDS", "tensor_core_supported"]
 
 #: New tokens per sequence up to which a batch takes the LUT path (speculative verification); a batch with a
-#: longer chunk runs on tensor cores. Measured at 8 x 32K (H100, M = 64): the LUT path costs ~97 us per query
-#: token per sequence (q = 4: 396 us), the tensor-core path ~720 us for q = 2 to 8 and 771 us at q = 16, so the
-#: two meet near q = 8, where the LUT path keeps the fixed, capturable grid.
-LUT_QUERIES_MAX = 8
+#: longer chunk runs on tensor cores. Measured at 8 x 32K (H200, M = 64, bench/results/prefill_h200.json): the
+#: LUT path costs ~97 us per query token per sequence (q = 4: 394 us, q = 8: 774 us), the tensor-core path
+#: ~530 us at q = 2 to 4 and ~575 us at q = 8 (its cost is the history's dequantization, nearly independent of
+#: the rows), so they meet between q = 5 and 6. backend="lut" keeps the LUT path's fixed, capturable grid for
+#: any count.
+LUT_QUERIES_MAX = 5
+
+#: BatchPrefillWrapper's ``backend`` choices: the rule above, or one regime for every plan.
+BACKENDS = ("auto", "lut", "tensor_cores")
 
 TC_SOURCE = "prefill_attention.cu"
 TC_THREADS = 256  # prefill_attention.cu: 8 warps
-TC_ROWS = 128     # query rows per CTA (16 per warp)
+TC_ROWS = 128     # the most query rows per CTA (8 row tiles of 16)
+TC_ROW_TILES = (1, 2, 4, 8)  # row tiles per CTA (the kernel's RT); the 8 warps split each token tile 8 / RT ways
 TC_TILE = 64      # tokens per tile; split boundaries are whole tiles
 TC_MIN_CHUNK = 1024  # tokens: a split shorter than this costs more (its codebook staging) than it saves
+SPLIT_WAVES = 8      # split_length considers up to this many waves beyond the fewest
 TC_HEAD_DIMS = (64, 128)
 _TC_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
@@ -82,34 +95,68 @@ def _tensor_core_variants() -> list[str]:
     out = []
     for t in _TC_TYPES.values():
         for d in TC_HEAD_DIMS:
-            out += [f"mc::prefill::prefill_attention<{d}, {d // dsub}, {t}>" for dsub in (2, 4, 8) if d // dsub >= 16]
-            out.append(f"mc::prefill::prefill_merge<{d}, {t}>")
+            for rt in TC_ROW_TILES:
+                out += [f"mc::prefill::prefill_attention<{d}, {d // dsub}, {t}, {rt}>"
+                        for dsub in (2, 4, 8) if d // dsub >= 16]
+                out.append(f"mc::prefill::prefill_merge<{d}, {t}, {rt}>")
     return out
 
 
+def tensor_core_row_tiles(rows: int) -> int:
+    """Row tiles per CTA for a batch whose longest sequence has ``rows`` query rows (new tokens x GQA group):
+    the fewest of TC_ROW_TILES that hold them, at most 8. With fewer row tiles each tile's tokens are split
+    among more warps, so a few rows (speculative verification) still keep all eight warps on tensor cores."""
+    return next((rt for rt in TC_ROW_TILES if 16 * rt >= rows), TC_ROW_TILES[-1])
+
+
+def split_length(tokens: np.ndarray, sm_count: int) -> int:
+    """Tokens per split (whole tiles) for units attending to ``tokens`` each: the length that minimises the
+    modelled time ``waves x (length + 2 tiles)`` (one CTA per SM, the two tiles standing for a split's codebook
+    staging and merge), splits no shorter than TC_MIN_CHUNK, the longer length on ties. Cutting by the
+    total alone (sum / SMs) leaves a partial second wave: 64 units of 32K tokens on 132 SMs ran as 192 items
+    in 1.45 waves, 2 x 16K-token items on the critical path where one wave of 128 items needs one.
+
+    For each wave count from the fewest possible to SPLIT_WAVES more, the shortest length that fits is found
+    by a bisection run for all wave counts at once (a wave of more gains at most 1 / waves)."""
+    tiles = -(-tokens.astype(np.int64) // TC_TILE)
+    top = int(tiles.max(initial=1))
+    low = min(top, TC_MIN_CHUNK // TC_TILE)
+    sm = max(sm_count, 1)
+    waves = -(-int(tiles.astype(bool).sum()) // sm) + np.arange(SPLIT_WAVES + 1)  # candidate wave counts
+    waves = np.maximum(waves, 1)
+
+    def items(length: np.ndarray) -> np.ndarray:  # work items when every unit is cut into `length`-tile splits
+        return (-(-tiles[None, :] // length[:, None])).sum(axis=1)
+
+    lo, hi = np.full(waves.shape, low), np.full(waves.shape, top)  # items(top) <= waves * sm for each count
+    while (lo < hi).any():
+        mid = (lo + hi) // 2
+        fits = items(mid) <= waves * sm
+        hi = np.where(fits, mid, hi)
+        lo = np.where(fits, lo, np.minimum(mid + 1, hi))
+    cost = waves * (hi + 2)
+    return int(hi[np.flatnonzero(cost == cost.min())[0]]) * TC_TILE
+
+
 def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_heads: int,
-                         sm_count: int) -> tuple[np.ndarray, np.ndarray]:
+                         sm_count: int, rows_per_tile: int = TC_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """The tensor-core path's work list for sequences with ``counts`` new tokens holding ``n`` tokens each.
 
-    Units are (sequence, kv head, tile of TC_ROWS query rows), row ``j * group + h`` being new token ``j`` and
+    Units are (sequence, kv head, tile of ``rows_per_tile`` query rows), row ``j * group + h`` being new token ``j`` and
     query head ``h`` of the kv head; a unit covers the tokens its last row attends to. When the units leave
-    SMs idle, each is cut into splits of at least TC_MIN_CHUNK tokens (whole tiles). Returns int32
+    SMs idle, each is cut into splits of at least TC_MIN_CHUNK tokens (whole tiles, :func:`split_length`). Returns int32
     ``units`` ``(U, 4)`` {sequence index, kv head, first row, first item} and ``items`` ``(W, 4)`` {unit, token
     begin, token end, splits of the unit}.
     """
-    tiles = -(-counts * group // TC_ROWS)                      # row tiles per sequence (per kv head)
+    tiles = -(-counts * group // rows_per_tile)                # row tiles per sequence (per kv head)
     seq = np.repeat(np.arange(counts.shape[0]), tiles * num_kv_heads)
     within = np.arange(seq.shape[0]) - np.repeat(np.cumsum(tiles * num_kv_heads) - tiles * num_kv_heads,
                                                  tiles * num_kv_heads)
     kvh, tile = within // np.maximum(tiles[seq], 1), within % np.maximum(tiles[seq], 1)
-    row0 = tile * TC_ROWS
-    last_token = np.minimum(counts[seq] - 1, (row0 + TC_ROWS - 1) // group)
+    row0 = tile * rows_per_tile
+    last_token = np.minimum(counts[seq] - 1, (row0 + rows_per_tile - 1) // group)
     tokens = n[seq] - counts[seq] + last_token + 1             # what the unit's last row attends to
-    if seq.shape[0] >= sm_count:
-        chunk = int(tokens.max(initial=1))
-    else:
-        chunk = max(TC_MIN_CHUNK, -(-int(tokens.sum()) // sm_count))
-    chunk = -(-chunk // TC_TILE) * TC_TILE
+    chunk = split_length(tokens, sm_count)
     splits = -(-tokens // chunk)
     first = np.cumsum(splits) - splits
     units = np.stack([seq, kvh, row0, first], axis=1).astype(np.int32)
@@ -132,6 +179,7 @@ class TensorCorePlan:
         self._meta = None
         self._part_o = self._part_lse = None
         self.work_items = self.units = 0
+        self.row_tiles = TC_ROW_TILES[-1]
         self.splits = False
 
     def plan(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream) -> None:
@@ -141,7 +189,9 @@ class TensorCorePlan:
         cache = self.cache
         counts = np.diff(ind)
         main = full_pages(n, cache.page_size, cache.residual) * cache.page_size
-        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, device_sm_count())
+        self.row_tiles = tensor_core_row_tiles(int(counts.max()) * self.group)
+        rows = 16 * self.row_tiles
+        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, device_sm_count(), rows)
         B, U, W = seq.shape[0], units.shape[0], items.shape[0]
         parts = [(seq * cache.max_blocks_per_seq).astype(np.int64).view(np.int32),
                  np.stack([ind[:-1], counts, n, main], axis=1).astype(np.int32).reshape(-1),
@@ -160,10 +210,10 @@ class TensorCorePlan:
         self._meta = meta
         self.units, self.work_items = U, W
         self.splits = bool((items[:, 3] > 1).any())
-        if self.splits and (self._part_o is None or self._part_o.shape[0] < W):
-            with stream:
-                self._part_o = cp.empty((W, TC_ROWS, cache.head_dim), dtype=cp.float32)
-                self._part_lse = cp.empty((W, TC_ROWS), dtype=cp.float32)
+        if self.splits and (self._part_o is None or self._part_lse.size < W * rows):
+            with stream:  # (W, rows, head_dim) and (W, rows) as the kernels index them
+                self._part_o = cp.empty(W * rows * cache.head_dim, dtype=cp.float32)
+                self._part_lse = cp.empty(W * rows, dtype=cp.float32)
 
     def attend(self, layer: int, q, out, lse, stream) -> None:
         """Launch the attention of ``q`` over ``layer`` into ``out`` (and ``lse`` or None) on ``stream``."""
@@ -173,7 +223,8 @@ class TensorCorePlan:
         if storage is None:
             storage = self._storage[layer] = paged_layer_storage(cache, layer)
         kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = storage
-        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_attention<{d}, {cache.M}, {t}>")
+        rt = self.row_tiles
+        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_attention<{d}, {cache.M}, {t}, {rt}>")
         smem = tensor_core_smem(d)
         kernels.opt_in_shared_memory(kernel, smem)
         null = np.uint64(0)
@@ -187,7 +238,7 @@ class TensorCorePlan:
                     page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
                     self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
             if self.splits:
-                merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{d}, {t}>")
+                merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{d}, {t}, {rt}>")
                 merge((self.units,), (TC_THREADS,), (self._units, self._items, self._seq_meta, part_o, part_lse,
                                                      out, lse_arg, nh, nh_k))
 
@@ -233,10 +284,22 @@ class BatchPrefillWrapper:
         num_heads: query heads (a multiple of the cache's kv heads).
         scale: softmax scale (default ``1 / sqrt(head_dim)``).
         stream: a CuPy stream or raw handle for every launch; None = the current stream at ``plan``.
+        backend: ``"auto"`` (the module's rule), ``"lut"`` or ``"tensor_cores"`` for every plan (as FlashInfer's
+            ``backend=``). ``"tensor_cores"`` raises UnsupportedConfiguration where :func:`tensor_core_supported`
+            is false; a forced regime is neither counted nor warned about as a slow path.
     """
 
-    def __init__(self, cache, num_heads: int, *, scale: float | None = None, stream: Any = None) -> None:
+    def __init__(self, cache, num_heads: int, *, scale: float | None = None, stream: Any = None,
+                 backend: str = "auto") -> None:
         require_native_attention(cache, num_heads, "BatchPrefillWrapper", "million_cupy.prefill_attention()")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend == "tensor_cores" and not tensor_core_supported(cache.head_dim, cache.M, cache.dtype):
+            raise UnsupportedConfiguration(
+                f"backend='tensor_cores': no tensor-core path for head_dim {cache.head_dim}, M {cache.M}, "
+                f"{cache.dtype} (it needs head_dim in {TC_HEAD_DIMS}, M a multiple of 16 with 2, 4 or 8 dims per "
+                f"subspace, float16 or bfloat16); use backend='auto' or 'lut'")
+        self.backend = backend
         self.cache = cache
         self.num_heads = num_heads
         self._scale = scale
@@ -294,20 +357,23 @@ class BatchPrefillWrapper:
             raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {n[over].tolist()} tokens, more "
                              f"than max_seq_len = {cache.max_seq_len}")
         N = int(ind[-1])
-        long = int(counts[counts > LUT_QUERIES_MAX].sum())
-        self._on_tensor_cores = bool(long) and tensor_core_supported(cache.head_dim, cache.M, cache.dtype)
+        long = int(counts[counts > LUT_QUERIES_MAX].sum()) if self.backend == "auto" else 0
+        if self.backend == "auto":
+            self._on_tensor_cores = bool(long) and tensor_core_supported(cache.head_dim, cache.M, cache.dtype)
+        else:
+            self._on_tensor_cores = self.backend == "tensor_cores"
         if self._on_tensor_cores:
             if self._tc is None:
                 self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
             self._tc.plan(seq, ind, n, as_stream(self._stream))
             self._stats["tensor_core_plans"] += 1
+            short = int(counts[counts <= LUT_QUERIES_MAX].sum()) if long else 0
             long = 0
-            short = int(counts[counts <= LUT_QUERIES_MAX].sum())
             self._stats["short_queries_on_tensor_cores"] += short
             if short:
                 self._warn_once("short", f"{short} query tokens of sequences with at most {LUT_QUERIES_MAX} new tokens "
                                 f"run on the tensor-core path beside a longer chunk; each such sequence costs a "
-                                f"128-row tile over its whole history (plan short sequences in a wrapper of their "
+                                f"row tile over its whole history (plan short sequences in a wrapper of their "
                                 f"own for the LUT path)")
         else:
             owner, main, res = causal_lengths(n, counts, cache.page_size, cache.residual)

@@ -9,7 +9,8 @@ import million_cupy as mc
 from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
 from million_cupy.errors import UnsupportedConfiguration
 from million_cupy.layout import full_pages
-from million_cupy.prefill import TC_ROWS, TC_TILE, causal_lengths, tensor_core_schedule, tensor_core_supported
+from million_cupy.prefill import (TC_MIN_CHUNK, TC_ROWS, TC_TILE, causal_lengths, split_length, tensor_core_row_tiles,
+                                  tensor_core_schedule, tensor_core_supported)
 
 
 def _cache(rng, P=16, R=32, nh_k=2, d=64, M=16):
@@ -19,12 +20,13 @@ def _cache(rng, P=16, R=32, nh_k=2, d=64, M=16):
                         dtype="float32", device="cpu")
 
 
+@pytest.mark.parametrize("rows_per_tile", [16, 32, TC_ROWS])
 @pytest.mark.parametrize("sm_count", [1, 8, 132])
-def test_tensor_core_schedule_covers_every_row_and_causal_token_once(sm_count):
+def test_tensor_core_schedule_covers_every_row_and_causal_token_once(sm_count, rows_per_tile):
     counts = np.array([200, 1, 40, 0, 17])  # a sequence may have no new token
     n = np.array([500, 3000, 40, 9, 17 + 64])
     group, nh_k = 4, 2
-    units, items = tensor_core_schedule(counts, n, group, nh_k, sm_count)
+    units, items = tensor_core_schedule(counts, n, group, nh_k, sm_count, rows_per_tile)
     # Every (sequence, kv head, row) is in exactly one unit; a unit's items cover [0, tokens its last row sees).
     seen = {}
     for u, (b, kvh, row0, first) in enumerate(units):
@@ -32,13 +34,32 @@ def test_tensor_core_schedule_covers_every_row_and_causal_token_once(sm_count):
         assert mine.shape[0] == mine[0, 3] and (mine[:, 3] == mine.shape[0]).all() and mine[0, 0] == u
         assert np.flatnonzero(items[:, 0] == u)[0] == first
         assert mine[0, 1] == 0 and (mine[1:, 1] == mine[:-1, 2]).all() and (mine[:, 1] % TC_TILE == 0).all()
-        last_row = min(counts[b] * group, row0 + TC_ROWS) - 1
+        assert row0 % rows_per_tile == 0
+        last_row = min(counts[b] * group, row0 + rows_per_tile) - 1
         assert mine[-1, 2] == n[b] - counts[b] + last_row // group + 1
-        for r in range(row0, min(counts[b] * group, row0 + TC_ROWS)):
+        for r in range(row0, min(counts[b] * group, row0 + rows_per_tile)):
             seen[(b, kvh, r)] = seen.get((b, kvh, r), 0) + 1
     assert seen == {(b, h, r): 1 for b in range(5) for h in range(nh_k) for r in range(counts[b] * group)}
-    if sm_count == 132:  # the units leave SMs idle: the long history is split
+    if units.shape[0] < sm_count and sm_count > 1:  # the units leave SMs idle: the long history is split
         assert items.shape[0] > units.shape[0]
+
+
+def test_split_length_fills_whole_waves():
+    # 64 units of 32K tokens on 132 SMs: one wave of 128 splits of 16K (cutting by the total, 15.9K, made 192
+    # items in 1.45 waves).
+    assert split_length(np.full(64, 32768), 132) == 16384
+    assert split_length(np.full(8, 34816), 132) == 34816 // 16  # 8 x 16 = 128 items, 2176 tokens each
+    assert split_length(np.array([900, 40]), 132) == 960         # shorter than TC_MIN_CHUNK: one split
+    assert split_length(np.array([5000]), 1) == 5056             # one SM: splitting gains nothing
+    lengths = np.array([7000, 300, 12000, 64, 0])
+    chunk = split_length(lengths, 16)
+    assert chunk % TC_TILE == 0 and chunk >= TC_MIN_CHUNK
+    waves = lambda c: -(-(-(-lengths // c)).sum() // 16) * (c + 2 * TC_TILE)  # noqa: E731
+    assert all(waves(chunk) <= waves(c) for c in range(TC_MIN_CHUNK, 12032 + 1, TC_TILE))
+
+
+def test_row_tiles_hold_the_longest_sequence_rows():
+    assert [tensor_core_row_tiles(r) for r in (1, 16, 17, 32, 33, 64, 65, 128, 5000)] == [1, 1, 2, 2, 4, 4, 8, 8, 8]
 
 
 def test_tensor_core_path_configurations():

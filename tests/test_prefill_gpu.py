@@ -8,11 +8,13 @@ outputs poisoned before the kernels run; a configuration without the tensor-core
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from million_cupy import BatchPrefillWrapper, prefill_attention, reference
-from million_cupy.errors import MillionError
+from million_cupy.errors import MillionError, UnsupportedConfiguration
 from million_cupy.interop import to_numpy
 from test_step_gpu import TOL, _caches, _device_array, _poison, _prefill, _tokens
 
@@ -25,8 +27,8 @@ def test_prefill_matches_the_causal_reference(rng, dtype, gqa):
     import cupy as cp
 
     (cache,) = _caches(rng, devices=("cuda",), dtype=dtype)  # 2 layers, 2 kv heads, d 128, page 16, window 32
-    # At most LUT_QUERIES_MAX new tokens each: the LUT path; 33 + 1 and 70 + 8 cross flushes.
-    seqs, ind, nh, wrapper = _planned(rng, cache, history=[70, 0, 33, 5], counts=[8, 6, 1, 3], gqa=gqa)
+    # The LUT path (forced: 8 and 6 are above LUT_QUERIES_MAX); 33 + 1 and 70 + 8 cross flushes.
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[70, 0, 33, 5], counts=[8, 6, 1, 3], gqa=gqa, backend="lut")
     for layer in range(cache.num_layers):
         with pytest.raises(MillionError, match="append the new tokens"):
             wrapper.run(layer, cp.zeros((int(ind[-1]), nh, 128), dtype=cache.array_dtype))
@@ -35,13 +37,13 @@ def test_prefill_matches_the_causal_reference(rng, dtype, gqa):
     assert stats["long_chunk_queries"] == 0 and stats["tensor_core_plans"] == 0 and stats["runs"] == cache.num_layers
 
 
-def _planned(rng, cache, *, history, counts, gqa):
+def _planned(rng, cache, *, history, counts, gqa, backend="auto"):
     """Sequences holding ``history`` tokens (0: a first prompt), a wrapper planned for ``counts`` new tokens each."""
     seqs = [cache.add_sequence() for _ in history]
     _prefill(rng, (cache,), [s for s, n in zip(seqs, history) if n], [n for n in history if n])
     nh = gqa * cache.num_kv_heads
     ind = np.concatenate([[0], np.cumsum(counts)])
-    wrapper = BatchPrefillWrapper(cache, nh)
+    wrapper = BatchPrefillWrapper(cache, nh, backend=backend)
     wrapper.plan(seqs, ind)
     return seqs, ind, nh, wrapper
 
@@ -91,6 +93,29 @@ def test_tensor_core_prefill_matches_the_causal_reference(rng, dtype, gqa, M, P)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("counts", [[1, 4, 2, 3], [8, 5, 1, 7], [16, 3, 9, 1]])
+def test_few_rows_on_tensor_cores_match_the_causal_reference(rng, dtype, gqa, counts):
+    """Speculative-verification shapes forced onto the tensor-core path: 1, 2, 4 or 8 row tiles per CTA (the
+    warps split each token tile among themselves and merge their states), rows past a sequence's count, a long
+    history split across CTAs, a first prompt, chunks crossing a flush."""
+    from million_cupy.prefill import tensor_core_row_tiles
+
+    (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, max_pages=1024)
+    seqs = [cache.add_sequence() for _ in range(4)]
+    _prefill(rng, (cache,), [seqs[0], seqs[2], seqs[3]], [2500, 31, 300])
+    nh = gqa * cache.num_kv_heads
+    ind = np.concatenate([[0], np.cumsum(counts)])
+    wrapper = BatchPrefillWrapper(cache, nh, backend="tensor_cores")
+    wrapper.plan(seqs, ind)
+    assert wrapper.on_tensor_cores
+    assert tensor_core_row_tiles(max(counts) * gqa) in {1, 2, 4, 8}
+    for layer in range(cache.num_layers):
+        _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype)
+    assert wrapper.stats()["short_queries_on_tensor_cores"] == 0  # forced: not a slow path
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_tensor_core_prefill_splits_a_long_history(rng, dtype):
     """A short chunk over a long history leaves SMs idle: each unit is split and the splits merged."""
     (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, P=64, R=128, max_pages=256)
@@ -114,3 +139,35 @@ def test_long_chunks_without_a_tensor_core_path_are_counted_and_warned(rng):
         wrapper.plan(seqs, ind)
     _check_layer(rng, cache, wrapper, 0, seqs, ind, 4, "float32")
     assert wrapper.stats()["long_chunk_queries"] == 30 and wrapper.stats()["tensor_core_plans"] == 0
+
+
+def test_a_forced_backend_is_checked_and_taken(rng):
+    (cache,) = _caches(rng, devices=("cuda",), dtype="float32")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        BatchPrefillWrapper(cache, 4, backend="flash")
+    with pytest.raises(UnsupportedConfiguration, match="no tensor-core path for head_dim 128, M 64, float32"):
+        BatchPrefillWrapper(cache, 4, backend="tensor_cores")
+    (cache,) = _caches(rng, devices=("cuda",), dtype="float16")
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [40, 3])
+    ind = np.array([0, 30, 31])
+    wrapper = BatchPrefillWrapper(cache, 4, backend="lut")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a chosen regime is not a slow path: no warning
+        wrapper.plan(seqs, ind)
+    assert not wrapper.on_tensor_cores
+    _check_layer(rng, cache, wrapper, 0, seqs, ind, 4, "float16")
+    assert wrapper.stats()["long_chunk_queries"] == 0 and wrapper.stats()["tensor_core_plans"] == 0
+
+
+def test_the_auto_rule_takes_tensor_cores_above_lut_queries_max(rng):
+    from million_cupy.prefill import LUT_QUERIES_MAX
+
+    (cache,) = _caches(rng, devices=("cuda",), dtype="float16")
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [100, 40])
+    wrapper = BatchPrefillWrapper(cache, 8)
+    wrapper.plan(seqs, [0, LUT_QUERIES_MAX, 2 * LUT_QUERIES_MAX + 1], appended=True)  # counts L and L + 1
+    assert wrapper.on_tensor_cores
+    wrapper.plan(seqs, [0, LUT_QUERIES_MAX, 2 * LUT_QUERIES_MAX], appended=True)
+    assert not wrapper.on_tensor_cores
