@@ -16,7 +16,9 @@ the session that added them; the LUT prefill case on 2026-12-02: racecheck 0 haz
 its only reports being numba's cuGetProcAddress probes of optional driver symbols at start-up). The
 tensor-core prefill cases on an H100 (2026-12-02, `--report-api-errors no`): racecheck 0 hazards, memcheck
 0 errors (that run's short case had 9 new tokens, so both of its prefill cases took the tensor-core path; the
-short case now has 7, the LUT path, as sanitized on the H200 before).
+short case now has 7, the LUT path, as sanitized on the H200 before). The few-row tensor-core cases (1 and 2 row
+tiles, forced) on an H200 (2026-12-03): racecheck 0 hazards, memcheck 0 errors, on the kernel before its page
+loads were pinned an iteration ahead (not re-run after that change).
 """
 
 import sys

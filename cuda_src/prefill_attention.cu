@@ -67,6 +67,18 @@ template <> struct Ops<__nv_bfloat16> {
   }
 };
 
+// Read-only global loads the compiler issues where they are written (volatile: not sunk towards their use).
+__device__ __forceinline__ int load_pinned(const int* p) {
+  int v;
+  asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 load_pinned(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
@@ -190,30 +202,41 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, off));
 
-  // ---- tile staging: codes into registers (one tile ahead), then dequantized into shared memory -------
-  // (Loading the page ids an iteration before their codes, to take the page table's latency off the
-  // dependent load, measured 7 % slower on an H200: more registers live across the MMAs.)
+  // ---- tile staging: page ids two tiles ahead, codes into registers one tile ahead, then dequantized into
+  // shared memory. The page ids are loaded an iteration before the codes they address, so no warp waits on
+  // the page table's latency between its dequantization and its MMAs (measured: the dependent load was the
+  // top stall); the loads are pinned where they are written (load_pinned), since the compiler otherwise sinks
+  // them next to their use.
   uint4 kreg[KT], vreg[VT];
-  auto load_codes = [&](int x0) {
+  int kpage[KT], vpage[VT];
+  auto load_pages = [&](int x0) {
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      const int task = tid + k * NT, x = x0 + task % BN;
+      if (task < K_TASKS && x < t_end && x < n_main) kpage[k] = load_pinned(page_table + prow + (x >> page_shift));
+    }
+#pragma unroll
+    for (int k = 0; k < VT; ++k) {
+      const int task = tid + k * NT, xb = x0 + (task / M) * 16;
+      if (task < V_TASKS && xb < t_end && xb < n_main) vpage[k] = load_pinned(page_table + prow + (xb >> page_shift));
+    }
+  };
+  auto load_codes = [&](int x0) {  // the pages of x0's tile were loaded by load_pages(x0)
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
       const int task = tid + k * NT;
       const int x = x0 + task % BN, chunk = task / BN;
-      if (task < K_TASKS && x < t_end && x < n_main) {
-        const int page = max(__ldg(page_table + prow + (x >> page_shift)), 0);
-        kreg[k] = __ldg(reinterpret_cast<const uint4*>(k_base + (long long)page * page_stride +
-                                                       chunk * ((page_mask + 1) * 16) + (x & page_mask) * 16));
-      }
+      if (task < K_TASKS && x < t_end && x < n_main)
+        kreg[k] = load_pinned(reinterpret_cast<const uint4*>(k_base + (long long)max(kpage[k], 0) * page_stride +
+                                                             chunk * ((page_mask + 1) * 16) + (x & page_mask) * 16));
     }
 #pragma unroll
     for (int k = 0; k < VT; ++k) {
       const int task = tid + k * NT;
       const int xb = x0 + (task / M) * 16, m = task % M;
-      if (task < V_TASKS && xb < t_end && xb < n_main) {
-        const int page = max(__ldg(page_table + prow + (xb >> page_shift)), 0);
-        vreg[k] = __ldg(reinterpret_cast<const uint4*>(v_base + (long long)page * page_stride +
-                                                       ((xb & page_mask) >> 4) * (M * 16) + m * 16));
-      }
+      if (task < V_TASKS && xb < t_end && xb < n_main)
+        vreg[k] = load_pinned(reinterpret_cast<const uint4*>(v_base + (long long)max(vpage[k], 0) * page_stride +
+                                                             ((xb & page_mask) >> 4) * (M * 16) + m * 16));
     }
   };
   // Centroid (code, m): DSUB fp16 values, read as W 32-bit words; stored into a tile row as T.
@@ -336,17 +359,25 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   // Two tile buffers and one barrier per tile: a warp dequantizes the next tile, then computes on the
   // current one, so one warp's shared-memory work overlaps another's MMAs (measured on an H100: a 2K chunk
   // over 32K tokens 5.8 ms, against 6.1 ms with one buffer and two barriers per tile).
-  if (t_begin < t_end) load_codes(t_begin);
+  if (t_begin < t_end) {
+    load_pages(t_begin);
+    load_codes(t_begin);
+  }
   cp_async_wait_all();
   __syncthreads();  // the codebooks are published
   if (t_begin < t_end) fill_tile(t_begin, 0);
-  if (t_begin + BN < t_end) load_codes(t_begin + BN);
+  if (t_begin + BN < t_end) {
+    load_pages(t_begin + BN);
+    load_codes(t_begin + BN);
+  }
+  if (t_begin + 2 * BN < t_end) load_pages(t_begin + 2 * BN);
   __syncthreads();
   int stage = 0;
   for (int x0 = t_begin; x0 < t_end; x0 += BN, stage ^= 1) {
     if (x0 > t_begin) __syncthreads();  // the tile filled last time is complete, the one before consumed
     if (x0 + BN < t_end) fill_tile(x0 + BN, stage ^ 1);
     if (x0 + 2 * BN < t_end) load_codes(x0 + 2 * BN);
+    if (x0 + 3 * BN < t_end) load_pages(x0 + 3 * BN);
     if (x0 + tok0 >= warp_lim) continue;  // causal: no row of this warp reaches its slice of this tile
     const unsigned stage_at = stage * STAGE_BYTES;
 

@@ -27,7 +27,7 @@ Regime (the documented rule), chosen per plan:
   in shared memory (exact rows from the residual ring) and runs flash attention with ``mma.sync``, the 8 warps
   splitting the tokens of each tile when the rows are few; a sequence's history is read once per row tile,
   whatever the chunk length, so the cost is nearly independent of the row count (8 x 32K, H200, M = 64:
-  ~525 us at q = 2 to 4, 572 us at q = 8, 661 us at q = 16). Short sequences in such a batch ride along
+  448 us at q = 4, 483 us at q = 8). Short sequences in such a batch ride along
   at the cost of a row tile over their whole history, counted in ``stats()["short_queries_on_tensor_cores"]``
   and warned about once; plan them in a wrapper of their own to avoid it. Configurations without this
   path (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16, float16 / bfloat16) keep the LUT path for
@@ -60,8 +60,9 @@ __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "BACKE
 #: longer chunk runs on tensor cores. Measured at 8 x 32K (H200, M = 64, bench/results/prefill_h200.json): the
 #: LUT path costs ~97 us per query token per sequence (q = 4: 394 us, q = 8: 774 us), the tensor-core path
 #: ~530 us at q = 2 to 4 and ~575 us at q = 8 (its cost is the history's dequantization, nearly independent of
-#: the rows), so they meet between q = 5 and 6. backend="lut" keeps the LUT path's fixed, capturable grid for
-#: any count.
+#: the rows), so they meet between q = 5 and 6; with its page loads pinned ahead (448 / 483 us at q = 4 / 8,
+#: bench/results/prefill_verify_h200_pinned.json) near q = 4.7 at M = 64, while M = 32's cheaper LUT path
+#: still wins at 5. backend="lut" keeps the LUT path's fixed, capturable grid for any count.
 LUT_QUERIES_MAX = 5
 
 #: BatchPrefillWrapper's ``backend`` choices: the rule above, or one regime for every plan.
