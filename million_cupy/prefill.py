@@ -118,7 +118,8 @@ def split_length(tokens: np.ndarray, sm_count: int) -> int:
     in 1.45 waves, 2 x 16K-token items on the critical path where one wave of 128 items needs one.
 
     For each wave count from the fewest possible to SPLIT_WAVES more, the shortest length that fits is found
-    by a bisection run for all wave counts at once (a wave of more gains at most 1 / waves)."""
+    by a bisection run for all wave counts at once (a wave of more gains at most 1 / waves), between bounds
+    that meet for units of equal length."""
     tiles = -(-tokens.astype(np.int64) // TC_TILE)
     top = int(tiles.max(initial=1))
     low = min(top, TC_MIN_CHUNK // TC_TILE)
@@ -129,10 +130,15 @@ def split_length(tokens: np.ndarray, sm_count: int) -> int:
     def items(length: np.ndarray) -> np.ndarray:  # work items when every unit is cut into `length`-tile splits
         return (-(-tiles[None, :] // length[:, None])).sum(axis=1)
 
-    lo, hi = np.full(waves.shape, low), np.full(waves.shape, top)  # items(top) <= waves * sm for each count
+    # Bounds of the shortest fitting length: items(L) >= total / L, and cutting every unit into
+    # floor(capacity / units) splits of the longest fits.
+    capacity = waves * sm
+    units = max(int(tiles.astype(bool).sum()), 1)
+    lo = np.clip(-(-int(tiles.sum()) // capacity), low, top)
+    hi = np.clip(-(-top // np.maximum(capacity // units, 1)), lo, top)
     while (lo < hi).any():
         mid = (lo + hi) // 2
-        fits = items(mid) <= waves * sm
+        fits = items(mid) <= capacity
         hi = np.where(fits, mid, hi)
         lo = np.where(fits, lo, np.minimum(mid + 1, hi))
     cost = waves * (hi + 2)

@@ -58,6 +58,24 @@ def test_split_length_fills_whole_waves():
     assert all(waves(chunk) <= waves(c) for c in range(TC_MIN_CHUNK, 12032 + 1, TC_TILE))
 
 
+def test_split_length_is_the_modelled_optimum(rng):
+    """Against a brute force over every length of whole tiles, within SPLIT_WAVES waves of the fewest."""
+    from million_cupy.prefill import SPLIT_WAVES
+
+    for _ in range(100):
+        tokens, sm = rng.integers(0, 40000, int(rng.integers(1, 80))), int(rng.choice([1, 8, 132]))
+        tiles = -(-tokens // TC_TILE)
+        top = int(tiles.max(initial=1))
+        fewest = max(-(-int(tiles.astype(bool).sum()) // sm), 1)
+
+        def cost(length):
+            return max(-(-int((-(-tiles // length)).sum()) // sm), 1) * (length + 2)
+
+        best = min(cost(n) for n in range(min(top, TC_MIN_CHUNK // TC_TILE), top + 1)
+                   if cost(n) // (n + 2) <= fewest + SPLIT_WAVES)
+        assert cost(split_length(tokens, sm) // TC_TILE) == best
+
+
 def test_row_tiles_hold_the_longest_sequence_rows():
     assert [tensor_core_row_tiles(r) for r in (1, 16, 17, 32, 33, 64, 65, 128, 5000)] == [1, 1, 2, 2, 4, 4, 8, 8, 8]
 
