@@ -57,12 +57,11 @@ from .layout import full_pages
 __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "BACKENDS", "tensor_core_supported"]
 
 #: New tokens per sequence up to which a batch takes the LUT path (speculative verification); a batch with a
-#: longer chunk runs on tensor cores. Measured at 8 x 32K (H200, M = 64, bench/results/prefill_h200.json): the
-#: LUT path costs ~97 us per query token per sequence (q = 4: 394 us, q = 8: 774 us), the tensor-core path
-#: ~530 us at q = 2 to 4 and ~575 us at q = 8 (its cost is the history's dequantization, nearly independent of
-#: the rows), so they meet between q = 5 and 6; with its page loads pinned ahead (448 / 483 us at q = 4 / 8,
-#: bench/results/prefill_verify_h200_pinned.json) near q = 4.7 at M = 64, while M = 32's cheaper LUT path
-#: still wins at 5. backend="lut" keeps the LUT path's fixed, capturable grid for any count.
+#: longer chunk runs on tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json,
+#: prefill_verify_h200_pinned.json): the LUT path costs ~97 us per query token per sequence (M = 64; q = 4:
+#: 397 us, q = 8: 774 us), the tensor-core path 448 / 483 us at q = 4 / 8 (its cost is the history's
+#: dequantization, nearly independent of the rows): they meet near q = 4.7 at M = 64, and M = 32's cheaper LUT
+#: path still wins at 5. backend="lut" keeps the LUT path's fixed, capturable grid for any count.
 LUT_QUERIES_MAX = 5
 
 #: BatchPrefillWrapper's ``backend`` choices: the rule above, or one regime for every plan.
@@ -124,8 +123,8 @@ def split_length(tokens: np.ndarray, sm_count: int) -> int:
     top = int(tiles.max(initial=1))
     low = min(top, TC_MIN_CHUNK // TC_TILE)
     sm = max(sm_count, 1)
-    waves = -(-int(tiles.astype(bool).sum()) // sm) + np.arange(SPLIT_WAVES + 1)  # candidate wave counts
-    waves = np.maximum(waves, 1)
+    units = max(int(np.count_nonzero(tiles)), 1)
+    waves = -(-units // sm) + np.arange(SPLIT_WAVES + 1)  # candidate wave counts
 
     def items(length: np.ndarray) -> np.ndarray:  # work items when every unit is cut into `length`-tile splits
         return (-(-tiles[None, :] // length[:, None])).sum(axis=1)
@@ -133,7 +132,6 @@ def split_length(tokens: np.ndarray, sm_count: int) -> int:
     # Bounds of the shortest fitting length: items(L) >= total / L, and cutting every unit into
     # floor(capacity / units) splits of the longest fits.
     capacity = waves * sm
-    units = max(int(tiles.astype(bool).sum()), 1)
     lo = np.clip(-(-int(tiles.sum()) // capacity), low, top)
     hi = np.clip(-(-top // np.maximum(capacity // units, 1)), lo, top)
     while (lo < hi).any():
@@ -364,10 +362,11 @@ class BatchPrefillWrapper:
             raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {n[over].tolist()} tokens, more "
                              f"than max_seq_len = {cache.max_seq_len}")
         N = int(ind[-1])
-        long = int(counts[counts > LUT_QUERIES_MAX].sum()) if self.backend == "auto" else 0
         if self.backend == "auto":
+            long = int(counts[counts > LUT_QUERIES_MAX].sum())
             self._on_tensor_cores = bool(long) and tensor_core_supported(cache.head_dim, cache.M, cache.dtype)
-        else:
+        else:  # a chosen regime: neither counted nor warned about
+            long = 0
             self._on_tensor_cores = self.backend == "tensor_cores"
         if self._on_tensor_cores:
             if self._tc is None:
