@@ -437,6 +437,36 @@ def test_cupy_ids_are_used_without_copies_and_ids_export_without_a_stream():
 
 
 @pytest.mark.gpu
+def test_gpu_alloc_takes_the_bound_launch_and_pops_what_the_dispatcher_would(rng):
+    """The bound launch (numba's compiled kernel, numba's argument ABI, CuPy's cuLaunchKernel) against numba's own
+    dispatcher on a twin allocator: the same ids, counters and stack after the same random history."""
+    import cupy as cp
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    bound, twin = PageAllocator(96, stream=stream), PageAllocator(96, stream=stream)
+    assert bound.bound_alloc
+    twin._bound_alloc = None  # the dispatcher path, as where numba-cuda's internals differ
+    owned: list[np.ndarray] = []
+    for _ in range(40):
+        n = int(rng.integers(0, 9))
+        if n and sum(len(o) for o in owned) + n <= 96:
+            a, b = host(bound.alloc(n)), host(twin.alloc(n))
+            np.testing.assert_array_equal(a, b)
+            owned.append(a)
+        elif owned:
+            ids = owned.pop(int(rng.integers(0, len(owned))))
+            bound.free(ids)
+            twin.free(ids)
+    scratch = bound.alloc_scratch(3)  # into the reused buffer: rebinds the output words
+    np.testing.assert_array_equal(host(scratch)[:3], host(twin.alloc(3)))
+    assert bound.stats() == twin.stats()
+    np.testing.assert_array_equal(bound.free_page_ids(), twin.free_page_ids())
+    np.testing.assert_array_equal(bound.refcounts(), twin.refcounts())
+    with pytest.raises(PagePoolExhausted):
+        bound.alloc(bound.stats()["free"] + 1)
+
+
+@pytest.mark.gpu
 def test_pool_is_shared_with_cupy_zero_copy():
     import cupy as cp
 
