@@ -283,6 +283,7 @@ class PagedPQCache:
         # "non-finite token" can be set there (read by stats()).
         self._append_status = xp.zeros(1, dtype=np.int32) if gpu else None
         self._grow_meta: tuple | None = None  # GPU: (pinned staging, device copy, copy-done event) of _grow's rows
+        self._block_id_stores: dict[tuple, kernels.BoundLaunch] = {}  # GPU: store_block_ids, bound per batch
         self._non_finite_seen = False  # set by the CPU path and by launchers (record_non_finite)
 
     # ------------------------------------------------------------------------------ geometry
@@ -694,8 +695,17 @@ class PagedPQCache:
         stream = cp.cuda.get_current_stream()
         cp.cuda.runtime.memcpyAsync(dev.data.ptr, host.ctypes.data, words * 4, 1, stream.ptr)  # 1: host to device
         copied.record(stream)
-        kernel = kernels.get_kernel(APPEND_SOURCE, "store_block_ids")
-        kernel((B,), (128,), (self._block_table, np.int32(self._max_blocks), dev, np.int32(B), ids))
+        # Bound once per (batch size, buffers): a reservation is on a decode step's host path, and CuPy's
+        # generic launch converts every argument on every call.
+        key = (B, dev.data.ptr, ids.data.ptr)
+        store = self._block_id_stores.get(key)
+        if store is None:
+            if len(self._block_id_stores) >= 64:
+                self._block_id_stores.clear()
+            store = self._block_id_stores[key] = kernels.BoundLaunch(
+                kernels.get_kernel(APPEND_SOURCE, "store_block_ids"), B, 128, 0,
+                (self._block_table, np.int32(self._max_blocks), dev, np.int32(B), ids))
+        store.launch(stream.ptr)
 
     def _store_tokens(self, layer: int, seq: np.ndarray, pos: np.ndarray, residual: np.ndarray, k: Any,
                       v: Any) -> None:
@@ -924,6 +934,12 @@ class PagedPQCache:
                 f"{what}: expected sequence ids as an int or a 1-D integer array, got {ids.dtype} of shape {ids.shape}"
             )
         ids = ids.astype(np.int64)
+        # The common case in few NumPy calls (a decode step's reservation and every decode() validate here);
+        # the errors below say which ids are wrong.
+        listed = ids.tolist()
+        if (not listed or (0 <= min(listed) and max(listed) < self._max_seqs and self._live[ids].all())) and \
+                (not unique or len(set(listed)) == len(listed)):
+            return ids
         unknown = ids[(ids < 0) | (ids >= self._max_seqs)]
         if unknown.size:
             raise ValueError(f"{what}: expected sequence ids in [0, {self._max_seqs}), got {unknown.tolist()}")
@@ -933,10 +949,8 @@ class PagedPQCache:
                 f"{what}: sequence ids {dead.tolist()} are not live (never added or already freed); "
                 f"live ids: {np.flatnonzero(self._live).tolist()[:16]}"
             )
-        if unique and np.unique(ids).shape[0] != ids.shape[0]:
-            values, counts = np.unique(ids, return_counts=True)
-            raise ValueError(f"{what}: expected distinct sequence ids, got repeats of {values[counts > 1].tolist()}")
-        return ids
+        values, counts = np.unique(ids, return_counts=True)
+        raise ValueError(f"{what}: expected distinct sequence ids, got repeats of {values[counts > 1].tolist()}")
 
     def _check_counts(self, counts: Any, B: int, name: str) -> np.ndarray:
         """Host int64 per-sequence token counts: None means 1 each, a scalar is broadcast."""

@@ -318,6 +318,9 @@ class AttentionPlan:
         self._staged = [False, False]  # whether each buffer holds the current schedule and batch words
         self._turn = 0
         self._memcpy = cp.cuda.runtime.memcpyAsync
+        # Addresses looked up once (NumPy's .ctypes costs microseconds; update() runs every decode step).
+        self._host_at = [h.ctypes.data for h in self._host]
+        self._dev_at = self._dev.data.ptr
 
         def part(i: int, dtype=np.int32, shape=None):
             dev = self._dev[offsets[i] : offsets[i] + exact[i]]
@@ -408,8 +411,7 @@ class AttentionPlan:
         self._res[t][:B] = res
         if extra is not None:
             self._extra[t][: extra.shape[0]] = extra
-        host = self._host[t]
-        self._memcpy(self._dev.data.ptr, host.ctypes.data, host.nbytes, 1, stream.ptr)  # 1: host to device
+        self._memcpy(self._dev_at, self._host_at[t], 4 * self._words, 1, stream.ptr)  # 1: host to device
         self._copied[t].record(stream)
         self._recorded[t] = True
 

@@ -64,6 +64,9 @@ _STATUS_STALE_SLOT = 1  # STATUS_* in cuda_src/cache_append.cu
 _STATUS_NO_PAGE = 2
 _STATUS_NON_FINITE = 4
 
+# What a layer's launch was last bound to, before any call: no caller's array is this object.
+_UNBOUND = (object(), object())
+
 
 class StepLengths:
     """The token counts of a decode step's batch, advanced one token per step in O(1) NumPy calls.
@@ -89,6 +92,10 @@ class StepLengths:
         self.flushed = int((full_pages(end, page_size, residual) - full_pages(n, page_size, residual)).sum())
         self.to_flush = int((residual - self.res).min())  # steps until some window holds R tokens
         self.steps_left = int((limit - end).min()) if new_tokens else 0
+
+    def extend(self, limit: np.ndarray) -> None:
+        """The reserved pages now hold ``limit`` tokens per sequence (after :meth:`advance` to this step)."""
+        self.steps_left = int((limit - self.pos - 1).min())
 
     def advance(self) -> None:
         """One more token in every sequence."""
@@ -145,6 +152,7 @@ class DecodeStep:
         self._tok: np.ndarray | None = None    # the append kernel's per-token words (slot, pos, gen, 1)
         self._tok_flat: np.ndarray | None = None
         self._lengths: StepLengths | None = None  # the batch's token counts, advanced step by step
+        self._window: np.ndarray | None = None  # capacities reserved by the last plan: the next one schedules them
         self._rows: Any = None                 # the batch's slots: a slice when they are consecutive
         self._new = 0
         self._version = -1                     # cache.version right after this step's commit
@@ -152,6 +160,10 @@ class DecodeStep:
         self._appended_count = 0
         self._appends: list[kernels.BoundLaunch] = []
         self._runs: list[kernels.BoundLaunch] = []   # per layer: the attention launch of the cache dtype
+        # Per layer, the caller's (k, v) and (q, out) CuPy arrays its launches point at: a call with the same
+        # objects skips every check (a CuPy array's address, size and dtype cannot change).
+        self._append_inputs: list[tuple] = []
+        self._run_inputs: list[tuple] = []
         self._appends_for = -1                 # batch size the append launches are bound for
         cp = cupy()
         with self.stream:
@@ -162,6 +174,9 @@ class DecodeStep:
         # that turn comes round again, two plans later (no synchronisation of its own).
         self._status_host = empty_pinned(2, dtype=np.int32)
         self._status_host[:] = 0
+        # Addresses looked up once: NumPy's .ctypes costs microseconds, and plan() copies the flags every step.
+        self._status_host_at = self._status_host.ctypes.data
+        self._status_at = self._status.data.ptr
         self._memcpy = cp.cuda.runtime.memcpyAsync
         self._np_dtype = cache.array_dtype
         self._ndarray = cp.ndarray
@@ -220,14 +235,21 @@ class DecodeStep:
         if attn is not None:
             turn = attn.claim_turn()  # its copy two plans ago carried the device flags' snapshot read now
             self._raise_device_flags(int(self._status_host[turn]))
-        if (new_tokens and self._new and self._lengths.steps_left > 0 and cache.version == self._version
-                and seq.shape == prev.shape and (seq == prev).all()):
-            self._next_token(attn)  # the decode loop: the same batch one token further, no checks to redo
+        if (new_tokens and self._new and cache.version == self._version and seq.shape == prev.shape
+                and (seq == prev).all()):
+            # The decode loop: the same batch one token further, no checks to redo.
+            if self._lengths.steps_left > 0:
+                self._next_token(attn)
+            else:  # about once per `horizon` steps; the next step makes the window's schedule
+                limit = self._reserve_window()
+                self._next_token(attn)
+                self._lengths.extend(limit)
+                self._window = limit
         else:
             self._plan_from_cache(seq, new_tokens)
             attn = self._attn
         turn = attn.claim_turn()
-        self._memcpy(self._status_host[turn:].ctypes.data, self._status.data.ptr, 4, 2, self.stream.ptr)  # 2: D2H
+        self._memcpy(self._status_host_at + 4 * turn, self._status_at, 4, 2, self._stream_ptr)  # 2: device to host
         lengths = self._lengths
         attn.update(self._seq, lengths.main, lengths.res, self.stream, extra=self._tok_flat)
         if new_tokens:
@@ -241,13 +263,40 @@ class DecodeStep:
         self._stats["schedules"] = attn.schedules
 
     def _next_token(self, attn: AttentionPlan) -> None:
-        """The next step of the planned batch, from the previous step's state (StepLengths.advance), with a
-        new schedule on the (rare) step where a sequence outgrows the current one."""
+        """The next step of the planned batch, from the previous step's state (StepLengths.advance).
+
+        The step after a page reservation makes the schedule for the reserved window (``_window_cover``): the
+        loop's two slow host jobs, the allocator call and the scheduler (a few hundred microseconds each on the
+        benchmark hosts), then take a step each, once per ``horizon`` steps, instead of doubling one step. Any
+        other step schedules only if a sequence outgrew the schedule (after a batch planned with pages reserved
+        further ahead than a horizon)."""
         lengths = self._lengths
         lengths.advance()
-        if lengths.flushed and (lengths.main > attn.cover).any():  # about once per `horizon` steps
+        window, self._window = self._window, None
+        if window is not None or (lengths.flushed and (lengths.main > attn.cover).any()):
             end = lengths.pos.astype(np.int64) + 1
-            attn.schedule(self._seq, self.cache.full_pages(end + self.horizon) * self.cache.page_size)
+            tokens = end + self.horizon if window is None else self._window_cover(end, window)
+            attn.schedule(self._seq, self.cache.full_pages(tokens) * self.cache.page_size)
+
+    def _window_cover(self, end: np.ndarray, limit: np.ndarray) -> np.ndarray:
+        """Tokens a schedule made at a step ending at ``end`` tokens should serve when the reserved pages hold
+        ``limit``: up to the limit (at most a horizon ahead) and one page more, so that the step that reserves
+        the next window, one token past the limit, still runs on this schedule."""
+        return np.minimum(limit, end + self.horizon) + self.cache.page_size
+
+    def _reserve_window(self) -> np.ndarray:
+        """Pages for the planned batch's next ``horizon`` tokens, in one allocator call, before the step that
+        needs the first of them changes anything (PagePoolExhausted and ValueError leave every state as it was).
+        Returns each sequence's capacity in tokens."""
+        cache = self.cache
+        n = self._lengths.pos.astype(np.int64) + 1  # tokens before this step's
+        over = n + 1 > cache.max_seq_len
+        if over.any():
+            raise ValueError(f"plan: sequences {self._seq[over].tolist()} would hold {(n + 1)[over].tolist()} tokens, "
+                             f"more than max_seq_len = {cache.max_seq_len}")
+        limit = cache.ensure_capacity(self._seq, np.minimum(n + self.horizon, cache.max_seq_len))
+        self._stats["reserves"] += 1
+        return limit
 
     def _plan_from_cache(self, seq: np.ndarray, new_tokens: int) -> None:
         """A plan from the cache's lengths: the first of a batch, after the cache changed, or when the step
@@ -265,17 +314,16 @@ class DecodeStep:
         if not new_tokens and (end == 0).any():
             raise ValueError(f"plan: sequences {seq[end == 0].tolist()} hold no tokens; nothing to attend to")
         attn = self._attention_for(seq.shape[0])
-        # The decode loop comes here when its reserved pages run out (same batch): reserve at once; another
-        # batch may hold enough already.
-        limit = None if same and new_tokens else np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)
-        if new_tokens and (limit is None or (end > limit).any()):
+        limit = np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)
+        if new_tokens and (end > limit).any():
             # Pages for `horizon` more tokens in one allocator call (PagePoolExhausted: nothing changed).
             limit = cache.ensure_capacity(seq, np.minimum(n + self.horizon, cache.max_seq_len))
             self._stats["reserves"] += 1
         # The append kernel's position words are the state's positions (a view), so advancing one advances both.
         self._lengths = StepLengths(self._tok[:, 1], n, new_tokens, P, R, limit)
+        self._window = None
         if not attn.covers(seq, self._lengths.main):
-            attn.schedule(seq, cache.full_pages(end + (self.horizon if new_tokens else 0)) * P)
+            attn.schedule(seq, cache.full_pages(self._window_cover(end, limit) if new_tokens else end) * P)
         self._seq = seq
         self._kv_shape = (seq.shape[0], cache.num_kv_heads, cache.head_dim)
         self._q_shape = (seq.shape[0], self.num_heads, cache.head_dim)
@@ -319,7 +367,8 @@ class DecodeStep:
         return attn
 
     def _bind_appends(self, attn: AttentionPlan, B: int) -> None:
-        """One bound append launch per layer for batches of ``B`` (k and v are set per call)."""
+        """One bound append launch per layer for batches of ``B`` (k and v are set per call); every layer's
+        launches then wait for the caller's arrays of the new shapes."""
         cache = self.cache
         null = np.uint64(0)
         self._appends = []
@@ -328,6 +377,8 @@ class DecodeStep:
             args = append.args(null, null, attn.extra, self._status, B)
             self._appends.append(kernels.BoundLaunch(append.kernel, append.grid(B), APPEND_THREADS, 0, args))
         self._appends_for = B
+        self._append_inputs = [_UNBOUND] * cache.num_layers
+        self._run_inputs = [_UNBOUND] * cache.num_layers
 
     # ------------------------------------------------------------------------------------- running
 
@@ -340,21 +391,27 @@ class DecodeStep:
                                "attends without appending)")
         if not 0 <= layer < len(self._appends):
             raise IndexError(f"layer: expected 0 <= layer < {self.cache.num_layers}, got {layer}")
-        # The hot path: exact arrays pass these comparisons and nothing else is done per call.
-        nd = self._ndarray
-        if not (type(k) is nd and k.shape == self._kv_shape and k.dtype == self._np_dtype and k.flags.c_contiguous
-                and not k.data.ptr & 15):
-            k = self._tokens(k, "k")
-        if not (type(v) is nd and v.shape == self._kv_shape and v.dtype == self._np_dtype and v.flags.c_contiguous
-                and not v.data.ptr & 15):
-            v = self._tokens(v, "v")
         launch = self._appends[layer]
-        launch.set_pointer(0, k.data.ptr)
-        launch.set_pointer(1, v.data.ptr)
+        bound = self._append_inputs[layer]
+        if k is not bound[0] or v is not bound[1]:  # the hot path (the same arrays as last step) skips this
+            self._append_inputs[layer] = self._bind_tokens(launch, k, v)
         launch.launch(self._stream_ptr)
         if not self._appended[layer]:
             self._appended[layer] = True
             self._appended_count += 1
+
+    def _bind_tokens(self, launch: kernels.BoundLaunch, k: Any, v: Any) -> tuple:
+        """Point an append launch at ``k`` and ``v`` (checked); returns what the next call may skip checking
+        for: the caller's objects when they are the CuPy arrays launched (a converted object, such as a
+        tensor its owner may re-point, is checked on every call)."""
+        nd = self._ndarray
+        kk = k if (type(k) is nd and k.shape == self._kv_shape and k.dtype == self._np_dtype
+                   and k.flags.c_contiguous and not k.data.ptr & 15) else self._tokens(k, "k")
+        vv = v if (type(v) is nd and v.shape == self._kv_shape and v.dtype == self._np_dtype
+                   and v.flags.c_contiguous and not v.data.ptr & 15) else self._tokens(v, "v")
+        launch.set_pointer(0, kk.data.ptr)
+        launch.set_pointer(1, vv.data.ptr)
+        return (k, v) if kk is k and vv is v else _UNBOUND
 
     def _tokens(self, x: Any, name: str):
         shape = self._kv_shape
@@ -376,16 +433,20 @@ class DecodeStep:
         if self._new and not self._appended[layer]:
             raise MillionError(f"run({layer}) before append({layer}): this step's token of layer {layer} is "
                                f"not in the cache yet")
-        # The hot path: exact q and out arrays pass these comparisons and nothing else is done per call.
-        nd, shape, dtype = self._ndarray, self._q_shape, self._np_dtype
-        if not (lse is None and not return_lse and type(q) is nd and type(out) is nd and q.shape == shape
-                and out.shape == shape and q.dtype == dtype and out.dtype == dtype and q.flags.c_contiguous
-                and out.flags.c_contiguous):
-            q, out, lse = attention_arrays(q, out, lse, return_lse, shape, dtype)
         launch = runs[layer]
-        launch.set_pointer(0, q.data.ptr)
-        launch.set_pointer(AttentionPlan.OUT_ARG, out.data.ptr)
-        launch.set_pointer(AttentionPlan.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
+        bound = self._run_inputs[layer]
+        # The hot path: the same q and out arrays as last step, no lse: nothing to check or rebind.
+        if q is not bound[0] or out is not bound[1] or lse is not None or return_lse:
+            nd, shape, dtype = self._ndarray, self._q_shape, self._np_dtype
+            exact = (lse is None and not return_lse and type(q) is nd and type(out) is nd and q.shape == shape
+                     and out.shape == shape and q.dtype == dtype and out.dtype == dtype and q.flags.c_contiguous
+                     and out.flags.c_contiguous)
+            if not exact:
+                q, out, lse = attention_arrays(q, out, lse, return_lse, shape, dtype)
+            launch.set_pointer(0, q.data.ptr)
+            launch.set_pointer(AttentionPlan.OUT_ARG, out.data.ptr)
+            launch.set_pointer(AttentionPlan.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
+            self._run_inputs[layer] = (q, out) if exact else _UNBOUND
         launch.launch(self._stream_ptr)
         return (out, lse) if (return_lse or lse is not None) else out
 

@@ -126,6 +126,41 @@ def test_eager_steps_match_the_reference(rng, d, M, P, R, nh, nh_k, heads, dtype
     assert st["reserves"] < (3 * P + 2) / 4 and st["fallback_layers"] == 0  # pages reserved ahead, in batches
 
 
+def test_reused_buffers_and_one_page_windows_reserve_and_schedule_on_separate_steps(rng):
+    """Per-layer buffers rewritten in place every step (the launches then skip their checks: the same arrays),
+    and windows of one page, so that pages are reserved every few steps: attention at every step against the
+    reference, and once the loop runs no plan both reserves pages and makes a schedule."""
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    (gpu,) = _caches(rng, devices=("cuda",))
+    P, L, nh = gpu.page_size, gpu.num_layers, 8
+    seqs = [gpu.add_sequence() for _ in range(3)]
+    _prefill(rng, (gpu,), seqs, [5, 2 * P + 3, 40])
+    step = DecodeStep(gpu, num_heads=nh, horizon=P)
+    B = len(seqs)
+    k, v = ([cp.empty((B, gpu.num_kv_heads, gpu.head_dim), cp.float16) for _ in range(L)] for _ in range(2))
+    q, out = ([cp.empty((B, nh, gpu.head_dim), cp.float16) for _ in range(L)] for _ in range(2))
+    work = []  # (pages reserved, schedules made) by each plan
+    for _ in range(4 * P):
+        before = step.stats()
+        step.plan(seqs)
+        after = step.stats()
+        work.append((after["reserves"] - before["reserves"], after["schedules"] - before["schedules"]))
+        for layer in range(L):
+            for buf in (k[layer], v[layer], q[layer]):
+                buf[...] = cp.asarray(rng.standard_normal(buf.shape).astype(np.float16))
+            out[layer].fill(cp.nan)
+            step.append(layer, k[layer], v[layer])
+            step.run(layer, q[layer], out=out[layer])
+            _check_attention(gpu, layer, seqs, q[layer], out[layer], None, "float16")
+    step.check()
+    loop = work[1:]  # the first plan of a batch validates, reserves and schedules at once
+    assert sum(r for r, _ in loop) >= 3 and sum(s for _, s in loop) >= 3
+    assert not any(r and s for r, s in loop), work
+
+
 def test_batches_that_change_between_steps_and_forks(rng):
     import cupy as cp
 
