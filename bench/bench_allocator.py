@@ -10,7 +10,8 @@ Python prepares a launch), which is what a decode step pays. ``free`` synchronis
 (it reports invalid ids), ``alloc`` does not: ``syncs_per_call`` in each record shows it.
 
 Writes JSON with ``gpu``, ``date``, ``command``, ``versions`` and ``records`` (suite, method, batch,
-median_us, per_page_us, p10_us, p90_us, pages_per_s, syncs_per_call), then prints a table.
+median_us, per_page_us, p10_us, p90_us, pages_per_s, syncs_per_call, bound_alloc: whether alloc launched
+through the bound path rather than numba's dispatcher), then prints a table.
 Refuses to run under numba's CUDA simulator (CPU machines), where timings mean nothing.
 """
 
@@ -33,7 +34,9 @@ from million_cupy.allocator import PageAllocator  # noqa: E402 - after the path 
 from million_cupy.interop import gpu_available  # noqa: E402
 
 BATCHES = (1, 8, 64, 256, 1024)
-METHODS = ("alloc", "free", "alloc+free")
+# alloc_scratch: ids into the allocator's reused buffer, as a decode step's page reservation takes them (no
+# device array made per call).
+METHODS = ("alloc", "alloc_scratch", "free", "alloc+free")
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,10 +86,10 @@ def time_method(
     syncs = 0
     for i in range(warmup + repeats):
         before = alloc._syncs
-        if method == "alloc":
-            us, ids = timed(lambda: alloc.alloc(batch))
+        if method in ("alloc", "alloc_scratch"):
+            us, ids = timed(lambda: getattr(alloc, method)(batch))
             syncs_in_call = alloc._syncs - before
-            alloc.free(ids)
+            alloc.free(ids[:batch])
         elif method == "free":
             ids = alloc.alloc(batch)
             before = alloc._syncs
@@ -139,6 +142,7 @@ def main() -> int:
                     "p90_us": float(np.percentile(samples, 90)),
                     "pages_per_s": batch / median * 1e6,
                     "syncs_per_call": syncs_per_call,
+                    "bound_alloc": alloc.bound_alloc,
                 }
             )
     stats = alloc.stats()
@@ -158,10 +162,10 @@ def main() -> int:
     print(f"wrote {out}")
     print(f"{gpu}: {args.repeats} timed calls each, CUDA events on the allocator stream")
     header = ("method", "batch", "median us", "p10 us", "p90 us", "us/page", "Mpages/s", "syncs")
-    print(f"{header[0]:<11}" + "".join(f"{h:>{w}}" for h, w in zip(header[1:], (6, 11, 9, 9, 9, 10, 7))))
+    print(f"{header[0]:<14}" + "".join(f"{h:>{w}}" for h, w in zip(header[1:], (6, 11, 9, 9, 9, 10, 7))))
     for r in records:
         print(
-            f"{r['method']:<11}{r['batch']:>6}{r['median_us']:>11.1f}{r['p10_us']:>9.1f}{r['p90_us']:>9.1f}"
+            f"{r['method']:<14}{r['batch']:>6}{r['median_us']:>11.1f}{r['p10_us']:>9.1f}{r['p90_us']:>9.1f}"
             f"{r['per_page_us']:>9.3f}{r['pages_per_s'] / 1e6:>10.2f}{r['syncs_per_call']:>7.2f}"
         )
     return 0

@@ -8,12 +8,14 @@ float16, M = 64 and 32. One step = ``DecodeStep.plan`` + 32 × (``append`` one t
 * ``step_p50_us`` / ``step_p99_us`` / ``step_max_us``: wall time of each step from the first host call to the
   end of its synchronisation (what a serving loop that waits once per step sees);
 * ``gpu_us``: GPU time of the same step's kernels, replayed back to back from a graph (no host in the way);
-* ``host_us``: host time of the step's calls before the synchronisation; ``plan_us`` and
-  ``host_per_layer_us`` (append + run of one layer) for the eager PQ step.
+* ``host_us``: host time of the step's calls before the synchronisation; ``plan_us`` / ``plan_max_us`` (median
+  and max: the max is the plan that reserves pages) and, for the eager PQ step, ``host_per_layer_us`` (append +
+  run of one layer, on per-layer arrays made before the loop, as a model's buffers are).
 
 Baselines in the same run: PyTorch fp16 with a static per-layer buffer, ``index_copy_`` of the new token
 and SDPA on the flash backend (eager over the growing length; graph-captured over the fixed full buffer,
-since a captured shape cannot grow), and this library's own fp16 paged kernel (attention only, graph).
+since a captured shape cannot grow), and this library's own fp16 paged kernel (``paged_exact_decode``), graph-
+captured the same way over a fixed page table (``paged_exact_graph``): it has no ``DecodeStep`` path that grows.
 
     python bench/bench_step.py --out bench/results/step_h200.json [--shapes 1x4096,8x32768] [--steps 256]
 """
@@ -21,6 +23,7 @@ since a captured shape cannot grow), and this library's own fp16 paged kernel (a
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
-from bench_decode import D, NH, NH_K, build_cache, planned_paged_pq  # noqa: E402
+from bench_decode import D, NH, NH_K, P, build_cache, planned_paged_pq  # noqa: E402
 
 L = 32  # Llama-3.1-8B's layers
 SHAPES = ((1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 4096))
@@ -44,11 +47,28 @@ def _percentiles(wall: list[float]) -> dict:
             "step_max_us": float(w.max()), "steps": int(w.size)}
 
 
+def _plan_stats(plan_times: list[float]) -> dict:
+    """Median and max host time of ``plan`` over the timed steps (the max is the page-reserving plan)."""
+    t = np.asarray(plan_times[WARMUP:]) * 1e6
+    return {"plan_us": float(np.median(t)), "plan_max_us": float(t.max())}
+
+
 def _timed_steps(fn, steps: int, sync) -> tuple[dict, float]:
     """Run ``fn`` (one whole step) ``WARMUP + steps`` times, synchronising after each; step wall times and the
-    median host time of ``fn`` itself."""
+    median host time of ``fn`` itself. The objects made while setting up are moved out of the garbage collector's
+    view first (``gc.freeze``, as vLLM does once its model is loaded and captured), so that a collection in the
+    loop scans only what the loop made; ``gc_collections`` counts those that ran in the timed steps."""
+    gc.collect()
+    gc.freeze()
+    collections = [0]
+
+    def count(phase, info):
+        collections[0] += phase == "start"
+
     wall, host = [], []
     for i in range(WARMUP + steps):
+        if i == WARMUP:
+            gc.callbacks.append(count)
         t0 = time.perf_counter()
         fn()
         t1 = time.perf_counter()
@@ -57,7 +77,9 @@ def _timed_steps(fn, steps: int, sync) -> tuple[dict, float]:
         if i >= WARMUP:
             wall.append(t2 - t0)
             host.append(t1 - t0)
-    return _percentiles(wall), float(np.median(host) * 1e6)
+    gc.callbacks.remove(count)
+    gc.unfreeze()
+    return {**_percentiles(wall), "gc_collections": collections[0]}, float(np.median(host) * 1e6)
 
 
 def build(cp, batch, context, M, steps, stream):
@@ -76,6 +98,9 @@ def bench_pq(cp, batch, context, M, steps) -> list[dict]:
         v = rng.standard_normal((L, batch, NH_K, D), dtype=cp.float32).astype(cp.float16)
         q = rng.standard_normal((L, batch, NH, D), dtype=cp.float32).astype(cp.float16)
         out = cp.empty_like(q)
+    # Each layer's arrays made once, as a model's per-layer buffers are: slicing a CuPy array costs ~2 us of
+    # host time per view, which is the caller's, not the step's.
+    k_in, v_in, q_in, out_in = ([x[layer] for layer in range(L)] for x in (k, v, q, out))
     step = DecodeStep(cache, NH)
     plan_times, layer_times = [], []
 
@@ -84,8 +109,8 @@ def bench_pq(cp, batch, context, M, steps) -> list[dict]:
         step.plan(seqs)
         t1 = time.perf_counter()
         for layer in range(L):
-            step.append(layer, k[layer], v[layer])
-            step.run(layer, q[layer], out=out[layer])
+            step.append(layer, k_in[layer], v_in[layer])
+            step.run(layer, q_in[layer], out=out_in[layer])
         t2 = time.perf_counter()
         plan_times.append(t1 - t0)
         layer_times.append((t2 - t1) / L)
@@ -93,29 +118,32 @@ def bench_pq(cp, batch, context, M, steps) -> list[dict]:
     base = {"suite": "step", "batch": batch, "context": context, "M": M, "layers": L}
     eager_stats, eager_host = _timed_steps(eager, steps, stream.synchronize)
     records = [{**base, "method": "paged_pq_eager", **eager_stats, "host_us": eager_host,
-                "plan_us": float(np.median(plan_times[WARMUP:]) * 1e6),
-                "host_per_layer_us": float(np.median(layer_times[WARMUP:]) * 1e6)}]
+                **_plan_stats(plan_times), "host_per_layer_us": float(np.median(layer_times[WARMUP:]) * 1e6)}]
 
     with stream:
         step.plan(seqs)
         stream.begin_capture()
         for layer in range(L):
-            step.append(layer, k[layer], v[layer])
-            step.run(layer, q[layer], out=out[layer])
+            step.append(layer, k_in[layer], v_in[layer])
+            step.run(layer, q_in[layer], out=out_in[layer])
         graph = stream.end_capture()
         graph.launch(stream)
         stream.synchronize()
+        plan_times = []
 
         def replay():
+            t0 = time.perf_counter()
             step.plan(seqs)
+            plan_times.append(time.perf_counter() - t0)
             graph.launch(stream)
 
         graph_stats, graph_host = _timed_steps(replay, steps, stream.synchronize)
+        graph_stats.update(_plan_stats(plan_times))
         # The same step's kernels back to back (a replay without plan() repeats the step: idempotent).
         gpu = harness.time_gpu(lambda: graph.launch(stream), queued=10, repeats=9, warmup=2)
         parts = {}
-        for name, body in (("append", lambda layer: step.append(layer, k[layer], v[layer])),
-                           ("attention", lambda layer: step.run(layer, q[layer], out=out[layer]))):
+        for name, body in (("append", lambda layer: step.append(layer, k_in[layer], v_in[layer])),
+                           ("attention", lambda layer: step.run(layer, q_in[layer], out=out_in[layer]))):
             stream.begin_capture()
             for layer in range(L):
                 body(layer)
@@ -133,13 +161,63 @@ def bench_pq(cp, batch, context, M, steps) -> list[dict]:
     return records
 
 
+def bench_exact_paged(cp, batch, context, steps) -> list[dict]:
+    """This library's fp16 paged kernel (``paged_exact_decode``, FlashInfer's page-table convention) in the same
+    32-layer step, graph-captured: per layer the new token's K / V copied into its page slot, then attention over
+    ``context + 1`` tokens. A prepared launch's lengths are fixed, so like the PyTorch graph baseline it attends
+    over a fixed length (it has no ``DecodeStep`` path that grows)."""
+    from million_cupy.decode import prepare_paged_exact_decode
+
+    pages = context // P + 1  # per sequence: the last page holds the new token at slot context % P
+    slot = context % P
+    indptr = np.arange(batch + 1, dtype=np.int32) * pages
+    last = np.full(batch, slot + 1, dtype=np.int32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    rng = cp.random.default_rng(3)
+    with stream:
+        indices = cp.arange(batch * pages, dtype=cp.int32)
+        caches = [[rng.standard_normal((batch * pages, NH_K, P, D), dtype=cp.float32).astype(cp.float16)
+                   for _ in range(2)] for _ in range(L)]
+        new = rng.standard_normal((L, 2, batch, NH_K, D), dtype=cp.float32).astype(cp.float16)
+        q = rng.standard_normal((L, batch, NH, D), dtype=cp.float32).astype(cp.float16)
+        out = cp.empty_like(q)
+        tails = [[kv.reshape(batch, pages, NH_K, P, D)[:, pages - 1, :, slot, :] for kv in layer] for layer in caches]
+        attend = [prepare_paged_exact_decode(q[layer], caches[layer][0], caches[layer][1], indptr, indices, last,
+                                             out=out[layer], stream=stream) for layer in range(L)]
+
+        def body():
+            for layer in range(L):
+                tails[layer][0][...] = new[layer, 0]
+                tails[layer][1][...] = new[layer, 1]
+                attend[layer]()
+
+        body()
+        stream.synchronize()
+        stream.begin_capture()
+        body()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        stats, host = _timed_steps(lambda: graph.launch(stream), steps, stream.synchronize)
+        gpu = harness.time_gpu(lambda: graph.launch(stream), queued=10, repeats=9, warmup=2)
+    del graph, caches, attend, tails
+    cp.get_default_memory_pool().free_all_blocks()
+    return [{"suite": "step", "method": "paged_exact_graph", "batch": batch, "context": context, "M": None,
+             "layers": L, **stats, "host_us": host, "gpu_us": gpu["median_us"]}]
+
+
 def bench_decode_call(cp) -> list[dict]:
-    """``million_cupy.decode`` repeated on one batch against ``BatchDecodeWrapper.run`` (1 × 4K, one layer)."""
+    """``million_cupy.decode`` repeated on one batch against ``BatchDecodeWrapper.run`` (1 × 4K, one layer).
+    Host times are taken in alternating blocks of the two calls, so that both see the same host state."""
     import million_cupy as mc
 
     cache, seqs, wrapper, q, out = planned_paged_pq(cp, 1, 4096, 64)
-    run_host = harness.time_host(lambda: wrapper.run(0, q, out=out, check=False))
-    decode_host = harness.time_host(lambda: mc.decode(cache, 0, seqs, q, out=out))
+    calls = {"run": lambda: wrapper.run(0, q, out=out, check=False), "decode": lambda: mc.decode(cache, 0, seqs, q, out=out)}
+    blocks: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(9):
+        for name, call in calls.items():
+            blocks[name].append(harness.time_host(call, calls=300, repeats=1))
+    run_host, decode_host = (float(np.median(blocks[name])) for name in calls)
     run_t = harness.time_gpu(lambda: wrapper.run(0, q, out=out, check=False), queued=20, repeats=9)
     decode_t = harness.time_gpu(lambda: mc.decode(cache, 0, seqs, q, out=out), queued=20, repeats=9)
     base = {"suite": "step", "batch": 1, "context": 4096, "M": 64, "layers": 1}
@@ -240,6 +318,9 @@ def judge(records: list[dict]) -> list[dict]:
             best = min(t_eager["step_p50_us"], t_graph["step_p50_us"])
             row["graph_vs_best_torch"] = p50 / best
             row["graph_lt_both_torch"] = p50 < best
+        exact = by.get((b, ctx, None, "paged_exact_graph"))
+        if exact:
+            row["graph_vs_exact_paged_graph"] = p50 / exact["step_p50_us"]
         out.append(row)
     calls = {r["method"]: r for r in records if r["layers"] == 1}
     if calls:
@@ -267,6 +348,7 @@ def main() -> None:
             records += bench_pq(cp, batch, context, M, args.steps)
             print(f"{batch}x{context} M={M}: " + ", ".join(
                 f"{r['method']} p50 {r['step_p50_us']:.0f} us" for r in records[-2:]), flush=True)
+        records += bench_exact_paged(cp, batch, context, args.steps)
         if not args.no_torch:
             try:
                 records += bench_torch(batch, context, args.steps)
