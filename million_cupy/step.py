@@ -290,13 +290,17 @@ class DecodeStep:
         Returns each sequence's capacity in tokens."""
         cache = self.cache
         n = self._lengths.pos.astype(np.int64) + 1  # tokens before this step's
-        over = n + 1 > cache.max_seq_len
-        if over.any():
-            raise ValueError(f"plan: sequences {self._seq[over].tolist()} would hold {(n + 1)[over].tolist()} tokens, "
-                             f"more than max_seq_len = {cache.max_seq_len}")
+        self._check_room(self._seq, n + 1)
         limit = cache.ensure_capacity(self._seq, np.minimum(n + self.horizon, cache.max_seq_len))
         self._stats["reserves"] += 1
         return limit
+
+    def _check_room(self, seq: np.ndarray, end: np.ndarray) -> None:
+        """ValueError naming the sequences that ``end`` tokens would take past the cache's max_seq_len."""
+        over = end > self.cache.max_seq_len
+        if over.any():
+            raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {end[over].tolist()} tokens, "
+                             f"more than max_seq_len = {self.cache.max_seq_len}")
 
     def _plan_from_cache(self, seq: np.ndarray, new_tokens: int) -> None:
         """A plan from the cache's lengths: the first of a batch, after the cache changed, or when the step
@@ -307,10 +311,7 @@ class DecodeStep:
                 and bool((seq == self._seq).all()))
         n = self._lengths.pos.astype(np.int64) + self._new if same else self._validate(seq)
         end = n + new_tokens
-        over = end > cache.max_seq_len
-        if over.any():
-            raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {end[over].tolist()} tokens, "
-                             f"more than max_seq_len = {cache.max_seq_len}")
+        self._check_room(seq, end)
         if not new_tokens and (end == 0).any():
             raise ValueError(f"plan: sequences {seq[end == 0].tolist()} hold no tokens; nothing to attend to")
         attn = self._attention_for(seq.shape[0])
