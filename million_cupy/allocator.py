@@ -19,9 +19,9 @@ Why this shape:
   operation that synchronises anyway (``free``, ``incref``, ``stats``) and shrinks by ``n`` on each
   ``alloc``, so the only alloc that synchronises is one that may really exhaust the pool.
 * **A cheap launch for alloc.** A decode step reserves pages on its host path, so ``alloc`` launches the
-  numba-cuda kernel through CuPy's ``cuLaunchKernel`` binding with a parameter block built once (numba's
-  kernel ABI, ``_BoundAlloc``): ~5 us of host time per call (9 us between stream events) instead of the
-  35-290 us numba's dispatcher spends converting arguments (the most when the call is rare and its code
+  numba-cuda kernel as a ``kernels.BoundLaunch`` (CuPy's ``cuLaunchKernel`` binding, a parameter block built once
+  in numba's kernel ABI: ``_BoundAlloc``): ~5 us of host time per call (9 us between stream events) instead of
+  the 35-290 us numba's dispatcher spends converting arguments (the most when the call is rare and its code
   cold). ``free`` and ``incref`` synchronise anyway and keep the dispatcher, as does the simulator.
 * **O(1) per page, batched.** One launch of a single thread block serves a whole request: the pop
   is one update of ``top`` made by thread 0, the pushes of ``free`` are atomic increments of ``top``;
@@ -52,7 +52,6 @@ launches shorten Python's thread switch interval while they run (see ``_SIM_SWIT
 
 from __future__ import annotations
 
-import ctypes
 import operator
 import os
 import sys
@@ -63,6 +62,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from . import kernels
 from .errors import DeviceUnavailable, InvalidPageOperation, PagePoolExhausted
 from .interop import cuda_driver_present, cupy, gpu_available, to_numpy
 
@@ -241,39 +241,33 @@ def _to_page_ids_kernel(src, dst, num_pages):
 # ------------------------------------------------------------------------------------ bound launch
 
 
+def _numba_array_words(array: Any) -> list[np.generic]:
+    """An array argument in numba-cuda's kernel ABI: meminfo, parent, nitems, itemsize, data, shape..., strides..."""
+    data = array.__cuda_array_interface__["data"][0]
+    return [np.uint64(0), np.uint64(0), np.int64(array.size), np.int64(array.dtype.itemsize), np.uint64(data),
+            *map(np.int64, array.shape), *map(np.int64, array.strides)]
+
+
 class _BoundAlloc:
-    """``_alloc_kernel`` as numba-cuda compiled it, launched through CuPy's ``cuLaunchKernel`` binding with a
-    parameter block built once.
+    """``_alloc_kernel`` as numba-cuda compiled it, launched as a :class:`~million_cupy.kernels.BoundLaunch`.
 
     numba's dispatcher converts every argument on every launch: 35-290 us of host time per call on the
     benchmark hosts (the most when the call is rare and its code cold, as a decode step's page reservation is),
-    against ~4.5 us for the same launch here. The block follows numba's kernel ABI: an array is (meminfo,
-    parent, nitems, itemsize, data, shape..., strides...), a scalar its C value. Built only where numba-cuda
-    exposes its compiled function the way this was written for (checked at construction, see :meth:`bind`)."""
+    against ~4.5 us for the same launch here. Its parameter block follows numba's kernel ABI
+    (:func:`_numba_array_words`, a scalar its C value). Built only where numba-cuda exposes its compiled function
+    the way this was written for (checked at construction, see :meth:`bind`)."""
 
-    _OUT, _N = 0, 7  # where out's words start and where n sits in the block
+    _N = 7  # n's argument, after out's 7 words
 
     def __init__(self, handle: int, argument_types: tuple, args: tuple, stream: int) -> None:
         from numba.core import types  # noqa: PLC0415
 
-        self._values: list[ctypes._SimpleCData] = []
+        words: list[np.generic] = []
         for ty, value in zip(argument_types, args):
-            if isinstance(ty, types.Array):
-                self._values += self._array_words(value)
-            else:
-                self._values.append(getattr(ctypes, f"c_{ty}")(value))
-        self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
-        self._params_at = ctypes.addressof(self._params)
-        self._handle, self._stream = handle, stream
+            words += _numba_array_words(value) if isinstance(ty, types.Array) else [np.dtype(str(ty)).type(value)]
+        self._launch = kernels.BoundLaunch(handle, 1, _GPU_THREADS, 0, words)
+        self._stream = stream
         self._out: Any = args[0]
-        self._launch = cupy().cuda.driver.launchKernel
-
-    @staticmethod
-    def _array_words(array: Any) -> list[ctypes._SimpleCData]:
-        data = array.__cuda_array_interface__["data"][0]
-        return [ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_int64(array.size), ctypes.c_int64(array.dtype.itemsize),
-                ctypes.c_void_p(data), *(ctypes.c_int64(x) for x in array.shape),
-                *(ctypes.c_int64(x) for x in array.strides)]
 
     @classmethod
     def bind(cls, kernel: Any, args: tuple, stream: int) -> "_BoundAlloc | None":
@@ -293,11 +287,11 @@ class _BoundAlloc:
     def __call__(self, out: Any, n: int) -> None:
         """Pop ``n`` page ids into ``out`` (an int32 device array holding at least ``n``)."""
         if out is not self._out:
-            for i, word in enumerate(self._array_words(out)):
-                self._values[self._OUT + i].value = word.value
+            for i, word in enumerate(_numba_array_words(out)):
+                self._launch.set_arg(i, int(word))
             self._out = out
-        self._values[self._N].value = n
-        self._launch(self._handle, 1, 1, 1, _GPU_THREADS, 1, 1, 0, self._stream, self._params_at, 0)
+        self._launch.set_arg(self._N, n)
+        self._launch.launch(self._stream)
 
 
 # -------------------------------------------------------------------------------------- allocator

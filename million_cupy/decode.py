@@ -417,7 +417,7 @@ class AttentionPlan:
 
     def launch(self, layer: int, dtype: Any) -> kernels.BoundLaunch:
         """The bound attention launch of ``layer`` (built once): arguments 0, :attr:`OUT_ARG` and
-        ``OUT_ARG + 1`` (q, out, lse) are set per call with ``set_pointer``."""
+        ``OUT_ARG + 1`` (q, out, lse) are set per call with ``set_arg``."""
         key = (layer, dtype)
         bound = self._launches.get(key)
         if bound is None:
@@ -448,9 +448,9 @@ class AttentionPlan:
         """Launch layer ``layer``'s attention of ``q`` into ``out`` (and ``lse`` or None) on ``stream_ptr``;
         arrays checked by the caller (C-contiguous CuPy, q and out ``(B, num_heads, head_dim)``)."""
         bound = self._launches.get((layer, q.dtype)) or self.launch(layer, q.dtype)
-        bound.set_pointer(0, q.data.ptr)
-        bound.set_pointer(self.OUT_ARG, out.data.ptr)
-        bound.set_pointer(self.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
+        bound.set_arg(0, q.data.ptr)
+        bound.set_arg(self.OUT_ARG, out.data.ptr)
+        bound.set_arg(self.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
         bound.launch(stream_ptr)
 
 

@@ -136,15 +136,21 @@ class BoundLaunch:
     """A kernel launch whose parameter block is built once.
 
     CuPy's generic launch converts every argument on every call, about a microsecond each, and a decode
-    layer has 26. Here they become C values once; a call rewrites only the pointers that change
-    (:meth:`set_pointer`) and calls ``cuLaunchKernel`` through CuPy's driver binding (4.3 us of host time
+    layer has 26. Here they become C values once; a call rewrites only the arguments that change
+    (:meth:`set_arg`) and calls ``cuLaunchKernel`` through CuPy's driver binding (4.3 us of host time
     per launch on an H200 host, against 6.1 us for the same call through ctypes). The arrays given at
     construction are kept alive.
+
+    ``kernel`` is a CuPy ``RawKernel``, or the ``CUfunction`` handle (an int) of a kernel compiled elsewhere
+    (the page allocator's numba-cuda kernel), whose arguments are then given as NumPy scalars.
     """
 
     def __init__(self, kernel, grid: int | tuple[int, int], block: int, smem: int, args: Sequence[Any]) -> None:
-        opt_in_shared_memory(kernel, smem)
-        self._func = kernel.kernel.ptr
+        if isinstance(kernel, int):
+            self._func = kernel
+        else:
+            opt_in_shared_memory(kernel, smem)
+            self._func = kernel.kernel.ptr
         grid_x, grid_y = (grid, 1) if isinstance(grid, int) else tuple(grid)
         self._grid_x, self._grid_y = int(grid_x), int(grid_y)
         self._block, self._smem = block, smem
@@ -154,9 +160,9 @@ class BoundLaunch:
         self._params_at = ctypes.addressof(self._params)
         self._launch_kernel = cupy().cuda.driver.launchKernel  # looked up once: launch() is the hot path
 
-    def set_pointer(self, index: int, ptr: int) -> None:
-        """Argument ``index`` (a pointer) becomes ``ptr`` for the following launches."""
-        self._values[index].value = ptr
+    def set_arg(self, index: int, value: int) -> None:
+        """Argument ``index`` (a pointer or an integer) becomes ``value`` for the following launches."""
+        self._values[index].value = value
 
     def launch(self, stream_ptr: int) -> None:
         """Launch on the stream with handle ``stream_ptr`` (raises CuPy's CUDADriverError on failure)."""

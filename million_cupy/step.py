@@ -410,8 +410,8 @@ class DecodeStep:
                    and k.flags.c_contiguous and not k.data.ptr & 15) else self._tokens(k, "k")
         vv = v if (type(v) is nd and v.shape == self._kv_shape and v.dtype == self._np_dtype
                    and v.flags.c_contiguous and not v.data.ptr & 15) else self._tokens(v, "v")
-        launch.set_pointer(0, kk.data.ptr)
-        launch.set_pointer(1, vv.data.ptr)
+        launch.set_arg(0, kk.data.ptr)
+        launch.set_arg(1, vv.data.ptr)
         return (k, v) if kk is k and vv is v else _UNBOUND
 
     def _tokens(self, x: Any, name: str):
@@ -444,9 +444,9 @@ class DecodeStep:
                      and out.flags.c_contiguous)
             if not exact:
                 q, out, lse = attention_arrays(q, out, lse, return_lse, shape, dtype)
-            launch.set_pointer(0, q.data.ptr)
-            launch.set_pointer(AttentionPlan.OUT_ARG, out.data.ptr)
-            launch.set_pointer(AttentionPlan.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
+            launch.set_arg(0, q.data.ptr)
+            launch.set_arg(AttentionPlan.OUT_ARG, out.data.ptr)
+            launch.set_arg(AttentionPlan.OUT_ARG + 1, 0 if lse is None else lse.data.ptr)
             self._run_inputs[layer] = (q, out) if exact else _UNBOUND
         launch.launch(self._stream_ptr)
         return (out, lse) if (return_lse or lse is not None) else out

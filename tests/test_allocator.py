@@ -412,6 +412,41 @@ def test_kernels_compile_for_a_gpu_target():
     assert done.stdout.strip().endswith("OK")
 
 
+def test_the_bound_alloc_launch_writes_numbas_kernel_abi():
+    """What the GPU's bound alloc launch hands cuLaunchKernel, read back on the CPU: per array meminfo, parent,
+    nitems, itemsize, data, shape, strides as 8-byte words, scalars in place; a new output array rewrites its
+    words, n follows them."""
+    import ctypes
+
+    pytest.importorskip("cupy")
+    from numba.core import types
+
+    from million_cupy.allocator import _BoundAlloc
+
+    class Device:  # a device array as numba's ABI sees it
+        def __init__(self, ptr, n, dtype):
+            self.size, self.dtype, self.shape = n, np.dtype(dtype), (n,)
+            self.strides = (self.dtype.itemsize,)
+            self.__cuda_array_interface__ = {"data": (ptr, False), "shape": (n,), "typestr": self.dtype.str}
+
+    i32, i64 = types.Array(types.int32, 1, "C"), types.Array(types.int64, 1, "C")
+    argtypes = (i32, types.int64, i32, i32, i64, types.int64)
+    out, stack, refs, ctrl = Device(0x1000, 4, np.int32), Device(0x2000, 96, np.int32), Device(0x3000, 96, np.int32), \
+        Device(0x4000, 8, np.int64)
+    bound = _BoundAlloc(0, argtypes, (out, 1, stack, refs, ctrl, 96), stream=0)
+    blocks = []
+
+    def read_block(_stream):
+        launch = bound._launch
+        pointers = (ctypes.c_void_p * 30).from_address(launch._params_at)
+        blocks.append([ctypes.c_uint64.from_address(p).value for p in pointers])
+
+    bound._launch.launch = read_block
+    bound(Device(0x5000, 256, np.int32), 5)
+    array = lambda d: [0, 0, d.size, d.dtype.itemsize, d.__cuda_array_interface__["data"][0], d.size, d.dtype.itemsize]  # noqa: E731
+    assert blocks == [array(Device(0x5000, 256, np.int32)) + [5] + array(stack) + array(refs) + array(ctrl) + [96]]
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 
