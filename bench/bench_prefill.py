@@ -14,7 +14,7 @@ Shapes: nh = 32, nh_k = 8, d = 128, page 64, window 128, float16, M = 64 and 32,
 
 Each record names the regime BatchPrefillWrapper took (``path``: ``lut`` or ``tensor_core``).
 
-    python bench/bench_prefill.py --out bench/results/prefill_h200.json [--quick]
+    python bench/bench_prefill.py --out bench/results/prefill_h200.json [--quick] [--only verify chunk chunked_prompt]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import harness  # noqa: E402
 from bench_decode import D, NH, NH_K, build_cache  # noqa: E402
 
 TIMING = {"queued": 3, "repeats": 5, "warmup": 1}
+SUITES = ("verify", "chunk", "chunked_prompt")
 
 
 def _q(cp, n, seed=3):
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<gpu>.json)")
     p.add_argument("--quick", action="store_true", help="smaller shapes: 2 x 8K, a 512-token chunk over 8K")
+    p.add_argument("--only", choices=SUITES, nargs="+", default=list(SUITES), help="which records to measure")
     args = p.parse_args(argv)
     harness.require_gpu("prefill")
     import cupy as cp
@@ -149,10 +151,13 @@ def main(argv=None) -> int:
     ctx = 8192 if args.quick else 32768
     records = []
     for M in (64, 32):
-        records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (2, 4, 8, 16, 32))
-        for batch in (1, 4):
-            records += bench_chunk(cp, torch, M, batch, ctx, 512 if args.quick else 2048)
-        records += bench_chunked_prompt(cp, torch, M, ctx, 512 if args.quick else 2048)
+        if "verify" in args.only:
+            records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (2, 4, 8, 16, 32))
+        if "chunk" in args.only:
+            for batch in (1, 4):
+                records += bench_chunk(cp, torch, M, batch, ctx, 512 if args.quick else 2048)
+        if "chunked_prompt" in args.only:
+            records += bench_chunked_prompt(cp, torch, M, ctx, 512 if args.quick else 2048)
         cp.get_default_memory_pool().free_all_blocks()
     gpu = harness.gpu_name().split()[-1].lower()
     out = args.out or Path(__file__).resolve().parent / "results" / f"prefill_{gpu}.json"

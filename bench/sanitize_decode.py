@@ -17,8 +17,9 @@ its only reports being numba's cuGetProcAddress probes of optional driver symbol
 tensor-core prefill cases on an H100 (2026-12-02, `--report-api-errors no`): racecheck 0 hazards, memcheck
 0 errors (that run's short case had 9 new tokens, so both of its prefill cases took the tensor-core path; the
 short case now has 7, the LUT path, as sanitized on the H200 before). The few-row tensor-core cases (1 and 2 row
-tiles, forced) on an H200 (2026-12-03): racecheck 0 hazards, memcheck 0 errors, on the kernel before its page
-loads were pinned an iteration ahead (not re-run after that change).
+tiles, forced; 12 and 28 query rows per kv head at M = 64, so since 2026-12-03 they run verify_attention, its
+history split in two and merged) with every other case on an H200 (2026-12-03, 13:25 UTC, the final kernels of
+that day, `--report-api-errors no`): racecheck 0 hazards, memcheck 0 errors.
 """
 
 import sys

@@ -1,5 +1,8 @@
-// Causal attention of long chunks of new tokens over the PQ cache, on tensor cores (chunked prefill,
-// multi-turn prompts).
+// Causal attention of several new tokens per sequence over the PQ cache, on tensor cores. Two kernels:
+// prefill_attention (below) for long chunks (chunked prefill, multi-turn prompts), which dequantizes tiles into
+// shared memory; verify_attention (further down) for at most 32 query rows per kv head (speculative
+// verification), which gathers centroids straight into MMA fragments. Both share the host's work list
+// (prefill.TensorCorePlan) and prefill_merge.
 //
 // One CTA of 8 warps serves one work item: a (sequence, kv head, tile of 16 * RT query rows, token range)
 // quadruple planned on the host (prefill.TensorCorePlan). A query row is one (new token j, query head h of the
@@ -73,6 +76,11 @@ __device__ __forceinline__ int load_pinned(const int* p) {
   asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
+__device__ __forceinline__ uint2 load_pinned(const uint2* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
 __device__ __forceinline__ uint4 load_pinned(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -86,6 +94,65 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// The online softmax's reference maxima of a lane's two rows (g and g + 8) after a tile whose masked scores peak
+// at mxA / mxB in this lane (log2 domain); the row's four lanes are reduced here. Lazy rescaling: a reference
+// max moves only when a score exceeds it by more than RESCALE_SLACK, so p stays <= 2^RESCALE_SLACK (exact in
+// fp16 / bf16 as a value, fp32 sums) and the O rescale by alpha, D / 2 multiplies per lane, runs only on the few
+// tiles where some row of the warp moved its max (the return value, uniform over the warp). A row that has seen
+// no token keeps max -inf; its exponents are then taken from base 0 (all p = 0).
+__device__ __forceinline__ bool lazy_max(float mxA, float mxB, float& mA, float& mB, float& baseA, float& baseB,
+                                         float& alphaA, float& alphaB) {
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
+    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
+  }
+  const float mnA = mxA > mA + RESCALE_SLACK ? mxA : mA, mnB = mxB > mB + RESCALE_SLACK ? mxB : mB;
+  const bool moved = __any_sync(0xffffffffu, mnA != mA || mnB != mB);
+  baseA = mnA == kNegInf ? 0.f : mnA;
+  baseB = mnB == kNegInf ? 0.f : mnB;
+  alphaA = fast_exp2(mA - baseA);
+  alphaB = fast_exp2(mB - baseB);
+  mA = mnA;
+  mB = mnB;
+  return moved;
+}
+
+// The kernel's dynamic shared memory is at least `need` bytes (the host sizes it from the same formula).
+__device__ __forceinline__ void require_dynamic_smem(size_t need) {
+  if (threadIdx.x == 0) {
+    unsigned int dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < need) __trap();
+  }
+}
+
+// This CTA's work item of the host's list (prefill.TensorCorePlan): a (sequence, kv head, row tile, token range).
+struct WorkItem {
+  int b, kvh, row0;        // sequence index in the batch, kv head, first query row of the tile
+  int4 seq;                // {first query row in q, new tokens c, tokens n, tokens in pages}
+  int t_begin, t_end;      // the item's cached tokens
+  bool single;             // the unit's only split: the output is written directly, not merged
+  long long prow;          // index in page_table of the sequence's first page
+  long long ring_base;     // the (sequence, kv head) row of the residual ring
+};
+__device__ __forceinline__ WorkItem work_item(const int4* items, const int4* units, const int4* seq_meta,
+                                              const long long* page_row, const int* res_row, int nh_k, int ring_cap) {
+  const int4 item = items[blockIdx.x];
+  const int4 unit = units[item.x];
+  WorkItem w;
+  w.b = unit.x;
+  w.kvh = unit.y;
+  w.row0 = unit.z;
+  w.seq = seq_meta[w.b];
+  w.t_begin = item.y;
+  w.t_end = item.z;
+  w.single = item.w == 1;
+  w.prow = page_row[w.b];
+  w.ring_base = ((long long)res_row[w.b] * nh_k + w.kvh) * ring_cap;
+  return w;
 }
 
 template <int D>
@@ -145,25 +212,12 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rt = warp / TG, tg = warp % TG;  // this warp's row tile and token group
   const int tok0 = tg * NW;                  // its slice of every tile
-  if (tid == 0) {
-    unsigned int dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < S::total) __trap();  // the host sizes shared memory from the same formula
-  }
-  const int4 item = items[blockIdx.x];
-  const int4 unit = units[item.x];
-  const int b = unit.x, kvh = unit.y, row0 = unit.z;
-  const int4 sm = seq_meta[b];
-  const int G = nh / nh_k;
-  const int rows = sm.y * G;
-  const int n_main = sm.w;
-  const int t_begin = item.y, t_end = item.z;
-  const bool single = item.w == 1;
-  const long long prow = page_row[b];
-  const int page_mask = (1 << page_shift) - 1;
-  const unsigned char* k_base = k_codes + kvh * head_stride;
-  const unsigned char* v_base = v_codes + kvh * head_stride;
-  const long long ring_base = ((long long)res_row[b] * nh_k + kvh) * ring_cap;
+  require_dynamic_smem(S::total);
+  const WorkItem wi = work_item(items, units, seq_meta, page_row, res_row, nh_k, ring_cap);
+  const int b = wi.b, kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const int4 sm = wi.seq;
+  const int G = nh / nh_k, rows = sm.y * G, page_mask = (1 << page_shift) - 1;
+  const unsigned char *k_base = k_codes + kvh * head_stride, *v_base = v_codes + kvh * head_stride;
 
   // ---- both codebooks of the kv head into shared memory (asynchronous: they land during the Q loads) ----
   {
@@ -213,12 +267,12 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
       const int task = tid + k * NT, x = x0 + task % BN;
-      if (task < K_TASKS && x < t_end && x < n_main) kpage[k] = load_pinned(page_table + prow + (x >> page_shift));
+      if (task < K_TASKS && x < t_end && x < n_main) kpage[k] = load_pinned(page_table + wi.prow + (x >> page_shift));
     }
 #pragma unroll
     for (int k = 0; k < VT; ++k) {
       const int task = tid + k * NT, xb = x0 + (task / M) * 16;
-      if (task < V_TASKS && xb < t_end && xb < n_main) vpage[k] = load_pinned(page_table + prow + (xb >> page_shift));
+      if (task < V_TASKS && xb < t_end && xb < n_main) vpage[k] = load_pinned(page_table + wi.prow + (xb >> page_shift));
     }
   };
   auto load_codes = [&](int x0) {  // the pages of x0's tile were loaded by load_pages(x0)
@@ -290,7 +344,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
           for (int jj = 0; jj < GB; ++jj) store_centroid(row + ((chunk * 16 + j0 + jj) ^ rot) * DSUB, c[jj]);
         }
       } else {
-        const uint4* src = reinterpret_cast<const uint4*>(ring_k + (ring_base + x % ring_cap) * D + chunk * 16 * DSUB);
+        const uint4* src = reinterpret_cast<const uint4*>(ring_k + (wi.ring_base + x % ring_cap) * D + chunk * 16 * DSUB);
         uint4* dst = reinterpret_cast<uint4*>(row + chunk * 16 * DSUB);
 #pragma unroll
         for (int e = 0; e < 2 * DSUB; ++e) dst[e] = __ldg(src + e);
@@ -322,7 +376,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
         } else if (xb < n_main) {
           store_centroid(row + m * DSUB, load_centroid(vc_s, code_byte(w, tt), m));
         } else {
-          const T* src = ring_v + (ring_base + x % ring_cap) * D + m * DSUB;
+          const T* src = ring_v + (wi.ring_base + x % ring_cap) * D + m * DSUB;
 #pragma unroll
           for (int e = 0; e < DSUB; e += 2)
             *reinterpret_cast<unsigned*>(row + m * DSUB + e) = __ldg(reinterpret_cast<const unsigned*>(src + e));
@@ -411,21 +465,8 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
         s[nb][e] = x < lim ? s[nb][e] * scale_log2 : kNegInf;
         if (e < 2) mxA = fmaxf(mxA, s[nb][e]); else mxB = fmaxf(mxB, s[nb][e]);
       }
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
-      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
-    }
-    // Lazy rescaling: the reference max moves only when a score exceeds it by more than RESCALE_SLACK (log2),
-    // so p stays <= 2^RESCALE_SLACK (exact in fp16 / bf16 as a value, fp32 sums) and the O rescale below,
-    // D / 2 multiplies per lane, runs only on the few tiles where some row of the warp moved its max.
-    const float mnA = mxA > mA + RESCALE_SLACK ? mxA : mA, mnB = mxB > mB + RESCALE_SLACK ? mxB : mB;
-    const bool moved = __any_sync(0xffffffffu, mnA != mA || mnB != mB);
-    // A row that has seen no token yet keeps max -inf; exponents are then taken from 0 (all p = 0).
-    const float baseA = mnA == kNegInf ? 0.f : mnA, baseB = mnB == kNegInf ? 0.f : mnB;
-    const float alphaA = fast_exp2(mA - baseA), alphaB = fast_exp2(mB - baseB);
-    mA = mnA;
-    mB = mnB;
+    float baseA, baseB, alphaA, alphaB;
+    const bool moved = lazy_max(mxA, mxB, mA, mB, baseA, baseB, alphaA, alphaB);
     float sumA = 0.f, sumB = 0.f;
 #pragma unroll
     for (int nb = 0; nb < NW / 8; ++nb) {
@@ -524,7 +565,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   }
   const float invA = lA > 0.f ? 1.f / lA : 0.f, invB = lB > 0.f ? 1.f / lB : 0.f;
   const float lseA = lA > 0.f ? mA + log2f(lA) : kNegInf, lseB = lB > 0.f ? mB + log2f(lB) : kNegInf;
-  if (single) {
+  if (wi.single) {
     T* oA = out + (qA - q);
     T* oB = out + (qB - q);
 #pragma unroll
@@ -550,6 +591,450 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     if (i4 == 0) {
       part_lse[(long long)blockIdx.x * BM + wrA] = lseA;
       part_lse[(long long)blockIdx.x * BM + wrB] = lseB;
+    }
+  }
+}
+
+// ---- few query rows: operands gathered straight into MMA fragments ----------------------------------------
+//
+// With at most 32 query rows per kv head (RT = 1 or 2 row tiles of 16: speculative verification), dequantizing
+// whole tiles into shared memory costs more than the MMAs it feeds: a store and an ldmatrix per centroid and a
+// barrier per tile, with 8 warps whose latencies all show. Here each warp gathers the centroids of its MMA
+// operands straight into registers, from the kv head's codebooks staged [m][code] in shared memory (T-typed):
+// * S = Q K^T: lane (g, i4)'s B fragment is two consecutive dims of token g; with DSUB = 2 that is one centroid
+//   word, with DSUB = 4 one centroid is both registers. A lane serves the GL = M / 4 subspaces
+//   GL * i4 .. GL * i4 + GL - 1 of its token (Q's fragments are loaded in the same order), which are one
+//   GL-byte group of the stored K row after undoing its in-page XOR permutation (layout.permute_k_rows) with
+//   a word select and a byte permute per word.
+// * O += P V: lane (g, i4)'s B fragment is one dim of tokens 4 i4 .. 4 i4 + 3 of a 16-token step (the score
+//   columns are ordered so that the P fragment meets them there), which is one 32-bit word of the stored V
+//   block of a subspace; the lane gathers those four centroids and byte-permutes them into DSUB n-tiles (dims
+//   DSUB * (8 j + g) + e), so every centroid word is used whole.
+// The warps are NS = 8 / RT token streams of RT warps; a stream takes every NS-th 16-token step of the item,
+// its RT warps each compute the scores of all rows and O for D / RT of the dims; no barrier in the main loop.
+// Codes are loaded a step ahead and page ids two steps ahead. Gathers of random codes meet ~3.4-way bank
+// conflicts on average, which bounds this kernel by shared-memory wavefronts, not by instruction issue.
+template <int D>
+struct VerifySmem {
+  static constexpr size_t codebook_bytes = sizeof(__half) * 256 * D;  // one kind, [m][code][dsub] in T
+  static constexpr size_t total = 2 * codebook_bytes;
+  static constexpr size_t merge_bytes = sizeof(float) * NWARPS * 32 * (D / 2 + 8);
+  static_assert(merge_bytes <= total, "the token streams' states reuse the codebooks' space");
+};
+
+template <int D, int M, typename T, int RT>
+__global__ void __launch_bounds__(NT, 1) verify_attention(
+    const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse_out,
+    const __half* __restrict__ k_cent, const __half* __restrict__ v_cent, long long cb_head_stride,
+    const unsigned char* __restrict__ k_codes, const unsigned char* __restrict__ v_codes,
+    const T* __restrict__ ring_k, const T* __restrict__ ring_v, int ring_cap,
+    long long page_stride, long long head_stride, const int* __restrict__ page_table, int page_shift,
+    const int4* __restrict__ seq_meta, const long long* __restrict__ page_row, const int* __restrict__ res_row,
+    const int4* __restrict__ units, const int4* __restrict__ items, float* __restrict__ part_o,
+    float* __restrict__ part_lse, int nh, int nh_k, float scale_log2) {
+  using S = VerifySmem<D>;
+  constexpr int DSUB = D / M;
+  static_assert(DSUB == 2 || DSUB == 4, "DSUB");
+  static_assert(RT == 1 || RT == 2, "RT");
+  static_assert(D == 64 || D == 128, "D");
+  constexpr int BM = 16 * RT;
+  constexpr int NS = NWARPS / RT;        // token streams
+  constexpr int STEP = 16;               // tokens per step
+  constexpr int E = DSUB / 2;            // 32-bit words per centroid
+  constexpr int GL = M / 4;              // K subspaces (code bytes) per lane and token
+  constexpr int KW = GL / 4;             // ... in 32-bit words
+  constexpr int KB = D / 16;             // k16 blocks of Q K^T
+  constexpr int SLOTS = KB * 2 / E;      // centroid gathers per lane and token (== GL)
+  constexpr int J = M / 8;               // V subspaces per lane (8 j + g)
+  constexpr int JW = J / RT;             // ... whose dims this warp accumulates
+  constexpr int NDT = JW * DSUB;         // O n-tiles of this warp
+  constexpr int ROT = M < 32 ? M : 32;   // K-row permutation period (layout.permute_k_rows)
+  static_assert(SLOTS == GL && J % RT == 0 && ROT / GL <= 4, "layout");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // K entry (m, code): E words at (m * 256 + code) * E, so a gather's bank is set by its random code (the 8
+  // lanes of a K gather share m). V entries of one-word centroids (DSUB = 2) sit at (m / 8 * 256 + code) * 8 +
+  // m % 8: the lanes of a V gather take m = 8 j + g, so g picks the bank's residue mod 8 and only the 4 lanes of
+  // one g compete (H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts 29.0 M -> 26.7 M, 264 -> 250 us);
+  // two-word centroids keep [m][code] (the same interleave made M = 32 slower: 232 -> 240 us).
+  constexpr bool V_INTERLEAVED = E == 1;
+  auto v_entry = [](int m, int c) { return V_INTERLEAVED ? ((m >> 3) * 256 + c) * 8 + (m & 7) : m * 256 + c; };
+  unsigned* kc_s = reinterpret_cast<unsigned*>(smem_raw);
+  unsigned* vc_s = kc_s + 256 * M * E;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int stream = warp / RT, dpart = warp % RT;
+  const int g = lane >> 2, i4 = lane & 3;
+  require_dynamic_smem(S::total);
+  const WorkItem wi = work_item(items, units, seq_meta, page_row, res_row, nh_k, ring_cap);
+  const int b = wi.b, kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const int4 sm = wi.seq;
+  const int G = nh / nh_k, rows = sm.y * G, page_mask = (1 << page_shift) - 1;
+  const unsigned char *k_base = k_codes + kvh * head_stride, *v_base = v_codes + kvh * head_stride;
+
+  // ---- both codebooks, transposed to [m][code] (and converted to T): a lane keeps one code for 32 bytes of
+  // the global [code][m] rows, so the loads use whole sectors and the stores hit consecutive words ----------
+  {
+    constexpr int WORDS32 = 8;                      // 32 bytes
+    constexpr int PARTS = M * E / WORDS32;          // 32-byte parts of one code's row
+    const unsigned* ks = reinterpret_cast<const unsigned*>(k_cent + kvh * cb_head_stride);
+    const unsigned* vs = reinterpret_cast<const unsigned*>(v_cent + kvh * cb_head_stride);
+    for (int task = tid; task < 256 * PARTS; task += NT) {
+      const int c = task & 255, part = task >> 8;
+      const uint4* kp = reinterpret_cast<const uint4*>(ks + (c * M * E + part * WORDS32));
+      const uint4* vp = reinterpret_cast<const uint4*>(vs + (c * M * E + part * WORDS32));
+      const uint4 k0 = __ldg(kp), k1 = __ldg(kp + 1), v0 = __ldg(vp), v1 = __ldg(vp + 1);
+      const unsigned kw[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+      const unsigned vw[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int w = 0; w < WORDS32; ++w) {
+        const int m = (part * WORDS32 + w) / E, e = w % E;
+        kc_s[(m * 256 + c) * E + e] = Ops<T>::from_half2(kw[w]);
+        vc_s[v_entry(m, c) * E + e] = Ops<T>::from_half2(vw[w]);
+      }
+    }
+  }
+
+  // ---- Q fragments of every row tile, in the lane's subspace order ------------------------------------
+  int rA[RT], limA[RT], limB[RT];
+  bool vA[RT], vB[RT];
+  unsigned qf[RT][KB][4];
+  int warp_lim = 0;
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    rA[rt] = row0 + rt * 16 + g;
+    const int rB = rA[rt] + 8;
+    vA[rt] = rA[rt] < rows;
+    vB[rt] = rB < rows;
+    const int jA = vA[rt] ? rA[rt] / G : 0, jB = vB[rt] ? rB / G : 0;
+    const T* qA = q + ((long long)(sm.x + jA) * nh + kvh * G + (vA[rt] ? rA[rt] % G : 0)) * D;
+    const T* qB = q + ((long long)(sm.x + jB) * nh + kvh * G + (vB[rt] ? rB % G : 0)) * D;
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+      // b0 / b1 of block kb: dims (d0, d0 + 1) and (d1, d1 + 1)
+      const int d0 = DSUB == 2 ? 2 * (GL * i4 + 2 * kb) : 4 * (GL * i4 + kb), d1 = d0 + 2;
+      qf[rt][kb][0] = vA[rt] ? __ldg(reinterpret_cast<const unsigned*>(qA + d0)) : 0u;
+      qf[rt][kb][1] = vB[rt] ? __ldg(reinterpret_cast<const unsigned*>(qB + d0)) : 0u;
+      qf[rt][kb][2] = vA[rt] ? __ldg(reinterpret_cast<const unsigned*>(qA + d1)) : 0u;
+      qf[rt][kb][3] = vB[rt] ? __ldg(reinterpret_cast<const unsigned*>(qB + d1)) : 0u;
+    }
+    limA[rt] = vA[rt] ? sm.z - sm.y + jA + 1 : 0;
+    limB[rt] = vB[rt] ? sm.z - sm.y + jB + 1 : 0;
+    warp_lim = max(warp_lim, max(limA[rt], limB[rt]));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, off));
+  const int t_stop = min(t_end, warp_lim);  // no row of this warp attends past it
+
+  // ---- codes of a step: K (the lane's GL-byte group of tokens tau(0, g) and tau(1, g)), V (a word per j) ----
+  // Step columns: n-tile nt's column n is token 4 (n >> 1) + 2 nt + (n & 1) of the step, so the P fragment of
+  // lane (g, i4) holds tokens 4 i4 .. 4 i4 + 3, the tokens of its V fragment.
+  const int ktok0 = 4 * (g >> 1) + (g & 1);  // tau(nt, g) = ktok0 + 2 nt
+  struct Codes {
+    unsigned k[2][KW];
+    unsigned v[JW];
+  };
+  auto load_page = [&](int x0) { return x0 < t_stop && x0 < n_main ? load_pinned(page_table + wi.prow + (x0 >> page_shift)) : 0; };
+  auto load_codes = [&](Codes& c, int x0, int page) {
+    if (x0 >= t_stop || x0 >= n_main) return;  // ring steps read exact rows; steps past the end nothing
+    const unsigned char* kp = k_base + (long long)page * page_stride;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int t = (x0 + ktok0 + 2 * nt) & page_mask;
+      const int gi = i4 ^ ((t % ROT) / GL);
+      const unsigned char* src = kp + ((gi * GL) >> 4) * ((page_mask + 1) * 16) + t * 16 + ((gi * GL) & 15);
+      if constexpr (KW == 4) {
+        const uint4 w = load_pinned(reinterpret_cast<const uint4*>(src));
+        c.k[nt][0] = w.x; c.k[nt][1] = w.y; c.k[nt][2] = w.z; c.k[nt][3] = w.w;
+      } else if constexpr (KW == 2) {
+        const uint2 w = load_pinned(reinterpret_cast<const uint2*>(src));
+        c.k[nt][0] = w.x; c.k[nt][1] = w.y;
+      } else {
+        c.k[nt][0] = (unsigned)load_pinned(reinterpret_cast<const int*>(src));
+      }
+    }
+    const unsigned char* vp = v_base + (long long)page * page_stride + ((x0 & page_mask) >> 4) * (M * 16);
+#pragma unroll
+    for (int jj = 0; jj < JW; ++jj)
+      c.v[jj] = (unsigned)load_pinned(reinterpret_cast<const int*>(vp + (8 * (dpart * JW + jj) + g) * 16 + 4 * i4));
+  };
+
+  float o[RT][NDT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nd = 0; nd < NDT; ++nd) o[rt][nd][0] = o[rt][nd][1] = o[rt][nd][2] = o[rt][nd][3] = 0.f;
+  float mA[RT], mB[RT], lA[RT], lB[RT];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) mA[rt] = mB[rt] = kNegInf, lA[rt] = lB[rt] = 0.f;
+
+  const unsigned* k_lane = kc_s + (GL * i4) * 256 * E;  // + (slot * 256 + code) * E
+  const unsigned* v_lane = vc_s + v_entry(g, 0) * E;   // + (v_entry(8 j + g, code) - v_entry(g, 0)) * E
+  constexpr int SSTRIDE = NS * STEP;
+  int x0 = t_begin + stream * STEP;
+  Codes codes;
+  int page_next = load_page(x0 + SSTRIDE);
+  load_codes(codes, x0, load_page(x0));
+  __syncthreads();  // the codebooks are published
+
+  for (; x0 < t_stop; x0 += SSTRIDE) {
+    // Every gather of the step first (one basic block, so that the K and V gathers' latencies overlap and the
+    // scheduler can interleave them with the MMAs); the code registers are then free for the next step's loads.
+    const bool paged = x0 < n_main;  // a 16-token step lies wholly in pages or wholly in the ring
+    unsigned kf[2][SLOTS][E];        // K: B fragments of n-tiles 0 and 1, slot order
+    unsigned vc[JW][4][E];           // V: the centroids of tokens 4 i4 + u in subspace 8 j + g
+    if (paged) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int rr = (((x0 + ktok0 + 2 * nt) & page_mask) % ROT) % GL;  // the group's bytes: slots XOR rr
+        unsigned w[KW];
+#pragma unroll
+        for (int k = 0; k < KW; ++k) w[k] = codes.k[nt][k];
+        if constexpr (KW >= 2) {
+          if (rr & 4) {
+#pragma unroll
+            for (int k = 0; k < KW; k += 2) { const unsigned x = w[k]; w[k] = w[k + 1]; w[k + 1] = x; }
+          }
+        }
+        if constexpr (KW == 4) {
+          if (rr & 8) {
+            unsigned x = w[0]; w[0] = w[2]; w[2] = x;
+            x = w[1]; w[1] = w[3]; w[3] = x;
+          }
+        }
+        const unsigned sel = 0x3210u ^ ((unsigned)(rr & 3) * 0x1111u);
+#pragma unroll
+        for (int k = 0; k < KW; ++k) w[k] = __byte_perm(w[k], 0u, sel);
+#pragma unroll
+        for (int v = 0; v < SLOTS; ++v) {
+          const unsigned* e = k_lane + (v * 256 + (int)code_byte(w, v)) * E;
+#pragma unroll
+          for (int x = 0; x < E; ++x) kf[nt][v][x] = e[x];
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < JW; ++jj)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int j = dpart * JW + jj, code = (int)__byte_perm(codes.v[jj], 0u, 0x4440u | u);
+          const unsigned* e = v_lane + (V_INTERLEAVED ? (j * 256 + code) * 8 : j * 8 * 256 + code) * E;
+#pragma unroll
+          for (int x = 0; x < E; ++x) vc[jj][u][x] = e[x];
+        }
+    } else {  // exact rows of the ring; K past the item's end is masked below, V there must be finite (zero)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int xt = x0 + ktok0 + 2 * nt;
+        const T* row = ring_k + (wi.ring_base + xt % ring_cap) * D + DSUB * GL * i4;
+#pragma unroll
+        for (int v = 0; v < SLOTS; ++v)
+#pragma unroll
+          for (int x = 0; x < E; ++x)
+            kf[nt][v][x] = xt < t_end ? __ldg(reinterpret_cast<const unsigned*>(row + DSUB * v + 2 * x)) : 0u;
+      }
+#pragma unroll
+      for (int jj = 0; jj < JW; ++jj)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int xt = x0 + 4 * i4 + u;
+          const T* row = ring_v + (wi.ring_base + xt % ring_cap) * D + DSUB * (8 * (dpart * JW + jj) + g);
+#pragma unroll
+          for (int x = 0; x < E; ++x) vc[jj][u][x] = xt < t_end ? __ldg(reinterpret_cast<const unsigned*>(row + 2 * x)) : 0u;
+        }
+    }
+    load_codes(codes, x0 + SSTRIDE, page_next);
+    page_next = load_page(x0 + 2 * SSTRIDE);
+
+    // S = Q K^T for both n-tiles of the step
+    float s[RT][2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        float a[4] = {0.f, 0.f, 0.f, 0.f}, a2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {
+          const unsigned b0 = E == 1 ? kf[nt][2 * kb][0] : kf[nt][kb][0];
+          const unsigned b1 = E == 1 ? kf[nt][2 * kb + 1][0] : kf[nt][kb][E - 1];
+          Ops<T>::mma((kb & 1) ? a2 : a, qf[rt][kb], b0, b1);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[rt][nt][e] = a[e] + a2[e];
+      }
+
+    // mask, log2 domain, online softmax (lazy rescaling as in prefill_attention)
+    unsigned pa[RT][4];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      float mxA = kNegInf, mxB = kNegInf;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int x = x0 + 4 * i4 + 2 * nt + (e & 1);
+          const int lim = min(e < 2 ? limA[rt] : limB[rt], t_end);
+          s[rt][nt][e] = x < lim ? s[rt][nt][e] * scale_log2 : kNegInf;
+          if (e < 2) mxA = fmaxf(mxA, s[rt][nt][e]); else mxB = fmaxf(mxB, s[rt][nt][e]);
+        }
+      float baseA, baseB, alphaA, alphaB;
+      const bool moved = lazy_max(mxA, mxB, mA[rt], mB[rt], baseA, baseB, alphaA, alphaB);
+      float sumA = 0.f, sumB = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        s[rt][nt][0] = fast_exp2(s[rt][nt][0] - baseA);
+        s[rt][nt][1] = fast_exp2(s[rt][nt][1] - baseA);
+        s[rt][nt][2] = fast_exp2(s[rt][nt][2] - baseB);
+        s[rt][nt][3] = fast_exp2(s[rt][nt][3] - baseB);
+        sumA += s[rt][nt][0] + s[rt][nt][1];
+        sumB += s[rt][nt][2] + s[rt][nt][3];
+      }
+      lA[rt] = lA[rt] * alphaA + sumA;
+      lB[rt] = lB[rt] * alphaB + sumB;
+      if (moved) {
+#pragma unroll
+        for (int nd = 0; nd < NDT; ++nd) {
+          o[rt][nd][0] *= alphaA;
+          o[rt][nd][1] *= alphaA;
+          o[rt][nd][2] *= alphaB;
+          o[rt][nd][3] *= alphaB;
+        }
+      }
+      // A fragment of P (rows g / g + 8, tokens 4 i4 .. 4 i4 + 3)
+      pa[rt][0] = Ops<T>::pack(s[rt][0][0], s[rt][0][1]);
+      pa[rt][1] = Ops<T>::pack(s[rt][0][2], s[rt][0][3]);
+      pa[rt][2] = Ops<T>::pack(s[rt][1][0], s[rt][1][1]);
+      pa[rt][3] = Ops<T>::pack(s[rt][1][2], s[rt][1][3]);
+    }
+
+    // O += P V over this warp's subspaces 8 j + g
+#pragma unroll
+    for (int jj = 0; jj < JW; ++jj)
+#pragma unroll
+      for (int e = 0; e < DSUB; ++e) {  // n-tile of dims DSUB * (8 j + g') + e
+        const unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
+        const unsigned b0 = __byte_perm(vc[jj][0][e >> 1], vc[jj][1][e >> 1], sel);
+        const unsigned b1 = __byte_perm(vc[jj][2][e >> 1], vc[jj][3][e >> 1], sel);
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) Ops<T>::mma(o[rt][jj * DSUB + e], pa[rt], b0, b1);
+      }
+  }
+
+  // ---- the token streams' states merged into stream 0's warps (shared memory, fragment order) -----------
+  if constexpr (NS > 1) {
+    constexpr int WORDS = D / 2 + 4 * RT;  // o, then mA, mB, lA, lB per row tile
+    float* merge = reinterpret_cast<float*>(smem_raw);
+    __syncthreads();  // every warp is done with the codebooks
+    if (stream != 0) {
+      float* mine = merge + warp * WORDS * 32 + lane;
+      int w = 0;
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int nd = 0; nd < NDT; ++nd)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mine[(w++) * 32] = o[rt][nd][e];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) {
+        mine[(w++) * 32] = mA[rt];
+        mine[(w++) * 32] = mB[rt];
+        mine[(w++) * 32] = lA[rt];
+        mine[(w++) * 32] = lB[rt];
+      }
+    }
+    __syncthreads();
+    if (stream != 0) return;
+    auto weight = [](float m, float mx) { return m == kNegInf ? 0.f : fast_exp2(m - mx); };
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      const int at = D / 2 + 4 * rt;
+      float nmA = mA[rt], nmB = mB[rt];
+      for (int s = 1; s < NS; ++s) {
+        const float* theirs = merge + (s * RT + dpart) * WORDS * 32 + lane;
+        nmA = fmaxf(nmA, theirs[at * 32]);
+        nmB = fmaxf(nmB, theirs[(at + 1) * 32]);
+      }
+      float fA = weight(mA[rt], nmA), fB = weight(mB[rt], nmB);
+      lA[rt] *= fA;
+      lB[rt] *= fB;
+#pragma unroll
+      for (int nd = 0; nd < NDT; ++nd) {
+        o[rt][nd][0] *= fA;
+        o[rt][nd][1] *= fA;
+        o[rt][nd][2] *= fB;
+        o[rt][nd][3] *= fB;
+      }
+      for (int s = 1; s < NS; ++s) {
+        const float* theirs = merge + (s * RT + dpart) * WORDS * 32 + lane;
+        fA = weight(theirs[at * 32], nmA);
+        fB = weight(theirs[(at + 1) * 32], nmB);
+        lA[rt] = fmaf(fA, theirs[(at + 2) * 32], lA[rt]);
+        lB[rt] = fmaf(fB, theirs[(at + 3) * 32], lB[rt]);
+#pragma unroll
+        for (int nd = 0; nd < NDT; ++nd) {
+          const int w = (rt * NDT + nd) * 4;
+          o[rt][nd][0] = fmaf(fA, theirs[w * 32], o[rt][nd][0]);
+          o[rt][nd][1] = fmaf(fA, theirs[(w + 1) * 32], o[rt][nd][1]);
+          o[rt][nd][2] = fmaf(fB, theirs[(w + 2) * 32], o[rt][nd][2]);
+          o[rt][nd][3] = fmaf(fB, theirs[(w + 3) * 32], o[rt][nd][3]);
+        }
+      }
+      mA[rt] = nmA;
+      mB[rt] = nmB;
+    }
+  }
+
+  // ---- output (one split) or partial state: lane (g, i4) holds dims DSUB * (8 j + 2 i4) + [0, 2 DSUB) --------
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    float la = lA[rt], lb = lB[rt];
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      la += __shfl_xor_sync(0xffffffffu, la, off);
+      lb += __shfl_xor_sync(0xffffffffu, lb, off);
+    }
+    const float invA = la > 0.f ? 1.f / la : 0.f, invB = lb > 0.f ? 1.f / lb : 0.f;
+    const float lseA = la > 0.f ? mA[rt] + log2f(la) : kNegInf, lseB = lb > 0.f ? mB[rt] + log2f(lb) : kNegInf;
+    const int rB = rA[rt] + 8;
+    const int jA = vA[rt] ? rA[rt] / G : 0, jB = vB[rt] ? rB / G : 0;
+    const long long atA = (long long)(sm.x + jA) * nh + kvh * G + (vA[rt] ? rA[rt] % G : 0);
+    const long long atB = (long long)(sm.x + jB) * nh + kvh * G + (vB[rt] ? rB % G : 0);
+#pragma unroll
+    for (int jj = 0; jj < JW; ++jj) {
+      const int d0 = DSUB * (8 * (dpart * JW + jj) + 2 * i4);
+      float va[2 * DSUB], vb[2 * DSUB];  // dims d0 + h * DSUB + e
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < DSUB; ++e) {
+          va[h * DSUB + e] = o[rt][jj * DSUB + e][h] * invA;
+          vb[h * DSUB + e] = o[rt][jj * DSUB + e][2 + h] * invB;
+        }
+      if (wi.single) {
+#pragma unroll
+        for (int p = 0; p < DSUB; ++p) {
+          if (vA[rt]) *reinterpret_cast<unsigned*>(out + atA * D + d0 + 2 * p) = Ops<T>::pack(va[2 * p], va[2 * p + 1]);
+          if (vB[rt]) *reinterpret_cast<unsigned*>(out + atB * D + d0 + 2 * p) = Ops<T>::pack(vb[2 * p], vb[2 * p + 1]);
+        }
+      } else {
+        float* pA = part_o + ((long long)blockIdx.x * BM + rt * 16 + g) * D + d0;
+        float* pB = pA + 8 * D;
+#pragma unroll
+        for (int p = 0; p < DSUB; ++p) {
+          *reinterpret_cast<float2*>(pA + 2 * p) = make_float2(va[2 * p], va[2 * p + 1]);
+          *reinterpret_cast<float2*>(pB + 2 * p) = make_float2(vb[2 * p], vb[2 * p + 1]);
+        }
+      }
+    }
+    if (i4 == 0 && dpart == 0) {
+      if (wi.single) {
+        if (lse_out != nullptr) {
+          if (vA[rt]) lse_out[atA] = lseA * LN2;
+          if (vB[rt]) lse_out[atB] = lseB * LN2;
+        }
+      } else {
+        part_lse[(long long)blockIdx.x * BM + rt * 16 + g] = lseA;
+        part_lse[(long long)blockIdx.x * BM + rt * 16 + g + 8] = lseB;
+      }
     }
   }
 }

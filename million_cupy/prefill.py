@@ -14,28 +14,32 @@ same call is read through its codes by every query, as later decode steps read i
 * :func:`prefill_attention` — the one-call form; on a CPU cache it computes the float64 reference
   (:func:`million_cupy.reference.causal_attention`).
 
-Regime (the documented rule), chosen per plan:
+Regime (the documented rule), chosen per plan from the longest sequence's new-token count ``c`` and the
+query rows it makes per kv head (``c x`` GQA group):
 
-* every sequence has at most :data:`LUT_QUERIES_MAX` new tokens (speculative verification, decode-like
-  batches): each query token is one work item of the LUT-scored decode kernel, cut at its causal length; a
-  batch of ``N`` query tokens costs about ``N`` one-token decodes, and the launch is capturable in a CUDA graph
-  for a fixed ``qo_indptr``;
-* some sequence has more (chunked prefill, a multi-turn prompt, verification of 6 or more drafts): the whole
-  batch runs on tensor cores (``cuda_src/prefill_attention.cu``): per tile of up to 128 query rows (new token
-  x query head of one kv head; 16, 32, 64 or 128 rows, the fewest that hold the longest sequence's rows,
-  :func:`tensor_core_row_tiles`) and 64 cached tokens, the CTA dequantizes the tile's codes into fp16 / bf16
-  in shared memory (exact rows from the residual ring) and runs flash attention with ``mma.sync``, the 8 warps
-  splitting the tokens of each tile when the rows are few; a sequence's history is read once per row tile,
-  whatever the chunk length, so the cost is nearly independent of the row count (8 x 32K, H200, M = 64:
-  448 us at q = 4, 483 us at q = 8). Short sequences in such a batch ride along
-  at the cost of a row tile over their whole history, counted in ``stats()["short_queries_on_tensor_cores"]``
-  and warned about once; plan them in a wrapper of their own to avoid it. Configurations without this
-  path (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16, float16 / bfloat16) keep the LUT path for
-  long chunks, counted in ``stats()["long_chunk_queries"]`` with a warning once per wrapper.
+* ``c <= 2``, or ``c <=`` :data:`LUT_QUERIES_MAX` with more than 16 rows: every query token is one work item of
+  the LUT-scored decode kernel, cut at its causal length. A batch of ``N`` query tokens costs about ``N``
+  one-token decodes, and the launch is capturable in a CUDA graph for a fixed ``qo_indptr``.
+* :data:`FRAGMENT_QUERIES_MIN` ``<= c <=`` LUT_QUERIES_MAX with at most 16 rows (speculative verification of 3
+  to 5 drafts at GQA 4, up to 16 at GQA 1): tensor cores, one row tile per kv head, ``verify_attention``
+  (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
+  the history's dequantization, about 2.2 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
+  250 us at q = 2..4 against 112 us for one token and ~97 us per query token on the LUT path).
+* ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
+  cores, per tile of up to 128 query rows (new token x query head of one kv head; 16, 32, 64 or 128 rows, the
+  fewest that hold the longest sequence's rows, :func:`tensor_core_row_tiles`). Up to 32 rows with 2 or 4 dims
+  per subspace take ``verify_attention``; more rows (or 8 dims per subspace) take ``prefill_attention``, which
+  dequantizes each tile of 64 cached tokens into fp16 / bf16 in shared memory (exact rows from the residual
+  ring) and runs flash attention with ``mma.sync``. A sequence's history is read once per row tile, whatever
+  the chunk length (8 x 32K, H200, M = 64: 480 us at q = 8). Short sequences in such a batch ride along at
+  the cost of a row tile over their whole history, counted in ``stats()["short_queries_on_tensor_cores"]``
+  and warned about once; plan them in a wrapper of their own to avoid it. Configurations without this path
+  (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16, float16 / bfloat16) keep the LUT path for long
+  chunks, counted in ``stats()["long_chunk_queries"]`` with a warning once per wrapper.
 
-``BatchPrefillWrapper(backend="lut" | "tensor_cores")`` takes one regime for every plan instead (the LUT path
-keeps its capturable grid for any count; the tensor-core path's grid and metadata change with each plan, so it
-is not for CUDA-graph capture).
+``BatchPrefillWrapper(backend="lut" | "tensor_cores")`` takes one regime for every plan instead. The tensor-core
+path's grid and metadata change with each plan, so it cannot be captured in a CUDA graph: ``run`` raises
+MillionError on a capturing stream; plan with ``backend="lut"`` to capture verification steps.
 """
 
 from __future__ import annotations
@@ -54,15 +58,20 @@ from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 from .layout import full_pages
 
-__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "BACKENDS", "tensor_core_supported"]
+__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN", "BACKENDS",
+           "tensor_core_supported"]
 
-#: New tokens per sequence up to which a batch takes the LUT path (speculative verification); a batch with a
-#: longer chunk runs on tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json,
-#: prefill_verify_h200_pinned.json): the LUT path costs ~97 us per query token per sequence (M = 64; q = 4:
-#: 397 us, q = 8: 774 us), the tensor-core path 448 / 483 us at q = 4 / 8 (its cost is the history's
-#: dequantization, nearly independent of the rows): they meet near q = 4.7 at M = 64, and M = 32's cheaper LUT
-#: path still wins at 5. backend="lut" keeps the LUT path's fixed, capturable grid for any count.
+#: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
+#: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
+#: per query token per sequence (M = 64; q = 4: 392 us, q = 8: 769 us); with 17 to 32 rows per kv head
+#: (q = 5..8 at GQA 4) verify_attention costs ~480 us, so they meet at q ~ 5. backend="lut" keeps the LUT
+#: path's fixed, capturable grid for any count.
 LUT_QUERIES_MAX = 5
+
+#: New tokens per sequence from which a batch whose rows fit one row tile (at most 16 per kv head) takes
+#: verify_attention instead of the LUT path: it costs ~2.6 LUT query tokens (H200, 8 x 32K: 250 us against
+#: 203 us for q = 2 on the LUT path at M = 64; 235 against 162 at M = 32, so M = 32 breaks even at q = 3).
+FRAGMENT_QUERIES_MIN = 3
 
 #: BatchPrefillWrapper's ``backend`` choices: the rule above, or one regime for every plan.
 BACKENDS = ("auto", "lut", "tensor_cores")
@@ -75,6 +84,8 @@ TC_TILE = 64      # tokens per tile; split boundaries are whole tiles
 TC_MIN_CHUNK = 1024  # tokens: a split shorter than this costs more (its codebook staging) than it saves
 SPLIT_WAVES = 8      # split_length considers up to this many waves beyond the fewest
 TC_HEAD_DIMS = (64, 128)
+VERIFY_ROW_TILES = (1, 2)  # verify_attention: up to 32 query rows per kv head
+VERIFY_DSUB = (2, 4)       # ... and 2 or 4 dims per subspace (one centroid is one or both B-fragment words)
 _TC_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
@@ -84,10 +95,21 @@ def tensor_core_supported(head_dim: int, M: int, dtype: str) -> bool:
             and head_dim // M in (2, 4, 8) and dtype in _TC_TYPES)
 
 
-def tensor_core_smem(head_dim: int) -> int:
-    """Dynamic shared memory of the tensor-core kernel (PrefillSmem in prefill_attention.cu): both codebooks
-    of a kv head in fp16 and two stages of one K and one V tile with 16-byte padded rows."""
-    return 2 * 2 * 256 * head_dim + 2 * 2 * 2 * TC_TILE * (head_dim + 8)
+def gathers_fragments(head_dim: int, M: int, row_tiles: int) -> bool:
+    """Whether a tensor-core plan of ``row_tiles`` row tiles runs ``verify_attention``, the kernel that gathers
+    centroids straight into MMA fragments (at most 32 query rows per kv head, 2 or 4 dims per subspace), rather
+    than ``prefill_attention``, which dequantizes whole tiles into shared memory first (long chunks)."""
+    return row_tiles in VERIFY_ROW_TILES and head_dim // M in VERIFY_DSUB
+
+
+def tensor_core_smem(head_dim: int, M: int, row_tiles: int) -> int:
+    """Dynamic shared memory of the tensor-core kernel a plan launches: both codebooks of a kv head in fp16,
+    and for ``prefill_attention`` (PrefillSmem in prefill_attention.cu) two stages of one K and one V tile with
+    16-byte padded rows; ``verify_attention`` (VerifySmem) keeps only the codebooks."""
+    codebooks = 2 * 2 * 256 * head_dim
+    if gathers_fragments(head_dim, M, row_tiles):
+        return codebooks
+    return codebooks + 2 * 2 * 2 * TC_TILE * (head_dim + 8)
 
 
 @kernels.register_variants(TC_SOURCE)
@@ -99,6 +121,8 @@ def _tensor_core_variants() -> list[str]:
                 out += [f"mc::prefill::prefill_attention<{d}, {d // dsub}, {t}, {rt}>"
                         for dsub in (2, 4, 8) if d // dsub >= 16]
                 out.append(f"mc::prefill::prefill_merge<{d}, {t}, {rt}>")
+            out += [f"mc::prefill::verify_attention<{d}, {d // dsub}, {t}, {rt}>"
+                    for rt in VERIFY_ROW_TILES for dsub in VERIFY_DSUB if d // dsub >= 16]
     return out
 
 
@@ -228,9 +252,14 @@ class TensorCorePlan:
         if storage is None:
             storage = self._storage[layer] = paged_layer_storage(cache, layer)
         kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = storage
+        if stream.is_capturing():
+            raise MillionError("run: the tensor-core path cannot be captured in a CUDA graph (its grid and work list "
+                               "change with every plan); plan with BatchPrefillWrapper(..., backend='lut') to capture "
+                               "verification steps")
         rt = self.row_tiles
-        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_attention<{d}, {cache.M}, {t}, {rt}>")
-        smem = tensor_core_smem(d)
+        name = "verify_attention" if gathers_fragments(d, cache.M, rt) else "prefill_attention"
+        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {t}, {rt}>")
+        smem = tensor_core_smem(d, cache.M, rt)
         kernels.opt_in_shared_memory(kernel, smem)
         null = np.uint64(0)
         part_o = self._part_o if self.splits else null
@@ -364,7 +393,13 @@ class BatchPrefillWrapper:
         N = int(ind[-1])
         if self.backend == "auto":
             long = int(counts[counts > LUT_QUERIES_MAX].sum())
-            self._on_tensor_cores = bool(long) and tensor_core_supported(cache.head_dim, cache.M, cache.dtype)
+            most = int(counts.max())
+            # Speculative verification whose rows fit one row tile: verify_attention beats the LUT path from
+            # FRAGMENT_QUERIES_MIN tokens (the module's rule).
+            one_tile = (most >= FRAGMENT_QUERIES_MIN and most * (self.num_heads // cache.num_kv_heads) <= 16
+                        and gathers_fragments(cache.head_dim, cache.M, 1))
+            self._on_tensor_cores = (bool(long) or one_tile) and tensor_core_supported(cache.head_dim, cache.M,
+                                                                                         cache.dtype)
         else:  # a chosen regime: neither counted nor warned about
             long = 0
             self._on_tensor_cores = self.backend == "tensor_cores"

@@ -1,9 +1,10 @@
 """BatchPrefillWrapper on the GPU against the float64 causal reference over the cache's own contents.
 
-Both regimes: the LUT path (at most LUT_QUERIES_MAX new tokens per sequence) and the tensor-core path (a longer
-chunk in the batch), with ragged query counts, chunks that cross a flush boundary in the same call, a first prompt
-(no history), split long histories, GQA 1 / 4 / 8, M 16 / 32 / 64, pages of 16 / 32 / 64, float16 and bfloat16,
-outputs poisoned before the kernels run; a configuration without the tensor-core path is counted and warned.
+Every regime: the LUT path (few new tokens per sequence), verify_attention (a few rows on tensor cores) and
+prefill_attention (a longer chunk in the batch), with ragged query counts, chunks that cross a flush boundary in
+the same call, a first prompt (no history), split long histories, GQA 1 / 4 / 8, M 16 / 32 / 64, pages of 16 / 32
+/ 64, float16 and bfloat16, outputs poisoned before the kernels run; a configuration without the tensor-core path
+is counted and warned; the tensor-core path refuses a capturing stream.
 """
 
 from __future__ import annotations
@@ -116,6 +117,27 @@ def test_few_rows_on_tensor_cores_match_the_causal_reference(rng, dtype, gqa, co
     assert wrapper.stats()["short_queries_on_tensor_cores"] == 0  # forced: not a slow path
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d, M, P", [(128, 64, 64), (128, 32, 16), (64, 32, 32), (64, 16, 16)])
+@pytest.mark.parametrize("gqa, counts", [(1, [3, 16, 1, 9]), (4, [4, 2, 1, 3]), (4, [8, 2, 1, 5]), (8, [4, 1, 2, 3])])
+def test_fragment_gathers_match_the_causal_reference(rng, dtype, d, M, P, gqa, counts):
+    """verify_attention (at most 32 query rows per kv head, 2 or 4 dims per subspace, one or two row tiles):
+    a codebook per kv head, a history split across CTAs, every in-page K-row permutation, steps in the ring,
+    a first prompt, chunks crossing a flush in the same call, rows past a sequence's count."""
+    from million_cupy.prefill import gathers_fragments, tensor_core_row_tiles
+
+    (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, d=d, M=M, P=P, R=2 * P, heads=2, max_pages=2048)
+    seqs = [cache.add_sequence() for _ in range(4)]
+    _prefill(rng, (cache,), [seqs[0], seqs[2], seqs[3]], [3001, 2 * P - 1, 300])
+    nh = gqa * cache.num_kv_heads
+    ind = np.concatenate([[0], np.cumsum(counts)])
+    assert gathers_fragments(d, M, tensor_core_row_tiles(max(counts) * gqa))
+    wrapper = BatchPrefillWrapper(cache, nh, backend="tensor_cores")
+    wrapper.plan(seqs, ind)
+    for layer in range(cache.num_layers):
+        _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_tensor_core_prefill_splits_a_long_history(rng, dtype):
     """A short chunk over a long history leaves SMs idle: each unit is split and the splits merged."""
     (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, P=64, R=128, max_pages=256)
@@ -171,3 +193,37 @@ def test_the_auto_rule_takes_tensor_cores_above_lut_queries_max(rng):
     assert wrapper.on_tensor_cores
     wrapper.plan(seqs, [0, LUT_QUERIES_MAX, 2 * LUT_QUERIES_MAX], appended=True)
     assert not wrapper.on_tensor_cores
+
+
+def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(rng):
+    """FRAGMENT_QUERIES_MIN or more new tokens whose rows fit one row tile take verify_attention; fewer, or more
+    rows, stay on the LUT path. The tensor-core path refuses a capturing stream with a clear error."""
+    import cupy as cp
+
+    from million_cupy.prefill import FRAGMENT_QUERIES_MIN
+
+    (cache,) = _caches(rng, devices=("cuda",), dtype="float16")  # 2 kv heads
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [100, 40])
+    gqa4 = BatchPrefillWrapper(cache, 8)
+    few = FRAGMENT_QUERIES_MIN - 1
+    gqa4.plan(seqs, [0, few, 2 * few], appended=True)
+    assert not gqa4.on_tensor_cores
+    gqa4.plan(seqs, [0, FRAGMENT_QUERIES_MIN, FRAGMENT_QUERIES_MIN + 1], appended=True)  # 4 x 3 = 12 rows
+    assert gqa4.on_tensor_cores
+    gqa8 = BatchPrefillWrapper(cache, 16)
+    gqa8.plan(seqs, [0, FRAGMENT_QUERIES_MIN, FRAGMENT_QUERIES_MIN + 1], appended=True)  # 8 x 3 = 24 rows
+    assert not gqa8.on_tensor_cores
+
+    q = cp.zeros((FRAGMENT_QUERIES_MIN + 1, 8, 128), dtype=cp.float16)
+    out = cp.empty_like(q)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(MillionError, match="cannot be captured in a CUDA graph.*backend='lut'"):
+                gqa4.run(0, q, out=out)
+        finally:
+            stream.end_capture()
+    gqa4.run(0, q, out=out)  # outside a capture it runs
+    cp.cuda.Device().synchronize()
