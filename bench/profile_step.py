@@ -9,8 +9,9 @@ wrappers while plans run, then the per-call cost of a bound launch, of ``append`
 last arrays (the identity fast path) and with fresh views, and of slicing a CuPy array. Prints JSON (and
 writes it with ``--out``): medians and maxima in microseconds.
 
-docs/perf-notes.md session 10's breakdown came from the probe this script was made from, run on an H200; this
-form was written after that session's device time ran out and has not run on a GPU yet.
+docs/perf-notes.md session 10's breakdown came from the probe this script was made from; this form ran on an H200
+on 2026-12-03 (bench/results/profile_step_h200.json). Its plan medians (97-121 us) are not the step's: the
+wrappers, the short horizon and no ``gc.freeze`` make every plan slower; bench/bench_step.py measures the plan.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ query rows it makes per kv head (``c x`` GQA group):
 * :data:`FRAGMENT_QUERIES_MIN` ``<= c <=`` LUT_QUERIES_MAX with at most 16 rows (speculative verification of 3
   to 5 drafts at GQA 4, up to 16 at GQA 1): tensor cores, one row tile per kv head, ``verify_attention``
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
-  the history's dequantization, about 2.2 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
-  250 us at q = 2..4 against 112 us for one token and ~97 us per query token on the LUT path).
+  the history's dequantization, 2.2-2.4 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
+  250-269 us at q = 2..4 against 112-115 us for one token and ~97 us per query token on the LUT path).
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
   cores, per tile of up to 128 query rows (new token x query head of one kv head; 16, 32, 64 or 128 rows, the
   fewest that hold the longest sequence's rows, :func:`tensor_core_row_tiles`). Up to 32 rows with 2 or 4 dims
