@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   const int tok0 = tg * NW;                  // its slice of every tile
   require_dynamic_smem(S::total);
   const WorkItem wi = work_item(items, units, seq_meta, page_row, res_row, nh_k, ring_cap);
-  const int b = wi.b, kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const int kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
   const int4 sm = wi.seq;
   const int G = nh / nh_k, rows = sm.y * G, page_mask = (1 << page_shift) - 1;
   const unsigned char *k_base = k_codes + kvh * head_stride, *v_base = v_codes + kvh * head_stride;
@@ -667,7 +667,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   const int g = lane >> 2, i4 = lane & 3;
   require_dynamic_smem(S::total);
   const WorkItem wi = work_item(items, units, seq_meta, page_row, res_row, nh_k, ring_cap);
-  const int b = wi.b, kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const int kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
   const int4 sm = wi.seq;
   const int G = nh / nh_k, rows = sm.y * G, page_mask = (1 << page_shift) - 1;
   const unsigned char *k_base = k_codes + kvh * head_stride, *v_base = v_codes + kvh * head_stride;
