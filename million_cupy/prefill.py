@@ -17,11 +17,12 @@ same call is read through its codes by every query, as later decode steps read i
 Regime (the documented rule), chosen per plan from the longest sequence's new-token count ``c`` and the
 query rows it makes per kv head (``c x`` GQA group):
 
-* ``c <= 2``, or ``c <=`` :data:`LUT_QUERIES_MAX` with more than 16 rows: every query token is one work item of
-  the LUT-scored decode kernel, cut at its causal length. A batch of ``N`` query tokens costs about ``N``
+* ``c <=`` :data:`LUT_QUERIES_MAX`, unless the next case applies: every query token is one work item of the
+  LUT-scored decode kernel, cut at its causal length. A batch of ``N`` query tokens costs about ``N``
   one-token decodes, and the launch is capturable in a CUDA graph for a fixed ``qo_indptr``.
-* :data:`FRAGMENT_QUERIES_MIN` ``<= c <=`` LUT_QUERIES_MAX with at most 16 rows (speculative verification of 3
-  to 5 drafts at GQA 4, up to 16 at GQA 1): tensor cores, one row tile per kv head, ``verify_attention``
+* ``c <=`` LUT_QUERIES_MAX with at most 16 rows, and on average at least :data:`FRAGMENT_QUERIES_MIN` new tokens
+  per sequence (speculative verification of 3 to 5 drafts at GQA 4, up to 16 at GQA 1; the cost is per
+  sequence, the LUT path's per token): tensor cores, one row tile per kv head, ``verify_attention``
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
   the history's dequantization, 2.2-2.4 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
   250-269 us at q = 2..4 against 112-115 us for one token and ~97 us per query token on the LUT path).
@@ -59,7 +60,7 @@ from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_num
 from .layout import full_pages
 
 __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN", "BACKENDS",
-           "tensor_core_supported"]
+           "tensor_core_supported", "takes_tensor_cores"]
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
@@ -68,8 +69,8 @@ __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGM
 #: path's fixed, capturable grid for any count.
 LUT_QUERIES_MAX = 5
 
-#: New tokens per sequence from which a batch whose rows fit one row tile (at most 16 per kv head) takes
-#: verify_attention instead of the LUT path: it costs ~2.6 LUT query tokens (H200, 8 x 32K: 250 us against
+#: New tokens per sequence, on average over the batch, from which a batch whose rows fit one row tile (at most
+#: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs ~2.6 LUT query tokens (H200, 8 x 32K: 250 us against
 #: 203 us for q = 2 on the LUT path at M = 64; 235 against 162 at M = 32, so M = 32 breaks even at q = 3).
 FRAGMENT_QUERIES_MIN = 3
 
@@ -124,6 +125,21 @@ def _tensor_core_variants() -> list[str]:
             out += [f"mc::prefill::verify_attention<{d}, {d // dsub}, {t}, {rt}>"
                     for rt in VERIFY_ROW_TILES for dsub in VERIFY_DSUB if d // dsub >= 16]
     return out
+
+
+def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dtype: str) -> bool:
+    """The ``"auto"`` rule (the module's docstring): whether a batch with ``counts`` new tokens per sequence and
+    GQA ``group`` query heads per kv head runs on tensor cores. A chunk longer than LUT_QUERIES_MAX takes them
+    wherever the configuration has them; a few drafts per sequence take verify_attention when every sequence's
+    rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more, since its
+    cost is per sequence (a row tile over the history, ~2.6 LUT query tokens) and the LUT path's per token."""
+    if not tensor_core_supported(head_dim, M, dtype):
+        return False
+    most = int(counts.max())
+    if most > LUT_QUERIES_MAX:
+        return True
+    return (most * group <= 16 and int(counts.sum()) >= FRAGMENT_QUERIES_MIN * counts.shape[0]
+            and gathers_fragments(head_dim, M, 1))
 
 
 def tensor_core_row_tiles(rows: int) -> int:
@@ -393,13 +409,8 @@ class BatchPrefillWrapper:
         N = int(ind[-1])
         if self.backend == "auto":
             long = int(counts[counts > LUT_QUERIES_MAX].sum())
-            most = int(counts.max())
-            # Speculative verification whose rows fit one row tile: verify_attention beats the LUT path from
-            # FRAGMENT_QUERIES_MIN tokens (the module's rule).
-            one_tile = (most >= FRAGMENT_QUERIES_MIN and most * (self.num_heads // cache.num_kv_heads) <= 16
-                        and gathers_fragments(cache.head_dim, cache.M, 1))
-            self._on_tensor_cores = (bool(long) or one_tile) and tensor_core_supported(cache.head_dim, cache.M,
-                                                                                         cache.dtype)
+            self._on_tensor_cores = takes_tensor_cores(counts, self.num_heads // cache.num_kv_heads, cache.head_dim,
+                                                       cache.M, cache.dtype)
         else:  # a chosen regime: neither counted nor warned about
             long = 0
             self._on_tensor_cores = self.backend == "tensor_cores"

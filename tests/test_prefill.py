@@ -9,7 +9,8 @@ import million_cupy as mc
 from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
 from million_cupy.errors import UnsupportedConfiguration
 from million_cupy.layout import full_pages
-from million_cupy.prefill import (TC_MIN_CHUNK, TC_ROWS, TC_TILE, causal_lengths, split_length, tensor_core_row_tiles,
+from million_cupy.prefill import (FRAGMENT_QUERIES_MIN, LUT_QUERIES_MAX, TC_MIN_CHUNK, TC_ROWS, TC_TILE, causal_lengths,
+                                  gathers_fragments, split_length, takes_tensor_cores, tensor_core_row_tiles,
                                   tensor_core_schedule, tensor_core_supported)
 
 
@@ -87,6 +88,21 @@ def test_tensor_core_path_configurations():
     assert not tensor_core_supported(128, 8, "float16")    # M < 16
     assert not tensor_core_supported(128, 128, "float16")  # one dim per subspace
     assert not tensor_core_supported(128, 64, "float32")
+
+
+def test_the_auto_rule():
+    def auto(counts, group=4, d=128, M=64, dtype="float16"):
+        return takes_tensor_cores(np.asarray(counts), group, d, M, dtype)
+
+    few = FRAGMENT_QUERIES_MIN
+    assert auto([LUT_QUERIES_MAX + 1, 1]) and auto([LUT_QUERIES_MAX + 1], group=8, M=16)  # a long chunk
+    assert not auto([LUT_QUERIES_MAX + 1], dtype="float32")                               # no tensor-core path
+    assert auto([few, few]) and auto([few + 1, few - 1])        # verification in one row tile, averaging `few`
+    assert not auto([few - 1] * 3)                                # too few tokens: the LUT path
+    assert not auto([few + 1, 1, 1, 1])                           # per-sequence cost beats per-token only on average
+    assert not auto([few, few], group=8)                          # 24 rows: two row tiles cost ~5 LUT tokens
+    assert auto([5, 4], group=1) and not auto([few, few], M=16)   # GQA 1; 8 dims per subspace: no verify_attention
+    assert gathers_fragments(128, 32, 2) and not gathers_fragments(128, 64, 4) and not gathers_fragments(128, 16, 1)
 
 
 def test_causal_lengths_follow_the_final_flush_state():
