@@ -120,6 +120,35 @@ __device__ __forceinline__ bool lazy_max(float mxA, float mxB, float& mA, float&
   return moved;
 }
 
+// The exponentials of a 16 x 8 score fragment (rows g: elements 0, 1; g + 8: 2, 3) against the rows' bases, and
+// their per-lane sums added to sumA / sumB (the four lanes of a row are added at the end, finish_rows).
+__device__ __forceinline__ void exp_scores(float (&s)[4], float baseA, float baseB, float& sumA, float& sumB) {
+  s[0] = fast_exp2(s[0] - baseA);
+  s[1] = fast_exp2(s[1] - baseA);
+  s[2] = fast_exp2(s[2] - baseB);
+  s[3] = fast_exp2(s[3] - baseB);
+  sumA += s[0] + s[1];
+  sumB += s[2] + s[3];
+}
+
+// The weight of a partial state with max m in a merge whose max is mx: 0 for a state that has seen no token.
+__device__ __forceinline__ float state_weight(float m, float mx) { return m == kNegInf ? 0.f : fast_exp2(m - mx); }
+
+// A lane's two rows at the end: their sums over the row's four lanes, as 1 / l (0 for a row that saw no token)
+// and the log2-sum-exp m + log2(l) (-inf for such a row).
+__device__ __forceinline__ void finish_rows(float lA, float lB, float mA, float mB, float& invA, float& invB,
+                                            float& lseA, float& lseB) {
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, off);
+    lB += __shfl_xor_sync(0xffffffffu, lB, off);
+  }
+  invA = lA > 0.f ? 1.f / lA : 0.f;
+  invB = lB > 0.f ? 1.f / lB : 0.f;
+  lseA = lA > 0.f ? mA + log2f(lA) : kNegInf;
+  lseB = lB > 0.f ? mB + log2f(lB) : kNegInf;
+}
+
 // The kernel's dynamic shared memory is at least `need` bytes (the host sizes it from the same formula).
 __device__ __forceinline__ void require_dynamic_smem(size_t need) {
   if (threadIdx.x == 0) {
@@ -469,14 +498,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     const bool moved = lazy_max(mxA, mxB, mA, mB, baseA, baseB, alphaA, alphaB);
     float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < NW / 8; ++nb) {
-      s[nb][0] = fast_exp2(s[nb][0] - baseA);
-      s[nb][1] = fast_exp2(s[nb][1] - baseA);
-      s[nb][2] = fast_exp2(s[nb][2] - baseB);
-      s[nb][3] = fast_exp2(s[nb][3] - baseB);
-      sumA += s[nb][0] + s[nb][1];
-      sumB += s[nb][2] + s[nb][3];
-    }
+    for (int nb = 0; nb < NW / 8; ++nb) exp_scores(s[nb], baseA, baseB, sumA, sumB);
     lA = lA * alphaA + sumA;  // per-lane partial sums: the four lanes of a row are added at the end
     lB = lB * alphaB + sumB;
     if (moved) scale_o(alphaA, alphaB);
@@ -532,17 +554,15 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
       nmA = fmaxf(nmA, theirs[(D / 2) * 32]);
       nmB = fmaxf(nmB, theirs[(D / 2 + 1) * 32]);
     }
-    // A state that has seen no token (max -inf) weighs 0; so do all when the row has seen none.
-    auto weight = [](float m, float mx) { return m == kNegInf ? 0.f : fast_exp2(m - mx); };
-    float fA = weight(mA, nmA), fB = weight(mB, nmB);
+    float fA = state_weight(mA, nmA), fB = state_weight(mB, nmB);
     lA *= fA;
     lB *= fB;
     scale_o(fA, fB);
 #pragma unroll
     for (int w = 1; w < TG; ++w) {
       const float* theirs = merge + (warp + w) * WORDS * 32 + lane;
-      fA = weight(theirs[(D / 2) * 32], nmA);
-      fB = weight(theirs[(D / 2 + 1) * 32], nmB);
+      fA = state_weight(theirs[(D / 2) * 32], nmA);
+      fB = state_weight(theirs[(D / 2 + 1) * 32], nmB);
       lA = fmaf(fA, theirs[(D / 2 + 2) * 32], lA);
       lB = fmaf(fB, theirs[(D / 2 + 3) * 32], lB);
 #pragma unroll
@@ -558,13 +578,8 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   }
 
   // ---- the rows' states: output (one split) or partial state -----------------------------------------
-#pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    lA += __shfl_xor_sync(0xffffffffu, lA, off);
-    lB += __shfl_xor_sync(0xffffffffu, lB, off);
-  }
-  const float invA = lA > 0.f ? 1.f / lA : 0.f, invB = lB > 0.f ? 1.f / lB : 0.f;
-  const float lseA = lA > 0.f ? mA + log2f(lA) : kNegInf, lseB = lB > 0.f ? mB + log2f(lB) : kNegInf;
+  float invA, invB, lseA, lseB;
+  finish_rows(lA, lB, mA, mB, invA, invB, lseA, lseB);
   if (wi.single) {
     T* oA = out + (qA - q);
     T* oB = out + (qB - q);
@@ -880,14 +895,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
       const bool moved = lazy_max(mxA, mxB, mA[rt], mB[rt], baseA, baseB, alphaA, alphaB);
       float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        s[rt][nt][0] = fast_exp2(s[rt][nt][0] - baseA);
-        s[rt][nt][1] = fast_exp2(s[rt][nt][1] - baseA);
-        s[rt][nt][2] = fast_exp2(s[rt][nt][2] - baseB);
-        s[rt][nt][3] = fast_exp2(s[rt][nt][3] - baseB);
-        sumA += s[rt][nt][0] + s[rt][nt][1];
-        sumB += s[rt][nt][2] + s[rt][nt][3];
-      }
+      for (int nt = 0; nt < 2; ++nt) exp_scores(s[rt][nt], baseA, baseB, sumA, sumB);
       lA[rt] = lA[rt] * alphaA + sumA;
       lB[rt] = lB[rt] * alphaB + sumB;
       if (moved) {
@@ -943,7 +951,6 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     }
     __syncthreads();
     if (stream != 0) return;
-    auto weight = [](float m, float mx) { return m == kNegInf ? 0.f : fast_exp2(m - mx); };
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
       const int at = D / 2 + 4 * rt;
@@ -953,7 +960,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         nmA = fmaxf(nmA, theirs[at * 32]);
         nmB = fmaxf(nmB, theirs[(at + 1) * 32]);
       }
-      float fA = weight(mA[rt], nmA), fB = weight(mB[rt], nmB);
+      float fA = state_weight(mA[rt], nmA), fB = state_weight(mB[rt], nmB);
       lA[rt] *= fA;
       lB[rt] *= fB;
 #pragma unroll
@@ -965,8 +972,8 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
       }
       for (int s = 1; s < NS; ++s) {
         const float* theirs = merge + (s * RT + dpart) * WORDS * 32 + lane;
-        fA = weight(theirs[at * 32], nmA);
-        fB = weight(theirs[(at + 1) * 32], nmB);
+        fA = state_weight(theirs[at * 32], nmA);
+        fB = state_weight(theirs[(at + 1) * 32], nmB);
         lA[rt] = fmaf(fA, theirs[(at + 2) * 32], lA[rt]);
         lB[rt] = fmaf(fB, theirs[(at + 3) * 32], lB[rt]);
 #pragma unroll
@@ -986,14 +993,8 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   // ---- output (one split) or partial state: lane (g, i4) holds dims DSUB * (8 j + 2 i4) + [0, 2 DSUB) --------
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
-    float la = lA[rt], lb = lB[rt];
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      la += __shfl_xor_sync(0xffffffffu, la, off);
-      lb += __shfl_xor_sync(0xffffffffu, lb, off);
-    }
-    const float invA = la > 0.f ? 1.f / la : 0.f, invB = lb > 0.f ? 1.f / lb : 0.f;
-    const float lseA = la > 0.f ? mA[rt] + log2f(la) : kNegInf, lseB = lb > 0.f ? mB[rt] + log2f(lb) : kNegInf;
+    float invA, invB, lseA, lseB;
+    finish_rows(lA[rt], lB[rt], mA[rt], mB[rt], invA, invB, lseA, lseB);
     const int rB = rA[rt] + 8;
     const int jA = vA[rt] ? rA[rt] / G : 0, jB = vB[rt] ? rB / G : 0;
     const long long atA = (long long)(sm.x + jA) * nh + kvh * G + (vA[rt] ? rA[rt] % G : 0);
