@@ -37,12 +37,14 @@ def _codebooks(cp, M, layers=1, seed=0):
 
 def build_cache(cp, batch, context, M, layers=1, chunk=65536, spare_tokens=0, stream=None):
     """A GPU PagedPQCache holding ``batch`` sequences of ``context`` random tokens in every layer, with room
-    for ``spare_tokens`` more per sequence, on ``stream`` (default: the current one)."""
+    for ``spare_tokens`` more per sequence, on ``stream`` (default: the current one). ``M`` None: an exact
+    (fp16 paged) cache."""
     from million_cupy import PagedPQCache
 
     tokens = context + R + spare_tokens
     pages = batch * (-(-tokens // P) + 2)
-    cache = PagedPQCache(layers, NH_K, D, _codebooks(cp, M, layers), page_size=P, residual=R, max_pages=pages,
+    books = None if M is None else _codebooks(cp, M, layers)
+    cache = PagedPQCache(layers, NH_K, D, books, page_size=P, residual=None if M is None else R, max_pages=pages,
                          max_seqs=batch, max_seq_len=tokens, dtype="float16", device="cuda", stream=stream)
     seqs = [cache.add_sequence() for _ in range(batch)]
     rng = cp.random.default_rng(1)

@@ -14,8 +14,9 @@ float16, M = 64 and 32. One step = ``DecodeStep.plan`` + 32 × (``append`` one t
 
 Baselines in the same run: PyTorch fp16 with a static per-layer buffer, ``index_copy_`` of the new token
 and SDPA on the flash backend (eager over the growing length; graph-captured over the fixed full buffer,
-since a captured shape cannot grow), and this library's own fp16 paged kernel (``paged_exact_decode``), graph-
-captured the same way over a fixed page table (``paged_exact_graph``): it has no ``DecodeStep`` path that grows.
+since a captured shape cannot grow), and this library's own fp16 paged mode (an exact ``PagedPQCache``,
+``codebooks=None``) through the same ``DecodeStep``, eager and graph-replayed while its sequences grow
+(``paged_exact_eager`` / ``paged_exact_graph``; ``M`` None).
 
     python bench/bench_step.py --out bench/results/step_h200.json [--shapes 1x4096,8x32768] [--steps 256]
 """
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
-from bench_decode import D, NH, NH_K, P, build_cache, planned_paged_pq  # noqa: E402
+from bench_decode import D, NH, NH_K, build_cache, planned_paged_pq  # noqa: E402
 
 L = 32  # Llama-3.1-8B's layers
 SHAPES = ((1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 4096))
@@ -87,8 +88,11 @@ def build(cp, batch, context, M, steps, stream):
     return build_cache(cp, batch, context, M, layers=L, spare_tokens=2 * (WARMUP + steps) + 512, stream=stream)
 
 
-def bench_pq(cp, batch, context, M, steps) -> list[dict]:
+def bench_paged(cp, batch, context, M, steps) -> list[dict]:
+    """The step through ``DecodeStep`` over a PQ cache of ``M`` subspaces, or (``M`` None) an exact one."""
     from million_cupy import DecodeStep
+
+    mode = "paged_pq" if M is not None else "paged_exact"
 
     stream = cp.cuda.Stream(non_blocking=True)
     cache, seqs = build(cp, batch, context, M, steps, stream)
@@ -117,7 +121,7 @@ def bench_pq(cp, batch, context, M, steps) -> list[dict]:
 
     base = {"suite": "step", "batch": batch, "context": context, "M": M, "layers": L}
     eager_stats, eager_host = _timed_steps(eager, steps, stream.synchronize)
-    records = [{**base, "method": "paged_pq_eager", **eager_stats, "host_us": eager_host,
+    records = [{**base, "method": f"{mode}_eager", **eager_stats, "host_us": eager_host,
                 **_plan_stats(plan_times), "host_per_layer_us": float(np.median(layer_times[WARMUP:]) * 1e6)}]
 
     with stream:
@@ -152,58 +156,13 @@ def bench_pq(cp, batch, context, M, steps) -> list[dict]:
                                                                  repeats=7, warmup=2)["median_us"] / L
             parts[f"{name}_host_us"] = harness.time_host(lambda: body(0), calls=300)
     step.check()
-    records.append({**base, "method": "paged_pq_graph", **graph_stats, "host_us": graph_host,
+    records.append({**base, "method": f"{mode}_graph", **graph_stats, "host_us": graph_host,
                     "gpu_us": gpu["median_us"], **parts, "plans": step.stats()["plans"],
                     "reserves": step.stats()["reserves"], "schedules": step.stats()["schedules"]})
     records[0]["gpu_us"] = gpu["median_us"]
     del graph, step, cache
     cp.get_default_memory_pool().free_all_blocks()
     return records
-
-
-def bench_exact_paged(cp, batch, context, steps) -> list[dict]:
-    """This library's fp16 paged kernel (``paged_exact_decode``, FlashInfer's page-table convention) in the same
-    32-layer step, graph-captured: per layer the new token's K / V copied into its page slot, then attention over
-    ``context + 1`` tokens. A prepared launch's lengths are fixed, so like the PyTorch graph baseline it attends
-    over a fixed length (it has no ``DecodeStep`` path that grows)."""
-    from million_cupy.decode import prepare_paged_exact_decode
-
-    pages = context // P + 1  # per sequence: the last page holds the new token at slot context % P
-    slot = context % P
-    indptr = np.arange(batch + 1, dtype=np.int32) * pages
-    last = np.full(batch, slot + 1, dtype=np.int32)
-    stream = cp.cuda.Stream(non_blocking=True)
-    rng = cp.random.default_rng(3)
-    with stream:
-        indices = cp.arange(batch * pages, dtype=cp.int32)
-        caches = [[rng.standard_normal((batch * pages, NH_K, P, D), dtype=cp.float32).astype(cp.float16)
-                   for _ in range(2)] for _ in range(L)]
-        new = rng.standard_normal((L, 2, batch, NH_K, D), dtype=cp.float32).astype(cp.float16)
-        q = rng.standard_normal((L, batch, NH, D), dtype=cp.float32).astype(cp.float16)
-        out = cp.empty_like(q)
-        tails = [[kv.reshape(batch, pages, NH_K, P, D)[:, pages - 1, :, slot, :] for kv in layer] for layer in caches]
-        attend = [prepare_paged_exact_decode(q[layer], caches[layer][0], caches[layer][1], indptr, indices, last,
-                                             out=out[layer], stream=stream) for layer in range(L)]
-
-        def body():
-            for layer in range(L):
-                tails[layer][0][...] = new[layer, 0]
-                tails[layer][1][...] = new[layer, 1]
-                attend[layer]()
-
-        body()
-        stream.synchronize()
-        stream.begin_capture()
-        body()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        stats, host = _timed_steps(lambda: graph.launch(stream), steps, stream.synchronize)
-        gpu = harness.time_gpu(lambda: graph.launch(stream), queued=10, repeats=9, warmup=2)
-    del graph, caches, attend, tails
-    cp.get_default_memory_pool().free_all_blocks()
-    return [{"suite": "step", "method": "paged_exact_graph", "batch": batch, "context": context, "M": None,
-             "layers": L, **stats, "host_us": host, "gpu_us": gpu["median_us"]}]
 
 
 def bench_decode_call(cp) -> list[dict]:
@@ -318,9 +277,11 @@ def judge(records: list[dict]) -> list[dict]:
             best = min(t_eager["step_p50_us"], t_graph["step_p50_us"])
             row["graph_vs_best_torch"] = p50 / best
             row["graph_lt_both_torch"] = p50 < best
-        exact = by.get((b, ctx, None, "paged_exact_graph"))
+        exact, exact_eager = by.get((b, ctx, None, "paged_exact_graph")), by.get((b, ctx, None, "paged_exact_eager"))
         if exact:
             row["graph_vs_exact_paged_graph"] = p50 / exact["step_p50_us"]
+        if exact_eager:
+            row["eager_vs_exact_paged_eager"] = eager["step_p50_us"] / exact_eager["step_p50_us"]
         out.append(row)
     calls = {r["method"]: r for r in records if r["layers"] == 1}
     if calls:
@@ -345,10 +306,12 @@ def main() -> None:
     records: list[dict] = []
     for batch, context in shapes:
         for M in (int(m) for m in args.M.split(",")):
-            records += bench_pq(cp, batch, context, M, args.steps)
+            records += bench_paged(cp, batch, context, M, args.steps)
             print(f"{batch}x{context} M={M}: " + ", ".join(
                 f"{r['method']} p50 {r['step_p50_us']:.0f} us" for r in records[-2:]), flush=True)
-        records += bench_exact_paged(cp, batch, context, args.steps)
+        records += bench_paged(cp, batch, context, None, args.steps)
+        print(f"{batch}x{context} exact: " + ", ".join(
+            f"{r['method']} p50 {r['step_p50_us']:.0f} us" for r in records[-2:]), flush=True)
         if not args.no_torch:
             try:
                 records += bench_torch(batch, context, args.steps)

@@ -27,6 +27,16 @@
 //                 gridDim.y >= 1 (row tiles, or groups of APPEND_THREADS / APPEND_LANES rows with warp_search;
 //                 blocks stride over them, so any count is correct)
 //
+// append_exact_tokens<T>  the same for an exact (unquantized) cache: each token row of K and V is copied into
+//   its place in block pos / P of its sequence, pages laid out (num_pages, [layer][kind][head], P, D) in T; no
+//   ring (an exact cache reads its last, partly filled block from the pages). Same tok / slot_gen / status
+//   contract as append_tokens.
+//   k_pages       pool + this layer's K offset, in elements of T; page p, head h, token row r at
+//                 p * page_stride + (h * P + r) * D
+//   v_pages       pool + this layer's V offset
+//   launch        blockDim.x = APPEND_THREADS; gridDim.x = 2 (K, V); gridDim.y >= 1 (blocks stride over the
+//                 n_tok * nh_k * D * sizeof(T) / 16 16-byte vectors of a kind)
+//
 // gather_page_table   the CSR indices of PagedPQCache.page_table: one block per sequence copies
 //                     the first (indptr[b+1] - indptr[b]) entries of its block-table row.
 //   block_table       int32 (max_seqs, max_blocks) contiguous
@@ -190,6 +200,45 @@ append_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ 
 #pragma unroll
         for (int r = 0; r < APPEND_ROWS; ++r)
             if (dst[r] >= 0) pages[dst[r]] = code[r];
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(APPEND_THREADS)
+append_exact_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_pages,
+                    T* __restrict__ v_pages, long long page_stride, const int* __restrict__ block_table,
+                    int max_blocks, const int4* __restrict__ tok, const int* __restrict__ slot_gen,
+                    int* __restrict__ status, int n_tok, int nh_k, int D, int page_shift) {
+    constexpr int EPV = 16 / sizeof(T);  // elements per 16-byte vector
+    const bool is_v = blockIdx.x != 0;
+    const T* x = is_v ? v : k;
+    T* pages = is_v ? v_pages : k_pages;
+    const int vpr = D / EPV;  // vectors per (token, head) row
+    const long long total = static_cast<long long>(n_tok) * nh_k * vpr;
+    const int P = 1 << page_shift;
+    for (long long i = static_cast<long long>(blockIdx.y) * APPEND_THREADS + threadIdx.x; i < total;
+         i += static_cast<long long>(gridDim.y) * APPEND_THREADS) {
+        const long long row = i / vpr;
+        const int t = static_cast<int>(row / nh_k), h = static_cast<int>(row % nh_k);
+        const int4 info = tok[t];  // slot, position, generation, (stays residual: unused)
+        if (slot_gen[info.x] != info.z) {
+            atomicOr(status, STATUS_STALE_SLOT);
+            continue;
+        }
+        const int page = block_table[static_cast<long long>(info.x) * max_blocks + (info.y >> page_shift)];
+        if (page < 0) {
+            atomicOr(status, STATUS_NO_PAGE);
+            continue;
+        }
+        const uint4 raw = reinterpret_cast<const uint4*>(x)[i];
+        const T* vals = reinterpret_cast<const T*>(&raw);
+        bool bad = false;
+#pragma unroll
+        for (int j = 0; j < EPV; ++j) bad |= !isfinite(to_float(vals[j]));
+        if (bad) atomicOr(status, STATUS_NON_FINITE);
+        const long long dst = static_cast<long long>(page) * page_stride +
+                              (static_cast<long long>(h) * P + (info.y & (P - 1))) * D + (i % vpr) * EPV;
+        *reinterpret_cast<uint4*>(pages + dst) = raw;
     }
 }
 

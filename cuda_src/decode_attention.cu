@@ -7,7 +7,10 @@
 //                   [m][t] in 16-token blocks: cache.pack_pages); the exact residual tokens (a ring buffer)
 //                   go to the last split of a sequence or to a work item of their own.
 //   MODE_CONTIG_PQ  MILLION's contiguous layout (B, nh_k, T, M) for K and V, no permutation.
-//   MODE_PAGED_EXACT plain fp16/bf16/fp32 K/V in pages (num_pages, nh_k, P, D): the unquantized baseline.
+//   MODE_PAGED_EXACT plain fp16/bf16/fp32 K/V in pages (num_pages, nh_k, P, D): the unquantized mode (an exact
+//                   PagedPQCache, paged_exact_decode). Its "residual" tokens (res_len: a sequence's partly filled
+//                   last block) are read from the same pages, right after the main tokens, by the item that
+//                   carries WORK_RESIDUAL (whose token range ends at main_len).
 //
 // Scores use a lookup table LUT[c][m][h] = scale*log2(e) * q_h[m] . K_centroid[m][c] built in shared memory
 // (fp16 entries, fp32 accumulation), so K is never dequantized; V centroids sit in shared memory as fp16
@@ -128,7 +131,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     int page_shift,                           // PAGED / EXACT: log2(page size); page sizes are powers of two
     const long long* __restrict__ page_row,   // (B): index in page_table of the sequence's first page
     const int* __restrict__ main_len,         // (B): tokens in pages (PQ: full pages only) / contiguous codes
-    const int* __restrict__ res_len,          // (B): exact residual tokens (PQ modes)
+    const int* __restrict__ res_len,          // (B): exact residual tokens (PQ: in the ring; EXACT: in pages after main)
     const int* __restrict__ res_row,          // (B): residual ring row (sequence slot)
     int ring_cap, int ring_mode,              // ring slot of residual token i: ring_mode ? (main_len + i) % ring_cap : i
     const int4* __restrict__ work,            // (W): {b, head group | WORK_RESIDUAL, token begin, token end}; b < 0: padding
@@ -257,7 +260,8 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   // ---- this warp's tiles -------------------------------------------------------------------------
   const int n_pq = PQ ? tok_end - tok_begin : 0;
   const int ex_begin = MODE == MODE_PAGED_EXACT ? tok_begin : 0;
-  const int ex_end = MODE == MODE_PAGED_EXACT ? tok_end : (with_residual ? res_len[b] : 0);
+  const int ex_end = MODE == MODE_PAGED_EXACT ? tok_end + (with_residual ? res_len[b] : 0)
+                                             : (with_residual ? res_len[b] : 0);
   const int pq_tiles = (n_pq + 31) / 32;
   const int all_tiles = pq_tiles + (ex_end - ex_begin + TE - 1) / TE;
 
@@ -537,7 +541,8 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   // ---- exact tiles: the residual ring (PQ modes) or unquantized pages (EXACT mode) -------------------
   auto exact_ptr = [&](const T* base, int t) -> const T* {
     if constexpr (MODE == MODE_PAGED_EXACT) {
-      return base + page_table[prow + (t >> page_shift)] * page_stride + kvh * head_stride +
+      // Clamped like the PQ pages: a stale replay (a freed sequence's row holds -1) reads inside the pool.
+      return base + max(page_table[prow + (t >> page_shift)], 0) * page_stride + kvh * head_stride +
              (long long)(t & page_mask) * D;
     } else {
       const int slot = ring_mode ? (n_main + t) % ring_cap : t;

@@ -32,6 +32,15 @@ Two paths share all index math (host NumPy over the batch):
 
 All device work, the allocator's included, runs on the CuPy stream that was current when the cache
 was built (:attr:`PagedPQCache.stream`), so its kernels are ordered with one another.
+
+Exact mode (``codebooks=None``): the same cache without quantization, the library's fp16 paged mode (the
+baseline the PQ modes are measured against, through the same :class:`~million_cupy.step.DecodeStep`).
+Pages hold every token's K and V rows in the cache dtype, ``(P, d)`` per layer, kind and kv head, and
+there is no residual ring: the window is one page (``residual == page_size``), and a sequence's last,
+partly filled block is read from its page like the others (``append_exact_tokens``, and the decode
+kernel's ``MODE_PAGED_EXACT``). Sequences, blocks, fork and the page reservation work as in PQ mode;
+the paths that exist only for codes (prefill's kernels, ``k_codes`` / ``page_table``) raise
+:class:`~million_cupy.errors.UnsupportedConfiguration`.
 """
 
 from __future__ import annotations
@@ -79,14 +88,18 @@ _CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 _DSUBS = (1, 2, 4, 8)
 
 
-def append_kernel_name(dsub: int, dtype: str) -> str:
-    """Name expression of the ``append_tokens`` variant for sub-vectors of ``dsub`` values of ``dtype``."""
+def append_kernel_name(dsub: int | None, dtype: str) -> str:
+    """Name expression of the ``append_tokens`` variant for sub-vectors of ``dsub`` values of ``dtype``
+    (``dsub`` None: ``append_exact_tokens``, an exact cache's)."""
+    if dsub is None:
+        return f"append_exact_tokens<{_CTYPES[dtype]}>"
     return f"append_tokens<{dsub}, {_CTYPES[dtype]}>"
 
 
 @kernels.register_variants(APPEND_SOURCE)
 def _cache_append_variants() -> list[str]:
-    return [append_kernel_name(s, t) for s in _DSUBS for t in _CTYPES] + ["gather_page_table", "store_block_ids"]
+    return [append_kernel_name(s, t) for s in (*_DSUBS, None) for t in _CTYPES] + \
+        ["gather_page_table", "store_block_ids"]
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,18 +112,21 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 @dataclass(frozen=True)
 class AppendKernel:
-    """``append_tokens`` bound to one layer's storage: what never changes between launches.
+    """A layer's append kernel bound to its storage: what never changes between launches.
 
     ``args(k, v, tok, status, n_tok)`` gives the kernel's whole argument tuple (``cuda_src/cache_append.cu``)
-    and ``grid(n_tok)`` its grid for ``n_tok`` token rows.
+    and ``grid(n_tok)`` its grid for ``n_tok`` token rows; ``APPEND_THREADS`` threads per block. A PQ cache's
+    kernel is ``append_tokens`` (``exact`` False), an exact cache's ``append_exact_tokens``.
     """
 
     kernel: Any
-    grid_x: int           # 2 * Hc * M blocks: (kind, codebook head, subspace)
-    rows_per_token: int   # rows one codebook encodes per token: nh_k / Hc
-    storage: tuple        # ring_k, ring_v, K and V code bases, page_nbytes, centroids, block_table, max_blocks
-    geometry: tuple       # nh_k, M, Hc, R, page_shift
+    grid_x: int           # PQ: 2 * Hc * M blocks (kind, codebook head, subspace); exact: 2 (kind)
+    rows_per_token: int   # PQ: rows one codebook encodes per token (nh_k / Hc); exact: 16-byte vectors per token
+    storage: tuple        # PQ: ring_k, ring_v, K and V code bases, page_nbytes, centroids, block_table, max_blocks;
+                          # exact: K and V page bases, elements per page, block_table, max_blocks
+    geometry: tuple       # PQ: nh_k, M, Hc, R, page_shift; exact: nh_k, head_dim, page_shift
     slot_gen: Any
+    exact: bool = False
 
     def warp_search(self, n_tok: int) -> bool:
         """Whether ``n_tok`` tokens are few enough for the kernel's one-warp-per-row search (lower latency)."""
@@ -118,12 +134,15 @@ class AppendKernel:
 
     def grid(self, n_tok: int) -> tuple[int, int]:
         rows = n_tok * self.rows_per_token
-        per_block = APPEND_THREADS // APPEND_LANES if self.warp_search(n_tok) else APPEND_TILE_ROWS
+        if self.exact:
+            per_block = APPEND_THREADS  # one 16-byte vector per thread
+        else:
+            per_block = APPEND_THREADS // APPEND_LANES if self.warp_search(n_tok) else APPEND_TILE_ROWS
         return self.grid_x, max(1, min(-(-rows // per_block), _MAX_TILES))
 
     def args(self, k: Any, v: Any, tok: Any, status: Any, n_tok: int) -> tuple:
-        return (k, v, *self.storage, tok, self.slot_gen, status, np.int32(n_tok), *self.geometry,
-                np.int32(self.warp_search(n_tok)))
+        head = (k, v, *self.storage, tok, self.slot_gen, status, np.int32(n_tok), *self.geometry)
+        return head if self.exact else (*head, np.int32(self.warp_search(n_tok)))
 
 
 def _index(value: Any, name: str) -> int:
@@ -139,14 +158,17 @@ class PagedPQCache:
     Args:
         num_layers, num_kv_heads, head_dim: model geometry; must match ``codebooks``.
         codebooks: :class:`~million_cupy.codebook.ModelCodebooks` with one codebook per layer
-            (shared by the kv heads) or one per kv head.
-        page_size: tokens per PQ page ``P``: 16, 32, 64, 128 or 256.
-        residual: ring size ``R`` in tokens: a multiple of ``page_size``, at least ``page_size``.
+            (shared by the kv heads) or one per kv head; None: an exact cache (K and V stored unquantized
+            in ``dtype``, see the module's "Exact mode").
+        page_size: tokens per page ``P``: 16, 32, 64, 128 or 256.
+        residual: ring size ``R`` in tokens: a multiple of ``page_size``, at least ``page_size``; None: 128
+            (PQ) or ``page_size`` (exact, the only window it takes).
         max_pages: pages in the pool. Default: ``max_seqs * max_blocks_per_seq``, enough for every
             slot at ``max_seq_len`` (the worst case; pass a smaller pool to bound memory).
         max_seqs: sequence slots (ids are slot numbers, recycled by :meth:`free`).
         max_seq_len: most tokens one sequence may hold.
-        dtype: residual (exact) token dtype: "float16", "bfloat16" or "float32".
+        dtype: exact token dtype (the residual ring's; an exact cache's pages): "float16", "bfloat16" or
+            "float32".
         device: "cuda" or "cpu"; None follows ``codebooks.is_gpu``. Codebooks on the other side
             are copied over.
         stream: the CUDA stream for all of the cache's device work (a CuPy stream, an object with
@@ -163,9 +185,9 @@ class PagedPQCache:
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
-        codebooks: ModelCodebooks,
+        codebooks: ModelCodebooks | None,
         page_size: int = 64,
-        residual: int = 128,
+        residual: int | None = None,
         max_pages: int | None = None,
         max_seqs: int = 64,
         max_seq_len: int = 131072,
@@ -177,6 +199,9 @@ class PagedPQCache:
         num_kv_heads = _index(num_kv_heads, "num_kv_heads")
         head_dim = _index(head_dim, "head_dim")
         page_size = _index(page_size, "page_size")
+        quantized = codebooks is not None
+        if residual is None:
+            residual = 128 if quantized else page_size
         residual = _index(residual, "residual")
         max_seqs = _index(max_seqs, "max_seqs")
         max_seq_len = _index(max_seq_len, "max_seq_len")
@@ -184,18 +209,12 @@ class PagedPQCache:
                             ("max_seq_len", max_seq_len)):
             if value < 1:
                 raise UnsupportedConfiguration(f"{name}: expected a positive integer, got {value}")
-        if not isinstance(codebooks, ModelCodebooks):
-            raise TypeError(f"codebooks: expected a ModelCodebooks, got {type(codebooks).__name__}")
-        if codebooks.num_layers != num_layers:
+        if quantized:
+            self._check_codebooks(codebooks, num_layers, num_kv_heads, head_dim)
+        elif residual != page_size:
             raise UnsupportedConfiguration(
-                f"codebooks: expected codebooks for num_layers = {num_layers} layers, got {codebooks.num_layers}"
-            )
-        if codebooks.d != head_dim:
-            raise UnsupportedConfiguration(f"codebooks: expected head dim d = {head_dim}, got d = {codebooks.d}")
-        if codebooks.num_heads_per_layer not in (1, num_kv_heads):
-            raise UnsupportedConfiguration(
-                f"codebooks: expected 1 (shared) or num_kv_heads = {num_kv_heads} codebooks per layer, "
-                f"got {codebooks.num_heads_per_layer}"
+                f"residual: an exact cache (codebooks=None) reads every token from its pages and keeps no window; "
+                f"expected residual = page_size = {page_size} (or None), got {residual}"
             )
         if page_size not in PAGE_SIZES:
             raise UnsupportedConfiguration(f"page_size: expected one of {PAGE_SIZES}, got {page_size}")
@@ -206,13 +225,15 @@ class PagedPQCache:
         if dtype not in CACHE_DTYPES:
             raise UnsupportedConfiguration(f"dtype: expected one of {list(CACHE_DTYPES)}, got {dtype!r}")
         if device is None:
+            if not quantized:
+                raise ValueError("device: an exact cache (codebooks=None) has nothing to follow; pass 'cuda' or 'cpu'")
             device = "cuda" if codebooks.is_gpu else "cpu"
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device: expected 'cuda', 'cpu' or None, got {device!r}")
         if device == "cuda" and not gpu_available():
             raise DeviceUnavailable("device='cuda': no CUDA device is usable through CuPy")
         gpu = device == "cuda"
-        if gpu != codebooks.is_gpu:
+        if quantized and gpu != codebooks.is_gpu:
             codebooks = codebooks.to_gpu() if gpu else codebooks.to_cpu()
 
         self._num_layers = num_layers
@@ -226,15 +247,18 @@ class PagedPQCache:
         self._dtype_name = dtype
         self._dtype = resolve_dtype(dtype)
         self._codebooks = codebooks
-        self._M = codebooks.M
-        self._page_nbytes = num_layers * 2 * num_kv_heads * page_size * self._M
+        self._M = codebooks.M if quantized else None
+        # Bytes of one token of one (layer, kind, kv head): its M codes, or its exact row.
+        self._token_nbytes = self._M if quantized else head_dim * self._dtype.itemsize
+        self._page_nbytes = num_layers * 2 * num_kv_heads * page_size * self._token_nbytes
+        ring_tokens = residual if quantized else 0  # an exact cache reads its window from the pages
         num_pages = max_seqs * self._max_blocks if max_pages is None else _index(max_pages, "max_pages")
         if num_pages < 1:
             raise UnsupportedConfiguration(f"max_pages: expected a positive integer, got {num_pages}")
         self._num_pages = num_pages
         if gpu:
             # Fail with a usable message, not a driver OOM deep inside the allocator.
-            need = num_pages * self._page_nbytes + 2 * num_layers * max_seqs * num_kv_heads * residual * head_dim * \
+            need = num_pages * self._page_nbytes + 2 * num_layers * max_seqs * num_kv_heads * ring_tokens * head_dim * \
                 self._dtype.itemsize
             free_bytes = cupy().cuda.runtime.memGetInfo()[0]
             if need > free_bytes:
@@ -259,7 +283,7 @@ class PagedPQCache:
             self._pool = np.zeros((num_pages, self._page_nbytes), dtype=np.uint8)
         xp = self._xp
         with self._on_stream():
-            ring_shape = (num_layers, max_seqs, num_kv_heads, residual, head_dim)
+            ring_shape = (num_layers, max_seqs, num_kv_heads, ring_tokens, head_dim)
             self._ring_k = xp.zeros(ring_shape, dtype=self._dtype)
             self._ring_v = xp.zeros(ring_shape, dtype=self._dtype)
             self._block_table = xp.full((max_seqs, self._max_blocks), -1, dtype=np.int32)
@@ -286,6 +310,23 @@ class PagedPQCache:
         self._block_id_stores: dict[tuple, kernels.BoundLaunch] = {}  # GPU: store_block_ids, bound per batch
         self._non_finite_seen = False  # set by the CPU path and by launchers (record_non_finite)
 
+    @staticmethod
+    def _check_codebooks(codebooks: Any, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        if not isinstance(codebooks, ModelCodebooks):
+            raise TypeError(f"codebooks: expected a ModelCodebooks (or None: an exact cache), got "
+                            f"{type(codebooks).__name__}")
+        if codebooks.num_layers != num_layers:
+            raise UnsupportedConfiguration(
+                f"codebooks: expected codebooks for num_layers = {num_layers} layers, got {codebooks.num_layers}"
+            )
+        if codebooks.d != head_dim:
+            raise UnsupportedConfiguration(f"codebooks: expected head dim d = {head_dim}, got d = {codebooks.d}")
+        if codebooks.num_heads_per_layer not in (1, num_kv_heads):
+            raise UnsupportedConfiguration(
+                f"codebooks: expected 1 (shared) or num_kv_heads = {num_kv_heads} codebooks per layer, "
+                f"got {codebooks.num_heads_per_layer}"
+            )
+
     # ------------------------------------------------------------------------------ geometry
 
     @property
@@ -310,12 +351,17 @@ class PagedPQCache:
 
     @property
     def page_size(self) -> int:
-        """Tokens per PQ page ``P``."""
+        """Tokens per page ``P``."""
         return self._P
 
     @property
+    def quantized(self) -> bool:
+        """True for a PQ cache, False for an exact one (built with ``codebooks=None``)."""
+        return self._codebooks is not None
+
+    @property
     def residual(self) -> int:
-        """Residual ring size ``R`` in tokens."""
+        """Residual window ``R`` in tokens (the flush rule's; an exact cache: ``page_size``, read from pages)."""
         return self._R
 
     @property
@@ -329,8 +375,8 @@ class PagedPQCache:
         return self._dtype
 
     @property
-    def M(self) -> int:
-        """PQ subspaces (code bytes per token, head and kind)."""
+    def M(self) -> int | None:
+        """PQ subspaces (code bytes per token, head and kind); None for an exact cache."""
         return self._M
 
     @property
@@ -355,12 +401,12 @@ class PagedPQCache:
 
     @property
     def page_nbytes(self) -> int:
-        """Bytes per page: ``num_layers * 2 * nh_k * page_size * M``."""
+        """Bytes per page: ``num_layers * 2 * nh_k * page_size * M`` (exact: ``* head_dim * itemsize``)."""
         return self._page_nbytes
 
     @property
-    def codebooks(self) -> ModelCodebooks:
-        """The codebooks, on the cache's side."""
+    def codebooks(self) -> ModelCodebooks | None:
+        """The codebooks, on the cache's side (None for an exact cache)."""
         return self._codebooks
 
     @property
@@ -381,15 +427,41 @@ class PagedPQCache:
         return self._pool
 
     def code_offset(self, layer: int, kind: int) -> int:
-        """Byte offset in a page of the ``(layer, kind)`` codes (kind 0 = K, 1 = V); head ``h`` adds ``h * P * M``."""
+        """Byte offset in a page of the ``(layer, kind)`` section (kind 0 = K, 1 = V); head ``h`` adds
+        ``h * P * M`` (exact cache: ``h * P * head_dim * itemsize``)."""
         layer = self.check_layer(layer)
         if kind not in (0, 1):
             raise ValueError(f"kind: expected 0 (K) or 1 (V), got {kind!r}")
-        return (layer * 2 + kind) * self._nh_k * self._P * self._M
+        return (layer * 2 + kind) * self._nh_k * self._P * self._token_nbytes
+
+    def k_pages(self, layer: int) -> Any:
+        """Exact cache: view ``(num_pages, nh_k, P, head_dim)`` of the pool in the cache dtype, the K rows of
+        ``layer`` (token ``t`` of a sequence in row ``t % P`` of the page of its block ``t // P``)."""
+        return self._exact_view(layer, 0, "k_pages")
+
+    def v_pages(self, layer: int) -> Any:
+        """Exact cache: view ``(num_pages, nh_k, P, head_dim)`` of the pool, the V rows of ``layer``."""
+        return self._exact_view(layer, 1, "v_pages")
+
+    def _exact_view(self, layer: int, kind: int, what: str) -> Any:
+        if self.quantized:
+            raise UnsupportedConfiguration(f"{what}: a PQ cache stores codes (k_codes / v_codes); exact pages belong "
+                                           f"to a cache built with codebooks=None")
+        item = self._dtype.itemsize
+        rows = self._pool.view(self._dtype)[:, self.code_offset(layer, kind) // item:]
+        return self._xp.lib.stride_tricks.as_strided(
+            rows, shape=(self._num_pages, self._nh_k, self._P, self._d),
+            strides=(self._page_nbytes, self._P * self._d * item, self._d * item, item))
+
+    def _require_quantized(self, what: str) -> None:
+        if not self.quantized:
+            raise UnsupportedConfiguration(f"{what}: this cache is exact (codebooks=None) and holds no PQ codes or "
+                                           f"codebooks; its pages are k_pages / v_pages")
 
     def k_codes(self, layer: int) -> Any:
         """View ``(num_pages, nh_k, M // kc, P, kc)`` of the pool (``kc = min(M, 16)``): K codes of ``layer``
         as stored (see :func:`pack_pages`; :func:`unpack_pages` gives ``[token][m]`` codes)."""
+        self._require_quantized("k_codes")
         P, M = self._P, self._M
         kc = k_chunk(M)
         return self._codes_view(self.code_offset(layer, 0), (self._nh_k, M // kc, P, kc), (P * M, P * kc, kc, 1))
@@ -397,6 +469,7 @@ class PagedPQCache:
     def v_codes(self, layer: int) -> Any:
         """View ``(num_pages, nh_k, P // 16, M, 16)`` of the pool: V codes of ``layer`` as stored,
         transposed ``[m][token]`` in 16-token blocks (see :func:`pack_pages`)."""
+        self._require_quantized("v_codes")
         P, M, T = self._P, self._M, V_BLOCK_TOKENS
         return self._codes_view(self.code_offset(layer, 1), (self._nh_k, P // T, M, T), (P * M, M * T, T, 1))
 
@@ -411,7 +484,8 @@ class PagedPQCache:
         return self._block_table
 
     def residual_k(self, layer: int) -> Any:
-        """K ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``."""
+        """K ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``
+        (an exact cache has none: ``(max_seqs, nh_k, 0, d)``)."""
         return self._ring_k[self.check_layer(layer)]
 
     def residual_v(self, layer: int) -> Any:
@@ -420,10 +494,12 @@ class PagedPQCache:
 
     def key_centroids(self, layer: int) -> Any:
         """Float32 ``(Hc, M, 256, dsub)`` key centroids of ``layer`` on the cache's side."""
+        self._require_quantized("key_centroids")
         return self._codebooks.key_centroids(layer)
 
     def value_centroids(self, layer: int) -> Any:
         """Float32 ``(Hc, M, 256, dsub)`` value centroids of ``layer`` on the cache's side."""
+        self._require_quantized("value_centroids")
         return self._codebooks.value_centroids(layer)
 
     # ---------------------------------------------------------------------------- sequences
@@ -710,7 +786,8 @@ class PagedPQCache:
     def _store_tokens(self, layer: int, seq: np.ndarray, pos: np.ndarray, residual: np.ndarray, k: Any,
                       v: Any) -> None:
         """Token row ``j`` of ``k`` / ``v`` is position ``pos[j]`` of sequence ``seq[j]``: write its codes
-        into its block and, where ``residual[j]``, its exact rows into ring slot ``pos[j] % R``."""
+        into its block and, where ``residual[j]``, its exact rows into ring slot ``pos[j] % R`` (an exact
+        cache: its rows into its block)."""
         if self.is_gpu:
             meta = np.stack([seq, pos, self._slot_gen[seq], residual], axis=1).astype(np.int32)
             append = self.append_kernel(layer)
@@ -721,6 +798,10 @@ class PagedPQCache:
         self._non_finite_seen |= not (np.isfinite(k).all() and np.isfinite(v).all())
         row = pos % P
         pages = self._block_table[seq, pos // P]
+        if not self.quantized:
+            self.k_pages(layer)[pages, :, row] = k
+            self.v_pages(layer)[pages, :, row] = v
+            return
         kc = k_chunk(self._M)
         for x, centroids, ring, kind in ((k, self.key_centroids(layer), self._ring_k, 0),
                                          (v, self.value_centroids(layer), self._ring_v, 1)):
@@ -739,6 +820,9 @@ class PagedPQCache:
             if not self.is_gpu:
                 raise UnsupportedConfiguration("append_kernel: the append kernel needs a GPU cache (device='cuda')")
             layer = self.check_layer(layer)
+            if not self.quantized:
+                append = self._append_kernels[layer] = self._exact_append_kernel(layer)
+                return append
             xp = self._xp
             kc, vc = xp.ascontiguousarray(self.key_centroids(layer)), xp.ascontiguousarray(self.value_centroids(layer))
             flat = self._pool.reshape(-1)
@@ -756,6 +840,19 @@ class PagedPQCache:
             )
         return append
 
+    def _exact_append_kernel(self, layer: int) -> AppendKernel:
+        k_pages, v_pages = self.k_pages(layer), self.v_pages(layer)
+        return AppendKernel(
+            kernel=kernels.get_kernel(APPEND_SOURCE, append_kernel_name(None, self._dtype_name)),
+            grid_x=2,
+            rows_per_token=self._nh_k * self._d * self._dtype.itemsize // 16,
+            storage=(k_pages, v_pages, np.int64(self._page_nbytes // self._dtype.itemsize), self._block_table,
+                     np.int32(self._max_blocks)),
+            geometry=(np.int32(self._nh_k), np.int32(self._d), np.int32(self._P.bit_length() - 1)),
+            slot_gen=self._slot_gen_dev,
+            exact=True,
+        )
+
     # ------------------------------------------------------------------------------ reading
 
     def page_table(self, layer: int, seq_ids: Sequence[int] | np.ndarray) -> tuple[Any, Any, Any]:
@@ -765,6 +862,7 @@ class PagedPQCache:
         order and ``residual_lens[b]`` its residual token count; all int32, device arrays on the GPU
         path (one H2D copy of ``O(B)`` metadata and one gather launch from the block table).
         """
+        self._require_quantized("page_table")
         layer = self.check_layer(layer)
         seqs = self.check_ids(seq_ids, "page_table", unique=False)
         B = seqs.shape[0]
@@ -790,10 +888,16 @@ class PagedPQCache:
 
     def dequantize(self, layer: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
         """Host float32 ``(k, v)``, each ``(L, nh_k, d)`` in token order: PQ-decoded page tokens, then
-        the exact residual tokens (the reference view of what decode attends to)."""
+        the exact residual tokens (the reference view of what decode attends to; an exact cache: its pages)."""
         layer = self.check_layer(layer)
         seq = self.check_ids(seq, "dequantize")[0]
         n = int(self._lens[layer, seq])
+        if not self.quantized:
+            with self._on_stream():
+                ids = self._block_table[seq, : -(-n // self._P)]
+                return tuple(  # (blocks, nh_k, P, d) -> token order
+                    to_numpy(pages[ids].transpose(0, 2, 1, 3).reshape(-1, self._nh_k, self._d)[:n]).astype(np.float32)
+                    for pages in (self.k_pages(layer), self.v_pages(layer)))
         pages = int(self._full_pages(n))
         paged = pages * self._P
         slots = np.arange(paged, n) % self._R
@@ -827,6 +931,7 @@ class PagedPQCache:
         ``frees``, ``failed``); ``page_nbytes``; ``bytes_per_token`` (PQ code bytes per token over
         all layers, kinds and heads: ``2 * M * nh_k * num_layers``), ``fp16_bytes_per_token``
         (``2 * 2 * d * nh_k * num_layers``) and ``compression_ratio`` (fp16 / PQ);
+        (an exact cache: its own bytes per token, ``compression_ratio`` 1.0 in fp16);
         ``pool_utilization``: code bytes of the tokens held in full pages, summed over sequences,
         over the bytes of allocated pages (reserved blocks and the blocks still being filled under the
         residual window lower it; pages shared by :meth:`fork` count once in the denominator and once per
@@ -839,7 +944,7 @@ class PagedPQCache:
         counters = self._alloc.stats()
         lens = self._lens[:, self._live]
         pages = self._full_pages(lens)
-        code_bytes_per_layer_token = 2 * self._nh_k * self._M
+        code_bytes_per_layer_token = 2 * self._nh_k * self._token_nbytes
         exact_bytes_per_layer_token = 2 * self._nh_k * self._d * self._dtype.itemsize
         allocated = counters["used"] * self._page_nbytes
         paged_bytes = int(pages.sum()) * self._P * code_bytes_per_layer_token
@@ -853,7 +958,8 @@ class PagedPQCache:
             "compression_ratio": fp16_bytes_per_token / bytes_per_token,
             "pool_utilization": paged_bytes / allocated if allocated else 0.0,
             "residual_bytes_reserved": int(self._ring_k.nbytes + self._ring_v.nbytes),
-            "residual_bytes_in_use": int((lens - self._P * pages).sum()) * exact_bytes_per_layer_token,
+            "residual_bytes_in_use": int((lens - self._P * pages).sum()) * exact_bytes_per_layer_token
+            if self.quantized else 0,  # an exact cache's window is in its pages
             "flushes": self._flushes,
             "non_finite_appended": self._non_finite_appended(),
             "sequences": int(self._live.sum()),
@@ -875,7 +981,8 @@ class PagedPQCache:
     def __repr__(self) -> str:
         return (
             f"PagedPQCache(num_layers={self._num_layers}, num_kv_heads={self._nh_k}, head_dim={self._d}, "
-            f"M={self._M}, page_size={self._P}, residual={self._R}, num_pages={self._num_pages}, "
+            f"{f'M={self._M}' if self.quantized else 'exact'}, page_size={self._P}, residual={self._R}, "
+            f"num_pages={self._num_pages}, "
             f"max_seqs={self._max_seqs}, dtype={self._dtype_name}, {'gpu' if self.is_gpu else 'cpu'}, "
             f"sequences={int(self._live.sum())})"
         )

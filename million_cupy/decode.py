@@ -291,10 +291,13 @@ class AttentionPlan:
         self.cache = cache
         self.num_heads = num_heads
         self.capacity = capacity
-        d, m = cache.head_dim, cache.M
+        d = cache.head_dim
+        # An exact cache (codebooks=None) takes the unquantized kernel over the same metadata.
+        self.mode = MODE_PAGED_PQ if cache.quantized else MODE_PAGED_EXACT
+        self._m = cache.M if cache.quantized else _exact_m(d)
         dev = _device()
         self._sm_count = dev.sm_count
-        self.group = choose_group(MODE_PAGED_PQ, d, m, num_heads // cache.num_kv_heads, dev.smem_limit)
+        self.group = choose_group(self.mode, d, self._m, num_heads // cache.num_kv_heads, dev.smem_limit)
         hg = num_heads // self.group
         self.units = capacity * hg
         self.grid = max(dev.sm_count * WAVES, self.units)  # make_schedule never gives more items
@@ -422,16 +425,16 @@ class AttentionPlan:
         bound = self._launches.get(key)
         if bound is None:
             cache = self.cache
-            d, m, g = cache.head_dim, cache.M, self.group
+            d, m, g = cache.head_dim, self._m, self.group
             null = np.uint64(0)
             args = (null, *self._layer_args(layer), self.page_row, self.main_len, self.res_len, self.res_row,
                     np.int32(cache.residual), np.int32(1), self.work, self.unit_items, self.part_o, self.part_lse,
                     self.counter, null, null, np.int32(self.num_heads), np.int32(cache.num_kv_heads),
                     np.float32(self._scale * math.log2(math.e)))
             assert args[self.OUT_ARG] is null and args[self.OUT_ARG + 1] is null
-            kernel = kernels.get_kernel(SOURCE, _expr(MODE_PAGED_PQ, d, m, g, dtype_name(dtype)))
+            kernel = kernels.get_kernel(SOURCE, _expr(self.mode, d, m, g, dtype_name(dtype)))
             bound = self._launches[key] = kernels.BoundLaunch(kernel, self.grid, THREADS,
-                                                              smem_bytes(MODE_PAGED_PQ, d, m, g), args)
+                                                              smem_bytes(self.mode, d, m, g), args)
         return bound
 
     #: Index of ``out`` in the kernel's arguments (``lse`` follows it).
@@ -457,16 +460,18 @@ class AttentionPlan:
 class PagedLayerStorage(NamedTuple):
     """What a kernel reading one layer of a GPU PagedPQCache takes, in the kernels' argument order: both
     codebooks in the kernels' fp16 ``[c][m]`` layout (:func:`kernel_codebooks`) and the elements between kv
-    heads' codebooks (0: shared), the layer's K and V code sections of the pool, its residual rings, the
-    bytes per page and per kv head of a page (``P * M``), the block table and ``log2(page_size)``."""
+    heads' codebooks (0: shared), the layer's K and V code sections of the pool, its exact tokens (the
+    residual rings), the bytes per page and per kv head of a page (``P * M``), the block table and
+    ``log2(page_size)``. An exact cache's: placeholders for codebooks and codes, its K and V page sections as
+    the exact tokens, and page / head strides in elements (``MODE_PAGED_EXACT``)."""
 
     k_centroids: Any
     v_centroids: Any
     codebook_head_stride: np.int64
     k_codes: Any
     v_codes: Any
-    ring_k: Any
-    ring_v: Any
+    exact_k: Any
+    exact_v: Any
     page_stride: np.int64
     head_stride: np.int64
     block_table: Any
@@ -476,13 +481,22 @@ class PagedLayerStorage(NamedTuple):
 def paged_layer_storage(cache, layer: int) -> PagedLayerStorage:
     """The storage of ``layer`` of a GPU cache as the paged kernels read it (codebooks converted: keep the
     result for the layer's launches)."""
+    shift = np.int32(cache.page_size.bit_length() - 1)
+    if not cache.quantized:
+        cp = cupy()
+        with cache.stream:
+            none16, none8 = cp.empty(16, dtype=cp.float16), cp.empty(16, dtype=cp.uint8)  # never read
+        item = cache.array_dtype.itemsize
+        return PagedLayerStorage(none16, none16, np.int64(0), none8, none8, cache.k_pages(layer),
+                                 cache.v_pages(layer), np.int64(cache.page_nbytes // item),
+                                 np.int64(cache.page_size * cache.head_dim), cache.block_table, shift)
     kc, vc = kernel_codebooks(cache.key_centroids(layer), cache.value_centroids(layer))
     flat = cache.pool.reshape(-1)
     return PagedLayerStorage(
         kc, vc, np.int64(kc.shape[1] * kc.shape[2] * kc.shape[3] if kc.shape[0] > 1 else 0),
         flat[cache.code_offset(layer, 0):], flat[cache.code_offset(layer, 1):], cache.residual_k(layer),
         cache.residual_v(layer), np.int64(cache.page_nbytes), np.int64(cache.page_size * cache.M),
-        cache.block_table, np.int32(cache.page_size.bit_length() - 1),
+        cache.block_table, shift,
     )
 
 

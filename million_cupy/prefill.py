@@ -342,6 +342,10 @@ class BatchPrefillWrapper:
     def __init__(self, cache, num_heads: int, *, scale: float | None = None, stream: Any = None,
                  backend: str = "auto") -> None:
         require_native_attention(cache, num_heads, "BatchPrefillWrapper", "million_cupy.prefill_attention()")
+        if not cache.quantized:
+            raise UnsupportedConfiguration(
+                "BatchPrefillWrapper: its kernels read PQ codes, and this cache is exact (codebooks=None); an exact "
+                "cache decodes (DecodeStep, BatchDecodeWrapper, decode) but has no native multi-token attention")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if backend == "tensor_cores" and not tensor_core_supported(cache.head_dim, cache.M, cache.dtype):

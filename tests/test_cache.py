@@ -825,3 +825,97 @@ def test_gpu_decode_step_appends_do_not_synchronise_the_allocator(rng):
             cache.append(l, seqs, x, x)
     assert cache.allocator._syncs == syncs
     assert cache.stats()["used"] == 8 * blocks_of(100, 16)
+
+
+# ------------------------------------------------------------------------------- exact caches
+
+
+def make_exact_cache(device="cpu", *, num_layers=2, nh_k=2, d=64, dtype="float16", **kw):
+    kw.setdefault("page_size", 16)
+    kw.setdefault("max_seqs", 8)
+    kw.setdefault("max_seq_len", 4096)
+    kw.setdefault("max_pages", 256)
+    return PagedPQCache(num_layers, nh_k, d, None, dtype=dtype, device=device, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_an_exact_cache_stores_every_token_in_its_pages(rng, device, dtype):
+    """codebooks=None: each token's rows land, bit for bit, in row t % P of its block's page in the documented
+    (page, [layer][kind][head], P, d) layout, however the tokens were split across appends; no ring."""
+    cache = make_exact_cache(device, dtype=dtype)
+    P, dt = cache.page_size, resolve_dtype(dtype)
+    assert not cache.quantized and cache.M is None and cache.residual == P and cache.codebooks is None
+    assert cache.page_nbytes == 2 * 2 * 2 * P * 64 * dt.itemsize
+    assert cache.residual_k(0).shape == (8, 2, 0, 64)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    n = {a: 0, b: 0}
+    kept = {(layer, s): ([], []) for layer in range(2) for s in (a, b)}
+    for counts in ([3, P], [P - 3, 1], [0, 2 * P + 5], [P + 1, 0], [1, 1]):
+        for layer in range(2):
+            k, v = tokens(rng, sum(counts), cache).astype(dt), tokens(rng, sum(counts), cache).astype(dt)
+            cache.append(layer, [a, b], on(cache, k), on(cache, v), lengths=counts)
+            kept[layer, a][0].append(k[: counts[0]]), kept[layer, a][1].append(v[: counts[0]])
+            kept[layer, b][0].append(k[counts[0]:]), kept[layer, b][1].append(v[counts[0]:])
+        n[a] += counts[0]
+        n[b] += counts[1]
+    pool = to_numpy(cache.pool)
+    table = to_numpy(cache.block_table)
+    for (layer, s), (ks, vs) in kept.items():
+        k_all, v_all = np.concatenate(ks), np.concatenate(vs)
+        assert cache.seq_len(s, layer) == n[s] == k_all.shape[0]
+        k_got, v_got = cache.dequantize(layer, s)
+        np.testing.assert_array_equal(k_got, k_all.astype(np.float32))
+        np.testing.assert_array_equal(v_got, v_all.astype(np.float32))
+        for kind, x in ((0, k_all), (1, v_all)):  # the documented byte layout, read from the raw pool
+            t = np.arange(n[s])
+            page_bytes = pool[table[s, t // P]]  # (n, page_nbytes)
+            section = page_bytes[:, cache.code_offset(layer, kind):].view(dt)[:, : 2 * P * 64].reshape(-1, 2, P, 64)
+            np.testing.assert_array_equal(section[t, :, t % P], x)
+    st = cache.stats()
+    assert st["compression_ratio"] == pytest.approx(2 / dt.itemsize) and st["residual_bytes_in_use"] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_exact_cache_forks_frees_and_decodes_the_exact_attention(rng, device):
+    cache = make_exact_cache(device)
+    a = cache.add_sequence()
+    k, v = tokens(rng, 40, cache), tokens(rng, 40, cache)
+    for layer in range(2):
+        cache.append(layer, [a], on(cache, k), on(cache, v), lengths=[40])
+    child = cache.fork(a)  # two full pages shared, the partly filled third copied
+    table = to_numpy(cache.block_table)
+    np.testing.assert_array_equal(table[child, :2], table[a, :2])
+    assert table[child, 2] != table[a, 2]
+    extra = tokens(rng, 1, cache)
+    for layer in range(2):
+        cache.append(layer, [child], on(cache, extra), on(cache, extra))
+    np.testing.assert_array_equal(cache.dequantize(0, a)[0], k.astype(np.float16).astype(np.float32))
+    q = rng.standard_normal((2, 4, 64)).astype(np.float16)
+    import million_cupy as mc
+
+    out = to_numpy(mc.decode(cache, 1, [a, child], on(cache, q))).astype(np.float64)
+    kc = np.concatenate([k, extra]).astype(np.float16).astype(np.float64)
+    vc = np.concatenate([v, extra]).astype(np.float16).astype(np.float64)
+    want, _ = reference.decode_attention(q.astype(np.float64), [k.astype(np.float16).astype(np.float64), kc],
+                                         [v.astype(np.float16).astype(np.float64), vc])
+    assert reference.relative_error(out, want) < 2e-3
+    used = cache.stats()["used"]
+    cache.free(child)
+    assert cache.stats()["used"] == used - 1  # only its copied page goes back; the shared ones stay with a
+
+
+def test_an_exact_cache_refuses_what_only_codes_have(rng):
+    with pytest.raises(UnsupportedConfiguration, match="residual = page_size"):
+        make_exact_cache(residual=32)
+    with pytest.raises(ValueError, match="pass 'cuda' or 'cpu'"):
+        PagedPQCache(2, 2, 64, None)
+    with pytest.raises(TypeError, match="ModelCodebooks"):
+        PagedPQCache(2, 2, 64, "codebooks", device="cpu")
+    cache = make_exact_cache()
+    for call in (lambda: cache.k_codes(0), lambda: cache.v_codes(0), lambda: cache.key_centroids(0),
+                 lambda: cache.page_table(0, [])):
+        with pytest.raises(UnsupportedConfiguration, match="exact"):
+            call()
+    with pytest.raises(UnsupportedConfiguration, match="PQ cache stores codes"):
+        make_cache(rng).k_pages(0)

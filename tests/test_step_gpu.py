@@ -389,3 +389,108 @@ def test_repeated_decode_reuses_its_plan(rng):
         out, lse = mc.decode(cache, 1, ids, q, return_lse=True)
         _check_attention(cache, 1, list(ids), q, out, lse, "float16")
     assert wrapper.stats()["plans"] == 3
+
+
+# ------------------------------------------------------------------ exact caches (the fp16 paged mode)
+
+
+def _exact_caches(*, layers=2, nh_k=2, d=128, P=16, dtype="float16", max_pages=512, devices=("cuda", "cpu"),
+                  stream=None):
+    return [PagedPQCache(layers, nh_k, d, None, page_size=P, max_pages=max_pages, max_seqs=8, max_seq_len=4096,
+                         dtype=dtype, device=dev, stream=stream if dev == "cuda" else None) for dev in devices]
+
+
+@pytest.mark.parametrize("d,P,nh,nh_k,dtype", [
+    (128, 16, 8, 2, "float16"),   # GQA 4
+    (64, 32, 8, 1, "bfloat16"),   # MQA
+    (128, 16, 16, 2, "float32"),  # GQA 8
+])
+def test_exact_cache_steps_match_the_reference(rng, d, P, nh, nh_k, dtype):
+    """DecodeStep over an exact cache: every step's attention against the float64 reference over the tokens as
+    stored (outputs poisoned first), pages bit for bit equal to a CPU exact cache's, ragged lengths (one token,
+    a block one short of full, exactly full blocks, many blocks), a fork in the middle of the run, and decode()
+    agreeing with the step."""
+    import cupy as cp
+
+    import million_cupy as mc
+    from million_cupy import DecodeStep
+
+    gpu, cpu = _exact_caches(d=d, P=P, nh_k=nh_k, dtype=dtype)
+    seqs = [gpu.add_sequence() for _ in range(4)]
+    for _ in seqs:
+        cpu.add_sequence()
+    _prefill(rng, (gpu, cpu), seqs, [1, P - 1, 2 * P, 5 * P + 3])
+    step = DecodeStep(gpu, num_heads=nh, horizon=P)
+    dt = resolve_dtype(dtype)
+    for t in range(3 * P + 2):
+        if t == P + 1:  # a child shares its parent's full pages and joins the batch
+            seqs.append(gpu.fork(seqs[3]))
+            assert cpu.fork(seqs[3]) == seqs[-1]
+        step.plan(seqs)
+        for layer in range(gpu.num_layers):
+            k, v = _tokens(rng, len(seqs), gpu).astype(dt), _tokens(rng, len(seqs), gpu).astype(dt)
+            step.append(layer, cp.asarray(k), cp.asarray(v))
+            cpu.append(layer, seqs, k, v)
+            q = cp.asarray(rng.standard_normal((len(seqs), nh, d)).astype(dt))
+            out, lse = _poison((len(seqs), nh, d), dtype), cp.full((len(seqs), nh), cp.nan, cp.float32)
+            step.run(layer, q, out=out, lse=lse)
+            if t % 7 == 0 or t == 3 * P + 1:
+                _check_attention(gpu, layer, seqs, q, out, lse, dtype)
+                np.testing.assert_array_equal(to_numpy(mc.decode(gpu, layer, seqs, q)), to_numpy(out))
+    step.check()
+    for layer in range(gpu.num_layers):
+        for s in seqs:
+            for got, want in zip(gpu.dequantize(layer, s), cpu.dequantize(layer, s)):
+                np.testing.assert_array_equal(got, want)
+    assert step.stats()["fallback_layers"] == 0 and gpu.stats()["flushes"] == cpu.stats()["flushes"]
+
+
+def test_exact_cache_graph_replay_equals_eager_and_refuses_prefill(rng):
+    import cupy as cp
+
+    from million_cupy import BatchPrefillWrapper, DecodeStep
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    eager, graphed = _exact_caches(devices=("cuda", "cuda"), stream=stream)
+    seqs = [eager.add_sequence() for _ in range(3)]
+    for _ in seqs:
+        graphed.add_sequence()
+    _prefill(rng, (eager, graphed), seqs, [5, 31, 70])
+    steps, B, nh, d = 120, 3, 8, 128
+    k_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
+    q_all = cp.asarray(rng.standard_normal((steps, 2, B, nh, d)).astype(np.float16))
+    with stream:
+        s_eager, s_graph = DecodeStep(eager, nh), DecodeStep(graphed, nh)
+        out_eager = cp.empty((steps, 2, B, nh, d), cp.float16)
+        for t in range(steps):
+            s_eager.plan(seqs)
+            for layer in range(2):
+                s_eager.append(layer, k_all[t, layer], k_all[t, 1 - layer])
+                s_eager.run(layer, q_all[t, layer], out=out_eager[t, layer])
+        k_buf, q_buf = cp.empty((2, B, 2, d), cp.float16), cp.empty((2, B, nh, d), cp.float16)
+        o_buf, out_graph = cp.empty((2, B, nh, d), cp.float16), cp.empty_like(out_eager)
+        s_graph.plan(seqs)
+        for layer in range(2):  # compile and bind outside the capture
+            s_graph.append(layer, k_all[0, layer], k_all[0, 1 - layer])
+            s_graph.run(layer, q_all[0, layer], out=out_graph[0, layer])
+        stream.begin_capture()
+        for layer in range(2):
+            s_graph.append(layer, k_buf[layer], k_buf[1 - layer])
+            s_graph.run(layer, q_buf[layer], out=o_buf[layer])
+        graph = stream.end_capture()
+        for t in range(1, steps):
+            s_graph.plan(seqs)
+            k_buf[...] = k_all[t]
+            q_buf[...] = q_all[t]
+            graph.launch(stream)
+            out_graph[t] = o_buf
+        stream.synchronize()
+    s_eager.check()
+    s_graph.check()
+    np.testing.assert_array_equal(cp.asnumpy(out_graph), cp.asnumpy(out_eager))
+    for layer in range(2):
+        for s in seqs:
+            for got, want in zip(graphed.dequantize(layer, s), eager.dequantize(layer, s)):
+                np.testing.assert_array_equal(got, want)
+    with pytest.raises(UnsupportedConfiguration, match="exact"):
+        BatchPrefillWrapper(eager, nh)
