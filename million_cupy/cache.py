@@ -292,7 +292,9 @@ class PagedPQCache:
             self._slot_gen_dev = xp.zeros(max_seqs, dtype=np.int32)
 
         # Host bookkeeping: the device never has to be asked what the cache holds.
-        self._lens = np.zeros((num_layers, max_seqs), dtype=np.int64)
+        # (layers, slots), stored slot-major: a decode step adds to every layer of a run of slots, one
+        # contiguous block (the step's host commit, :meth:`advance`).
+        self._lens = np.zeros((max_seqs, num_layers), dtype=np.int64).T
         self._blocks = np.zeros(max_seqs, dtype=np.int64)  # allocated blocks per slot (a prefix)
         self._live = np.zeros(max_seqs, dtype=bool)
         self._slot_gen = np.zeros(max_seqs, dtype=np.int32)

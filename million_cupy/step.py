@@ -149,6 +149,7 @@ class DecodeStep:
         self.stream = cache.stream
         self._attn: AttentionPlan | None = None
         self._seq: np.ndarray | None = None
+        self._seq_list: list[int] | None = None  # the same ids, for a cheap comparison with a caller's list
         self._tok: np.ndarray | None = None    # the append kernel's per-token words (slot, pos, gen, 1)
         self._tok_flat: np.ndarray | None = None
         self._lengths: StepLengths | None = None  # the batch's token counts, advanced step by step
@@ -229,14 +230,16 @@ class DecodeStep:
                 f"{[i for i, a in enumerate(self._appended) if not a]}; every layer's append must run once per planned step "
                 f"(or replay a captured graph)"
             )
-        seq = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
         prev = self._seq
+        # A list equal to the planned batch's (decode loops pass the same list) skips the array conversion.
+        seq = prev if type(seq_ids) is list and seq_ids == self._seq_list else \
+            np.asarray(seq_ids, dtype=np.int64).reshape(-1)
         attn = self._attn
         if attn is not None:
             turn = attn.claim_turn()  # its copy two plans ago carried the device flags' snapshot read now
             self._raise_device_flags(int(self._status_host[turn]))
-        if (new_tokens and self._new and cache.version == self._version and seq.shape == prev.shape
-                and (seq == prev).all()):
+        if (new_tokens and self._new and cache.version == self._version
+                and (seq is prev or (seq.shape == prev.shape and (seq == prev).all()))):
             # The decode loop: the same batch one token further, no checks to redo.
             if self._lengths.steps_left > 0:
                 self._next_token(attn)
@@ -326,6 +329,7 @@ class DecodeStep:
         if not attn.covers(seq, self._lengths.main):
             attn.schedule(seq, cache.full_pages(self._window_cover(end, limit) if new_tokens else end) * P)
         self._seq = seq
+        self._seq_list = seq.tolist()
         self._kv_shape = (seq.shape[0], cache.num_kv_heads, cache.head_dim)
         self._q_shape = (seq.shape[0], self.num_heads, cache.head_dim)
         lo = int(seq[0])
