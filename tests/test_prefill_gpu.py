@@ -209,13 +209,14 @@ def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(r
     few = FRAGMENT_QUERIES_MIN - 1
     gqa4.plan(seqs, [0, few, 2 * few], appended=True)
     assert not gqa4.on_tensor_cores
-    gqa4.plan(seqs, [0, FRAGMENT_QUERIES_MIN, FRAGMENT_QUERIES_MIN + 1], appended=True)  # 4 x 3 = 12 rows
+    drafts = [0, FRAGMENT_QUERIES_MIN, 2 * FRAGMENT_QUERIES_MIN + 1]  # 3 and 4 new tokens
+    gqa4.plan(seqs, drafts, appended=True)  # 4 x 4 = 16 rows
     assert gqa4.on_tensor_cores
     gqa8 = BatchPrefillWrapper(cache, 16)
-    gqa8.plan(seqs, [0, FRAGMENT_QUERIES_MIN, FRAGMENT_QUERIES_MIN + 1], appended=True)  # 8 x 3 = 24 rows
+    gqa8.plan(seqs, drafts, appended=True)  # 8 x 4 = 32 rows
     assert not gqa8.on_tensor_cores
 
-    q = cp.zeros((FRAGMENT_QUERIES_MIN + 1, 8, 128), dtype=cp.float16)
+    q = cp.zeros((drafts[-1], 8, 128), dtype=cp.float16)
     out = cp.empty_like(q)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
