@@ -50,9 +50,9 @@ def build_cache(cp, batch, context, M, layers=1, chunk=65536, spare_tokens=0, st
     rng = cp.random.default_rng(1)
     # One random block of tokens, reused: decode speed does not depend on which codes are stored.
     block = min(chunk, context)
-    k_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
-    v_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
-    with cache.stream:
+    with cache.stream:  # made on the stream that reads them (a non-blocking one does not wait for the default)
+        k_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
+        v_all = rng.standard_normal((block, NH_K, D), dtype=cp.float32).astype(cp.float16)
         for layer in range(layers):
             for s in seqs:
                 done = 0

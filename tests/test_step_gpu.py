@@ -436,7 +436,9 @@ def test_exact_cache_steps_match_the_reference(rng, d, P, nh, nh_k, dtype):
             step.run(layer, q, out=out, lse=lse)
             if t % 7 == 0 or t == 3 * P + 1:
                 _check_attention(gpu, layer, seqs, q, out, lse, dtype)
-                np.testing.assert_array_equal(to_numpy(mc.decode(gpu, layer, seqs, q)), to_numpy(out))
+                # decode() schedules for the tokens held now (the step for a window ahead): other splits, so
+                # other roundings of the same attention
+                _check_attention(gpu, layer, seqs, q, mc.decode(gpu, layer, seqs, q), None, dtype)
     step.check()
     for layer in range(gpu.num_layers):
         for s in seqs:
