@@ -10,7 +10,10 @@ in the same and in different steps (the lane-group encoder and the padded, fixed
 new tokens per sequence (BatchPrefillWrapper: the LUT path, the tensor-core path with a chunk crossing a
 flush and a split history, and few rows forced onto tensor cores: 1 and 2 row tiles per CTA, the warps'
 states merged), a CUDA graph replay, and a replay
-after the batch changed (the device guard).
+after the batch changed (the device guard). Then an exact cache (``codebooks=None``, ``exact_cases``): ragged
+bulk appends (``append_exact_tokens``), steps crossing block boundaries with the partly filled block read by the
+residual item of ``MODE_PAGED_EXACT``, decode(), a graph replay and the device guard.
+``python bench/sanitize_decode.py exact`` runs only those.
 Both tools reported no error and no hazard on an H200 (2026-11-27; the step cases: see the closing note of
 the session that added them; the LUT prefill case on 2026-12-02: racecheck 0 hazards, memcheck no kernel error,
 its only reports being numba's cuGetProcAddress probes of optional driver symbols at start-up). The
@@ -38,6 +41,9 @@ CASES = [(128, 64, 32, 8, 64), (64, 16, 8, 2, 16)]  # d, M, nh, nh_k, page size
 
 def main() -> None:
     rng = np.random.default_rng(0)
+    if sys.argv[1:] == ["exact"]:
+        exact_cases(rng)
+        return
     pages, res = np.array([0, 3, 40]), np.array([5, 0, 63])
     for d, M, nh, nh_k, P in CASES:
         n = int(pages.sum()) + 2
@@ -53,6 +59,51 @@ def main() -> None:
         cp.cuda.Device().synchronize()
         print(f"d={d} M={M}: finite output {bool(cp.isfinite(out).all())}")
     step_cases(rng)
+    exact_cases(rng)
+
+
+def exact_cases(rng) -> None:
+    import million_cupy as mc
+    from million_cupy import DecodeStep, PagedPQCache
+    from million_cupy.errors import MillionError
+
+    d, nh, nh_k, P = 128, 8, 2, 16
+    stream = cp.cuda.Stream(non_blocking=True)
+    cache = PagedPQCache(2, nh_k, d, None, page_size=P, max_pages=256, max_seqs=4, max_seq_len=4096,
+                         device="cuda", stream=stream)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    lens = [1, P - 1, 40 * P + 5]  # a long one: several splits, the last block read by the residual item
+    with stream:
+        for layer in range(2):
+            x = cp.asarray(rng.standard_normal((sum(lens), nh_k, d)).astype(np.float16))
+            cache.append(layer, seqs, x, x, lengths=lens)
+        step = DecodeStep(cache, nh, horizon=P)
+        k = cp.asarray(rng.standard_normal((3, nh_k, d)).astype(np.float16))
+        q = cp.asarray(rng.standard_normal((3, nh, d)).astype(np.float16))
+        out = cp.empty_like(q)
+        for _ in range(P + 3):
+            step.plan(seqs)
+            for layer in range(2):
+                step.append(layer, k, k)
+                step.run(layer, q, out=out)
+        o = mc.decode(cache, 1, seqs, q)
+        stream.begin_capture()
+        for layer in range(2):
+            step.append(layer, k, k)
+            step.run(layer, q, out=out)
+        graph = stream.end_capture()
+        for _ in range(4):
+            step.plan(seqs)
+            graph.launch(stream)
+        cache.free(seqs[1])
+        cache.add_sequence()
+        graph.launch(stream)  # the guard
+    try:
+        step.check()
+        print("exact step: the device guard did not fire")
+    except MillionError:
+        print(f"exact step: finite outputs {bool(cp.isfinite(out).all() and cp.isfinite(o).all())}; the device "
+              f"guard fired")
 
 
 def step_cases(rng) -> None:
