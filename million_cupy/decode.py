@@ -301,8 +301,8 @@ class AttentionPlan:
         hg = num_heads // self.group
         self.units = capacity * hg
         self.grid = max(dev.sm_count * WAVES, self.units)  # make_schedule never gives more items
-        # int32 words: page_row (int64, first so it is 8-byte aligned) | work | unit_items | main | res | ring
-        # row | extra.
+        # int32 words: page_row (int64, first so it is 8-byte aligned) | work | unit_items | ring row | main |
+        # res | extra. The last three change every step and are contiguous (:attr:`step_words`).
         # Every part starts 16-byte aligned: the kernels read work items and the append's tokens as int4.
         exact = (2 * capacity, 4 * self.grid, 2 * self.units, capacity, capacity, capacity, extra_words)
         offsets = np.concatenate([[0], np.cumsum([-(-n // 4) * 4 for n in exact])])
@@ -337,10 +337,18 @@ class AttentionPlan:
         self.page_row, self._page_row = part(0, np.int64)
         self.work, self._work = part(1, shape=(self.grid, 4))
         self.unit_items, self._unit_items = part(2, shape=(self.units, 2))
-        self.main_len, self._main = part(3)
-        self.res_len, self._res = part(4)
-        self.res_row, self._res_row = part(5)
-        self.extra, self._extra = part(6)
+        self.res_row, self._res_row = part(3)
+        self.main_len, _ = part(4)
+        self.res_len, _ = part(5)
+        self.extra, _ = part(6)
+        # The per-step words live in one host array laid out as their part of the buffer, so that a step's
+        # update stages them with ONE copy (each small NumPy call costs microseconds, more on a busy host).
+        first = int(offsets[4])
+        self.step_words = np.zeros(self._words - first, dtype=np.int32)
+        self.step_main = self.step_words[: exact[4]]
+        self.step_res = self.step_words[offsets[5] - first : offsets[5] - first + exact[5]]
+        self.step_extra = self.step_words[offsets[6] - first : offsets[6] - first + exact[6]]
+        self._step_staging = [h[first:] for h in self._host]
         self._sched_key: np.ndarray | None = None  # the seq ids the schedule was made for
         self._sched_main: np.ndarray | None = None
         self._scale = (1.0 / math.sqrt(d)) if scale is None else float(scale)
@@ -397,6 +405,17 @@ class AttentionPlan:
         ``extra`` (int32, at most ``extra_words``) goes to :attr:`extra`. The schedule and the per-batch
         words are copied into a staging buffer only when it holds an older schedule.
         """
+        B = seq.shape[0]
+        self.step_main[:B] = main
+        self.step_res[:B] = res
+        if extra is not None:
+            self.step_extra[: extra.shape[0]] = extra
+        self.publish(seq, stream)
+
+    def publish(self, seq: np.ndarray, stream) -> None:
+        """:meth:`update` for a caller that keeps the per-step words in :attr:`step_main`, :attr:`step_res` and
+        :attr:`step_extra` (views of :attr:`step_words`, laid out as the device buffer's tail): they are staged
+        with one copy (a decode step's state lives there, DecodeStep)."""
         t = self.claim_turn()
         self._turn ^= 1
         B = seq.shape[0]
@@ -410,10 +429,7 @@ class AttentionPlan:
             self._page_row[t][:B] = seq * self.cache.max_blocks_per_seq
             self._res_row[t][:B] = seq
             self._staged[t] = True
-        self._main[t][:B] = main
-        self._res[t][:B] = res
-        if extra is not None:
-            self._extra[t][: extra.shape[0]] = extra
+        self._step_staging[t][:] = self.step_words
         self._memcpy(self._dev_at, self._host_at[t], 4 * self._words, 1, stream.ptr)  # 1: host to device
         self._copied[t].record(stream)
         self._recorded[t] = True

@@ -45,6 +45,7 @@ some layers raises at the next ``plan()``; ``run(layer)`` before ``append(layer)
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from typing import Any, Sequence
 
@@ -77,18 +78,22 @@ class StepLengths:
     ``layout.full_pages``), ``flushed`` the blocks the step turns into full pages (per layer), and
     ``steps_left`` how many further one-token steps stay within ``limit`` tokens (the reserved pages).
     :meth:`advance` moves to the next one-token step; only when a window fills (``to_flush`` reaching 0) does it
-    look at every sequence.
+    look at every sequence. ``main`` / ``res``: int32 arrays of the batch's size to keep those counts in (views of
+    a plan's :attr:`~million_cupy.decode.AttentionPlan.step_words`, so that they need no copy of their own);
+    None: new arrays.
     """
 
     def __init__(self, pos: np.ndarray, n: np.ndarray, new_tokens: int, page_size: int, residual: int,
-                 limit: np.ndarray) -> None:
+                 limit: np.ndarray, *, main: np.ndarray | None = None, res: np.ndarray | None = None) -> None:
         self.P, self.R = page_size, residual
         end = n + new_tokens
-        main = full_pages(end, page_size, residual) * page_size
+        in_pages = full_pages(end, page_size, residual) * page_size
         pos[:] = n
         self.pos = pos
-        self.main = main.astype(np.int32)
-        self.res = (end - main).astype(np.int32)
+        self.main = np.empty(n.shape, np.int32) if main is None else main
+        self.res = np.empty(n.shape, np.int32) if res is None else res
+        self.main[:] = in_pages
+        self.res[:] = end - in_pages
         self.flushed = int((full_pages(end, page_size, residual) - full_pages(n, page_size, residual)).sum())
         self.to_flush = int((residual - self.res).min())  # steps until some window holds R tokens
         self.steps_left = int((limit - end).min()) if new_tokens else 0
@@ -150,8 +155,9 @@ class DecodeStep:
         self._attn: AttentionPlan | None = None
         self._seq: np.ndarray | None = None
         self._seq_list: list[int] | None = None  # the same ids, for a cheap comparison with a caller's list
-        self._tok: np.ndarray | None = None    # the append kernel's per-token words (slot, pos, gen, 1)
-        self._tok_flat: np.ndarray | None = None
+        # The append kernel's per-token words (slot, pos, gen, 1) and the lengths below are views of the attention
+        # plan's step words: a plan stages all of them with one copy.
+        self._tok: np.ndarray | None = None
         self._lengths: StepLengths | None = None  # the batch's token counts, advanced step by step
         self._window: np.ndarray | None = None  # capacities reserved by the last plan: the next one schedules them
         self._rows: Any = None                 # the batch's slots: a slice when they are consecutive
@@ -177,6 +183,8 @@ class DecodeStep:
         self._status_host[:] = 0
         # Addresses looked up once: NumPy's .ctypes costs microseconds, and plan() copies the flags every step.
         self._status_host_at = self._status_host.ctypes.data
+        # ... and read through ctypes: a NumPy scalar read costs more than the copy that fills it.
+        self._status_words = [ctypes.c_int32.from_address(self._status_host_at + 4 * i) for i in range(2)]
         self._status_at = self._status.data.ptr
         self._memcpy = cp.cuda.runtime.memcpyAsync
         self._np_dtype = cache.array_dtype
@@ -237,7 +245,9 @@ class DecodeStep:
         attn = self._attn
         if attn is not None:
             turn = attn.claim_turn()  # its copy two plans ago carried the device flags' snapshot read now
-            self._raise_device_flags(int(self._status_host[turn]))
+            flags = self._status_words[turn].value
+            if flags:
+                self._raise_device_flags(flags)
         if (new_tokens and self._new and cache.version == self._version
                 and (seq is prev or (seq.shape == prev.shape and (seq == prev).all()))):
             # The decode loop: the same batch one token further, no checks to redo.
@@ -254,7 +264,7 @@ class DecodeStep:
         turn = attn.claim_turn()
         self._memcpy(self._status_host_at + 4 * turn, self._status_at, 4, 2, self._stream_ptr)  # 2: device to host
         lengths = self._lengths
-        attn.update(self._seq, lengths.main, lengths.res, self.stream, extra=self._tok_flat)
+        attn.publish(self._seq, self.stream)  # the lengths and token words are its step words
         if new_tokens:
             cache.advance(self._rows, new_tokens, lengths.flushed)
         self._new = new_tokens
@@ -323,8 +333,15 @@ class DecodeStep:
             # Pages for `horizon` more tokens in one allocator call (PagePoolExhausted: nothing changed).
             limit = cache.ensure_capacity(seq, np.minimum(n + self.horizon, cache.max_seq_len))
             self._stats["reserves"] += 1
-        # The append kernel's position words are the state's positions (a view), so advancing one advances both.
-        self._lengths = StepLengths(self._tok[:, 1], n, new_tokens, P, R, limit)
+        # The append kernel's words and the token counts are views of the plan's step words (one staging copy per
+        # plan); the positions are both the append's and the state's, so advancing one advances both.
+        B = seq.shape[0]
+        tok = self._tok = attn.step_extra[: 4 * B].reshape(B, 4)
+        tok[:, 0] = seq
+        tok[:, 2] = cache.slot_generations(seq)
+        tok[:, 3] = 1
+        self._lengths = StepLengths(tok[:, 1], n, new_tokens, P, R, limit, main=attn.step_main[:B],
+                                    res=attn.step_res[:B])
         self._window = None
         if not attn.covers(seq, self._lengths.main):
             attn.schedule(seq, cache.full_pages(self._window_cover(end, limit) if new_tokens else end) * P)
@@ -350,12 +367,6 @@ class DecodeStep:
                 f"plan: sequence {int(seq[b])} holds {lens[:, b].tolist()} tokens in layers 0..{cache.num_layers - 1}; "
                 f"a decode step needs equal lengths in every layer (append the missing layers with cache.append)"
             )
-        # append_tokens' int4 per token: slot, position (set per plan), slot generation, stays residual
-        self._tok = np.empty((seq.shape[0], 4), dtype=np.int32)
-        self._tok[:, 0] = seq
-        self._tok[:, 2] = cache.slot_generations(seq)
-        self._tok[:, 3] = 1
-        self._tok_flat = self._tok.reshape(-1)
         return lens[0]
 
     def _attention_for(self, B: int) -> AttentionPlan:

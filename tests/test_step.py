@@ -34,3 +34,18 @@ def test_attention_only_steps_take_no_fast_path(rng):
     state = StepLengths(np.zeros(2, np.int32), n, 0, 64, 128, n + 100)
     assert state.steps_left == 0 and state.flushed == 0
     np.testing.assert_array_equal(state.main + state.res, n)
+
+
+def test_step_lengths_keep_their_counts_in_the_arrays_given():
+    """DecodeStep keeps a step's counts in views of its attention plan's step words (one staging copy per plan):
+    the state must write through them, never replace them."""
+    words = np.zeros(12, np.int32)
+    main, res, pos = words[0:2], words[4:6], np.zeros(2, np.int32)
+    n = np.array([63, 200])
+    state = StepLengths(pos, n, 1, 64, 128, n + 100, main=main, res=res)
+    assert state.main is main and state.res is res
+    np.testing.assert_array_equal(words[[0, 1, 4, 5]], [0, 128, 64, 73])  # 64 tokens: none in pages yet
+    for _ in range(65):
+        state.advance()
+    np.testing.assert_array_equal(main, [64, 192])  # 129 and 266 tokens: 1 and 3 pages ((n - 128) // 64 + 1)
+    np.testing.assert_array_equal(res, [65, 74])
