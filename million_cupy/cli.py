@@ -36,7 +36,8 @@ BENCH_SUITES: dict[str, tuple[str, str]] = {
     "memory": ("bench_memory.py", "bytes per token and pool utilization on a mixed-length trace"),
     "accuracy": ("accuracy.py", "attention error of PQ vs uniform int2/int4 and KIVI on synthetic KV"),
     "prefill": ("bench_prefill.py", "several new tokens per sequence (BatchPrefillWrapper) vs one-token decode and SDPA"),
-    "step": ("bench_step.py", "the whole 32-layer decode step (append + attention), eager and CUDA-graph replayed, vs PyTorch fp16"),
+    "step": ("bench_step.py", "the whole 32-layer decode step (append + attention), eager and CUDA-graph replayed, "
+                              "vs the fp16 paged mode and PyTorch fp16"),
     "quality": ("quality.py", "a small Llama trained here on real text: perplexity, passkey retrieval and greedy "
                 "generation with the PQ cache vs fp16 and KIVI"),
     "train-lm": ("lm.py", "train the quality study's model (Llama, 6 layers, on the Python stdlib sources)"),
