@@ -40,7 +40,8 @@ there is no residual ring: the window is one page (``residual == page_size``), a
 partly filled block is read from its page like the others (``append_exact_tokens``, and the decode
 kernel's ``MODE_PAGED_EXACT``). Sequences, blocks, fork and the page reservation work as in PQ mode;
 the paths that exist only for codes (prefill's kernels, ``k_codes`` / ``page_table``) raise
-:class:`~million_cupy.errors.UnsupportedConfiguration`.
+:class:`~million_cupy.errors.UnsupportedConfiguration`, and the parallel caches (``million_cupy.parallel``) take
+PQ codebooks only (TypeError).
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ class PagedPQCache:
             raise UnsupportedConfiguration(f"dtype: expected one of {list(CACHE_DTYPES)}, got {dtype!r}")
         if device is None:
             if not quantized:
-                raise ValueError("device: an exact cache (codebooks=None) has nothing to follow; pass 'cuda' or 'cpu'")
+                raise ValueError("device: expected 'cuda' or 'cpu' for an exact cache (codebooks=None: no codebooks whose "
+                                 "side to follow), got None")
             device = "cuda" if codebooks.is_gpu else "cpu"
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device: expected 'cuda', 'cpu' or None, got {device!r}")
@@ -816,15 +818,16 @@ class PagedPQCache:
             ring[layer][seq[residual], :, pos[residual] % R] = x[residual]
 
     def append_kernel(self, layer: int) -> AppendKernel:
-        """The ``append_tokens`` kernel bound to ``layer``'s storage (GPU path; built once per layer)."""
+        """The append kernel bound to ``layer``'s storage (GPU path; built once per layer): ``append_tokens``, or
+        ``append_exact_tokens`` for an exact cache."""
         append = self._append_kernels.get(layer)
         if append is None:
             if not self.is_gpu:
                 raise UnsupportedConfiguration("append_kernel: the append kernel needs a GPU cache (device='cuda')")
             layer = self.check_layer(layer)
             if not self.quantized:
-                append = self._append_kernels[layer] = self._exact_append_kernel(layer)
-                return append
+                self._append_kernels[layer] = self._exact_append_kernel(layer)
+                return self._append_kernels[layer]
             xp = self._xp
             kc, vc = xp.ascontiguousarray(self.key_centroids(layer)), xp.ascontiguousarray(self.value_centroids(layer))
             flat = self._pool.reshape(-1)

@@ -172,7 +172,11 @@ def _rows(lengths: Any, seq_ids: np.ndarray, n_rows: int) -> np.ndarray:
 class _Parallel:
     """What both caches share: SPMD sequence ids and lengths, the partial-state exchange."""
 
-    def __init__(self, comm: Communicator, num_layers: int, max_seqs: int) -> None:
+    def __init__(self, comm: Communicator, num_layers: int, max_seqs: int, codebooks: Any) -> None:
+        if not isinstance(codebooks, ModelCodebooks):
+            # An exact cache (codebooks=None) has no partial-state path across ranks here.
+            raise TypeError(f"codebooks: expected a ModelCodebooks (the parallel caches hold PQ caches), got "
+                            f"{type(codebooks).__name__}")
         self.comm = comm
         self.num_layers = num_layers
         self._lens = np.zeros((num_layers, max_seqs), dtype=np.int64)  # global tokens per (layer, sequence)
@@ -233,7 +237,7 @@ class SequenceParallelCache(_Parallel):
         if tokens_per_shard < residual or tokens_per_shard % page_size:
             raise ValueError(f"tokens_per_shard: expected a multiple of page_size = {page_size} that is at least "
                              f"residual = {residual}, got {tokens_per_shard}")
-        super().__init__(comm, num_layers, max_seqs)
+        super().__init__(comm, num_layers, max_seqs, codebooks)
         self.tokens_per_shard = int(tokens_per_shard)
         self.max_seq_len = comm.size * self.tokens_per_shard
         self.local = PagedPQCache(num_layers, num_kv_heads, head_dim, codebooks, page_size=page_size,
@@ -331,7 +335,7 @@ class HeadParallelCache(_Parallel):
                  device: str | None = None, stream: Any = None) -> None:
         if num_kv_heads % comm.size:
             raise ValueError(f"num_kv_heads: expected a multiple of the group size {comm.size}, got {num_kv_heads}")
-        super().__init__(comm, num_layers, max_seqs)
+        super().__init__(comm, num_layers, max_seqs, codebooks)
         self.num_kv_heads = num_kv_heads
         h = num_kv_heads // comm.size
         self._heads = slice(comm.rank * h, (comm.rank + 1) * h)

@@ -129,6 +129,11 @@ def test_bad_arguments_are_named(rng):
     with pytest.raises(ValueError, match="multiple of the group size"):
         HeadParallelCache(ThreadGroup(3).communicators[0], 1, NH_K, D, books, page_size=P, residual=R,
                           device="cpu")
+    for exact in (lambda: SequenceParallelCache(comm, 1, NH_K, D, None, tokens_per_shard=64, page_size=P,
+                                                residual=R, device="cpu"),
+                  lambda: HeadParallelCache(comm, 1, NH_K, D, None, page_size=P, residual=R, device="cpu")):
+        with pytest.raises(TypeError, match="expected a ModelCodebooks .* got NoneType"):
+            exact()  # an exact cache (codebooks=None) is single-GPU only
     cache = SequenceParallelCache(comm, 1, NH_K, D, books, tokens_per_shard=64, page_size=P, residual=R,
                                   max_seqs=2, dtype="float32", device="cpu")
     s = cache.add_sequence()
