@@ -63,33 +63,32 @@ def main() -> None:
     exact_cases(rng)
 
 
-def exact_cases(rng) -> None:
-    import million_cupy as mc
-    from million_cupy import DecodeStep, PagedPQCache
+def _step_loop(cache, stream, lens: list[int], rng, nh: int, between=None):
+    """Three sequences of ``lens`` random tokens in every layer of ``cache``, decoded for P + 3 eager DecodeStep
+    steps; then ``between(seqs, q)`` (more work on the same cache, its result returned); then one step captured in
+    a graph and replayed 4 times, and once more after a sequence was freed and its slot reused, where the device
+    guard must skip and flag that token. Returns (the step's output, between's result, whether the guard fired)."""
+    from million_cupy import DecodeStep
     from million_cupy.errors import MillionError
 
-    d, nh, nh_k, P = 128, 8, 2, 16
-    stream = cp.cuda.Stream(non_blocking=True)
-    cache = PagedPQCache(2, nh_k, d, None, page_size=P, max_pages=256, max_seqs=4, max_seq_len=4096,
-                         device="cuda", stream=stream)
-    seqs = [cache.add_sequence() for _ in range(3)]
-    lens = [1, P - 1, 40 * P + 5]  # a long one: several splits, the last block read by the residual item
+    d, nh_k, P = cache.head_dim, cache.num_kv_heads, cache.page_size
+    seqs = [cache.add_sequence() for _ in lens]
     with stream:
-        for layer in range(2):
+        for layer in range(cache.num_layers):
             x = cp.asarray(rng.standard_normal((sum(lens), nh_k, d)).astype(np.float16))
             cache.append(layer, seqs, x, x, lengths=lens)
         step = DecodeStep(cache, nh, horizon=P)
-        k = cp.asarray(rng.standard_normal((3, nh_k, d)).astype(np.float16))
-        q = cp.asarray(rng.standard_normal((3, nh, d)).astype(np.float16))
+        k = cp.asarray(rng.standard_normal((len(seqs), nh_k, d)).astype(np.float16))
+        q = cp.asarray(rng.standard_normal((len(seqs), nh, d)).astype(np.float16))
         out = cp.empty_like(q)
         for _ in range(P + 3):
             step.plan(seqs)
-            for layer in range(2):
+            for layer in range(cache.num_layers):
                 step.append(layer, k, k)
                 step.run(layer, q, out=out)
-        o = mc.decode(cache, 1, seqs, q)
+        result = between(seqs, q) if between is not None else None
         stream.begin_capture()
-        for layer in range(2):
+        for layer in range(cache.num_layers):
             step.append(layer, k, k)
             step.run(layer, q, out=out)
         graph = stream.end_capture()
@@ -98,18 +97,34 @@ def exact_cases(rng) -> None:
             graph.launch(stream)
         cache.free(seqs[1])
         cache.add_sequence()
-        graph.launch(stream)  # the guard
+        graph.launch(stream)  # the guard: the freed slot's token is skipped and flagged
     try:
         step.check()
-        print("exact step: the device guard did not fire")
+        return out, result, False
     except MillionError:
-        print(f"exact step: finite outputs {bool(cp.isfinite(out).all() and cp.isfinite(o).all())}; the device "
-              f"guard fired")
+        return out, result, True
+
+
+def _guard(fired: bool) -> str:
+    return "the device guard fired" if fired else "the device guard DID NOT FIRE"
+
+
+def exact_cases(rng) -> None:
+    import million_cupy as mc
+    from million_cupy import PagedPQCache
+
+    P = 16
+    stream = cp.cuda.Stream(non_blocking=True)
+    cache = PagedPQCache(2, 2, 128, None, page_size=P, max_pages=256, max_seqs=4, max_seq_len=4096,
+                         device="cuda", stream=stream)
+    # A long sequence: several splits, its last block read by the residual item.
+    out, o, fired = _step_loop(cache, stream, [1, P - 1, 40 * P + 5], rng, 8,
+                               between=lambda seqs, q: mc.decode(cache, 1, seqs, q))
+    print(f"exact step: finite outputs {bool(cp.isfinite(out).all() and cp.isfinite(o).all())}; {_guard(fired)}")
 
 
 def step_cases(rng) -> None:
-    from million_cupy import BatchPrefillWrapper, Codebook, DecodeStep, ModelCodebooks, PagedPQCache
-    from million_cupy.errors import MillionError
+    from million_cupy import BatchPrefillWrapper, Codebook, ModelCodebooks, PagedPQCache
 
     d, M, nh, nh_k, P, R = 128, 64, 8, 2, 16, 32
     books = ModelCodebooks(*[[Codebook(rng.standard_normal((M, 256, d // M)).astype(np.float32)) for _ in range(2)]
@@ -117,21 +132,8 @@ def step_cases(rng) -> None:
     stream = cp.cuda.Stream(non_blocking=True)
     cache = PagedPQCache(2, nh_k, d, books, page_size=P, residual=R, max_pages=256, max_seqs=4, max_seq_len=2048,
                          device="cuda", stream=stream)
-    seqs = [cache.add_sequence() for _ in range(3)]
-    lens = [1, R - 1, 3 * P + 5]
-    with stream:
-        for layer in range(2):
-            x = cp.asarray(rng.standard_normal((sum(lens), nh_k, d)).astype(np.float16))
-            cache.append(layer, seqs, x, x, lengths=lens)
-        step = DecodeStep(cache, nh, horizon=P)
-        k = cp.asarray(rng.standard_normal((3, nh_k, d)).astype(np.float16))
-        q = cp.asarray(rng.standard_normal((3, nh, d)).astype(np.float16))
-        out = cp.empty_like(q)
-        for _ in range(P + 3):
-            step.plan(seqs)
-            for layer in range(2):
-                step.append(layer, k, k)
-                step.run(layer, q, out=out)
+
+    def prefill_cases(seqs, q):
         # Several new tokens per sequence (BatchPrefillWrapper): the LUT path (short chunks), then the tensor-core
         # path (a chunk crossing flushes; a 1,100-token history split in two and merged).
         x = cp.asarray(rng.standard_normal((1100, nh_k, d)).astype(np.float16))
@@ -148,22 +150,9 @@ def step_cases(rng) -> None:
                 o, lse = prefill.run(layer, qs, return_lse=True)
             print(f"prefill {counts} on {'tensor cores' if prefill.on_tensor_cores else 'the LUT path'}: finite "
                   f"output {bool(cp.isfinite(o).all())}")
-        stream.begin_capture()
-        for layer in range(2):
-            step.append(layer, k, k)
-            step.run(layer, q, out=out)
-        graph = stream.end_capture()
-        for _ in range(4):
-            step.plan(seqs)
-            graph.launch(stream)
-        cache.free(seqs[1])
-        cache.add_sequence()
-        graph.launch(stream)  # the guard: the freed slot's token is skipped and flagged
-    try:
-        step.check()
-        print("step: the device guard did not fire")
-    except MillionError:
-        print(f"step: finite output {bool(cp.isfinite(out).all())}; the device guard fired")
+
+    out, _, fired = _step_loop(cache, stream, [1, R - 1, 3 * P + 5], rng, nh, between=prefill_cases)
+    print(f"step: finite output {bool(cp.isfinite(out).all())}; {_guard(fired)}")
 
 
 if __name__ == "__main__":

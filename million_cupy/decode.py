@@ -270,6 +270,10 @@ def kernel_codebooks(k_centroids, v_centroids):
 #: stays valid, and is not recomputed, while the sequence grows to that length.
 SCHEDULE_HORIZON = 256
 
+#: Pinned slots a decode loop's per-step words are staged in, one per step (:meth:`AttentionPlan.publish_step`):
+#: two halves, each covered by ONE event, so that a step's publish costs a NumPy copy and a memcpy and no event call.
+STEP_SLOTS = 32
+
 
 class AttentionPlan:
     """Decode attention over a :class:`~million_cupy.cache.PagedPQCache` for batches of up to ``capacity``
@@ -283,6 +287,9 @@ class AttentionPlan:
 
     The schedule is recomputed only when the batch changes or a sequence outgrows the token count it was
     made for (``horizon`` tokens ahead); the kernel cuts each work item at the sequence's current tokens.
+
+    A decode loop changes only the per-step words from one step to the next: it publishes them alone
+    (:meth:`publish_step`), and a new schedule for the same batch on its own (:meth:`publish_schedule`).
     """
 
     def __init__(self, cache, num_heads: int, capacity: int, *, scale: float | None = None,
@@ -349,6 +356,17 @@ class AttentionPlan:
         self.step_res = self.step_words[offsets[5] - first : offsets[5] - first + exact[5]]
         self.step_extra = self.step_words[offsets[6] - first : offsets[6] - first + exact[6]]
         self._step_staging = [h[first:] for h in self._host]
+        self._first = first
+        # The per-step words' own staging (publish_step): STEP_SLOTS pinned slots used in turn; the copies from a
+        # half of them are covered by one event, recorded when the other half starts and waited on (long done in a
+        # running loop) before the half is written again.
+        n_step = self._words - first
+        self._slots = empty_pinned((STEP_SLOTS, n_step), dtype=np.int32)
+        self._slots_at = self._slots.ctypes.data
+        self._slot = 0
+        self._half_copied = [cp.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
+        self._step_bytes = 4 * n_step
+        self._step_dev_at = self._dev_at + 4 * first
         self._sched_key: np.ndarray | None = None  # the seq ids the schedule was made for
         self._sched_main: np.ndarray | None = None
         self._scale = (1.0 / math.sqrt(d)) if scale is None else float(scale)
@@ -361,10 +379,9 @@ class AttentionPlan:
         """Softmax scale of the launches (default ``1 / sqrt(head_dim)``)."""
         return self._scale
 
-    def claim_turn(self) -> int:
+    def _claim_turn(self) -> int:
         """The staging buffer the next :meth:`update` writes, once its previous copy is done (in a running
-        decode loop it finished long ago). A caller may queue its own per-step copies on the plan's stream
-        before that update: the event recorded after the update's copy covers them too."""
+        decode loop it finished long ago)."""
         t = self._turn
         if self._recorded[t]:
             self._copied[t].synchronize()
@@ -416,10 +433,26 @@ class AttentionPlan:
         """:meth:`update` for a caller that keeps the per-step words in :attr:`step_main`, :attr:`step_res` and
         :attr:`step_extra` (views of :attr:`step_words`, laid out as the device buffer's tail): they are staged
         with one copy (a decode step's state lives there, DecodeStep)."""
-        t = self.claim_turn()
+        t = self._stage_schedule(seq)
+        self._step_staging[t][:] = self.step_words
+        self._memcpy(self._dev_at, self._host_at[t], 4 * self._words, 1, stream.ptr)  # 1: host to device
+        self._copied[t].record(stream)
+        self._recorded[t] = True
+
+    def publish_schedule(self, seq: np.ndarray, stream) -> None:
+        """:meth:`publish` of the schedule and the per-batch words only (a new schedule for a batch whose per-step
+        words :meth:`publish_step` sends)."""
+        t = self._stage_schedule(seq)
+        self._memcpy(self._dev_at, self._host_at[t], 4 * self._first, 1, stream.ptr)  # 1: host to device
+        self._copied[t].record(stream)
+        self._recorded[t] = True
+
+    def _stage_schedule(self, seq: np.ndarray) -> int:
+        """The staging buffer of the next copy, holding the current schedule and ``seq``'s per-batch words."""
+        t = self._claim_turn()
         self._turn ^= 1
-        B = seq.shape[0]
         if not self._staged[t]:
+            B = seq.shape[0]
             sched = self._schedule
             w = sched.work.shape[0]
             work = self._work[t]
@@ -429,10 +462,19 @@ class AttentionPlan:
             self._page_row[t][:B] = seq * self.cache.max_blocks_per_seq
             self._res_row[t][:B] = seq
             self._staged[t] = True
-        self._step_staging[t][:] = self.step_words
-        self._memcpy(self._dev_at, self._host_at[t], 4 * self._words, 1, stream.ptr)  # 1: host to device
-        self._copied[t].record(stream)
-        self._recorded[t] = True
+        return t
+
+    def publish_step(self, stream) -> None:
+        """:meth:`publish` of the per-step words alone (:attr:`step_words`): the schedule and the per-batch words
+        stay as last published. One NumPy copy and one host-to-device copy; an event per half of the slots."""
+        i = self._slot
+        if i % (STEP_SLOTS // 2) == 0:
+            half = i // (STEP_SLOTS // 2)
+            self._half_copied[half ^ 1].record(stream)  # covers every copy from the other half
+            self._half_copied[half].synchronize()  # recorded when the other half started: this half's copies are done
+        self._slots[i] = self.step_words
+        self._memcpy(self._step_dev_at, self._slots_at + i * self._step_bytes, self._step_bytes, 1, stream.ptr)
+        self._slot = (i + 1) % STEP_SLOTS
 
     def launch(self, layer: int, dtype: Any) -> kernels.BoundLaunch:
         """The bound attention launch of ``layer`` (built once): arguments 0, :attr:`OUT_ARG` and

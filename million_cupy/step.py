@@ -3,8 +3,9 @@
 A decode loop appends one token per sequence to every layer and attends over it. Everything such a
 step needs is known before its first layer runs: the ring slot and block of every new token, which
 sequences flush, the attention schedule. :meth:`DecodeStep.plan` computes it once per step on the host
-(O(batch) NumPy, no allocation in the steady state), reserves pages ahead for many steps in one
-allocator call, and sends the metadata to the device in ONE copy into buffers at fixed addresses. Per
+(O(1) NumPy calls in the steady state, no allocation), reserves pages ahead for many steps in one
+allocator call, and sends the metadata to the device in ONE copy into buffers at fixed addresses (in a
+running loop: only the words that change per step, from pinned slots used in turn, with no event call). Per
 layer, :meth:`DecodeStep.append` and :meth:`DecodeStep.run` are then one bound kernel launch each, with no
 index math, allocation, synchronisation or argument conversion.
 
@@ -160,6 +161,7 @@ class DecodeStep:
         self._tok: np.ndarray | None = None
         self._lengths: StepLengths | None = None  # the batch's token counts, advanced step by step
         self._window: np.ndarray | None = None  # capacities reserved by the last plan: the next one schedules them
+        self._flags_slot = 0                   # the status snapshot slot this plan reads, then copies into
         self._rows: Any = None                 # the batch's slots: a slice when they are consecutive
         self._new = 0
         self._version = -1                     # cache.version right after this step's commit
@@ -242,12 +244,13 @@ class DecodeStep:
         # A list equal to the planned batch's (decode loops pass the same list) skips the array conversion.
         seq = prev if type(seq_ids) is list and seq_ids == self._seq_list else \
             np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        # The device flags' snapshot copied two plans ago into this slot (a copy not landed yet leaves an older
+        # snapshot, which was clear: the flags are sticky on the device, so a later plan reports them).
+        slot = self._flags_slot
+        flags = self._status_words[slot].value
+        if flags:
+            self._raise_device_flags(flags)
         attn = self._attn
-        if attn is not None:
-            turn = attn.claim_turn()  # its copy two plans ago carried the device flags' snapshot read now
-            flags = self._status_words[turn].value
-            if flags:
-                self._raise_device_flags(flags)
         if (new_tokens and self._new and cache.version == self._version
                 and (seq is prev or (seq.shape == prev.shape and (seq == prev).all()))):
             # The decode loop: the same batch one token further, no checks to redo.
@@ -258,13 +261,14 @@ class DecodeStep:
                 self._next_token(attn)
                 self._lengths.extend(limit)
                 self._window = limit
+            attn.publish_step(self.stream)  # the lengths and token words are its step words
         else:
             self._plan_from_cache(seq, new_tokens)
             attn = self._attn
-        turn = attn.claim_turn()
-        self._memcpy(self._status_host_at + 4 * turn, self._status_at, 4, 2, self._stream_ptr)  # 2: device to host
+            attn.publish(seq, self.stream)  # with the schedule and the per-batch words
+        self._memcpy(self._status_host_at + 4 * slot, self._status_at, 4, 2, self._stream_ptr)  # 2: device to host
+        self._flags_slot = slot ^ 1
         lengths = self._lengths
-        attn.publish(self._seq, self.stream)  # the lengths and token words are its step words
         if new_tokens:
             cache.advance(self._rows, new_tokens, lengths.flushed)
         self._new = new_tokens
@@ -290,6 +294,7 @@ class DecodeStep:
             end = lengths.pos.astype(np.int64) + 1
             tokens = end + self.horizon if window is None else self._window_cover(end, window)
             attn.schedule(self._seq, self.cache.full_pages(tokens) * self.cache.page_size)
+            attn.publish_schedule(self._seq, self.stream)
 
     def _window_cover(self, end: np.ndarray, limit: np.ndarray) -> np.ndarray:
         """Tokens a schedule made at a step ending at ``end`` tokens should serve when the reserved pages hold
@@ -373,7 +378,7 @@ class DecodeStep:
         attn = self._attn
         if attn is None or attn.capacity < B:
             capacity = max(capacity_for(B), self._max_batch or 0)
-            self.stream.synchronize()  # rare: the flags' snapshots restart with the new buffers
+            self.stream.synchronize()  # rare: no queued copy or launch still reads the old plan's buffers
             attn = self._attn = AttentionPlan(self.cache, self.num_heads, capacity, scale=self._scale,
                                               extra_words=4 * capacity)
             self._runs = [attn.launch(layer, self._np_dtype) for layer in range(self.cache.num_layers)]

@@ -53,6 +53,26 @@ def test_report_with_no_results(tmp_path):
     assert "computed from the geometry" in text
 
 
+def test_step_plot_takes_the_newest_full_run_not_a_superseded_one(tmp_path):
+    """plot_step draws the run with the most shapes, newest first, skipping a run whose design was not kept."""
+    import json
+
+    def run(name, date, shapes, p50, **extra):
+        records = [{"suite": "step", "method": "paged_pq_graph", "batch": b, "context": c, "M": 64, "layers": 32,
+                    "step_p50_us": p50} for b, c in shapes]
+        (tmp_path / name).write_text(json.dumps({"date": date, "records": records, **extra}))
+
+    full = [(1, 4096), (1, 32768), (8, 32768)]
+    run("old.json", "2026-12-01", full, 100.0)
+    run("probe.json", "2026-12-03", full[:1], 200.0)
+    run("superseded.json", "2026-12-02", full, 300.0, superseded_by="old.json")
+    report = _load("report")
+    picked = []
+    report._grouped_bars = lambda ax, n, series: picked.extend(v for _, values in series for v in values)
+    png, _ = report.plot_step(report.by_suite(report.load(tmp_path)), tmp_path)
+    assert png == "decode_step.png" and picked == [0.1, 0.1, 0.1]
+
+
 def test_cli_lists_new_suites():
     from million_cupy.cli import BENCH_SUITES
 

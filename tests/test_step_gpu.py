@@ -195,20 +195,18 @@ def test_batches_that_change_between_steps_and_forks(rng):
     np.testing.assert_array_equal(table[child, :shared], table[c, :shared])
 
 
-def test_graph_replay_equals_eager_token_for_token(rng):
-    """A whole 2-layer step captured once and replayed for 200 steps (every sequence flushes many times)
-    gives exactly the eager path's outputs and cache contents."""
+def _graph_replays_eager(rng, eager, graphed, steps: int, stream):
+    """Three sequences (5, 31 and 70 tokens) decoded for ``steps`` steps of two layers: eagerly on ``eager``, and on
+    ``graphed`` by one captured step replayed with its inputs copied into fixed buffers first. The outputs must be
+    equal bit for bit. Returns the sequences and the replayed DecodeStep."""
     import cupy as cp
 
     from million_cupy import DecodeStep
 
-    stream = cp.cuda.Stream(non_blocking=True)
-    eager, graphed = _caches(rng, devices=("cuda", "cuda"), stream=stream, max_pages=1024)
     seqs = [eager.add_sequence() for _ in range(3)]
     for _ in seqs:
         graphed.add_sequence()
     _prefill(rng, (eager, graphed), seqs, [5, 31, 70])
-    steps = 200
     B, nh, d = 3, 8, 128
     k_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
     v_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
@@ -247,6 +245,17 @@ def test_graph_replay_equals_eager_token_for_token(rng):
     s_eager.check()
     s_graph.check()
     np.testing.assert_array_equal(cp.asnumpy(out_graph), cp.asnumpy(out_eager))
+    return seqs, s_graph
+
+
+def test_graph_replay_equals_eager_token_for_token(rng):
+    """A whole 2-layer step captured once and replayed for 200 steps (every sequence flushes many times)
+    gives exactly the eager path's outputs and cache contents."""
+    import cupy as cp
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    eager, graphed = _caches(rng, devices=("cuda", "cuda"), stream=stream, max_pages=1024)
+    seqs, s_graph = _graph_replays_eager(rng, eager, graphed, 200, stream)
     from test_cache import assert_same_contents, contents  # noqa: PLC0415
 
     for layer in range(2):
@@ -450,49 +459,14 @@ def test_exact_cache_steps_match_the_reference(rng, d, P, nh, nh_k, dtype):
 def test_exact_cache_graph_replay_equals_eager_and_refuses_prefill(rng):
     import cupy as cp
 
-    from million_cupy import BatchPrefillWrapper, DecodeStep
+    from million_cupy import BatchPrefillWrapper
 
     stream = cp.cuda.Stream(non_blocking=True)
     eager, graphed = _exact_caches(devices=("cuda", "cuda"), stream=stream)
-    seqs = [eager.add_sequence() for _ in range(3)]
-    for _ in seqs:
-        graphed.add_sequence()
-    _prefill(rng, (eager, graphed), seqs, [5, 31, 70])
-    steps, B, nh, d = 120, 3, 8, 128
-    k_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
-    q_all = cp.asarray(rng.standard_normal((steps, 2, B, nh, d)).astype(np.float16))
-    with stream:
-        s_eager, s_graph = DecodeStep(eager, nh), DecodeStep(graphed, nh)
-        out_eager = cp.empty((steps, 2, B, nh, d), cp.float16)
-        for t in range(steps):
-            s_eager.plan(seqs)
-            for layer in range(2):
-                s_eager.append(layer, k_all[t, layer], k_all[t, 1 - layer])
-                s_eager.run(layer, q_all[t, layer], out=out_eager[t, layer])
-        k_buf, q_buf = cp.empty((2, B, 2, d), cp.float16), cp.empty((2, B, nh, d), cp.float16)
-        o_buf, out_graph = cp.empty((2, B, nh, d), cp.float16), cp.empty_like(out_eager)
-        s_graph.plan(seqs)
-        for layer in range(2):  # compile and bind outside the capture
-            s_graph.append(layer, k_all[0, layer], k_all[0, 1 - layer])
-            s_graph.run(layer, q_all[0, layer], out=out_graph[0, layer])
-        stream.begin_capture()
-        for layer in range(2):
-            s_graph.append(layer, k_buf[layer], k_buf[1 - layer])
-            s_graph.run(layer, q_buf[layer], out=o_buf[layer])
-        graph = stream.end_capture()
-        for t in range(1, steps):
-            s_graph.plan(seqs)
-            k_buf[...] = k_all[t]
-            q_buf[...] = q_all[t]
-            graph.launch(stream)
-            out_graph[t] = o_buf
-        stream.synchronize()
-    s_eager.check()
-    s_graph.check()
-    np.testing.assert_array_equal(cp.asnumpy(out_graph), cp.asnumpy(out_eager))
+    seqs, _ = _graph_replays_eager(rng, eager, graphed, 120, stream)
     for layer in range(2):
         for s in seqs:
             for got, want in zip(graphed.dequantize(layer, s), eager.dequantize(layer, s)):
                 np.testing.assert_array_equal(got, want)
     with pytest.raises(UnsupportedConfiguration, match="exact"):
-        BatchPrefillWrapper(eager, nh)
+        BatchPrefillWrapper(eager, 8)
