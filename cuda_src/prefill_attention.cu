@@ -158,17 +158,25 @@ __device__ __forceinline__ void require_dynamic_smem(size_t need) {
   }
 }
 
-// This CTA's work item of the host's list (prefill.TensorCorePlan): a (sequence, kv head, row tile, token range).
+// This CTA's work item of the host's list (prefill.TensorCorePlan): a (sequence, kv head, row tile, token range),
+// with what both kernels derive from it. Opening it first checks the launch's dynamic shared memory.
 struct WorkItem {
   int b, kvh, row0;        // sequence index in the batch, kv head, first query row of the tile
   int4 seq;                // {first query row in q, new tokens c, tokens n, tokens in pages}
   int t_begin, t_end;      // the item's cached tokens
+  int G, rows;             // query heads per kv head; the sequence's query rows (new tokens x G)
+  int page_mask;           // a token's index within its page
   bool single;             // the unit's only split: the output is written directly, not merged
   long long prow;          // index in page_table of the sequence's first page
   long long ring_base;     // the (sequence, kv head) row of the residual ring
+  const unsigned char *k_codes, *v_codes;  // the kv head's codes in the layer's pool
 };
-__device__ __forceinline__ WorkItem work_item(const int4* items, const int4* units, const int4* seq_meta,
-                                              const long long* page_row, const int* res_row, int nh_k, int ring_cap) {
+__device__ __forceinline__ WorkItem open_work_item(size_t smem_need, const int4* items, const int4* units,
+                                                   const int4* seq_meta, const long long* page_row,
+                                                   const int* res_row, int nh, int nh_k, int ring_cap,
+                                                   int page_shift, const unsigned char* k_codes,
+                                                   const unsigned char* v_codes, long long head_stride) {
+  require_dynamic_smem(smem_need);
   const int4 item = items[blockIdx.x];
   const int4 unit = units[item.x];
   WorkItem w;
@@ -178,9 +186,14 @@ __device__ __forceinline__ WorkItem work_item(const int4* items, const int4* uni
   w.seq = seq_meta[w.b];
   w.t_begin = item.y;
   w.t_end = item.z;
+  w.G = nh / nh_k;
+  w.rows = w.seq.y * w.G;
+  w.page_mask = (1 << page_shift) - 1;
   w.single = item.w == 1;
   w.prow = page_row[w.b];
   w.ring_base = ((long long)res_row[w.b] * nh_k + w.kvh) * ring_cap;
+  w.k_codes = k_codes + w.kvh * head_stride;
+  w.v_codes = v_codes + w.kvh * head_stride;
   return w;
 }
 
@@ -241,12 +254,11 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rt = warp / TG, tg = warp % TG;  // this warp's row tile and token group
   const int tok0 = tg * NW;                  // its slice of every tile
-  require_dynamic_smem(S::total);
-  const WorkItem wi = work_item(items, units, seq_meta, page_row, res_row, nh_k, ring_cap);
-  const int kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const WorkItem wi = open_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
+                                     page_shift, k_codes, v_codes, head_stride);
+  const int kvh = wi.kvh, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const int G = wi.G, rows = wi.rows, page_mask = wi.page_mask;
   const int4 sm = wi.seq;
-  const int G = nh / nh_k, rows = sm.y * G, page_mask = (1 << page_shift) - 1;
-  const unsigned char *k_base = k_codes + kvh * head_stride, *v_base = v_codes + kvh * head_stride;
 
   // ---- both codebooks of the kv head into shared memory (asynchronous: they land during the Q loads) ----
   {
@@ -264,7 +276,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 
   // ---- this warp's 16 query rows: Q fragments in registers, causal limits ----------------------------
   const int g = lane >> 2, i4 = lane & 3;
-  const int rA = row0 + rt * 16 + g, rB = rA + 8;
+  const int rA = wi.row0 + rt * 16 + g, rB = rA + 8;
   const bool vA = rA < rows, vB = rB < rows;
   const int jA = vA ? rA / G : 0, jB = vB ? rB / G : 0;
   const T* qA = q + ((long long)(sm.x + jA) * nh + kvh * G + (vA ? rA % G : 0)) * D;
@@ -310,16 +322,17 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
       const int task = tid + k * NT;
       const int x = x0 + task % BN, chunk = task / BN;
       if (task < K_TASKS && x < t_end && x < n_main)
-        kreg[k] = load_pinned(reinterpret_cast<const uint4*>(k_base + (long long)max(kpage[k], 0) * page_stride +
-                                                             chunk * ((page_mask + 1) * 16) + (x & page_mask) * 16));
+        kreg[k] = load_pinned(reinterpret_cast<const uint4*>(
+            wi.k_codes + (long long)max(kpage[k], 0) * page_stride + chunk * ((page_mask + 1) * 16) +
+            (x & page_mask) * 16));
     }
 #pragma unroll
     for (int k = 0; k < VT; ++k) {
       const int task = tid + k * NT;
       const int xb = x0 + (task / M) * 16, m = task % M;
       if (task < V_TASKS && xb < t_end && xb < n_main)
-        vreg[k] = load_pinned(reinterpret_cast<const uint4*>(v_base + (long long)max(vpage[k], 0) * page_stride +
-                                                             ((xb & page_mask) >> 4) * (M * 16) + m * 16));
+        vreg[k] = load_pinned(reinterpret_cast<const uint4*>(
+            wi.v_codes + (long long)max(vpage[k], 0) * page_stride + ((xb & page_mask) >> 4) * (M * 16) + m * 16));
     }
   };
   // Centroid (code, m): DSUB fp16 values, read as W 32-bit words; stored into a tile row as T.
@@ -680,12 +693,11 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int stream = warp / RT, dpart = warp % RT;
   const int g = lane >> 2, i4 = lane & 3;
-  require_dynamic_smem(S::total);
-  const WorkItem wi = work_item(items, units, seq_meta, page_row, res_row, nh_k, ring_cap);
-  const int kvh = wi.kvh, row0 = wi.row0, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const WorkItem wi = open_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
+                                     page_shift, k_codes, v_codes, head_stride);
+  const int kvh = wi.kvh, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const int G = wi.G, rows = wi.rows, page_mask = wi.page_mask;
   const int4 sm = wi.seq;
-  const int G = nh / nh_k, rows = sm.y * G, page_mask = (1 << page_shift) - 1;
-  const unsigned char *k_base = k_codes + kvh * head_stride, *v_base = v_codes + kvh * head_stride;
 
   // ---- both codebooks, transposed to [m][code] (and converted to T): a lane keeps one code for 32 bytes of
   // the global [code][m] rows, so the loads use whole sectors and the stores hit consecutive words ----------
@@ -717,7 +729,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   int warp_lim = 0;
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
-    rA[rt] = row0 + rt * 16 + g;
+    rA[rt] = wi.row0 + rt * 16 + g;
     const int rB = rA[rt] + 8;
     vA[rt] = rA[rt] < rows;
     vB[rt] = rB < rows;
@@ -752,7 +764,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   auto load_page = [&](int x0) { return x0 < t_stop && x0 < n_main ? load_pinned(page_table + wi.prow + (x0 >> page_shift)) : 0; };
   auto load_codes = [&](Codes& c, int x0, int page) {
     if (x0 >= t_stop || x0 >= n_main) return;  // ring steps read exact rows; steps past the end nothing
-    const unsigned char* kp = k_base + (long long)page * page_stride;
+    const unsigned char* kp = wi.k_codes + (long long)page * page_stride;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int t = (x0 + ktok0 + 2 * nt) & page_mask;
@@ -768,7 +780,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         c.k[nt][0] = (unsigned)load_pinned(reinterpret_cast<const int*>(src));
       }
     }
-    const unsigned char* vp = v_base + (long long)page * page_stride + ((x0 & page_mask) >> 4) * (M * 16);
+    const unsigned char* vp = wi.v_codes + (long long)page * page_stride + ((x0 & page_mask) >> 4) * (M * 16);
 #pragma unroll
     for (int jj = 0; jj < JW; ++jj)
       c.v[jj] = (unsigned)load_pinned(reinterpret_cast<const int*>(vp + (8 * (dpart * JW + jj) + g) * 16 + 4 * i4));
