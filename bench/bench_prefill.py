@@ -1,7 +1,8 @@
 """Several new tokens per sequence over the PQ cache (BatchPrefillWrapper) against one-token decode and SDPA.
 
-Shapes: nh = 32, nh_k = 8, d = 128, page 64, window 128, float16, M = 64 and 32, one layer. Records (suite
-"prefill"), GPU time with calls queued back to back (bench/harness.py):
+Shapes: nh = 32, nh_k = 8, d = 128, page 64, window 128, float16, M = 64 and 32 (``--M``; 16 too for the
+chunk records), one layer. Records (suite "prefill"), GPU time with calls queued back to back
+(bench/harness.py):
 
 * ``verify``: ``q`` = 2, 4, 8, 16 and 32 new tokens per sequence at 8 x 32K (speculative verification), against
   the one-token decode of the same batch (``vs_decode``; the issue's targets are 1.5x and 2x at q = 4 and 8),
@@ -15,6 +16,7 @@ Shapes: nh = 32, nh_k = 8, d = 128, page 64, window 128, float16, M = 64 and 32,
 Each record names the regime BatchPrefillWrapper took (``path``: ``lut`` or ``tensor_core``).
 
     python bench/bench_prefill.py --out bench/results/prefill_h200.json [--quick] [--only verify chunk chunked_prompt]
+        [--M 64 32 16]
 """
 
 from __future__ import annotations
@@ -140,7 +142,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<gpu>.json)")
     p.add_argument("--quick", action="store_true", help="smaller shapes: 2 x 8K, a 512-token chunk over 8K")
     p.add_argument("--only", choices=SUITES, nargs="+", default=list(SUITES), help="which records to measure")
+    p.add_argument("--M", type=int, nargs="+", default=[64, 32], choices=(16, 32, 64),
+                   help="PQ subspaces (16: 16-byte centroids at d = 128)")
     args = p.parse_args(argv)
+    if 16 in args.M and "verify" in args.only:
+        p.error("--M 16: the verify records need M = 64 or 32 (verify_attention takes 2 or 4 dims per subspace); "
+                "add --only chunk")
     harness.require_gpu("prefill")
     import cupy as cp
 
@@ -150,7 +157,7 @@ def main(argv=None) -> int:
         torch = None
     ctx = 8192 if args.quick else 32768
     records = []
-    for M in (64, 32):
+    for M in args.M:
         if "verify" in args.only:
             records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (2, 4, 8, 16, 32))
         if "chunk" in args.only:
