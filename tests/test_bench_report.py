@@ -111,8 +111,9 @@ def test_e2e_quick_captures_the_whole_model_step(tmp_path):
 
 
 def test_step_targets_reproduce_the_stored_run():
-    """bench_step.judge on the stored H200 run's measurements gives the targets that run recorded, and also
-    judges the graph loop's plan (one record of that run, 8 x 32K at M = 32, had a 69.5 us median)."""
+    """bench_step.judge on the stored H200 run's measurements gives the targets that run recorded, and judges the
+    graph loop's plan from the graph records (a field added after that run: one of its records, 8 x 32K at
+    M = 32, had a 69.5 us median)."""
     import json
 
     stored = json.loads((BENCH / "results" / "step_h200.json").read_text())["records"]
@@ -124,5 +125,7 @@ def test_step_targets_reproduce_the_stored_run():
     assert len(recorded) == len(judged) == 10
     for r in recorded:
         mine = judged[(r["batch"], r["context"], r["M"])]
-        assert {k: v for k, v in mine.items() if k != "graph_plan_le_60us"} == r
-    assert [key for key, r in judged.items() if not r["graph_plan_le_60us"]] == [(8, 32768, 32)]
+        assert {k: v for k, v in mine.items() if k in r} == r
+    slow_graph_plans = {(r["batch"], r["context"], r["M"]) for r in measured
+                        if r["method"] == "paged_pq_graph" and r["plan_us"] > 60}
+    assert {key for key, r in judged.items() if not r["graph_plan_le_60us"]} == slow_graph_plans
