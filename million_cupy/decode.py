@@ -356,7 +356,7 @@ class AttentionPlan:
         self.step_res = self.step_words[offsets[5] - first : offsets[5] - first + exact[5]]
         self.step_extra = self.step_words[offsets[6] - first : offsets[6] - first + exact[6]]
         self._step_staging = [h[first:] for h in self._host]
-        self._first = first
+        self._head_words = first  # the schedule and the per-batch words, before the step words
         # The per-step words' own staging (publish_step): STEP_SLOTS pinned slots used in turn; the copies from a
         # half of them are covered by one event, recorded when the other half starts and waited on (long done in a
         # running loop) before the half is written again.
@@ -435,15 +435,16 @@ class AttentionPlan:
         with one copy (a decode step's state lives there, DecodeStep)."""
         t = self._stage_schedule(seq)
         self._step_staging[t][:] = self.step_words
-        self._memcpy(self._dev_at, self._host_at[t], 4 * self._words, 1, stream.ptr)  # 1: host to device
-        self._copied[t].record(stream)
-        self._recorded[t] = True
+        self._send_staged(t, self._words, stream)
 
     def publish_schedule(self, seq: np.ndarray, stream) -> None:
         """:meth:`publish` of the schedule and the per-batch words only (a new schedule for a batch whose per-step
         words :meth:`publish_step` sends)."""
-        t = self._stage_schedule(seq)
-        self._memcpy(self._dev_at, self._host_at[t], 4 * self._first, 1, stream.ptr)  # 1: host to device
+        self._send_staged(self._stage_schedule(seq), self._head_words, stream)
+
+    def _send_staged(self, t: int, words: int, stream) -> None:
+        """Copy the first ``words`` words of staging buffer ``t`` to the device buffer; its event marks them sent."""
+        self._memcpy(self._dev_at, self._host_at[t], 4 * words, 1, stream.ptr)  # 1: host to device
         self._copied[t].record(stream)
         self._recorded[t] = True
 
