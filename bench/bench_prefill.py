@@ -4,7 +4,8 @@ Shapes: nh = 32, nh_k = 8, d = 128, page 64, window 128, float16, M = 64 and 32 
 chunk records), one layer. Records (suite "prefill"), GPU time with calls queued back to back
 (bench/harness.py):
 
-* ``verify``: ``q`` = 2, 4, 8, 16 and 32 new tokens per sequence at 8 x 32K (speculative verification), against
+* ``verify``: ``q`` = 2, 4, 8, 16, 32 and 64 new tokens per sequence at 8 x 32K (speculative verification; 64 for
+  the dense regime's crossover, DENSE_ROWS_MIN), against
   the one-token decode of the same batch (``vs_decode``; the issue's targets are 1.5x and 2x at q = 4 and 8),
   with each ``backend`` of BatchPrefillWrapper (``auto``: the documented rule; ``lut``, ``tensor_cores``
   forced), which is how LUT_QUERIES_MAX is measured;
@@ -67,8 +68,9 @@ def bench_verify(cp, M, batch, context, counts) -> list[dict]:
 
 
 def _path(wrapper) -> str:
-    """The regime the wrapper's last plan took."""
-    return "tensor_core" if wrapper.on_tensor_cores else "lut"
+    """The regime the wrapper's last plan took (``tensor_core``: dequantized on chip, as recorded before the
+    dense regime existed)."""
+    return {"lut": "lut", "tensor_cores": "tensor_core", "dense": "dense"}[wrapper.regime]
 
 
 def _sdpa_us(torch, batch, q_len, kv_len) -> float:
@@ -98,16 +100,20 @@ def bench_chunk(cp, torch, M, batch, history, chunk) -> list[dict]:
     from million_cupy import BatchPrefillWrapper
 
     cache, seqs = build_cache(cp, batch, history + chunk, M)  # the chunk's tokens are the history's last ones
-    prefill = BatchPrefillWrapper(cache, NH)
-    prefill.plan(seqs, np.arange(batch + 1) * chunk, appended=True)
     q, o = _q(cp, batch * chunk), cp.empty((batch * chunk, NH, D), dtype=cp.float16)
-    t = harness.time_gpu(lambda: prefill.run(0, q, out=o), queued=1, repeats=3, warmup=1)["median_us"]
-    rec = {"suite": "prefill", "method": "chunk", "batch": batch, "context": history, "M": M,
-           "queries_per_seq": chunk, "median_us": t, "path": _path(prefill)}
-    if torch is not None:
-        s = _sdpa_us(torch, batch, chunk, history + chunk)
-        rec.update({"sdpa_us": s, "vs_sdpa": t / s})
-    return [rec]
+    s = _sdpa_us(torch, batch, chunk, history + chunk) if torch is not None else None
+    records = []
+    for backend in ("auto", "tensor_cores"):  # the rule's regime (dense), and the on-chip kernel (no workspace)
+        prefill = BatchPrefillWrapper(cache, NH, backend=backend)
+        prefill.plan(seqs, np.arange(batch + 1) * chunk, appended=True)
+        t = harness.time_gpu(lambda: prefill.run(0, q, out=o), queued=1, repeats=3, warmup=1)["median_us"]
+        rec = {"suite": "prefill", "method": "chunk", "batch": batch, "context": history, "M": M,
+               "queries_per_seq": chunk, "backend": backend, "median_us": t, "path": _path(prefill),
+               "workspace_bytes": prefill.workspace_bytes}
+        if s is not None:
+            rec.update({"sdpa_us": s, "vs_sdpa": t / s})
+        records.append(rec)
+    return records
 
 
 def bench_chunked_prompt(cp, torch, M, prompt, chunk) -> list[dict]:
@@ -131,7 +137,7 @@ def bench_chunked_prompt(cp, torch, M, prompt, chunk) -> list[dict]:
     rec = {"suite": "prefill", "method": "chunked_prompt", "batch": 1, "context": prompt, "M": M,
            "queries_per_seq": chunk, "wall_us": wall, "pq_bytes_per_token": float(2 * NH_K * M),
            "fp16_bytes_per_token": float(2 * NH_K * D * 2), "pages_used": stats.get("pages_used"),
-           "path": _path(prefill)}
+           "workspace_bytes": prefill.workspace_bytes, "path": _path(prefill)}
     if torch is not None:
         rec["sdpa_exact_us"] = _sdpa_us(torch, 1, prompt, prompt)
     return [rec]
@@ -159,7 +165,7 @@ def main(argv=None) -> int:
     records = []
     for M in args.M:
         if "verify" in args.only:
-            records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (2, 4, 8, 16, 32))
+            records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (2, 4, 8, 16, 32, 64))
         if "chunk" in args.only:
             for batch in (1, 4):
                 records += bench_chunk(cp, torch, M, batch, ctx, 512 if args.quick else 2048)

@@ -8,8 +8,9 @@ geometries (d = 128 / M = 64 / GQA 4 / page 64, and d = 64 / M = 16 / GQA 4 / pa
 step (DecodeStep): bulk appends of ragged prompts (the thread-per-row encoder), steps whose sequences flush
 in the same and in different steps (the lane-group encoder and the padded, fixed-grid attention), several
 new tokens per sequence (BatchPrefillWrapper: the LUT path, the tensor-core path with a chunk crossing a
-flush and a split history, and few rows forced onto tensor cores: 1 and 2 row tiles per CTA, the warps'
-states merged), a CUDA graph replay, and a replay
+flush and a split history, few rows forced onto tensor cores: 1 and 2 row tiles per CTA, the warps'
+states merged, and the dense regime: dequantize_history and dense_prefill_attention, 520 rows per kv head under
+the auto rule and a forced short batch, split histories merged), a CUDA graph replay, and a replay
 after the batch changed (the device guard). Then an exact cache (``codebooks=None``, ``exact_cases``): ragged
 bulk appends (``append_exact_tokens``), steps crossing block boundaries with the partly filled block read by the
 residual item of ``MODE_PAGED_EXACT``, decode(), a graph replay and the device guard.
@@ -23,7 +24,9 @@ tensor-core prefill cases on an H100 (2026-12-02, `--report-api-errors no`): rac
 short case now has 7, the LUT path, as sanitized on the H200 before). The few-row tensor-core cases (1 and 2 row
 tiles, forced; 12 and 28 query rows per kv head at M = 64, so since 2026-12-03 they run verify_attention, its
 history split in two and merged) with every other case on an H200 (2026-12-03, 13:25 UTC, the final kernels of
-that day, `--report-api-errors no`): racecheck 0 hazards, memcheck 0 errors.
+that day, `--report-api-errors no`): racecheck 0 hazards, memcheck 0 errors. With the dense regime's cases added
+(dequantize_history, dense_prefill_attention and their merge) on an H200 (2026-12-03, 22:02 UTC, the same flags):
+racecheck 0 hazards, memcheck 0 errors.
 """
 
 import sys
@@ -140,7 +143,7 @@ def step_cases(rng) -> None:
         for layer in range(2):
             cache.append(layer, [seqs[0]], x, x, lengths=[1100])
         for counts, backend in (([1, 4, 7], "lut"), ([1, 2, 3], "tensor_cores"), ([1, 4, 7], "tensor_cores"),
-                                ([1, 4, 2 * P + 1], "auto")):
+                                ([1, 4, 2 * P + 1], "auto"), ([3, 130, 5], "auto"), ([1, 4, 2 * P + 1], "dense")):
             prefill = BatchPrefillWrapper(cache, nh, backend=backend)
             prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
             xs = cp.asarray(rng.standard_normal((sum(counts), nh_k, d)).astype(np.float16))
@@ -148,8 +151,7 @@ def step_cases(rng) -> None:
             for layer in range(2):
                 cache.append(layer, seqs, xs, xs, lengths=counts)
                 o, lse = prefill.run(layer, qs, return_lse=True)
-            print(f"prefill {counts} on {'tensor cores' if prefill.on_tensor_cores else 'the LUT path'}: finite "
-                  f"output {bool(cp.isfinite(o).all())}")
+            print(f"prefill {counts} in the {prefill.regime} regime: finite output {bool(cp.isfinite(o).all())}")
 
     out, _, fired = _step_loop(cache, stream, [1, R - 1, 3 * P + 5], rng, nh, between=prefill_cases)
     print(f"step: finite output {bool(cp.isfinite(out).all())}; {_guard(fired)}")

@@ -1,8 +1,9 @@
-// Causal attention of several new tokens per sequence over the PQ cache, on tensor cores. Two kernels:
-// prefill_attention (below) for long chunks (chunked prefill, multi-turn prompts), which dequantizes tiles into
-// shared memory; verify_attention (further down) for at most 32 query rows per kv head (speculative
-// verification), which gathers centroids straight into MMA fragments. Both share the host's work list
-// (prefill.TensorCorePlan) and prefill_merge.
+// Causal attention of several new tokens per sequence over the PQ cache, on tensor cores. Three regimes:
+// prefill_attention (below) for chunks of up to ~64 tokens per sequence, which dequantizes tiles into shared
+// memory; verify_attention (further down) for at most 32 query rows per kv head (speculative verification),
+// which gathers centroids straight into MMA fragments; and for long chunks (chunked prefill, multi-turn prompts)
+// dequantize_history into a workspace once per layer, then dense_prefill_attention over it (last). All share the
+// host's work list (prefill.TensorCorePlan) and prefill_merge.
 //
 // One CTA of 8 warps serves one work item: a (sequence, kv head, tile of 16 * RT query rows, token range)
 // quadruple planned on the host (prefill.TensorCorePlan). A query row is one (new token j, query head h of the
@@ -159,23 +160,16 @@ __device__ __forceinline__ void require_dynamic_smem(size_t need) {
 }
 
 // This CTA's work item of the host's list (prefill.TensorCorePlan): a (sequence, kv head, row tile, token range),
-// with what both kernels derive from it. Opening it first checks the launch's dynamic shared memory.
+// with the rows it derives. Opening it first checks the launch's dynamic shared memory.
 struct WorkItem {
   int b, kvh, row0;        // sequence index in the batch, kv head, first query row of the tile
   int4 seq;                // {first query row in q, new tokens c, tokens n, tokens in pages}
   int t_begin, t_end;      // the item's cached tokens
   int G, rows;             // query heads per kv head; the sequence's query rows (new tokens x G)
-  int page_mask;           // a token's index within its page
   bool single;             // the unit's only split: the output is written directly, not merged
-  long long prow;          // index in page_table of the sequence's first page
-  long long ring_base;     // the (sequence, kv head) row of the residual ring
-  const unsigned char *k_codes, *v_codes;  // the kv head's codes in the layer's pool
 };
 __device__ __forceinline__ WorkItem open_work_item(size_t smem_need, const int4* items, const int4* units,
-                                                   const int4* seq_meta, const long long* page_row,
-                                                   const int* res_row, int nh, int nh_k, int ring_cap,
-                                                   int page_shift, const unsigned char* k_codes,
-                                                   const unsigned char* v_codes, long long head_stride) {
+                                                   const int4* seq_meta, int nh, int nh_k) {
   require_dynamic_smem(smem_need);
   const int4 item = items[blockIdx.x];
   const int4 unit = units[item.x];
@@ -188,13 +182,46 @@ __device__ __forceinline__ WorkItem open_work_item(size_t smem_need, const int4*
   w.t_end = item.z;
   w.G = nh / nh_k;
   w.rows = w.seq.y * w.G;
-  w.page_mask = (1 << page_shift) - 1;
   w.single = item.w == 1;
+  return w;
+}
+
+// A work item over the PQ pages and the residual ring: where its sequence's codes and ring rows are.
+struct PqWorkItem : WorkItem {
+  int page_mask;           // a token's index within its page
+  long long prow;          // index in page_table of the sequence's first page
+  long long ring_base;     // the (sequence, kv head) row of the residual ring
+  const unsigned char *k_codes, *v_codes;  // the kv head's codes in the layer's pool
+};
+__device__ __forceinline__ PqWorkItem open_pq_work_item(size_t smem_need, const int4* items, const int4* units,
+                                                        const int4* seq_meta, const long long* page_row,
+                                                        const int* res_row, int nh, int nh_k, int ring_cap,
+                                                        int page_shift, const unsigned char* k_codes,
+                                                        const unsigned char* v_codes, long long head_stride) {
+  PqWorkItem w;
+  static_cast<WorkItem&>(w) = open_work_item(smem_need, items, units, seq_meta, nh, nh_k);
+  w.page_mask = (1 << page_shift) - 1;
   w.prow = page_row[w.b];
   w.ring_base = ((long long)res_row[w.b] * nh_k + w.kvh) * ring_cap;
   w.k_codes = k_codes + w.kvh * head_stride;
   w.v_codes = v_codes + w.kvh * head_stride;
   return w;
+}
+
+// A kv head's K and V codebooks ([c][m][dsub] fp16, 256 x D values each) into shared memory by the CTA's NT
+// threads, asynchronously (cp.async; the caller waits).
+template <int D>
+__device__ __forceinline__ void copy_codebooks(__half* k_dst, __half* v_dst, const __half* k_src, const __half* v_src) {
+  constexpr int CHUNKS = (int)(sizeof(__half) * 256 * D / 16);
+  const uint4* ks = reinterpret_cast<const uint4*>(k_src);
+  const uint4* vs = reinterpret_cast<const uint4*>(v_src);
+  uint4* kd = reinterpret_cast<uint4*>(k_dst);
+  uint4* vd = reinterpret_cast<uint4*>(v_dst);
+#pragma unroll 4
+  for (int i = threadIdx.x; i < CHUNKS; i += NT) {
+    cp_async16(kd + i, ks + i);
+    cp_async16(vd + i, vs + i);
+  }
 }
 
 template <int D>
@@ -254,25 +281,14 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rt = warp / TG, tg = warp % TG;  // this warp's row tile and token group
   const int tok0 = tg * NW;                  // its slice of every tile
-  const WorkItem wi = open_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
+  const PqWorkItem wi = open_pq_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
                                      page_shift, k_codes, v_codes, head_stride);
   const int kvh = wi.kvh, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
   const int G = wi.G, rows = wi.rows, page_mask = wi.page_mask;
   const int4 sm = wi.seq;
 
   // ---- both codebooks of the kv head into shared memory (asynchronous: they land during the Q loads) ----
-  {
-    const uint4* ks = reinterpret_cast<const uint4*>(k_cent + kvh * cb_head_stride);
-    const uint4* vs = reinterpret_cast<const uint4*>(v_cent + kvh * cb_head_stride);
-    uint4* kd = reinterpret_cast<uint4*>(kc_s);
-    uint4* vd = reinterpret_cast<uint4*>(vc_s);
-    constexpr int CHUNKS = (int)(S::codebook_bytes / 16);
-#pragma unroll 4
-    for (int i = tid; i < CHUNKS; i += NT) {
-      cp_async16(kd + i, ks + i);
-      cp_async16(vd + i, vs + i);
-    }
-  }
+  copy_codebooks<D>(kc_s, vc_s, k_cent + kvh * cb_head_stride, v_cent + kvh * cb_head_stride);
 
   // ---- this warp's 16 query rows: Q fragments in registers, causal limits ----------------------------
   const int g = lane >> 2, i4 = lane & 3;
@@ -693,7 +709,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int stream = warp / RT, dpart = warp % RT;
   const int g = lane >> 2, i4 = lane & 3;
-  const WorkItem wi = open_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
+  const PqWorkItem wi = open_pq_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
                                      page_shift, k_codes, v_codes, head_stride);
   const int kvh = wi.kvh, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
   const int G = wi.G, rows = wi.rows, page_mask = wi.page_mask;
@@ -1047,6 +1063,395 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
       } else {
         part_lse[(long long)blockIdx.x * BM + rt * 16 + g] = lseA;
         part_lse[(long long)blockIdx.x * BM + rt * 16 + g + 8] = lseB;
+      }
+    }
+  }
+}
+
+// ---- long chunks over a dequantized history: dequantize_history, then dense_prefill_attention ------------
+//
+// A 2K-token chunk at GQA 4 makes 64 row tiles of 128 rows per kv head, and prefill_attention dequantizes the
+// whole history again for each of them, in CTAs whose codebooks, tiles and registers allow one 8-warp CTA per
+// SM (ncu: latency-bound, 0.31-0.37 instructions issued per scheduler per cycle). For such batches
+// dequantize_history writes each (sequence, kv head)'s history once per layer into a workspace, T rows
+// [kv head][workspace row][D] (a sequence's rows start at hist_row[b], its tokens padded with zeros to whole
+// tiles), and dense_prefill_attention runs FlashAttention-2's tiling over it: 4 warps of 32 query rows (each
+// K / V fragment loaded by ldmatrix feeds two MMAs), Q staged in shared memory, K / V tiles double-buffered by
+// cp.async, two CTAs per SM. Both read the same work list (units, items) as prefill_attention.
+
+// One CTA per span of a (sequence, kv head)'s history (the host's spans: whole tiles, at most DQ_SPAN tokens):
+// both codebooks staged in shared memory, then per 64-token tile the codes are gathered into a [token][D] tile
+// (the same task mapping as prefill_attention's fill, bank-conflict-free), which is copied out in 16-byte rows.
+template <int D>
+struct DequantizeSmem {
+  static constexpr size_t codebook_bytes = sizeof(__half) * 256 * D;  // one kind, [c][m][dsub]
+  static constexpr size_t tile_bytes = 2 * BN * D;                    // one kind, [token][D] of 2-byte T
+  static constexpr size_t total = 2 * codebook_bytes + 2 * tile_bytes;
+};
+
+template <int D, int M, typename T>
+__global__ void __launch_bounds__(NT, 1) dequantize_history(
+    const __half* __restrict__ k_cent,          // (Hc, 256, M, DSUB) fp16, [c][m] order
+    const __half* __restrict__ v_cent,
+    long long cb_head_stride,                   // elements between kv heads' codebooks (0: shared)
+    const unsigned char* __restrict__ k_codes,  // pool + layer K offset
+    const unsigned char* __restrict__ v_codes,  // pool + layer V offset
+    const T* __restrict__ ring_k,               // residual ring (S, nh_k, R, D)
+    const T* __restrict__ ring_v,
+    int ring_cap,
+    long long page_stride, long long head_stride,  // bytes per page; P * M
+    const int* __restrict__ page_table, int page_shift,
+    const int4* __restrict__ seq_meta,          // (B): {first query row in q, new tokens c, tokens n, tokens in pages}
+    const long long* __restrict__ page_row,     // (B): index in page_table of the sequence's first page
+    const int* __restrict__ res_row,            // (B): ring row (sequence slot)
+    const int4* __restrict__ spans,             // (S): {b, kv head, token begin, token end}, whole tiles
+    const int* __restrict__ hist_row,           // (B): the sequence's first workspace row
+    T* __restrict__ ws_k, T* __restrict__ ws_v, // (nh_k, ws_rows, D)
+    int ws_rows, int nh_k) {
+  using S = DequantizeSmem<D>;
+  constexpr int DSUB = D / M;
+  constexpr int ROT = M < 32 ? M : 32;                 // K-row permutation period (layout.permute_k_rows)
+  constexpr int K_TASKS = BN * (M / 16);               // (token, 16-byte code chunk) pairs of a tile
+  constexpr int V_TASKS = (BN / 16) * M;               // (16-token block, subspace) pairs of a tile
+  constexpr int KT = (K_TASKS + NT - 1) / NT, VT = (V_TASKS + NT - 1) / NT;
+  constexpr int W = DSUB / 2;                          // 32-bit words of a centroid
+  static_assert(M >= 16 && M % 16 == 0 && (DSUB == 2 || DSUB == 4 || DSUB == 8), "M, DSUB");
+  require_dynamic_smem(S::total);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* kc_s = reinterpret_cast<__half*>(smem_raw);
+  __half* vc_s = kc_s + 256 * D;
+  T* k_tile = reinterpret_cast<T*>(vc_s + 256 * D);
+  T* v_tile = k_tile + BN * D;
+
+  const int tid = threadIdx.x;
+  const int4 span = spans[blockIdx.x];
+  const int b = span.x, kvh = span.y;
+  const int4 sm = seq_meta[b];
+  const int n = sm.z, n_main = sm.w, page_mask = (1 << page_shift) - 1;
+  const long long prow = page_row[b];
+  const long long ring_base = ((long long)res_row[b] * nh_k + kvh) * ring_cap;
+  const unsigned char* kcodes = k_codes + kvh * head_stride;
+  const unsigned char* vcodes = v_codes + kvh * head_stride;
+  copy_codebooks<D>(kc_s, vc_s, k_cent + kvh * cb_head_stride, v_cent + kvh * cb_head_stride);
+  cp_async_wait_all();
+  __syncthreads();
+  // Centroid (code, m) of a table as T words at dst.
+  auto put_centroid = [&](T* dst, const __half* table, unsigned code, int m) {
+    const unsigned* src = reinterpret_cast<const unsigned*>(table + ((int)code * M + m) * DSUB);
+    unsigned w[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) w[e] = src[e];
+#pragma unroll
+    for (int e = 0; e < W; ++e) reinterpret_cast<unsigned*>(dst)[e] = Ops<T>::from_half2(w[e]);
+  };
+  T* dst_k = ws_k + ((long long)kvh * ws_rows + hist_row[b]) * D;
+  T* dst_v = ws_v + ((long long)kvh * ws_rows + hist_row[b]) * D;
+  for (int x0 = span.z; x0 < span.w; x0 += BN) {
+    uint4 kreg[KT], vreg[VT];  // every code load of the tile first, then the gathers
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      const int task = tid + k * NT, x = x0 + task % BN, chunk = task / BN;
+      if (task < K_TASKS && x < n_main) {
+        const int page = max(page_table[prow + (x >> page_shift)], 0);
+        kreg[k] = __ldg(reinterpret_cast<const uint4*>(kcodes + (long long)page * page_stride +
+                                                       chunk * ((page_mask + 1) * 16) + (x & page_mask) * 16));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VT; ++k) {
+      const int task = tid + k * NT, xb = x0 + (task / M) * 16, m = task % M;
+      if (task < V_TASKS && xb < n_main) {
+        const int page = max(page_table[prow + (xb >> page_shift)], 0);
+        vreg[k] = __ldg(reinterpret_cast<const uint4*>(vcodes + (long long)page * page_stride +
+                                                       ((xb & page_mask) >> 4) * (M * 16) + m * 16));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      const int task = tid + k * NT;
+      if (task >= K_TASKS) break;
+      const int t = task % BN, chunk = task / BN, x = x0 + t;
+      T* row = k_tile + t * D;
+      if (x < n_main) {
+        // Stored byte j of the chunk holds subspace (16 chunk + j) ^ (t % ROT) (layout.permute_k_rows).
+        const int rot = (x & page_mask) % ROT;
+        const unsigned* w = reinterpret_cast<const unsigned*>(&kreg[k]);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const int m = (chunk * 16 + j) ^ rot;
+          put_centroid(row + m * DSUB, kc_s, code_byte(w, j), m);
+        }
+      } else {
+        uint4* dst = reinterpret_cast<uint4*>(row + chunk * 16 * DSUB);
+        const uint4* src = reinterpret_cast<const uint4*>(ring_k + (ring_base + x % ring_cap) * D + chunk * 16 * DSUB);
+#pragma unroll
+        for (int e = 0; e < 2 * DSUB; ++e) dst[e] = x < n ? __ldg(src + e) : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VT; ++k) {
+      const int task = tid + k * NT;
+      if (task >= V_TASKS) break;
+      const int blk = task / M, m = task % M, xb = x0 + blk * 16;
+      if (xb < n_main) {  // a 16-token block lies wholly in pages or wholly past them
+        const unsigned* w = reinterpret_cast<const unsigned*>(&vreg[k]);
+#pragma unroll
+        for (int tt = 0; tt < 16; ++tt) put_centroid(v_tile + (blk * 16 + tt) * D + m * DSUB, vc_s, code_byte(w, tt), m);
+      } else {
+#pragma unroll
+        for (int tt = 0; tt < 16; ++tt) {
+          const int x = xb + tt;
+          unsigned* dst = reinterpret_cast<unsigned*>(v_tile + (blk * 16 + tt) * D + m * DSUB);
+          const unsigned* src = reinterpret_cast<const unsigned*>(ring_v + (ring_base + x % ring_cap) * D + m * DSUB);
+#pragma unroll
+          for (int e = 0; e < W; ++e) dst[e] = x < n ? __ldg(src + e) : 0u;
+        }
+      }
+    }
+    __syncthreads();
+    uint4* out_k = reinterpret_cast<uint4*>(dst_k + (long long)x0 * D);
+    uint4* out_v = reinterpret_cast<uint4*>(dst_v + (long long)x0 * D);
+    const uint4* in_k = reinterpret_cast<const uint4*>(k_tile);
+    const uint4* in_v = reinterpret_cast<const uint4*>(v_tile);
+#pragma unroll
+    for (int i = tid; i < BN * D / 8; i += NT) {
+      out_k[i] = in_k[i];
+      out_v[i] = in_v[i];
+    }
+    __syncthreads();
+  }
+}
+
+constexpr int DENSE_WARPS = 4;
+constexpr int DENSE_NT = DENSE_WARPS * 32;
+constexpr int DENSE_BM = DENSE_WARPS * 32;  // query rows per CTA: 32 per warp
+template <int D>
+struct DenseSmem {
+  static constexpr int ROW = D + 8;  // row stride (elements): 16 bytes of padding keep ldmatrix conflict-free
+  static constexpr size_t q_bytes = 2 * DENSE_BM * ROW;
+  static constexpr size_t tile_bytes = 2 * BN * ROW;  // one kind
+  static constexpr size_t total = q_bytes + 2 * 2 * tile_bytes;  // Q, then two stages of a K and a V tile
+};
+
+// Flash attention of a work item's 128 query rows over the workspace rows of its tokens [t_begin, t_end).
+template <int D, typename T>
+__global__ void __launch_bounds__(DENSE_NT, 2) dense_prefill_attention(
+    const T* __restrict__ q,                    // (N, nh, D): the new tokens' queries, CSR order
+    T* __restrict__ out,                        // (N, nh, D)
+    float* __restrict__ lse_out,                // (N, nh) natural log, or nullptr
+    const T* __restrict__ ws_k,                 // (nh_k, ws_rows, D): dequantize_history's workspace
+    const T* __restrict__ ws_v,
+    int ws_rows,
+    const int* __restrict__ hist_row,           // (B): the sequence's first workspace row
+    const int4* __restrict__ seq_meta,          // (B): {first query row in q, new tokens c, tokens n, tokens in pages}
+    const int4* __restrict__ units,             // (U): {b, kv head, first query row of the tile, first item}
+    const int4* __restrict__ items,             // (W): {unit, token begin, token end, splits of the unit}
+    float* __restrict__ part_o,                 // (W, 128, D)
+    float* __restrict__ part_lse,               // (W, 128) log2
+    int nh, int nh_k, float scale_log2) {
+  using S = DenseSmem<D>;
+  constexpr int ROW = S::ROW;
+  static_assert(D % 32 == 0 && D <= 128, "D");
+  const WorkItem wi = open_work_item(S::total, items, units, seq_meta, nh, nh_k);
+  const int kvh = wi.kvh, t_begin = wi.t_begin, t_end = wi.t_end, G = wi.G, rows = wi.rows;
+  const int4 sm = wi.seq;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);
+  T* tiles = q_s + DENSE_BM * ROW;  // per stage: K tile, then V tile
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, i4 = lane & 3;
+  const T* k_src = ws_k + ((long long)kvh * ws_rows + hist_row[wi.b]) * D;
+  const T* v_src = ws_v + ((long long)kvh * ws_rows + hist_row[wi.b]) * D;
+
+  // ---- the tile's query rows into shared memory (rows past the sequence's: zeros) ----------------------
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  for (int i = tid; i < DENSE_BM * CPR; i += DENSE_NT) {
+    const int r = i / CPR, c = i % CPR, row = wi.row0 + r;
+    T* dst = q_s + r * ROW + c * 8;
+    if (row < rows)
+      cp_async16(dst, q + ((long long)(sm.x + row / G) * nh + kvh * G + row % G) * D + c * 8);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  auto load_tile = [&](int x0, int stage) {
+    T* kt = tiles + stage * 2 * BN * ROW;
+    T* vt = kt + BN * ROW;
+#pragma unroll
+    for (int i = tid; i < BN * CPR; i += DENSE_NT) {
+      const int r = i / CPR, c = i % CPR;
+      cp_async16(kt + r * ROW + c * 8, k_src + (long long)(x0 + r) * D + c * 8);
+      cp_async16(vt + r * ROW + c * 8, v_src + (long long)(x0 + r) * D + c * 8);
+    }
+  };
+
+  // ---- this warp's 32 rows: two m-tiles of 16, causal limits ------------------------------------------
+  int lim[2][2];            // [m-tile][row g / g + 8]: tokens the row attends to within the item
+  int warp_lim = 0, warp_full = 0x7fffffff;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = wi.row0 + warp * 32 + mt * 16 + h * 8 + g;
+      const bool valid = row < rows;
+      lim[mt][h] = valid ? min(sm.z - sm.y + row / G + 1, t_end) : 0;
+      warp_lim = max(warp_lim, lim[mt][h]);
+      if (valid) warp_full = min(warp_full, lim[mt][h]);
+    }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, off));
+    warp_full = min(warp_full, __shfl_xor_sync(0xffffffffu, warp_full, off));
+  }
+
+  float o[2][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) o[mt][nd][0] = o[mt][nd][1] = o[mt][nd][2] = o[mt][nd][3] = 0.f;
+  float mA[2] = {kNegInf, kNegInf}, mB[2] = {kNegInf, kNegInf}, lA[2] = {0.f, 0.f}, lB[2] = {0.f, 0.f};
+
+  // ldmatrix row addresses: lane l supplies row l % 8 of 8x8 matrix l / 8.
+  const int mat = lane >> 3, mrow = lane & 7;
+  // Q (A operand): matrices (rows +0, +8) x (dims +0, +8) of the warp's m-tile.
+  const unsigned q_lane = smem_addr(q_s) + (unsigned)(((warp * 32 + (mat & 1) * 8 + mrow) * ROW + (mat >> 1) * 8) * 2);
+  const unsigned tiles32 = smem_addr(tiles);
+  constexpr unsigned STAGE_BYTES = 2 * BN * ROW * 2, V_AT = BN * ROW * 2;
+  // K (B operand of Q K^T, [token][dim]): matrices (dims +0, +8, +16, +24) of 8 tokens.
+  const unsigned k_lane = tiles32 + (unsigned)(mrow * ROW + mat * 8) * 2;
+  // V (B operand of P V, transposed): matrices (tokens +0, +8) x (dims +0, +8).
+  const unsigned v_lane = tiles32 + V_AT + (unsigned)((((mat & 1) * 8 + mrow) * ROW + (mat >> 1) * 8) * 2);
+
+  if (t_begin < t_end) load_tile(t_begin, 0);
+  int stage = 0;
+  for (int x0 = t_begin; x0 < t_end; x0 += BN, stage ^= 1) {
+    cp_async_wait_all();
+    __syncthreads();  // this tile (and Q) landed for every thread; the other stage's tile is consumed
+    if (x0 + BN < t_end) load_tile(x0 + BN, stage ^ 1);
+    if (x0 >= warp_lim) continue;  // causal: no row of this warp reaches this tile
+    const unsigned stage_at = stage * STAGE_BYTES;
+
+    // The tile in two halves of HN tokens (S for 32 rows x 64 tokens would need 64 more registers than O
+    // leaves): S = Q K^T for both m-tiles, each K fragment feeding two MMAs; softmax; O += P V.
+    constexpr int HN = BN / 2;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int xh = x0 + half * HN;
+      if (xh >= warp_lim) break;
+      const unsigned k_at = k_lane + stage_at + (unsigned)(half * HN * ROW * 2);
+      float s[2][HN / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < HN / 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
+#pragma unroll
+      for (int kb = 0; kb < D / 16; kb += 2) {
+        unsigned qa[2][2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          ldmatrix_x4(qa[mt][0], q_lane + (unsigned)((mt * 16 * ROW + kb * 16) * 2));
+          ldmatrix_x4(qa[mt][1], q_lane + (unsigned)((mt * 16 * ROW + kb * 16 + 16) * 2));
+        }
+#pragma unroll
+        for (int nb = 0; nb < HN / 8; ++nb) {
+          unsigned kf[4];
+          ldmatrix_x4(kf, k_at + (unsigned)((nb * 8 * ROW + kb * 16) * 2));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            Ops<T>::mma(s[mt][nb], qa[mt][0], kf[0], kf[1]);
+            Ops<T>::mma(s[mt][nb], qa[mt][1], kf[2], kf[3]);
+          }
+        }
+      }
+      // Scale into the log2 domain, mask (only where some row's limit falls inside), online softmax.
+      const bool masked = xh + HN > warp_full;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        float mxA = kNegInf, mxB = kNegInf;
+#pragma unroll
+        for (int nb = 0; nb < HN / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = s[mt][nb][e] * scale_log2;
+            if (masked && xh + nb * 8 + 2 * i4 + (e & 1) >= lim[mt][e >> 1]) v = kNegInf;
+            s[mt][nb][e] = v;
+            if (e < 2) mxA = fmaxf(mxA, v); else mxB = fmaxf(mxB, v);
+          }
+        float baseA, baseB, alphaA, alphaB;
+        const bool moved = lazy_max(mxA, mxB, mA[mt], mB[mt], baseA, baseB, alphaA, alphaB);
+        float sumA = 0.f, sumB = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < HN / 8; ++nb) exp_scores(s[mt][nb], baseA, baseB, sumA, sumB);
+        lA[mt] = lA[mt] * alphaA + sumA;  // per-lane partial sums: the four lanes of a row are added at the end
+        lB[mt] = lB[mt] * alphaB + sumB;
+        if (moved) {
+#pragma unroll
+          for (int nd = 0; nd < D / 8; ++nd) {
+            o[mt][nd][0] *= alphaA;
+            o[mt][nd][1] *= alphaA;
+            o[mt][nd][2] *= alphaB;
+            o[mt][nd][3] *= alphaB;
+          }
+        }
+      }
+      // O += P V: the score accumulators are the A operand as they are; each V fragment feeds two MMAs.
+#pragma unroll
+      for (int kk = 0; kk < HN / 16; ++kk) {
+        unsigned pa[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          pa[mt][0] = Ops<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pa[mt][1] = Ops<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pa[mt][2] = Ops<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pa[mt][3] = Ops<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd += 2) {
+          unsigned vf[4];
+          ldmatrix_x4_trans(vf, v_lane + stage_at + (unsigned)(((half * HN + kk * 16) * ROW + nd * 8) * 2));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            Ops<T>::mma(o[mt][nd], pa[mt], vf[0], vf[1]);
+            Ops<T>::mma(o[mt][nd + 1], pa[mt], vf[2], vf[3]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait_all();  // an empty item still waits for its copies before the CTA exits
+
+  // ---- the rows' states: output (one split) or partial state -------------------------------------------
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    float invA, invB, lseA, lseB;
+    finish_rows(lA[mt], lB[mt], mA[mt], mB[mt], invA, invB, lseA, lseB);
+    const int wrA = warp * 32 + mt * 16 + g, wrB = wrA + 8;  // rows within the tile
+    const int rA = wi.row0 + wrA, rB = wi.row0 + wrB;
+    if (wi.single) {
+      const bool vA = rA < rows, vB = rB < rows;
+      const long long atA = vA ? (long long)(sm.x + rA / G) * nh + kvh * G + rA % G : 0;
+      const long long atB = vB ? (long long)(sm.x + rB / G) * nh + kvh * G + rB % G : 0;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        const int d0 = nd * 8 + 2 * i4;
+        if (vA) *reinterpret_cast<unsigned*>(out + atA * D + d0) = Ops<T>::pack(o[mt][nd][0] * invA, o[mt][nd][1] * invA);
+        if (vB) *reinterpret_cast<unsigned*>(out + atB * D + d0) = Ops<T>::pack(o[mt][nd][2] * invB, o[mt][nd][3] * invB);
+      }
+      if (lse_out != nullptr && i4 == 0) {
+        if (vA) lse_out[atA] = lseA * LN2;
+        if (vB) lse_out[atB] = lseB * LN2;
+      }
+    } else {
+      float* pA = part_o + ((long long)blockIdx.x * DENSE_BM + wrA) * D;
+      float* pB = part_o + ((long long)blockIdx.x * DENSE_BM + wrB) * D;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        const int d0 = nd * 8 + 2 * i4;
+        *reinterpret_cast<float2*>(pA + d0) = make_float2(o[mt][nd][0] * invA, o[mt][nd][1] * invA);
+        *reinterpret_cast<float2*>(pB + d0) = make_float2(o[mt][nd][2] * invB, o[mt][nd][3] * invB);
+      }
+      if (i4 == 0) {
+        part_lse[(long long)blockIdx.x * DENSE_BM + wrA] = lseA;
+        part_lse[(long long)blockIdx.x * DENSE_BM + wrB] = lseB;
       }
     }
   }

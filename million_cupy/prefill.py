@@ -27,20 +27,32 @@ query rows it makes per kv head (``c x`` GQA group):
   the history's dequantization, 2.2-2.4 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
   250-269 us at q = 2..4 against 112-115 us for one token and ~97 us per query token on the LUT path).
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
-  cores, per tile of up to 128 query rows (new token x query head of one kv head; 16, 32, 64 or 128 rows, the
-  fewest that hold the longest sequence's rows, :func:`tensor_core_row_tiles`). Up to 32 rows with 2 or 4 dims
-  per subspace take ``verify_attention``; more rows (or 8 dims per subspace) take ``prefill_attention``, which
-  dequantizes each tile of 64 cached tokens into fp16 / bf16 in shared memory (exact rows from the residual
-  ring) and runs flash attention with ``mma.sync``. A sequence's history is read once per row tile, whatever
-  the chunk length (8 x 32K, H200, M = 64: 480 us at q = 8). Short sequences in such a batch ride along at
-  the cost of a row tile over their whole history, counted in ``stats()["short_queries_on_tensor_cores"]``
-  and warned about once; plan them in a wrapper of their own to avoid it. Configurations without this path
-  (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16, float16 / bfloat16) keep the LUT path for long
-  chunks, counted in ``stats()["long_chunk_queries"]`` with a warning once per wrapper.
+  cores. With at least :data:`DENSE_ROWS_MIN` query rows per kv head in the longest sequence (``c x`` group
+  >= 512: 128 new tokens at GQA 4), the **dense regime**: ``dequantize_history`` writes each (sequence, kv
+  head)'s history once per layer into a workspace (PQ pages decoded, residual rows copied; the cache dtype),
+  and ``dense_prefill_attention`` runs FlashAttention-2-style flash attention over it (4 warps of 32 query
+  rows, K / V tiles double-buffered by cp.async, two CTAs per SM). This is the route vLLM's TurboQuant backend
+  takes for long chunks. The workspace holds ``2 x num_kv_heads x sum(n) x head_dim`` values (n padded to 64
+  tokens; 134 MiB for one 32K-token sequence at 8 kv heads, d = 128, fp16), grows with the largest plan and
+  is reported by ``BatchPrefillWrapper.workspace_bytes``. H200, 2K-token chunk over 32K tokens: 1.15-1.24 x
+  PyTorch SDPA over the exact history at M = 64 / 32, batch 1 / 4 (the on-chip kernel below: 1.52-1.97 x).
+  Fewer rows stay on chip, per tile of up to 128 query rows (new token x query head of one kv head; 16, 32,
+  64 or 128 rows, the fewest that hold the longest sequence's rows, :func:`tensor_core_row_tiles`): up to 32
+  rows with 2 or 4 dims per subspace take ``verify_attention``; more rows (or 8 dims per subspace) take
+  ``prefill_attention``, which dequantizes each tile of 64 cached tokens into fp16 / bf16 in shared memory
+  (exact rows from the residual ring) and runs flash attention with ``mma.sync``. A sequence's history is
+  read once per row tile (8 x 32K, H200, M = 64: 480 us at q = 8). Short sequences in such a batch ride
+  along at the cost of a row tile over their whole history, counted in
+  ``stats()["short_queries_on_tensor_cores"]`` and warned about once; plan them in a wrapper of their own to
+  avoid it. Configurations without these paths (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16,
+  float16 / bfloat16) keep the LUT path for long chunks, counted in ``stats()["long_chunk_queries"]`` with a
+  warning once per wrapper.
 
-``BatchPrefillWrapper(backend="lut" | "tensor_cores")`` takes one regime for every plan instead. The tensor-core
-path's grid and metadata change with each plan, so it cannot be captured in a CUDA graph: ``run`` raises
+``BatchPrefillWrapper(backend="lut" | "tensor_cores" | "dense")`` takes one regime for every plan instead
+(``"tensor_cores"``: on chip, no workspace; ``"dense"``: the workspace whatever the rows). The tensor-core
+paths' grids and metadata change with each plan, so they cannot be captured in a CUDA graph: ``run`` raises
 MillionError on a capturing stream; plan with ``backend="lut"`` to capture verification steps.
+:attr:`BatchPrefillWrapper.regime` names the regime a plan took.
 """
 
 from __future__ import annotations
@@ -59,8 +71,8 @@ from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 from .layout import full_pages
 
-__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN", "BACKENDS",
-           "tensor_core_supported", "takes_tensor_cores"]
+__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN", "DENSE_ROWS_MIN",
+           "BACKENDS", "tensor_core_supported", "takes_tensor_cores", "takes_dense"]
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
@@ -74,8 +86,16 @@ LUT_QUERIES_MAX = 5
 #: 203 us for q = 2 on the LUT path at M = 64; 235 against 162 at M = 32, so M = 32 breaks even at q = 3).
 FRAGMENT_QUERIES_MIN = 3
 
+#: Query rows per kv head (new tokens x GQA group) of the longest sequence from which a tensor-core batch takes
+#: the dense regime (:func:`takes_dense`): prefill_attention dequantizes the history once per row tile of 128
+#: rows, the dense regime once per layer but writes and reads it back as fp16. Measured at 8 x 32K on an H200
+#: (bench/results/prefill_h200.json): at 256 rows (q = 64 at GQA 4) the two tie at M = 64 (1.67 / 1.66 ms) and
+#: the on-chip kernel wins at M = 32 (1.41 against 1.64 ms); a 2K chunk (8,192 rows) takes 1.6-1.5x less time
+#: in the dense regime. From 4 row tiles on.
+DENSE_ROWS_MIN = 512
+
 #: BatchPrefillWrapper's ``backend`` choices: the rule above, or one regime for every plan.
-BACKENDS = ("auto", "lut", "tensor_cores")
+BACKENDS = ("auto", "lut", "tensor_cores", "dense")
 
 TC_SOURCE = "prefill_attention.cu"
 TC_THREADS = 256  # prefill_attention.cu: 8 warps
@@ -87,6 +107,9 @@ SPLIT_WAVES = 8      # split_length considers up to this many waves beyond the f
 TC_HEAD_DIMS = (64, 128)
 VERIFY_ROW_TILES = (1, 2)  # verify_attention: up to 32 query rows per kv head
 VERIFY_DSUB = (2, 4)       # ... and 2 or 4 dims per subspace (one centroid is one or both B-fragment words)
+DENSE_THREADS = 128        # dense_prefill_attention: 4 warps of 32 query rows (TC_ROWS per CTA)
+DENSE_CTAS_PER_SM = 2      # ... which its registers and shared memory allow (the split rule's wave width)
+DEQUANTIZE_SPAN = 1024     # tokens per dequantize_history CTA (its codebook staging is amortised over them)
 _TC_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
@@ -113,6 +136,37 @@ def tensor_core_smem(head_dim: int, M: int, row_tiles: int) -> int:
     return codebooks + 2 * 2 * 2 * TC_TILE * (head_dim + 8)
 
 
+def dense_smem(head_dim: int) -> int:
+    """Dynamic shared memory of ``dense_prefill_attention`` (DenseSmem): the CTA's 128 query rows and two
+    stages of one K and one V tile, all with 16-byte padded rows."""
+    return 2 * (head_dim + 8) * (TC_ROWS + 2 * 2 * TC_TILE)
+
+
+def dequantize_smem(head_dim: int) -> int:
+    """Dynamic shared memory of ``dequantize_history`` (DequantizeSmem): both codebooks of a kv head in fp16
+    and one K and one V tile."""
+    return 2 * 2 * 256 * head_dim + 2 * 2 * TC_TILE * head_dim
+
+
+def takes_dense(counts: np.ndarray, group: int) -> bool:
+    """Whether a tensor-core batch takes the dense regime under the ``"auto"`` rule: the longest sequence has
+    at least DENSE_ROWS_MIN query rows per kv head (``counts`` new tokens x GQA ``group``)."""
+    return int(counts.max()) * group >= DENSE_ROWS_MIN
+
+
+def history_spans(n: np.ndarray, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The dense regime's workspace layout and its dequantization's work list, for sequences holding ``n``
+    tokens: each sequence's tokens padded to whole tiles, its rows starting at ``hist_row[b]`` in every kv
+    head's ``ws_rows`` rows; spans (int32 ``(S, 4)``: sequence index, kv head, token begin, token end) of at
+    most DEQUANTIZE_SPAN tokens cover every padded history once. Returns ``(spans, hist_row, ws_rows)``."""
+    padded = -(-n.astype(np.int64) // TC_TILE) * TC_TILE
+    hist_row = np.cumsum(padded) - padded
+    seq, kvh, part = _per_head_parts(-(-padded // DEQUANTIZE_SPAN), num_kv_heads)
+    begin = part * DEQUANTIZE_SPAN
+    spans = np.stack([seq, kvh, begin, np.minimum(begin + DEQUANTIZE_SPAN, padded[seq])], axis=1)
+    return spans.astype(np.int32), hist_row.astype(np.int32), int(padded.sum())
+
+
 @kernels.register_variants(TC_SOURCE)
 def _tensor_core_variants() -> list[str]:
     out = []
@@ -122,6 +176,8 @@ def _tensor_core_variants() -> list[str]:
                 out += [f"mc::prefill::prefill_attention<{d}, {d // dsub}, {t}, {rt}>"
                         for dsub in (2, 4, 8) if d // dsub >= 16]
                 out.append(f"mc::prefill::prefill_merge<{d}, {t}, {rt}>")
+            out += [f"mc::prefill::dequantize_history<{d}, {d // dsub}, {t}>" for dsub in (2, 4, 8) if d // dsub >= 16]
+            out.append(f"mc::prefill::dense_prefill_attention<{d}, {t}>")
             out += [f"mc::prefill::verify_attention<{d}, {d // dsub}, {t}, {rt}>"
                     for rt in VERIFY_ROW_TILES for dsub in VERIFY_DSUB if d // dsub >= 16]
     return out
@@ -147,6 +203,16 @@ def tensor_core_row_tiles(rows: int) -> int:
     the fewest of TC_ROW_TILES that hold them, at most 8. With fewer row tiles each tile's tokens are split
     among more warps, so a few rows (speculative verification) still keep all eight warps on tensor cores."""
     return next((rt for rt in TC_ROW_TILES if 16 * rt >= rows), TC_ROW_TILES[-1])
+
+
+def _per_head_parts(parts: np.ndarray, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (sequence, kv head, part) for ``parts[b]`` parts of each of sequence ``b``'s kv heads, sequence-major
+    then kv head-major: three int arrays of ``num_kv_heads x parts.sum()`` entries."""
+    per_seq = parts * num_kv_heads
+    seq = np.repeat(np.arange(parts.shape[0]), per_seq)
+    within = np.arange(seq.shape[0]) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    width = np.maximum(parts[seq], 1)
+    return seq, within // width, within % width
 
 
 def split_length(tokens: np.ndarray, sm_count: int) -> int:
@@ -194,10 +260,7 @@ def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_h
     begin, token end, splits of the unit}.
     """
     tiles = -(-counts * group // rows_per_tile)                # row tiles per sequence (per kv head)
-    seq = np.repeat(np.arange(counts.shape[0]), tiles * num_kv_heads)
-    within = np.arange(seq.shape[0]) - np.repeat(np.cumsum(tiles * num_kv_heads) - tiles * num_kv_heads,
-                                                 tiles * num_kv_heads)
-    kvh, tile = within // np.maximum(tiles[seq], 1), within % np.maximum(tiles[seq], 1)
+    seq, kvh, tile = _per_head_parts(tiles, num_kv_heads)
     row0 = tile * rows_per_tile
     last_token = np.minimum(counts[seq] - 1, (row0 + rows_per_tile - 1) // group)
     tokens = n[seq] - counts[seq] + last_token + 1             # what the unit's last row attends to
@@ -213,7 +276,9 @@ def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_h
 
 
 class TensorCorePlan:
-    """The tensor-core path's metadata for one batch of new tokens over a GPU cache, and its launches."""
+    """The tensor-core paths' metadata for one batch of new tokens over a GPU cache, and their launches: the
+    on-chip kernels (verify_attention, prefill_attention) or the dense regime (dequantize_history into a
+    workspace, then dense_prefill_attention)."""
 
     def __init__(self, cache, num_heads: int, scale: float) -> None:
         self.cache = cache
@@ -223,24 +288,40 @@ class TensorCorePlan:
         self._storage: dict[int, PagedLayerStorage] = {}
         self._meta = None
         self._part_o = self._part_lse = None
-        self.work_items = self.units = 0
+        self._ws_k = self._ws_v = None  # the dense regime's workspace, grown as plans need
+        self.work_items = self.units = self.spans = 0
+        self.ws_rows = 0
         self.row_tiles = TC_ROW_TILES[-1]
         self.splits = False
+        self.dense = False
 
-    def plan(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream) -> None:
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of the dense regime's workspace held now (0 until a dense plan)."""
+        return 0 if self._ws_k is None else 2 * self._ws_k.nbytes
+
+    def plan(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream, *, dense: bool = False) -> None:
         """Schedule sequences ``seq`` (slots) with the CSR query offsets ``ind``, holding ``n`` tokens each after the
-        append; one upload of the metadata on ``stream``."""
+        append; one upload of the metadata on ``stream``. ``dense``: the dense regime (its workspace holds
+        ``2 x num_kv_heads x sum(n) x head_dim`` values of the cache dtype, tokens padded to whole tiles)."""
         cp = cupy()
         cache = self.cache
         counts = np.diff(ind)
         main = full_pages(n, cache.page_size, cache.residual) * cache.page_size
-        self.row_tiles = tensor_core_row_tiles(int(counts.max()) * self.group)
-        rows = 16 * self.row_tiles
-        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, device_sm_count(), rows)
+        row_tiles = TC_ROW_TILES[-1] if dense else tensor_core_row_tiles(int(counts.max()) * self.group)
+        rows = 16 * row_tiles
+        per_sm = DENSE_CTAS_PER_SM if dense else 1
+        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, per_sm * device_sm_count(),
+                                            rows)
         B, U, W = seq.shape[0], units.shape[0], items.shape[0]
         parts = [(seq * cache.max_blocks_per_seq).astype(np.int64).view(np.int32),
                  np.stack([ind[:-1], counts, n, main], axis=1).astype(np.int32).reshape(-1),
                  seq.astype(np.int32), units.reshape(-1), items.reshape(-1)]
+        if dense:
+            spans, hist_row, ws_rows = history_spans(n, cache.num_kv_heads)
+            parts += [spans.reshape(-1), hist_row]
+            self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)  # may raise: no state changed yet
+            self.spans, self.ws_rows = spans.shape[0], ws_rows
         # One upload; every part starts 16-byte aligned (the kernel reads int4 records).
         sizes = [-(-p.shape[0] // 4) * 4 for p in parts]
         words = np.zeros(sum(sizes), dtype=np.int32)
@@ -251,14 +332,32 @@ class TensorCorePlan:
             meta = cp.asarray(words)
         views = [meta[at : at + p.shape[0]] for p, at in zip(parts, starts)]
         self._page_row = views[0].view(np.int64)
-        self._seq_meta, self._res_row, self._units, self._items = views[1:]
+        self._seq_meta, self._res_row, self._units, self._items = views[1:5]
+        if dense:
+            self._spans, self._hist_row = views[5:]
         self._meta = meta
-        self.units, self.work_items = U, W
+        self.units, self.work_items, self.dense, self.row_tiles = U, W, dense, row_tiles
         self.splits = bool((items[:, 3] > 1).any())
         if self.splits and (self._part_o is None or self._part_lse.size < W * rows):
             with stream:  # (W, rows, head_dim) and (W, rows) as the kernels index them
                 self._part_o = cp.empty(W * rows * cache.head_dim, dtype=cp.float32)
                 self._part_lse = cp.empty(W * rows, dtype=cp.float32)
+
+    def _reserve_workspace(self, size: int, stream) -> None:
+        """The dense regime's K and V workspaces, ``size`` elements each at least (grown, never shrunk)."""
+        if self._ws_k is not None and self._ws_k.size >= size:
+            return
+        cp = cupy()
+        try:
+            with stream:
+                ws_k = cp.empty(size, dtype=self.cache.array_dtype)
+                ws_v = cp.empty(size, dtype=self.cache.array_dtype)
+        except cp.cuda.memory.OutOfMemoryError as exc:
+            raise MillionError(
+                f"plan: the dense regime needs a workspace of {2 * size * 2 / 2**20:.0f} MiB (the batch's histories "
+                f"dequantized, one layer at a time) and the device has no room for it; plan fewer or shorter "
+                f"sequences, or use BatchPrefillWrapper(..., backend='tensor_cores'), which needs none") from exc
+        self._ws_k, self._ws_v = ws_k, ws_v
 
     def attend(self, layer: int, q, out, lse, stream) -> None:
         """Launch the attention of ``q`` over ``layer`` into ``out`` (and ``lse`` or None) on ``stream``."""
@@ -273,20 +372,37 @@ class TensorCorePlan:
                                "change with every plan); plan with BatchPrefillWrapper(..., backend='lut') to capture "
                                "verification steps")
         rt = self.row_tiles
-        name = "verify_attention" if gathers_fragments(d, cache.M, rt) else "prefill_attention"
-        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {t}, {rt}>")
-        smem = tensor_core_smem(d, cache.M, rt)
-        kernels.opt_in_shared_memory(kernel, smem)
         null = np.uint64(0)
         part_o = self._part_o if self.splits else null
         part_lse = self._part_lse if self.splits else null
         lse_arg = null if lse is None else lse
         nh, nh_k = np.int32(self.num_heads), np.int32(cache.num_kv_heads)
+        ring_cap = np.int32(cache.residual)
         with stream:
-            kernel((self.work_items,), (TC_THREADS,),
-                   (q, out, lse_arg, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.residual),
-                    page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
-                    self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
+            if self.dense:
+                dequantize = kernels.get_kernel(TC_SOURCE, f"mc::prefill::dequantize_history<{d}, {cache.M}, {t}>")
+                smem = dequantize_smem(d)
+                kernels.opt_in_shared_memory(dequantize, smem)
+                ws_rows = np.int32(self.ws_rows)
+                dequantize((self.spans,), (TC_THREADS,),
+                           (kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, ring_cap, page_stride, head_stride,
+                            table, shift, self._seq_meta, self._page_row, self._res_row, self._spans,
+                            self._hist_row, self._ws_k, self._ws_v, ws_rows, nh_k), shared_mem=smem)
+                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::dense_prefill_attention<{d}, {t}>")
+                smem = dense_smem(d)
+                kernels.opt_in_shared_memory(kernel, smem)
+                kernel((self.work_items,), (DENSE_THREADS,),
+                       (q, out, lse_arg, self._ws_k, self._ws_v, ws_rows, self._hist_row, self._seq_meta,
+                        self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
+            else:
+                name = "verify_attention" if gathers_fragments(d, cache.M, rt) else "prefill_attention"
+                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {t}, {rt}>")
+                smem = tensor_core_smem(d, cache.M, rt)
+                kernels.opt_in_shared_memory(kernel, smem)
+                kernel((self.work_items,), (TC_THREADS,),
+                       (q, out, lse_arg, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, ring_cap,
+                        page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
+                        self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
             if self.splits:
                 merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{d}, {t}, {rt}>")
                 merge((self.units,), (TC_THREADS,), (self._units, self._items, self._seq_meta, part_o, part_lse,
@@ -334,9 +450,12 @@ class BatchPrefillWrapper:
         num_heads: query heads (a multiple of the cache's kv heads).
         scale: softmax scale (default ``1 / sqrt(head_dim)``).
         stream: a CuPy stream or raw handle for every launch; None = the current stream at ``plan``.
-        backend: ``"auto"`` (the module's rule), ``"lut"`` or ``"tensor_cores"`` for every plan (as FlashInfer's
-            ``backend=``). ``"tensor_cores"`` raises UnsupportedConfiguration where :func:`tensor_core_supported`
-            is false; a forced regime is neither counted nor warned about as a slow path.
+        backend: ``"auto"`` (the module's rule), or for every plan ``"lut"``, ``"tensor_cores"`` (dequantized on
+            chip, no workspace) or ``"dense"`` (dequantized once per layer into a workspace; see the module's
+            docstring for its size), as FlashInfer's ``backend=``. ``"tensor_cores"`` and ``"dense"`` raise
+            UnsupportedConfiguration where :func:`tensor_core_supported` is false; a forced regime is neither
+            counted nor warned about as a slow path. A dense plan whose workspace does not fit on the device
+            raises MillionError and leaves the previous plan in place.
     """
 
     def __init__(self, cache, num_heads: int, *, scale: float | None = None, stream: Any = None,
@@ -348,9 +467,9 @@ class BatchPrefillWrapper:
                 "cache decodes (DecodeStep, BatchDecodeWrapper, decode) but has no native multi-token attention")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if backend == "tensor_cores" and not tensor_core_supported(cache.head_dim, cache.M, cache.dtype):
+        if backend in ("tensor_cores", "dense") and not tensor_core_supported(cache.head_dim, cache.M, cache.dtype):
             raise UnsupportedConfiguration(
-                f"backend='tensor_cores': no tensor-core path for head_dim {cache.head_dim}, M {cache.M}, "
+                f"backend={backend!r}: no tensor-core path for head_dim {cache.head_dim}, M {cache.M}, "
                 f"{cache.dtype} (it needs head_dim in {TC_HEAD_DIMS}, M a multiple of 16 with 2, 4 or 8 dims per "
                 f"subspace, float16 or bfloat16); use backend='auto' or 'lut'")
         self.backend = backend
@@ -360,13 +479,14 @@ class BatchPrefillWrapper:
         self._stream = stream
         self._attn: AttentionPlan | None = None
         self._tc: TensorCorePlan | None = None
-        self._on_tensor_cores = False  # the current plan's regime
+        self._on_tensor_cores = False  # the current plan's regime: LUT, or tensor cores (dense or on chip)
+        self._dense = False
         self._seq: np.ndarray | None = None
         self._n: np.ndarray | None = None  # each sequence's length when run() is called
         self._layers: set[int] = set()
         self._q_shape = (0, num_heads, cache.head_dim)
         self._warned: set[str] = set()  # the slow paths warned about (_warn_once)
-        self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0,
+        self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "dense_plans": 0,
                        "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0}
 
     @property
@@ -376,8 +496,22 @@ class BatchPrefillWrapper:
 
     @property
     def on_tensor_cores(self) -> bool:
-        """Whether the current plan runs on the tensor-core path (else the LUT path; see the module's rule)."""
+        """Whether the current plan runs on tensor cores (the dense regime or the on-chip kernels; else the LUT
+        path; see the module's rule)."""
         return self._on_tensor_cores
+
+    @property
+    def regime(self) -> str:
+        """The current plan's regime: ``"lut"``, ``"tensor_cores"`` (dequantized on chip) or ``"dense"``
+        (dequantized once per layer into a workspace); ``""`` before the first plan."""
+        if self._seq is None:
+            return ""
+        return "dense" if self._dense else ("tensor_cores" if self._on_tensor_cores else "lut")
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Device bytes this wrapper holds for the dense regime's workspace (0 if it never took it)."""
+        return 0 if self._tc is None else self._tc.workspace_bytes
 
     def plan(self, seq_ids: Sequence[int] | np.ndarray, qo_indptr: Any, *, appended: bool = False,
              layers: Sequence[int] | None = None) -> None:
@@ -411,18 +545,21 @@ class BatchPrefillWrapper:
             raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {n[over].tolist()} tokens, more "
                              f"than max_seq_len = {cache.max_seq_len}")
         N = int(ind[-1])
+        group = self.num_heads // cache.num_kv_heads
         if self.backend == "auto":
             long = int(counts[counts > LUT_QUERIES_MAX].sum())
-            self._on_tensor_cores = takes_tensor_cores(counts, self.num_heads // cache.num_kv_heads, cache.head_dim,
-                                                       cache.M, cache.dtype)
+            on_tensor_cores = takes_tensor_cores(counts, group, cache.head_dim, cache.M, cache.dtype)
+            dense = on_tensor_cores and takes_dense(counts, group)
         else:  # a chosen regime: neither counted nor warned about
             long = 0
-            self._on_tensor_cores = self.backend == "tensor_cores"
-        if self._on_tensor_cores:
+            on_tensor_cores = self.backend in ("tensor_cores", "dense")
+            dense = self.backend == "dense"
+        if on_tensor_cores:
             if self._tc is None:
                 self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
-            self._tc.plan(seq, ind, n, as_stream(self._stream))
+            self._tc.plan(seq, ind, n, as_stream(self._stream), dense=dense)
             self._stats["tensor_core_plans"] += 1
+            self._stats["dense_plans"] += int(dense)
             short = int(counts[counts <= LUT_QUERIES_MAX].sum()) if long else 0
             long = 0
             self._stats["short_queries_on_tensor_cores"] += short
@@ -445,6 +582,7 @@ class BatchPrefillWrapper:
                             f"this configuration (head_dim {cache.head_dim}, M {cache.M}, {cache.dtype}) has no "
                             f"tensor-core path, so they run the per-token LUT path, whose cost grows with the query "
                             f"count")
+        self._on_tensor_cores, self._dense = on_tensor_cores, dense
         self._seq, self._n, self._layers = seq, n, set(planned)
         self._q_shape = (N, self.num_heads, cache.head_dim)
         self._stats["plans"] += 1
@@ -485,7 +623,7 @@ class BatchPrefillWrapper:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``plans``, ``runs``, ``query_tokens`` planned, ``tensor_core_plans`` (plans that took the
-        tensor-core path), ``short_queries_on_tensor_cores`` (query tokens of sequences with at most
+        tensor-core path), ``dense_plans`` (those of them in the dense regime), ``short_queries_on_tensor_cores`` (query tokens of sequences with at most
         LUT_QUERIES_MAX new tokens planned on the tensor-core path beside a longer chunk; warned once),
         ``long_chunk_queries`` (query tokens of chunks longer than LUT_QUERIES_MAX that ran the
         per-token LUT path because the configuration has no tensor-core path; warned once)."""

@@ -9,9 +9,10 @@ import million_cupy as mc
 from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
 from million_cupy.errors import UnsupportedConfiguration
 from million_cupy.layout import full_pages
-from million_cupy.prefill import (FRAGMENT_QUERIES_MIN, LUT_QUERIES_MAX, TC_MIN_CHUNK, TC_ROWS, TC_TILE, causal_lengths,
-                                  gathers_fragments, split_length, takes_tensor_cores, tensor_core_row_tiles,
-                                  tensor_core_schedule, tensor_core_supported)
+from million_cupy.prefill import (DENSE_ROWS_MIN, DEQUANTIZE_SPAN, FRAGMENT_QUERIES_MIN, LUT_QUERIES_MAX, TC_MIN_CHUNK,
+                                  TC_ROWS, TC_TILE, causal_lengths, gathers_fragments, history_spans, split_length,
+                                  takes_dense, takes_tensor_cores, tensor_core_row_tiles, tensor_core_schedule,
+                                  tensor_core_supported)
 
 
 def _cache(rng, P=16, R=32, nh_k=2, d=64, M=16):
@@ -103,6 +104,26 @@ def test_the_auto_rule():
     assert not auto([few, few], group=8)                          # 24 rows: two row tiles cost ~5 LUT tokens
     assert auto([5, 4], group=1) and not auto([few, few], M=16)   # GQA 1; 8 dims per subspace: no verify_attention
     assert gathers_fragments(128, 32, 2) and not gathers_fragments(128, 64, 4) and not gathers_fragments(128, 16, 1)
+
+
+def test_the_dense_rule_counts_the_longest_sequence_rows():
+    assert takes_dense(np.array([DENSE_ROWS_MIN // 4, 1]), 4) and not takes_dense(np.array([DENSE_ROWS_MIN // 4 - 1]), 4)
+    assert takes_dense(np.array([DENSE_ROWS_MIN]), 1) and not takes_dense(np.array([DENSE_ROWS_MIN - 1, 3]), 1)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 8])
+def test_history_spans_cover_every_padded_history_once(kv_heads):
+    n = np.array([1, 0, TC_TILE, DEQUANTIZE_SPAN + 1, 3 * DEQUANTIZE_SPAN, 70])
+    spans, hist_row, ws_rows = history_spans(n, kv_heads)
+    padded = -(-n // TC_TILE) * TC_TILE
+    assert ws_rows == padded.sum() and hist_row.tolist() == (np.cumsum(padded) - padded).tolist()
+    assert spans.dtype == np.int32 and (spans[:, 2] % TC_TILE == 0).all() and (spans[:, 3] % TC_TILE == 0).all()
+    assert (spans[:, 3] - spans[:, 2] <= DEQUANTIZE_SPAN).all() and (spans[:, 3] > spans[:, 2]).all()
+    for b in range(n.shape[0]):
+        for h in range(kv_heads):
+            mine = spans[(spans[:, 0] == b) & (spans[:, 1] == h)]
+            covered = np.concatenate([np.arange(s[2], s[3]) for s in mine]) if mine.size else np.array([], int)
+            assert sorted(covered.tolist()) == list(range(padded[b]))
 
 
 def test_causal_lengths_follow_the_final_flush_state():

@@ -16,6 +16,7 @@ import pytest
 
 from million_cupy import BatchPrefillWrapper, prefill_attention, reference
 from million_cupy.errors import MillionError, UnsupportedConfiguration
+from million_cupy.prefill import DENSE_ROWS_MIN
 from million_cupy.interop import to_numpy
 from test_step_gpu import TOL, _caches, _device_array, _poison, _prefill, _tokens
 
@@ -81,16 +82,76 @@ def _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("M, P", [(64, 16), (32, 64), (16, 32)])
-def test_tensor_core_prefill_matches_the_causal_reference(rng, dtype, gqa, M, P):
-    """Long chunks (the tensor-core path) beside short ones in one batch: a first prompt, chunks crossing
-    flushes in the same call, one row tile and many, empty history; exact window R = 2P."""
+@pytest.mark.parametrize("backend", ["auto", "tensor_cores"])
+def test_tensor_core_prefill_matches_the_causal_reference(rng, dtype, gqa, M, P, backend):
+    """Long chunks (the tensor-core path: dense under the auto rule from DENSE_ROWS_MIN rows, else prefill_attention, which
+    "tensor_cores" forces) beside short ones in one batch: a first prompt, chunks crossing flushes in the same
+    call, one row tile and many, empty history; exact window R = 2P."""
     (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, M=M, P=P, R=2 * P, max_pages=1024)
-    seqs, ind, nh, wrapper = _planned(rng, cache, history=[300, 0, 129, 5, 64], counts=[200, 150, 17, 1, 64], gqa=gqa)
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[300, 0, 129, 5, 64], counts=[200, 150, 17, 1, 64], gqa=gqa,
+                                      backend=backend)
+    assert wrapper.regime == ("dense" if backend == "auto" and 200 * gqa >= DENSE_ROWS_MIN else "tensor_cores")
     for layer in range(cache.num_layers):
         _check_layer_and_one_call(rng, cache, wrapper, layer, seqs, ind, nh, dtype)
     stats = wrapper.stats()
     assert stats["tensor_core_plans"] == 1 and stats["long_chunk_queries"] == 0
-    assert stats["short_queries_on_tensor_cores"] == 1  # the sequence with one new token rode along
+    # the sequence with one new token rode along (counted under the auto rule only)
+    assert stats["short_queries_on_tensor_cores"] == (1 if backend == "auto" else 0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d, M, P", [(128, 64, 64), (128, 32, 16), (128, 16, 32), (64, 32, 32), (64, 16, 16)])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+def test_dense_prefill_matches_the_causal_reference(rng, dtype, d, M, P, gqa):
+    """The dense regime (dequantize_history into the workspace, then dense_prefill_attention): long and short
+    chunks, a first prompt, chunks crossing flushes in the same call, one new token, a history long enough to
+    be split across CTAs and merged, two kv heads with a codebook each, rows past a sequence's count; the
+    workspace is reused by a second, smaller plan."""
+    (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, d=d, M=M, P=P, R=2 * P, heads=2, max_pages=4096)
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[300, 0, 129, 5, 2600], counts=[200, 150, 17, 1, 70],
+                                      gqa=gqa, backend="dense")
+    assert wrapper.regime == "dense" and wrapper.on_tensor_cores
+    for layer in range(cache.num_layers):
+        _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype)
+    held = wrapper.workspace_bytes
+    assert held >= 2 * cache.num_kv_heads * sum(cache.lengths[0, s] for s in seqs) * d * 2
+    ind = np.array([0, 40, 41])
+    wrapper.plan(seqs[:2], ind)
+    for layer in range(cache.num_layers):
+        _check_layer(rng, cache, wrapper, layer, seqs[:2], ind, nh, dtype)
+    assert wrapper.workspace_bytes == held  # grown only
+    assert wrapper.stats()["dense_plans"] == 2
+
+
+def test_a_dense_plan_without_room_for_its_workspace_keeps_the_last_plan(rng, monkeypatch):
+    import cupy as cp
+
+    (cache,) = _caches(rng, devices=("cuda",), max_pages=1024)
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[100, 40], counts=[130, 9], gqa=4)
+    assert wrapper.regime == "dense"
+    _check_layer(rng, cache, wrapper, 0, seqs, ind, nh, "float16")
+
+    def no_room(*args, **kwargs):
+        raise cp.cuda.memory.OutOfMemoryError(1 << 40, 1 << 30)
+
+    monkeypatch.setattr(cp, "empty", no_room)
+    with pytest.raises(MillionError, match="workspace of .* MiB .* backend='tensor_cores'"):
+        wrapper.plan(seqs, [0, 700, 709], layers=[1])  # a larger workspace than the one held
+    monkeypatch.undo()
+    assert wrapper.regime == "dense" and wrapper.stats()["plans"] == 1
+    _check_layer(rng, cache, wrapper, 1, seqs, ind, nh, "float16")  # the first plan still runs
+
+
+def test_the_auto_rule_takes_the_dense_regime_for_many_rows(rng):
+    (cache,) = _caches(rng, devices=("cuda",), max_pages=1024)
+    gqa = 4
+    big = DENSE_ROWS_MIN // gqa
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[100, 0], counts=[big, 3], gqa=gqa)
+    assert wrapper.regime == "dense"
+    for layer in range(cache.num_layers):
+        _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, "float16")
+    wrapper.plan(seqs, [0, big - 1, big + 2])
+    assert wrapper.regime == "tensor_cores" and wrapper.stats()["dense_plans"] == 1
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
