@@ -91,7 +91,8 @@ FRAGMENT_QUERIES_MIN = 3
 #: rows, the dense regime once per layer but writes and reads it back as fp16. Measured at 8 x 32K on an H200
 #: (bench/results/prefill_h200.json): at 256 rows (q = 64 at GQA 4) the two tie at M = 64 (1.67 / 1.66 ms) and
 #: the on-chip kernel wins at M = 32 (1.41 against 1.64 ms); a 2K chunk (8,192 rows) takes 1.6-1.5x less time
-#: in the dense regime. From 4 row tiles on.
+#: in the dense regime. From 4 row tiles on: at 512 rows (q = 128) dense 2.48 / 2.46 ms against 3.34 / 2.72 ms
+#: on chip at M = 64 / 32 (bench/results/prefill_q128_h200.json).
 DENSE_ROWS_MIN = 512
 
 #: BatchPrefillWrapper's ``backend`` choices: the rule above, or one regime for every plan.
