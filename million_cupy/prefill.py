@@ -321,7 +321,8 @@ class TensorCorePlan:
         if dense:
             spans, hist_row, ws_rows = history_spans(n, cache.num_kv_heads)
             parts += [spans.reshape(-1), hist_row]
-            self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)  # may raise: no state changed yet
+            # May raise (no room on the device) before any of this plan's state is written: the last plan stays.
+            self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)
             self.spans, self.ws_rows = spans.shape[0], ws_rows
         # One upload; every part starts 16-byte aligned (the kernel reads int4 records).
         sizes = [-(-p.shape[0] // 4) * 4 for p in parts]
@@ -624,7 +625,8 @@ class BatchPrefillWrapper:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``plans``, ``runs``, ``query_tokens`` planned, ``tensor_core_plans`` (plans that took the
-        tensor-core path), ``dense_plans`` (those of them in the dense regime), ``short_queries_on_tensor_cores`` (query tokens of sequences with at most
+        tensor-core path), ``dense_plans`` (those of them in the dense regime),
+        ``short_queries_on_tensor_cores`` (query tokens of sequences with at most
         LUT_QUERIES_MAX new tokens planned on the tensor-core path beside a longer chunk; warned once),
         ``long_chunk_queries`` (query tokens of chunks longer than LUT_QUERIES_MAX that ran the
         per-token LUT path because the configuration has no tensor-core path; warned once)."""

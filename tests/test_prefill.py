@@ -107,7 +107,8 @@ def test_the_auto_rule():
 
 
 def test_the_dense_rule_counts_the_longest_sequence_rows():
-    assert takes_dense(np.array([DENSE_ROWS_MIN // 4, 1]), 4) and not takes_dense(np.array([DENSE_ROWS_MIN // 4 - 1]), 4)
+    assert takes_dense(np.array([DENSE_ROWS_MIN // 4, 1]), 4)
+    assert not takes_dense(np.array([DENSE_ROWS_MIN // 4 - 1]), 4)
     assert takes_dense(np.array([DENSE_ROWS_MIN]), 1) and not takes_dense(np.array([DENSE_ROWS_MIN - 1, 3]), 1)
 
 

@@ -84,9 +84,9 @@ def _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype):
 @pytest.mark.parametrize("M, P", [(64, 16), (32, 64), (16, 32)])
 @pytest.mark.parametrize("backend", ["auto", "tensor_cores"])
 def test_tensor_core_prefill_matches_the_causal_reference(rng, dtype, gqa, M, P, backend):
-    """Long chunks (the tensor-core path: dense under the auto rule from DENSE_ROWS_MIN rows, else prefill_attention, which
-    "tensor_cores" forces) beside short ones in one batch: a first prompt, chunks crossing flushes in the same
-    call, one row tile and many, empty history; exact window R = 2P."""
+    """Long chunks (the tensor-core path: dense under the auto rule from DENSE_ROWS_MIN rows, else
+    prefill_attention, which "tensor_cores" forces) beside short ones in one batch: a first prompt, chunks crossing
+    flushes in the same call, one row tile and many, empty history; exact window R = 2P."""
     (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, M=M, P=P, R=2 * P, max_pages=1024)
     seqs, ind, nh, wrapper = _planned(rng, cache, history=[300, 0, 129, 5, 64], counts=[200, 150, 17, 1, 64], gqa=gqa,
                                       backend=backend)
