@@ -224,6 +224,19 @@ __device__ __forceinline__ void copy_codebooks(__half* k_dst, __half* v_dst, con
   }
 }
 
+// The dequantization tasks of a 64-token tile, spread over the CTA's NT threads (prefill_attention's fill and
+// dequantize_history): K as (token, 16-byte code chunk) pairs, a warp's lanes being consecutive tokens, so the
+// in-page XOR permutation puts their gathers on distinct banks; V as (16-token block, subspace) pairs.
+template <int D, int M>
+struct PqTileTasks {
+  static constexpr int DSUB = D / M;
+  static constexpr int ROT = M < 32 ? M : 32;  // K-row permutation period (layout.permute_k_rows)
+  static constexpr int K_TASKS = BN * (M / 16);
+  static constexpr int V_TASKS = (BN / 16) * M;
+  static constexpr int KT = (K_TASKS + NT - 1) / NT, VT = (V_TASKS + NT - 1) / NT;  // tasks per thread
+  static_assert(M >= 16 && M % 16 == 0 && (DSUB == 2 || DSUB == 4 || DSUB == 8), "M, DSUB");
+};
+
 template <int D>
 struct PrefillSmem {
   static constexpr int STAGES = 2;   // tile buffers: one being filled while the other is computed on
@@ -264,13 +277,10 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   constexpr int BM = 16 * RT;       // query rows per CTA
   constexpr int TG = NWARPS / RT;   // token groups
   constexpr int NW = BN / TG;       // tokens of a tile per warp
-  constexpr int DSUB = D / M;
+  using Tasks = PqTileTasks<D, M>;
+  constexpr int DSUB = Tasks::DSUB, ROT = Tasks::ROT, K_TASKS = Tasks::K_TASKS, V_TASKS = Tasks::V_TASKS;
+  constexpr int KT = Tasks::KT, VT = Tasks::VT;
   constexpr int ROW = S::ROW;
-  constexpr int ROT = M < 32 ? M : 32;                 // K-row permutation period (layout.permute_k_rows)
-  constexpr int K_TASKS = BN * (M / 16);               // (token, 16-byte code chunk) pairs of a tile
-  constexpr int V_TASKS = (BN / 16) * M;               // (16-token block, subspace) pairs of a tile
-  constexpr int KT = (K_TASKS + NT - 1) / NT, VT = (V_TASKS + NT - 1) / NT;
-  static_assert(M >= 16 && M % 16 == 0 && (DSUB == 2 || DSUB == 4 || DSUB == 8), "M, DSUB");
   static_assert(D % 16 == 0 && D <= 128, "D");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1109,13 +1119,10 @@ __global__ void __launch_bounds__(NT, 1) dequantize_history(
     T* __restrict__ ws_k, T* __restrict__ ws_v, // (nh_k, ws_rows, D)
     int ws_rows, int nh_k) {
   using S = DequantizeSmem<D>;
-  constexpr int DSUB = D / M;
-  constexpr int ROT = M < 32 ? M : 32;                 // K-row permutation period (layout.permute_k_rows)
-  constexpr int K_TASKS = BN * (M / 16);               // (token, 16-byte code chunk) pairs of a tile
-  constexpr int V_TASKS = (BN / 16) * M;               // (16-token block, subspace) pairs of a tile
-  constexpr int KT = (K_TASKS + NT - 1) / NT, VT = (V_TASKS + NT - 1) / NT;
+  using Tasks = PqTileTasks<D, M>;
+  constexpr int DSUB = Tasks::DSUB, ROT = Tasks::ROT, K_TASKS = Tasks::K_TASKS, V_TASKS = Tasks::V_TASKS;
+  constexpr int KT = Tasks::KT, VT = Tasks::VT;
   constexpr int W = DSUB / 2;                          // 32-bit words of a centroid
-  static_assert(M >= 16 && M % 16 == 0 && (DSUB == 2 || DSUB == 4 || DSUB == 8), "M, DSUB");
   require_dynamic_smem(S::total);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* kc_s = reinterpret_cast<__half*>(smem_raw);
