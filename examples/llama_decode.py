@@ -256,9 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for layer in range(cfg.layers):
             q, k, v = model.qkv(layer, x, pos)
             if decode_step is not None:
-                decode_step.append(layer, xp.ascontiguousarray(k, dtype=np.float16),
-                                   xp.ascontiguousarray(v, dtype=np.float16))
-                attn = decode_step.run(layer, xp.ascontiguousarray(q, dtype=np.float16)).astype(np.float32)
+                # append this token's K / V and attend, in one call
+                attn = decode_step.run(layer, xp.ascontiguousarray(q, dtype=np.float16),
+                                       k=xp.ascontiguousarray(k, dtype=np.float16),
+                                       v=xp.ascontiguousarray(v, dtype=np.float16)).astype(np.float32)
             else:
                 cache.append(layer, seq_ids, k.astype(np.float16), v.astype(np.float16))
                 attn = mc.decode(cache, layer, seq_ids, q)

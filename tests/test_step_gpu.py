@@ -195,22 +195,30 @@ def test_batches_that_change_between_steps_and_forks(rng):
     np.testing.assert_array_equal(table[child, :shared], table[c, :shared])
 
 
-def _graph_replays_eager(rng, eager, graphed, steps: int, stream):
+def _three_sequences(rng, a, b, steps: int):
+    """The same three sequences (5, 31 and 70 tokens) in caches ``a`` and ``b`` (two layers, 2 kv heads, d = 128),
+    and ``steps`` steps of k, v ``(steps, 2, 3, 2, 128)`` and q ``(steps, 2, 3, 8, 128)`` float16 inputs."""
+    import cupy as cp
+
+    seqs = [a.add_sequence() for _ in range(3)]
+    for _ in seqs:
+        b.add_sequence()
+    _prefill(rng, (a, b), seqs, [5, 31, 70])
+    shapes = ((steps, 2, 3, 2, 128), (steps, 2, 3, 2, 128), (steps, 2, 3, 8, 128))
+    return seqs, [cp.asarray(rng.standard_normal(shape).astype(np.float16)) for shape in shapes]
+
+
+def _graph_replays_eager(rng, eager, graphed, steps: int, stream, *, one_call: bool = False):
     """Three sequences (5, 31 and 70 tokens) decoded for ``steps`` steps of two layers: eagerly on ``eager``, and on
-    ``graphed`` by one captured step replayed with its inputs copied into fixed buffers first. The outputs must be
-    equal bit for bit. Returns the sequences and the replayed DecodeStep."""
+    ``graphed`` by one captured step replayed with its inputs copied into fixed buffers first (``one_call``: each
+    layer captured as ``run(..., k=, v=)``). The outputs must be equal bit for bit. Returns the sequences and the
+    replayed DecodeStep."""
     import cupy as cp
 
     from million_cupy import DecodeStep
 
-    seqs = [eager.add_sequence() for _ in range(3)]
-    for _ in seqs:
-        graphed.add_sequence()
-    _prefill(rng, (eager, graphed), seqs, [5, 31, 70])
+    seqs, (k_all, v_all, q_all) = _three_sequences(rng, eager, graphed, steps)
     B, nh, d = 3, 8, 128
-    k_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
-    v_all = cp.asarray(rng.standard_normal((steps, 2, B, 2, d)).astype(np.float16))
-    q_all = cp.asarray(rng.standard_normal((steps, 2, B, nh, d)).astype(np.float16))
 
     with stream:
         s_eager, s_graph = DecodeStep(eager, nh), DecodeStep(graphed, nh)
@@ -229,11 +237,18 @@ def _graph_replays_eager(rng, eager, graphed, steps: int, stream):
         for layer in range(2):  # compile and bind outside the capture
             s_graph.append(layer, k_all[0, layer], v_all[0, layer])
             s_graph.run(layer, q_all[0, layer], out=out_graph[0, layer])
+        views = [[x[layer] for layer in range(2)] for x in (k_buf, v_buf, q_buf, o_buf)]  # the same objects
         stream.begin_capture()
         for layer in range(2):
-            s_graph.append(layer, k_buf[layer], v_buf[layer])
-            s_graph.run(layer, q_buf[layer], out=o_buf[layer])
+            if one_call:  # twice: the second call's arrays repeat, but a capture of the caller's is under way
+                kl, vl, ql, ol = (x[layer] for x in views)
+                for _ in range(2):
+                    s_graph.run(layer, ql, out=ol, k=kl, v=vl)
+            else:
+                s_graph.append(layer, k_buf[layer], v_buf[layer])
+                s_graph.run(layer, q_buf[layer], out=o_buf[layer])
         graph = stream.end_capture()
+        assert s_graph.stats()["layer_graph_captures"] == 0
         for t in range(1, steps):
             s_graph.plan(seqs)
             k_buf[...] = k_all[t]
@@ -262,6 +277,103 @@ def test_graph_replay_equals_eager_token_for_token(rng):
         for s in seqs:
             assert_same_contents(contents(graphed, layer, s), contents(eager, layer, s))
     assert s_graph.stats()["schedules"] < 10  # one schedule serves many steps
+
+
+def test_one_call_layers_replay_their_graphs_token_for_token(rng):
+    """run(layer, q, out=, k=, v=) with a model's per-layer buffers (rewritten in place each step) captures one
+    graph per layer on the second step and replays it for 200 steps (every sequence flushes many times): outputs
+    and cache contents equal the two-call eager path's bit for bit; another batch size re-captures."""
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+    from test_cache import assert_same_contents, contents  # noqa: PLC0415
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    two_calls, one_call = _caches(rng, devices=("cuda", "cuda"), stream=stream, max_pages=1024)
+    steps, B, nh, d = 200, 3, 8, 128
+    seqs, (k_all, v_all, q_all) = _three_sequences(rng, two_calls, one_call, steps)
+    with stream:
+        s_two, s_one = DecodeStep(two_calls, nh), DecodeStep(one_call, nh)
+        want = cp.empty((steps, 2, B, nh, d), cp.float16)
+        got = cp.full_like(want, cp.nan)
+        k_buf = [cp.empty((B, 2, d), cp.float16) for _ in range(2)]
+        v_buf = [cp.empty((B, 2, d), cp.float16) for _ in range(2)]
+        q_buf = [cp.empty((B, nh, d), cp.float16) for _ in range(2)]
+        o_buf = [cp.full((B, nh, d), cp.nan, cp.float16) for _ in range(2)]
+        for t in range(steps):
+            s_two.plan(seqs)
+            s_one.plan(seqs)
+            for layer in range(2):
+                s_two.append(layer, k_all[t, layer], v_all[t, layer])
+                s_two.run(layer, q_all[t, layer], out=want[t, layer])
+                k_buf[layer][...] = k_all[t, layer]
+                v_buf[layer][...] = v_all[t, layer]
+                q_buf[layer][...] = q_all[t, layer]
+                assert s_one.run(layer, q_buf[layer], out=o_buf[layer], k=k_buf[layer], v=v_buf[layer]) is o_buf[layer]
+                got[t, layer] = o_buf[layer]
+        stream.synchronize()
+    s_two.check()
+    s_one.check()
+    np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(want))
+    for layer in range(2):
+        for s in seqs:
+            assert_same_contents(contents(one_call, layer, s), contents(two_calls, layer, s))
+    st = s_one.stats()
+    assert st["layer_graph_captures"] == 2 and st["layer_graph_fallbacks"] == 0  # one per layer, on step 2
+
+    # Another batch size: the step's launches are re-bound, so the graphs are dropped and captured again.
+    pair = seqs[:2]
+    k_pair, v_pair = [x[:2] for x in k_buf], [x[:2] for x in v_buf]  # views made once: the same objects each step
+    q_pair = [cp.asarray(rng.standard_normal((2, nh, d)).astype(np.float16)) for _ in range(2)]
+    o_pair = [cp.empty((2, nh, d), cp.float16) for _ in range(2)]
+    with stream:
+        for _ in range(3):
+            s_one.plan(pair)
+            for layer in range(2):
+                k_pair[layer][...] = cp.asarray(_tokens(rng, 2, one_call).astype(np.float16))
+                v_pair[layer][...] = cp.asarray(_tokens(rng, 2, one_call).astype(np.float16))
+                o_pair[layer][...] = cp.nan
+                s_one.run(layer, q_pair[layer], out=o_pair[layer], k=k_pair[layer], v=v_pair[layer])
+                _check_attention(one_call, layer, pair, q_pair[layer], o_pair[layer], None, "float16")
+    assert s_one.stats()["layer_graph_captures"] == 4
+
+
+def test_one_call_layers_inside_a_callers_capture_and_on_the_legacy_stream(rng):
+    """run(..., k=, v=) records its two kernels into a caller's capture (a graph cannot be launched into one); on
+    the legacy default stream it takes two launches, counted and warned about once."""
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    eager, graphed = _caches(rng, devices=("cuda", "cuda"), stream=stream, max_pages=1024)
+    _graph_replays_eager(rng, eager, graphed, 40, stream, one_call=True)
+
+    (cache,) = _caches(rng, devices=("cuda",))  # the legacy default stream
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [20, 40])
+    step = DecodeStep(cache, 8)
+    k = cp.asarray(_tokens(rng, 2, cache).astype(np.float16))
+    q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
+    out = cp.empty((2, 8, 128), cp.float16)
+    with pytest.warns(RuntimeWarning, match="legacy default stream"):
+        for _ in range(3):
+            step.plan(seqs)
+            for layer in range(2):
+                out[...] = cp.nan
+                step.run(layer, q, out=out, k=k, v=k)
+                _check_attention(cache, layer, seqs, q, out, None, "float16")
+    st = step.stats()
+    assert st["layer_graph_captures"] == 0 and st["layer_graph_fallbacks"] == 4
+
+    # Bad input in a one-call layer: a clear error and nothing appended.
+    step.plan(seqs)
+    with pytest.raises(ValueError, match="go together"):
+        step.run(0, q, out=out, k=k)
+    with pytest.raises(ValueError, match="q"):
+        step.run(0, cp.zeros((3, 8, 128), cp.float16), out=out, k=k, v=k)
+    with pytest.raises(MillionError, match="before append"):
+        step.run(0, q, out=out)
 
 
 def test_replay_after_the_batch_changed_writes_nothing_and_raises(rng):
