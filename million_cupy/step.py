@@ -10,7 +10,7 @@ layer, :meth:`DecodeStep.append` and :meth:`DecodeStep.run` are then one bound k
 index math, allocation, synchronisation or argument conversion. ``run(layer, q, out=o, k=k, v=v)`` appends and
 attends in one call: once a layer's four arrays repeat, its two kernels are replayed from a per-layer CUDA graph
 captured on the spot, one ``cudaGraphLaunch`` (1.5 us of host time) instead of two kernel launches (3.6-6.8 us
-each on the H200 hosts), so an eager layer costs 1.6-3.6 us of host time instead of 8-11 (bench step).
+each on the H200 hosts), so an eager layer costs 2.2-4.5 us of host time instead of 7.5-12.4 (bench step).
 
 A flush costs nothing here: every token's codes are written when it is appended (``append_tokens`` in
 ``cuda_src/cache_append.cu``: nearest-centroid encode, page store and ring copy in one launch), so a
@@ -531,6 +531,7 @@ class DecodeStep:
         append = self._bound_append(layer, k, v)
         attend, out, lse = self._bound_run(layer, q, out, lse, return_lse)
         arrays = (k, v, q, out)
+        self._layer_graphs.pop(layer, None)  # other arrays: the graph of the old ones would only keep them alive
         repeat = self._layer_last.get(layer)
         self._layer_last[layer] = arrays
         # Only the caller's own CuPy arrays, as bound (a converted object may be re-pointed by its owner), and only
