@@ -26,7 +26,8 @@ tiles, forced; 12 and 28 query rows per kv head at M = 64, so since 2026-12-03 t
 history split in two and merged) with every other case on an H200 (2026-12-03, 13:25 UTC, the final kernels of
 that day, `--report-api-errors no`): racecheck 0 hazards, memcheck 0 errors. With the dense regime's cases added
 (dequantize_history, dense_prefill_attention and their merge) on an H200 (2026-12-03, 22:02 UTC, the same flags):
-racecheck 0 hazards, memcheck 0 errors.
+racecheck 0 hazards, memcheck 0 errors. After verify_attention's conflict-free K table and split step loops
+(H200, 2026-12-04, 02:32 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors.
 """
 
 import sys

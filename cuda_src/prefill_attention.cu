@@ -77,6 +77,30 @@ __device__ __forceinline__ int load_pinned(const int* p) {
   asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
+// out[I] := the E words at shared-window byte address addr[I] + (I / GROUP) * STRIDE, the offset carried by the
+// load instruction (no address arithmetic per load). volatile keeps them after the barrier that publishes the
+// tables.
+template <int N, int E, int GROUP, int STRIDE, int I = 0>
+__device__ __forceinline__ void lds_offset(unsigned (&out)[N][E], const unsigned (&addr)[N]) {
+  static_assert(E == 1 || E == 2, "1 or 2 words");
+  if constexpr (I < N) {
+    if constexpr (E == 1)
+      asm volatile("ld.shared.b32 %0, [%1+%2];" : "=r"(out[I][0]) : "r"(addr[I]), "n"(I / GROUP * STRIDE));
+    else
+      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2+%3];"
+                   : "=r"(out[I][0]), "=r"(out[I][1]) : "r"(addr[I]), "n"(I / GROUP * STRIDE));
+    lds_offset<N, E, GROUP, STRIDE, I + 1>(out, addr);
+  }
+}
+
+// N words at byte offsets I * STRIDE from p, which the load instructions carry (no address arithmetic per load).
+template <int N, int STRIDE, int I = 0>
+__device__ __forceinline__ void load_pinned_strided(unsigned* dst, const int* p) {
+  if constexpr (I < N) {
+    asm volatile("ld.global.nc.b32 %0, [%1+%2];" : "=r"(dst[I]) : "l"(p), "n"(I * STRIDE));
+    load_pinned_strided<N, STRIDE, I + 1>(dst, p);
+  }
+}
 __device__ __forceinline__ uint2 load_pinned(const uint2* p) {
   uint2 v;
   asm volatile("ld.global.nc.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
@@ -666,12 +690,24 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 //   DSUB * (8 j + g) + e), so every centroid word is used whole.
 // The warps are NS = 8 / RT token streams of RT warps; a stream takes every NS-th 16-token step of the item,
 // its RT warps each compute the scores of all rows and O for D / RT of the dims; no barrier in the main loop.
-// Codes are loaded a step ahead and page ids two steps ahead. Gathers of random codes meet ~3.4-way bank
-// conflicts on average, which bounds this kernel by shared-memory wavefronts, not by instruction issue.
+// Codes are loaded a step ahead and page ids two steps ahead.
+// K gathers without bank conflicts: the 8 lanes of one i4 group hold the same slot of 8 tokens, so a [m][code]
+// table would put their gathers on banks set by random codes (~3.4-way conflicts over the warp). The K table is
+// [code][row] instead, a gather's bank set by its place in the row, and lane (g, i4) gathers slot
+// (v + k_rot) mod GL at its v-th gather (k_rot = g mod K_ROTATIONS): a row keeps each slot group in a region of
+// GL + K_ROTATIONS - 1 entries (the group's slots, then its first ones again), so that the lane's v-th entry is
+// v entries past its own start (an offset the load instruction carries), and the regions sit K_REGION entries
+// apart, so that the lanes of one shared-memory phase (the warp for one-word centroids, a half-warp for two-word
+// ones) meet distinct banks. log2(K_ROTATIONS) conditional moves per word then rotate the centroids back into
+// slot order for the MMA, and a byte rotation of the codes makes byte v the code of the v-th gather.
+// H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts 26.7 M -> 16.5 M; with the paged and ring steps in
+// loops of their own (below) and the gathers' offsets in their load instructions, 250 -> 197 us (M = 32:
+// 232 -> 155 us).
 template <int D>
 struct VerifySmem {
-  static constexpr size_t codebook_bytes = sizeof(__half) * 256 * D;  // one kind, [m][code][dsub] in T
-  static constexpr size_t total = 2 * codebook_bytes;
+  static constexpr size_t k_table_bytes = sizeof(unsigned) * 256 * 4 * 24;  // [code][4 regions of 24 words]
+  static constexpr size_t v_table_bytes = sizeof(__half) * 256 * D;         // [m][code][dsub] in T
+  static constexpr size_t total = k_table_bytes + v_table_bytes;
   static constexpr size_t merge_bytes = sizeof(float) * NWARPS * 32 * (D / 2 + 8);
   static_assert(merge_bytes <= total, "the token streams' states reuse the codebooks' space");
 };
@@ -706,15 +742,22 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   static_assert(SLOTS == GL && J % RT == 0 && ROT / GL <= 4, "layout");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // K entry (m, code): E words at (m * 256 + code) * E, so a gather's bank is set by its random code (the 8
-  // lanes of a K gather share m). V entries of one-word centroids (DSUB = 2) sit at (m / 8 * 256 + code) * 8 +
-  // m % 8: the lanes of a V gather take m = 8 j + g, so g picks the bank's residue mod 8 and only the 4 lanes of
-  // one g compete (H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts 29.0 M -> 26.7 M, 264 -> 250 us);
-  // two-word centroids keep [m][code] (the same interleave made M = 32 slower: 232 -> 240 us).
+  // K entry (m, code): E words at (code * K_ROW + K_REGION * (m / GL) + t) * E for t = m % GL, and again for
+  // t = m % GL + GL when that is below GL + K_ROTATIONS - 1. V entries of one-word centroids (DSUB = 2) sit
+  // at (m / 8 * 256 + code) * 8 + m % 8: the lanes of a V gather take m = 8 j + g, so g picks the bank's residue
+  // mod 8 and only the 4 lanes of one g compete (H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts
+  // 29.0 M -> 26.7 M, 264 -> 250 us); two-word centroids keep [m][code] (the same interleave made M = 32
+  // slower: 232 -> 240 us).
   constexpr bool V_INTERLEAVED = E == 1;
+  // K_ROTATIONS: the lanes of one shared-memory phase that share a slot group (its 8 tokens; 4 per half-warp).
+  // K_REGION: E = 1, regions at banks 0, 24, 16, 8 (each lane's 8-bank window disjoint from the others');
+  // E = 2, at entry pairs 0, 12, 8, 4 of 16.
+  constexpr int K_ROTATIONS = E == 1 ? 8 : 4, K_REGION = 24 / E;
+  constexpr int K_ROW = 4 * K_REGION;  // entries of a code's row: 96 words, a multiple of 32 (no bank shift)
+  static_assert(GL + K_ROTATIONS - 1 <= K_REGION && K_ROW * E * 4 * 256 == S::k_table_bytes, "K table");
   auto v_entry = [](int m, int c) { return V_INTERLEAVED ? ((m >> 3) * 256 + c) * 8 + (m & 7) : m * 256 + c; };
   unsigned* kc_s = reinterpret_cast<unsigned*>(smem_raw);
-  unsigned* vc_s = kc_s + 256 * M * E;
+  unsigned* vc_s = kc_s + S::k_table_bytes / sizeof(unsigned);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int stream = warp / RT, dpart = warp % RT;
@@ -725,8 +768,8 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   const int G = wi.G, rows = wi.rows, page_mask = wi.page_mask;
   const int4 sm = wi.seq;
 
-  // ---- both codebooks, transposed to [m][code] (and converted to T): a lane keeps one code for 32 bytes of
-  // the global [code][m] rows, so the loads use whole sectors and the stores hit consecutive words ----------
+  // ---- both codebooks (converted to T). V, transposed to [m][code]: a lane keeps one code for 32 bytes of the
+  // global [code][m] rows, so the loads use whole sectors and the stores hit consecutive words ---------------
   {
     constexpr int WORDS32 = 8;                      // 32 bytes
     constexpr int PARTS = M * E / WORDS32;          // 32-byte parts of one code's row
@@ -734,16 +777,32 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     const unsigned* vs = reinterpret_cast<const unsigned*>(v_cent + kvh * cb_head_stride);
     for (int task = tid; task < 256 * PARTS; task += NT) {
       const int c = task & 255, part = task >> 8;
-      const uint4* kp = reinterpret_cast<const uint4*>(ks + (c * M * E + part * WORDS32));
       const uint4* vp = reinterpret_cast<const uint4*>(vs + (c * M * E + part * WORDS32));
-      const uint4 k0 = __ldg(kp), k1 = __ldg(kp + 1), v0 = __ldg(vp), v1 = __ldg(vp + 1);
-      const unsigned kw[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+      const uint4 v0 = __ldg(vp), v1 = __ldg(vp + 1);
       const unsigned vw[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
       for (int w = 0; w < WORDS32; ++w) {
         const int m = (part * WORDS32 + w) / E, e = w % E;
-        kc_s[(m * 256 + c) * E + e] = Ops<T>::from_half2(kw[w]);
         vc_s[v_entry(m, c) * E + e] = Ops<T>::from_half2(vw[w]);
+      }
+    }
+    // K: a lane's 16 bytes of a global [code][m] row into its entries' places
+    constexpr int QE = 4 / E;  // entries per 16 bytes
+#pragma unroll 4
+    for (int task = tid; task < 256 * M / QE; task += NT) {
+      const int c = task / (M / QE), m0 = task % (M / QE) * QE;
+      const uint4 x = __ldg(reinterpret_cast<const uint4*>(ks) + task);
+      const unsigned xw[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int e = 0; e < QE; ++e) {
+        const int t = (m0 + e) % GL;
+        unsigned* dst = kc_s + (c * K_ROW + K_REGION * ((m0 + e) / GL) + t) * E;
+#pragma unroll
+        for (int w = 0; w < E; ++w) {
+          const unsigned y = Ops<T>::from_half2(xw[e * E + w]);
+          dst[w] = y;
+          if (t < K_ROTATIONS - 1) dst[GL * E + w] = y;
+        }
       }
     }
   }
@@ -806,10 +865,9 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         c.k[nt][0] = (unsigned)load_pinned(reinterpret_cast<const int*>(src));
       }
     }
-    const unsigned char* vp = wi.v_codes + (long long)page * page_stride + ((x0 & page_mask) >> 4) * (M * 16);
-#pragma unroll
-    for (int jj = 0; jj < JW; ++jj)
-      c.v[jj] = (unsigned)load_pinned(reinterpret_cast<const int*>(vp + (8 * (dpart * JW + jj) + g) * 16 + 4 * i4));
+    const int* vp = reinterpret_cast<const int*>(wi.v_codes + (long long)page * page_stride + ((x0 & page_mask) >> 4) *
+                                                 (M * 16) + (8 * dpart * JW + g) * 16 + 4 * i4);
+    load_pinned_strided<JW, 8 * 16>(c.v, vp);  // subspace 8 (dpart JW + jj) + g: jj * 128 bytes further
   };
 
   float o[RT][NDT][4];
@@ -821,8 +879,14 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) mA[rt] = mB[rt] = kNegInf, lA[rt] = lB[rt] = 0.f;
 
-  const unsigned* k_lane = kc_s + (GL * i4) * 256 * E;  // + (slot * 256 + code) * E
+  // + 4 E (code * K_ROW + v) bytes at the lane's v-th gather, slot (v + k_rot) mod GL
+  const int k_rot = g % K_ROTATIONS;
+  const unsigned k_lane = smem_addr(kc_s + (K_REGION * i4 + k_rot) * E);  // shared-window addresses (bytes)
+  const unsigned k_shift = 0x3210u + 0x1111u * (unsigned)(k_rot & 3);  // byte_perm: bytes k_rot % 4 .. + 3
   const unsigned* v_lane = vc_s + v_entry(g, 0) * E;   // + (v_entry(8 j + g, code) - v_entry(g, 0)) * E
+  constexpr int V_J_STRIDE = 8 * 256 * E;              // words from subspace 8 j + g to 8 (j + 1) + g
+  static_assert(V_J_STRIDE == (v_entry(8, 0) - v_entry(0, 0)) * E, "V layout");
+  const unsigned v_warp = smem_addr(v_lane + dpart * JW * V_J_STRIDE);  // subspace 8 (dpart JW) + g
   constexpr int SSTRIDE = NS * STEP;
   int x0 = t_begin + stream * STEP;
   Codes codes;
@@ -830,16 +894,20 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   load_codes(codes, x0, load_page(x0));
   __syncthreads();  // the codebooks are published
 
-  for (; x0 < t_stop; x0 += SSTRIDE) {
+  // One step of 16 tokens, wholly in pages or wholly in the ring (inlined at each loop, paged a constant there).
+  // Paged steps and ring steps run in loops of their own: with one loop, the ring branch's global loads into the
+  // fragments met the paged branch's prefetch of the next codes at the join, and the first MMA waited for that
+  // prefetch (H200, ncu: a quarter of all stall samples on that one instruction).
+  auto step = [&](const bool paged) {
     // Every gather of the step first (one basic block, so that the K and V gathers' latencies overlap and the
     // scheduler can interleave them with the MMAs); the code registers are then free for the next step's loads.
-    const bool paged = x0 < n_main;  // a 16-token step lies wholly in pages or wholly in the ring
     unsigned kf[2][SLOTS][E];        // K: B fragments of n-tiles 0 and 1, slot order
-    unsigned vc[JW][4][E];           // V: the centroids of tokens 4 i4 + u in subspace 8 j + g
+    unsigned vc[JW * 4][E];          // V: [4 jj + u] the centroid of token 4 i4 + u in subspace 8 j + g
     if (paged) {
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const int rr = (((x0 + ktok0 + 2 * nt) & page_mask) % ROT) % GL;  // the group's bytes: slots XOR rr
+        // the group's stored bytes are its slots XOR rr: in slot order first, then rotated by k_rot
+        const int rr = (((x0 + ktok0 + 2 * nt) & page_mask) % ROT) % GL;
         unsigned w[KW];
 #pragma unroll
         for (int k = 0; k < KW; ++k) w[k] = codes.k[nt][k];
@@ -858,22 +926,51 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         const unsigned sel = 0x3210u ^ ((unsigned)(rr & 3) * 0x1111u);
 #pragma unroll
         for (int k = 0; k < KW; ++k) w[k] = __byte_perm(w[k], 0u, sel);
+        if constexpr (KW >= 2) {  // byte v := slot (v + k_rot) mod GL: whole words first (k_rot < 8)
+          if (k_rot & 4) {
+            const unsigned x = w[0];
 #pragma unroll
-        for (int v = 0; v < SLOTS; ++v) {
-          const unsigned* e = k_lane + (v * 256 + (int)code_byte(w, v)) * E;
-#pragma unroll
-          for (int x = 0; x < E; ++x) kf[nt][v][x] = e[x];
+            for (int k = 0; k + 1 < KW; ++k) w[k] = w[k + 1];
+            w[KW - 1] = x;
+          }
         }
+        {
+          unsigned y[KW];
+#pragma unroll
+          for (int k = 0; k < KW; ++k) y[k] = __byte_perm(w[k], w[(k + 1) % KW], k_shift);
+#pragma unroll
+          for (int k = 0; k < KW; ++k) w[k] = y[k];
+        }
+        unsigned kr[SLOTS][E];  // kr[v]: slot (v + k_rot) mod GL
+        {
+          unsigned at[SLOTS];
+#pragma unroll
+          for (int v = 0; v < SLOTS; ++v) at[v] = k_lane + code_byte(w, v) * (4 * K_ROW * E);
+          lds_offset<SLOTS, E, 1, 4 * E>(kr, at);  // + 4 E v
+        }
+#pragma unroll
+        for (int b = 1; b < K_ROTATIONS; b <<= 1) {  // slot order: rotate back by k_rot, one bit at a time
+          const bool turn = k_rot & b;
+          unsigned t[SLOTS][E];
+#pragma unroll
+          for (int v = 0; v < SLOTS; ++v)
+#pragma unroll
+            for (int x = 0; x < E; ++x) t[v][x] = turn ? kr[(v + GL - b) % GL][x] : kr[v][x];
+#pragma unroll
+          for (int v = 0; v < SLOTS; ++v)
+#pragma unroll
+            for (int x = 0; x < E; ++x) kr[v][x] = t[v][x];
+        }
+#pragma unroll
+        for (int v = 0; v < SLOTS; ++v)
+#pragma unroll
+          for (int x = 0; x < E; ++x) kf[nt][v][x] = kr[v][x];
       }
+      unsigned at[JW * 4];
 #pragma unroll
-      for (int jj = 0; jj < JW; ++jj)
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int j = dpart * JW + jj, code = (int)__byte_perm(codes.v[jj], 0u, 0x4440u | u);
-          const unsigned* e = v_lane + (V_INTERLEAVED ? (j * 256 + code) * 8 : j * 8 * 256 + code) * E;
-#pragma unroll
-          for (int x = 0; x < E; ++x) vc[jj][u][x] = e[x];
-        }
+      for (int i = 0; i < JW * 4; ++i)
+        at[i] = v_warp + __byte_perm(codes.v[i / 4], 0u, 0x4440u | (i % 4)) * (4 * (V_INTERLEAVED ? 8 : 1) * E);
+      lds_offset<JW * 4, E, 4, 4 * V_J_STRIDE>(vc, at);  // + subspace 8 jj + g's offset
     } else {  // exact rows of the ring; K past the item's end is masked below, V there must be finite (zero)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -892,7 +989,8 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
           const int xt = x0 + 4 * i4 + u;
           const T* row = ring_v + (wi.ring_base + xt % ring_cap) * D + DSUB * (8 * (dpart * JW + jj) + g);
 #pragma unroll
-          for (int x = 0; x < E; ++x) vc[jj][u][x] = xt < t_end ? __ldg(reinterpret_cast<const unsigned*>(row + 2 * x)) : 0u;
+          for (int x = 0; x < E; ++x)
+            vc[4 * jj + u][x] = xt < t_end ? __ldg(reinterpret_cast<const unsigned*>(row + 2 * x)) : 0u;
         }
     }
     load_codes(codes, x0 + SSTRIDE, page_next);
@@ -958,12 +1056,14 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
 #pragma unroll
       for (int e = 0; e < DSUB; ++e) {  // n-tile of dims DSUB * (8 j + g') + e
         const unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
-        const unsigned b0 = __byte_perm(vc[jj][0][e >> 1], vc[jj][1][e >> 1], sel);
-        const unsigned b1 = __byte_perm(vc[jj][2][e >> 1], vc[jj][3][e >> 1], sel);
+        const unsigned b0 = __byte_perm(vc[4 * jj][e >> 1], vc[4 * jj + 1][e >> 1], sel);
+        const unsigned b1 = __byte_perm(vc[4 * jj + 2][e >> 1], vc[4 * jj + 3][e >> 1], sel);
 #pragma unroll
         for (int rt = 0; rt < RT; ++rt) Ops<T>::mma(o[rt][jj * DSUB + e], pa[rt], b0, b1);
       }
-  }
+  };
+  for (; x0 < t_stop && x0 < n_main; x0 += SSTRIDE) step(true);
+  for (; x0 < t_stop; x0 += SSTRIDE) step(false);
 
   // ---- the token streams' states merged into stream 0's warps (shared memory, fragment order) -----------
   if constexpr (NS > 1) {

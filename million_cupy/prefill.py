@@ -24,8 +24,8 @@ query rows it makes per kv head (``c x`` GQA group):
   per sequence (speculative verification of 3 to 5 drafts at GQA 4, up to 16 at GQA 1; the cost is per
   sequence, the LUT path's per token): tensor cores, one row tile per kv head, ``verify_attention``
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
-  the history's dequantization, 2.2-2.4 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
-  250-269 us at q = 2..4 against 112-115 us for one token and ~97 us per query token on the LUT path).
+  the history's dequantization, ~1.75 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
+  193-196 us at q = 2..4 against 112 us for one token and ~97 us per query token on the LUT path).
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
   cores. With at least :data:`DENSE_ROWS_MIN` query rows per kv head in the longest sequence (``c x`` group
   >= 512: 128 new tokens at GQA 4), the **dense regime**: ``dequantize_history`` writes each (sequence, kv
@@ -77,13 +77,16 @@ __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGM
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
 #: per query token per sequence (M = 64; q = 4: 392 us, q = 8: 769 us); with 17 to 32 rows per kv head
-#: (q = 5..8 at GQA 4) verify_attention costs ~480 us, so they meet at q ~ 5. backend="lut" keeps the LUT
-#: path's fixed, capturable grid for any count.
+#: (q = 5..8 at GQA 4) verify_attention costs ~375 us since its conflict-free K table (2026-12-04; ~480 us
+#: before, when this bound was set), so they now meet at q ~ 4: a batch of 5 drafts runs ~25 % slower on the
+#: LUT path than it could. The bound stays at 5 because the LUT path is the one a graph can capture.
+#: backend="lut" keeps the LUT path's fixed, capturable grid for any count.
 LUT_QUERIES_MAX = 5
 
 #: New tokens per sequence, on average over the batch, from which a batch whose rows fit one row tile (at most
-#: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs ~2.6 LUT query tokens (H200, 8 x 32K: 250 us against
-#: 203 us for q = 2 on the LUT path at M = 64; 235 against 162 at M = 32, so M = 32 breaks even at q = 3).
+#: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs about
+#: two LUT query tokens (H200, 8 x 32K: 193 us against 203 us for q = 2 on the LUT path at M = 64, 155 against
+#: 163 at M = 32). At q = 2 the two are within 5 %, so a pair of drafts keeps the capturable LUT path.
 FRAGMENT_QUERIES_MIN = 3
 
 #: Query rows per kv head (new tokens x GQA group) of the longest sequence from which a tensor-core batch takes
@@ -107,6 +110,7 @@ TC_MIN_CHUNK = 1024  # tokens: a split shorter than this costs more (its codeboo
 SPLIT_WAVES = 8      # split_length considers up to this many waves beyond the fewest
 TC_HEAD_DIMS = (64, 128)
 VERIFY_ROW_TILES = (1, 2)  # verify_attention: up to 32 query rows per kv head
+VERIFY_K_TABLE_BYTES = 4 * 256 * 96  # verify_attention's K table (VerifySmem::k_table_bytes)
 VERIFY_DSUB = (2, 4)       # ... and 2 or 4 dims per subspace (one centroid is one or both B-fragment words)
 DENSE_THREADS = 128        # dense_prefill_attention: 4 warps of 32 query rows (TC_ROWS per CTA)
 DENSE_CTAS_PER_SM = 2      # ... which its registers and shared memory allow (the split rule's wave width)
@@ -128,12 +132,13 @@ def gathers_fragments(head_dim: int, M: int, row_tiles: int) -> bool:
 
 
 def tensor_core_smem(head_dim: int, M: int, row_tiles: int) -> int:
-    """Dynamic shared memory of the tensor-core kernel a plan launches: both codebooks of a kv head in fp16,
-    and for ``prefill_attention`` (PrefillSmem in prefill_attention.cu) two stages of one K and one V tile with
-    16-byte padded rows; ``verify_attention`` (VerifySmem) keeps only the codebooks."""
+    """Dynamic shared memory of the tensor-core kernel a plan launches. ``prefill_attention`` (PrefillSmem in
+    prefill_attention.cu): both codebooks of a kv head in fp16 and two stages of one K and one V tile with 16-byte
+    padded rows; ``verify_attention`` (VerifySmem): the V codebook and the K table of 256 rows of 96 words (each
+    slot group with its rotations, so that the gathers meet no bank conflicts)."""
     codebooks = 2 * 2 * 256 * head_dim
     if gathers_fragments(head_dim, M, row_tiles):
-        return codebooks
+        return 2 * 256 * head_dim + VERIFY_K_TABLE_BYTES
     return codebooks + 2 * 2 * 2 * TC_TILE * (head_dim + 8)
 
 
