@@ -943,10 +943,10 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         }
         unsigned kr[SLOTS][E];  // kr[v]: slot (v + k_rot) mod GL
         {
-          unsigned at[SLOTS];
+          unsigned k_at[SLOTS];
 #pragma unroll
-          for (int v = 0; v < SLOTS; ++v) at[v] = k_lane + code_byte(w, v) * (4 * K_ROW * E);
-          lds_offset<SLOTS, E, 1, 4 * E>(kr, at);  // + 4 E v
+          for (int v = 0; v < SLOTS; ++v) k_at[v] = k_lane + code_byte(w, v) * (4 * K_ROW * E);
+          lds_offset<SLOTS, E, 1, 4 * E>(kr, k_at);  // + 4 E v
         }
 #pragma unroll
         for (int b = 1; b < K_ROTATIONS; b <<= 1) {  // slot order: rotate back by k_rot, one bit at a time
@@ -966,11 +966,11 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
 #pragma unroll
           for (int x = 0; x < E; ++x) kf[nt][v][x] = kr[v][x];
       }
-      unsigned at[JW * 4];
+      unsigned v_at[JW * 4];
 #pragma unroll
       for (int i = 0; i < JW * 4; ++i)
-        at[i] = v_warp + __byte_perm(codes.v[i / 4], 0u, 0x4440u | (i % 4)) * (4 * (V_INTERLEAVED ? 8 : 1) * E);
-      lds_offset<JW * 4, E, 4, 4 * V_J_STRIDE>(vc, at);  // + subspace 8 jj + g's offset
+        v_at[i] = v_warp + __byte_perm(codes.v[i / 4], 0u, 0x4440u | (i % 4)) * (4 * (V_INTERLEAVED ? 8 : 1) * E);
+      lds_offset<JW * 4, E, 4, 4 * V_J_STRIDE>(vc, v_at);  // + subspace 8 jj + g's offset
     } else {  // exact rows of the ring; K past the item's end is masked below, V there must be finite (zero)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
