@@ -21,11 +21,13 @@ query rows it makes per kv head (``c x`` GQA group):
   LUT-scored decode kernel, cut at its causal length. A batch of ``N`` query tokens costs about ``N``
   one-token decodes, and the launch is capturable in a CUDA graph for a fixed ``qo_indptr``.
 * ``c <=`` LUT_QUERIES_MAX with at most 16 rows, and on average at least :data:`FRAGMENT_QUERIES_MIN` new tokens
-  per sequence (speculative verification of 3 to 5 drafts at GQA 4, up to 16 at GQA 1; the cost is per
+  per sequence (speculative verification of 3 to 4 drafts at GQA 4, up to 5 at GQA 1; the cost is per
   sequence, the LUT path's per token): tensor cores, one row tile per kv head, ``verify_attention``
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
   the history's dequantization, ~1.75 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
-  193-196 us at q = 2..4 against 112 us for one token and ~97 us per query token on the LUT path).
+  193-196 us at q = 2..4 against 112 us for one token and ~97 us per query token on the LUT path). With 17 to
+  32 rows (two row tiles: 5 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~3.3 decodes (374 us), so
+  such a batch takes it from :data:`FRAGMENT_QUERIES_MIN_TWO_TILES` new tokens per sequence on average.
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
   cores. With at least :data:`DENSE_ROWS_MIN` query rows per kv head in the longest sequence (``c x`` group
   >= 512: 128 new tokens at GQA 4), the **dense regime**: ``dequantize_history`` writes each (sequence, kv
@@ -41,8 +43,8 @@ query rows it makes per kv head (``c x`` GQA group):
   rows with 2 or 4 dims per subspace take ``verify_attention``; more rows (or 8 dims per subspace) take
   ``prefill_attention``, which dequantizes each tile of 64 cached tokens into fp16 / bf16 in shared memory
   (exact rows from the residual ring) and runs flash attention with ``mma.sync``. A sequence's history is
-  read once per row tile (8 x 32K, H200, M = 64: 480 us at q = 8). Short sequences in such a batch ride
-  along at the cost of a row tile over their whole history, counted in
+  read once per row tile (8 x 32K, H200, M = 64: 374 us at q = 8, 597 us at q = 16). Short sequences in such a
+  batch ride along at the cost of a row tile over their whole history, counted in
   ``stats()["short_queries_on_tensor_cores"]`` and warned about once; plan them in a wrapper of their own to
   avoid it. Configurations without these paths (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16,
   float16 / bfloat16) keep the LUT path for long chunks, counted in ``stats()["long_chunk_queries"]`` with a
@@ -71,15 +73,16 @@ from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 from .layout import full_pages
 
-__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN", "DENSE_ROWS_MIN",
-           "BACKENDS", "tensor_core_supported", "takes_tensor_cores", "takes_dense"]
+__all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN",
+           "FRAGMENT_QUERIES_MIN_TWO_TILES", "DENSE_ROWS_MIN", "BACKENDS", "tensor_core_supported",
+           "takes_tensor_cores", "takes_dense"]
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
-#: per query token per sequence (M = 64; q = 4: 392 us, q = 8: 769 us); with 17 to 32 rows per kv head
-#: (q = 5..8 at GQA 4) verify_attention costs ~375 us since its conflict-free K table (2026-12-04; ~480 us
-#: before, when this bound was set), so they now meet at q ~ 4: a batch of 5 drafts runs ~25 % slower on the
-#: LUT path than it could. The bound stays at 5 because the LUT path is the one a graph can capture.
+#: per query token per sequence (M = 64; q = 4: 392 us, q = 8: 769 us); the tensor-core kernels cost ~375 us
+#: for 17 to 32 rows per kv head (verify_attention) and ~600 us for 33 to 64 (prefill_attention, q = 16 at
+#: GQA 4). At GQA 8, 6 new tokens make 48 rows: ~600 us against ~580 on the LUT path, so they meet at 5 to 6;
+#: fewer tokens with few enough rows for verify_attention take it by the two rules below.
 #: backend="lut" keeps the LUT path's fixed, capturable grid for any count.
 LUT_QUERIES_MAX = 5
 
@@ -88,6 +91,11 @@ LUT_QUERIES_MAX = 5
 #: two LUT query tokens (H200, 8 x 32K: 193 us against 203 us for q = 2 on the LUT path at M = 64, 155 against
 #: 163 at M = 32). At q = 2 the two are within 5 %, so a pair of drafts keeps the capturable LUT path.
 FRAGMENT_QUERIES_MIN = 3
+
+#: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~3.9
+#: LUT query tokens (H200, 8 x 32K: 374 us against ~97 us per token at M = 64; 327 against ~80 at M = 32), so
+#: from 4 new tokens per sequence on average (5 drafts at GQA 4: 374 against ~485 us; 4 at GQA 8: a tie).
+FRAGMENT_QUERIES_MIN_TWO_TILES = 4
 
 #: Query rows per kv head (new tokens x GQA group) of the longest sequence from which a tensor-core batch takes
 #: the dense regime (:func:`takes_dense`): prefill_attention dequantizes the history once per row tile of 128
@@ -193,15 +201,20 @@ def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dt
     """The ``"auto"`` rule (the module's docstring): whether a batch with ``counts`` new tokens per sequence and
     GQA ``group`` query heads per kv head runs on tensor cores. A chunk longer than LUT_QUERIES_MAX takes them
     wherever the configuration has them; a few drafts per sequence take verify_attention when every sequence's
-    rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more, since its
-    cost is per sequence (a row tile over the history, ~2.6 LUT query tokens) and the LUT path's per token."""
+    rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more, or fit
+    two (at most 32) and it averages FRAGMENT_QUERIES_MIN_TWO_TILES or more, since its cost is per sequence
+    (the history's dequantization: ~2 LUT query tokens for one row tile, ~3.9 for two) and the LUT path's per
+    token."""
     if not tensor_core_supported(head_dim, M, dtype):
         return False
     most = int(counts.max())
     if most > LUT_QUERIES_MAX:
         return True
-    return (most * group <= 16 and int(counts.sum()) >= FRAGMENT_QUERIES_MIN * counts.shape[0]
-            and gathers_fragments(head_dim, M, 1))
+    row_tiles = -(-most * group // 16)
+    if row_tiles > 2:
+        return False
+    least_average = FRAGMENT_QUERIES_MIN if row_tiles == 1 else FRAGMENT_QUERIES_MIN_TWO_TILES
+    return int(counts.sum()) >= least_average * counts.shape[0] and gathers_fragments(head_dim, M, row_tiles)
 
 
 def tensor_core_row_tiles(rows: int) -> int:

@@ -9,10 +9,10 @@ import million_cupy as mc
 from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
 from million_cupy.errors import UnsupportedConfiguration
 from million_cupy.layout import full_pages
-from million_cupy.prefill import (DENSE_ROWS_MIN, DEQUANTIZE_SPAN, FRAGMENT_QUERIES_MIN, LUT_QUERIES_MAX, TC_MIN_CHUNK,
-                                  TC_ROWS, TC_TILE, causal_lengths, gathers_fragments, history_spans, split_length,
-                                  takes_dense, takes_tensor_cores, tensor_core_row_tiles, tensor_core_schedule,
-                                  tensor_core_supported)
+from million_cupy.prefill import (DENSE_ROWS_MIN, DEQUANTIZE_SPAN, FRAGMENT_QUERIES_MIN, FRAGMENT_QUERIES_MIN_TWO_TILES,
+                                  LUT_QUERIES_MAX, TC_MIN_CHUNK, TC_ROWS, TC_TILE, causal_lengths, gathers_fragments,
+                                  history_spans, split_length, takes_dense, takes_tensor_cores, tensor_core_row_tiles,
+                                  tensor_core_schedule, tensor_core_supported)
 
 
 def _cache(rng, P=16, R=32, nh_k=2, d=64, M=16):
@@ -101,7 +101,11 @@ def test_the_auto_rule():
     assert auto([few, few]) and auto([few + 1, few - 1])        # verification in one row tile, averaging `few`
     assert not auto([few - 1] * 3)                                # too few tokens: the LUT path
     assert not auto([few + 1, 1, 1, 1])                           # per-sequence cost beats per-token only on average
-    assert not auto([few, few], group=8)                          # 24 rows: two row tiles cost ~5 LUT tokens
+    assert not auto([few, few], group=8)                          # 24 rows: two row tiles cost ~3.9 LUT tokens
+    two = FRAGMENT_QUERIES_MIN_TWO_TILES
+    assert auto([two, two], group=8) and auto([5, two]) and auto([5, 5])  # 32 / 20 / 20 rows, averaging `two`
+    assert not auto([two, two - 1], group=8) and not auto([5, 2])             # two row tiles, below the average
+    assert not auto([5, 5], group=8) and not auto([5, 5], M=16)               # 40 rows; no verify_attention
     assert auto([5, 4], group=1) and not auto([few, few], M=16)   # GQA 1; 8 dims per subspace: no verify_attention
     assert gathers_fragments(128, 32, 2) and not gathers_fragments(128, 64, 4) and not gathers_fragments(128, 16, 1)
 

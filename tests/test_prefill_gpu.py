@@ -249,7 +249,7 @@ def test_the_auto_rule_takes_tensor_cores_above_lut_queries_max(rng):
     (cache,) = _caches(rng, devices=("cuda",), dtype="float16")
     seqs = [cache.add_sequence() for _ in range(2)]
     _prefill(rng, (cache,), seqs, [100, 40])
-    wrapper = BatchPrefillWrapper(cache, 8)
+    wrapper = BatchPrefillWrapper(cache, 16)  # GQA 8: L new tokens make more rows than verify_attention takes
     wrapper.plan(seqs, [0, LUT_QUERIES_MAX, 2 * LUT_QUERIES_MAX + 1], appended=True)  # counts L and L + 1
     assert wrapper.on_tensor_cores
     wrapper.plan(seqs, [0, LUT_QUERIES_MAX, 2 * LUT_QUERIES_MAX], appended=True)
@@ -289,3 +289,20 @@ def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(r
             stream.end_capture()
     gqa4.run(0, q, out=out)  # outside a capture it runs
     cp.cuda.Device().synchronize()
+
+
+@pytest.mark.parametrize("gqa, counts", [(4, [5, 4, 5]), (8, [4, 4, 4])])
+def test_the_auto_rule_takes_verify_attention_for_drafts_in_two_row_tiles(rng, gqa, counts):
+    """17 to 32 rows per kv head averaging FRAGMENT_QUERIES_MIN_TWO_TILES new tokens take verify_attention (two row
+    tiles) under the auto rule, and match the float64 reference; a batch below that average keeps the LUT path."""
+    from million_cupy.prefill import FRAGMENT_QUERIES_MIN_TWO_TILES
+
+    assert sum(counts) >= FRAGMENT_QUERIES_MIN_TWO_TILES * len(counts) and 16 < max(counts) * gqa <= 32
+    (cache,) = _caches(rng, devices=("cuda",), dtype="float16")
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[300, 0, 70], counts=counts, gqa=gqa)
+    assert wrapper.regime == "tensor_cores"
+    for layer in range(cache.num_layers):
+        _check_layer_and_one_call(rng, cache, wrapper, layer, seqs, ind, nh, "float16")
+    below = [max(counts)] + [1] * (len(counts) - 1)
+    wrapper.plan(seqs, np.concatenate([[0], np.cumsum(below)]), appended=True)
+    assert wrapper.regime == "lut"
