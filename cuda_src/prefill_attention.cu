@@ -941,13 +941,10 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
 #pragma unroll
           for (int k = 0; k < KW; ++k) w[k] = y[k];
         }
-        unsigned kr[SLOTS][E];  // kr[v]: slot (v + k_rot) mod GL
-        {
-          unsigned k_at[SLOTS];
+        unsigned k_at[SLOTS];
 #pragma unroll
-          for (int v = 0; v < SLOTS; ++v) k_at[v] = k_lane + code_byte(w, v) * (4 * K_ROW * E);
-          lds_offset<SLOTS, E, 1, 4 * E>(kr, k_at);  // + 4 E v
-        }
+        for (int v = 0; v < SLOTS; ++v) k_at[v] = k_lane + code_byte(w, v) * (4 * K_ROW * E);
+        lds_offset<SLOTS, E, 1, 4 * E>(kf[nt], k_at);  // + 4 E v: kf[nt][v] holds slot (v + k_rot) mod GL
 #pragma unroll
         for (int b = 1; b < K_ROTATIONS; b <<= 1) {  // slot order: rotate back by k_rot, one bit at a time
           const bool turn = k_rot & b;
@@ -955,16 +952,12 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
 #pragma unroll
           for (int v = 0; v < SLOTS; ++v)
 #pragma unroll
-            for (int x = 0; x < E; ++x) t[v][x] = turn ? kr[(v + GL - b) % GL][x] : kr[v][x];
+            for (int x = 0; x < E; ++x) t[v][x] = turn ? kf[nt][(v + GL - b) % GL][x] : kf[nt][v][x];
 #pragma unroll
           for (int v = 0; v < SLOTS; ++v)
 #pragma unroll
-            for (int x = 0; x < E; ++x) kr[v][x] = t[v][x];
+            for (int x = 0; x < E; ++x) kf[nt][v][x] = t[v][x];
         }
-#pragma unroll
-        for (int v = 0; v < SLOTS; ++v)
-#pragma unroll
-          for (int x = 0; x < E; ++x) kf[nt][v][x] = kr[v][x];
       }
       unsigned v_at[JW * 4];
 #pragma unroll

@@ -210,7 +210,7 @@ def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dt
     most = int(counts.max())
     if most > LUT_QUERIES_MAX:
         return True
-    row_tiles = -(-most * group // 16)
+    row_tiles = tensor_core_row_tiles(most * group)
     if row_tiles > 2:
         return False
     least_average = FRAGMENT_QUERIES_MIN if row_tiles == 1 else FRAGMENT_QUERIES_MIN_TWO_TILES
