@@ -18,9 +18,12 @@
 //   block_table   int32 (max_seqs, max_blocks): page id of each block, -1 if unallocated
 //   tok           int4 (n_tok): {sequence slot, position, slot generation, stays residual}
 //   slot_gen      int32 (max_seqs): the cache's current generation of each slot
-//   status        int32 word: bit 1 = a token named a slot of another generation (a batch that changed
-//                 since it was planned), bit 2 = its block has no page (such tokens write nothing),
-//                 bit 4 = a token holds NaN or inf (it is written)
+//   status        4 flag bytes (read on the host as one little-endian int32 word): byte STATUS_STALE_SLOT = a
+//                 token named a slot of another generation (a batch that changed since it was planned),
+//                 STATUS_NO_PAGE = its block has no page (such tokens write nothing), STATUS_NON_FINITE = a
+//                 token holds NaN or inf (it is written). Each is set to 1 by a plain store, never cleared
+//                 here: the word may be host-mapped pinned memory (DecodeStep reads it without a copy), where
+//                 device atomics are not guaranteed atomic, and a repeated store of 1 needs none
 //   warp_search   0: each thread searches APPEND_ROWS rows (bulk appends); 1: APPEND_LANES lanes per row
 //                 (a few rows, e.g. a decode step's tokens: far lower latency, the same codes)
 //   launch        blockDim.x = APPEND_THREADS; gridDim.x = 2 * Hc * M (kind, codebook head, subspace);
@@ -54,18 +57,21 @@
 constexpr int APPEND_THREADS = 128;
 constexpr int APPEND_ROWS = 4;  // rows per thread and tile: each staged centroid read serves four rows
 constexpr int APPEND_LANES = 8;  // lanes per row with warp_search
-constexpr int STATUS_STALE_SLOT = 1;
-constexpr int STATUS_NO_PAGE = 2;
-constexpr int STATUS_NON_FINITE = 4;
+// Byte index of each status flag (million_cupy/cache.py mirrors them as bits of the int32 word).
+constexpr int STATUS_STALE_SLOT = 0;
+constexpr int STATUS_NO_PAGE = 1;
+constexpr int STATUS_NON_FINITE = 2;
+
+__device__ __forceinline__ void raise_flag(unsigned char* status, int flag) { status[flag] = 1; }
 
 // Flags a sub-vector holding NaN or inf (appends do not check on the host in the decode path; the flag is
 // reported by PagedPQCache.stats() and DecodeStep's next plan).
 template <int DSUB>
-__device__ __forceinline__ void flag_non_finite(const float (&x)[DSUB], int* status) {
+__device__ __forceinline__ void flag_non_finite(const float (&x)[DSUB], unsigned char* status) {
     bool bad = false;
 #pragma unroll
     for (int j = 0; j < DSUB; ++j) bad |= !isfinite(x[j]);
-    if (bad) atomicOr(status, STATUS_NON_FINITE);
+    if (bad) raise_flag(status, STATUS_NON_FINITE);
 }
 
 // Where row i (token t = i / heads_per_cb, head h) comes from and goes to; page < 0: write nothing.
@@ -82,7 +88,7 @@ __device__ __forceinline__ AppendRow<DSUB, T> append_row(long long i, long long 
                                                          const T* x, T* ring, bool is_v, int m, int M, int nh_k,
                                                          int R, int page_shift, long long page_nbytes,
                                                          const int* block_table, int max_blocks,
-                                                         const int4* tok, const int* slot_gen, int* status) {
+                                                         const int4* tok, const int* slot_gen, unsigned char* status) {
     AppendRow<DSUB, T> row{nullptr, nullptr, -1, -1};
     if (i >= rows) return row;
     const int D = M * DSUB;
@@ -91,12 +97,12 @@ __device__ __forceinline__ AppendRow<DSUB, T> append_row(long long i, long long 
     const int h = hc * heads_per_cb + static_cast<int>(i % heads_per_cb);
     const int4 info = tok[t];  // slot, position, generation, stays residual
     if (slot_gen[info.x] != info.z) {
-        atomicOr(status, STATUS_STALE_SLOT);
+        raise_flag(status, STATUS_STALE_SLOT);
         return row;
     }
     row.page = block_table[static_cast<long long>(info.x) * max_blocks + (info.y >> page_shift)];
     if (row.page < 0) {
-        atomicOr(status, STATUS_NO_PAGE);
+        raise_flag(status, STATUS_NO_PAGE);
         return row;
     }
     row.src = x + (static_cast<long long>(t) * nh_k + h) * D + m * DSUB;
@@ -121,7 +127,7 @@ append_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ 
               unsigned char* __restrict__ k_pages, unsigned char* __restrict__ v_pages, long long page_nbytes,
               const float* __restrict__ k_cent, const float* __restrict__ v_cent,
               const int* __restrict__ block_table, int max_blocks, const int4* __restrict__ tok,
-              const int* __restrict__ slot_gen, int* __restrict__ status, int n_tok, int nh_k, int M, int Hc,
+              const int* __restrict__ slot_gen, unsigned char* __restrict__ status, int n_tok, int nh_k, int M, int Hc,
               int R, int page_shift, int warp_search) {
     __shared__ __align__(16) float s_centroids[PQ_NUM_CENTROIDS * DSUB];
     __shared__ float s_norms[PQ_NUM_CENTROIDS];
@@ -208,7 +214,7 @@ __global__ void __launch_bounds__(APPEND_THREADS)
 append_exact_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_pages,
                     T* __restrict__ v_pages, long long page_stride, const int* __restrict__ block_table,
                     int max_blocks, const int4* __restrict__ tok, const int* __restrict__ slot_gen,
-                    int* __restrict__ status, int n_tok, int nh_k, int D, int page_shift) {
+                    unsigned char* __restrict__ status, int n_tok, int nh_k, int D, int page_shift) {
     constexpr int EPV = 16 / sizeof(T);  // elements per 16-byte vector
     const bool is_v = blockIdx.x != 0;
     const T* x = is_v ? v : k;
@@ -222,12 +228,12 @@ append_exact_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restr
         const int t = static_cast<int>(row / nh_k), h = static_cast<int>(row % nh_k);
         const int4 info = tok[t];  // slot, position, generation, (stays residual: unused)
         if (slot_gen[info.x] != info.z) {
-            atomicOr(status, STATUS_STALE_SLOT);
+            raise_flag(status, STATUS_STALE_SLOT);
             continue;
         }
         const int page = block_table[static_cast<long long>(info.x) * max_blocks + (info.y >> page_shift)];
         if (page < 0) {
-            atomicOr(status, STATUS_NO_PAGE);
+            raise_flag(status, STATUS_NO_PAGE);
             continue;
         }
         const uint4 raw = reinterpret_cast<const uint4*>(x)[i];
@@ -235,7 +241,7 @@ append_exact_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restr
         bool bad = false;
 #pragma unroll
         for (int j = 0; j < EPV; ++j) bad |= !isfinite(to_float(vals[j]));
-        if (bad) atomicOr(status, STATUS_NON_FINITE);
+        if (bad) raise_flag(status, STATUS_NON_FINITE);
         const long long dst = static_cast<long long>(page) * page_stride +
                               (static_cast<long long>(h) * P + (info.y & (P - 1))) * D + (i % vpr) * EPV;
         *reinterpret_cast<uint4*>(pages + dst) = raw;

@@ -66,7 +66,8 @@ from .layout import (  # re-exported: these names were public here before layout
 
 __all__ = ["PagedPQCache", "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape", "full_pages",
            "CACHE_DTYPES", "PAGE_SIZES", "APPEND_SOURCE", "append_kernel_name", "APPEND_THREADS",
-           "APPEND_TILE_ROWS", "AppendKernel"]
+           "APPEND_TILE_ROWS", "AppendKernel", "APPEND_STATUS_STALE_SLOT", "APPEND_STATUS_NO_PAGE",
+           "APPEND_STATUS_NON_FINITE"]
 
 #: Cache (residual ring) dtypes.
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
@@ -85,6 +86,11 @@ _MAX_TILES = 4096
 #: appends keep the scan, which needs fewer instructions per row.
 WARP_SEARCH_MAX_ROWS = 512
 APPEND_LANES = 8  # APPEND_LANES in cuda_src/cache_append.cu
+#: The append kernel's status flags as bits of its 4-byte status word read as one int32 (one byte per flag,
+#: set by plain stores: STATUS_* in cuda_src/cache_append.cu are the byte indices).
+APPEND_STATUS_STALE_SLOT = 1 << 0
+APPEND_STATUS_NO_PAGE = 1 << 8
+APPEND_STATUS_NON_FINITE = 1 << 16
 _CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 _DSUBS = (1, 2, 4, 8)
 
@@ -981,7 +987,7 @@ class PagedPQCache:
         if self._non_finite_seen or not self.is_gpu:
             return self._non_finite_seen
         with self._on_stream():
-            return bool(int(self._append_status.get()[0]) & 4)  # STATUS_NON_FINITE in cache_append.cu
+            return bool(int(self._append_status.get()[0]) & APPEND_STATUS_NON_FINITE)
 
     def __repr__(self) -> str:
         return (

@@ -48,8 +48,8 @@ appends must run for every layer (eagerly or by one replay) before the cache is 
 Misuse is caught, never written through: a replay after the batch changed without a new ``plan()``
 (a sequence freed, or its slot reused by another sequence) is detected on the device, where the
 append kernel compares each slot's generation and skips the token, so no other sequence's pages or ring
-are touched; the flag raises :class:`~million_cupy.errors.MillionError` at a later ``plan()`` (at most two
-steps later, without a synchronisation) or at :meth:`DecodeStep.check`. An eager step that appended only
+are touched; the flag (in pinned host memory, written by the kernel) raises :class:`~million_cupy.errors.MillionError` at the
+first ``plan()`` after that launch has run (no synchronisation of its own) or at :meth:`DecodeStep.check`. An eager step that appended only
 some layers raises at the next ``plan()``; ``run(layer)`` before ``append(layer)`` raises at once.
 """
 
@@ -62,7 +62,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import kernels
-from .cache import APPEND_THREADS, PagedPQCache
+from .cache import (APPEND_STATUS_NO_PAGE, APPEND_STATUS_NON_FINITE, APPEND_STATUS_STALE_SLOT, APPEND_THREADS,
+                    PagedPQCache)
 from .decode import (SCHEDULE_HORIZON, AttentionPlan, attention_arrays, capacity_for, require_native_attention,
                      softmax_scale)
 from .errors import MillionError
@@ -70,10 +71,6 @@ from .layout import full_pages
 from .interop import as_array, cupy
 
 __all__ = ["DecodeStep", "StepLengths"]
-
-_STATUS_STALE_SLOT = 1  # STATUS_* in cuda_src/cache_append.cu
-_STATUS_NO_PAGE = 2
-_STATUS_NON_FINITE = 4
 
 # What a layer's launch was last bound to, before any call: no caller's array is this object.
 _UNBOUND = (object(), object())
@@ -170,7 +167,6 @@ class DecodeStep:
         self._tok: np.ndarray | None = None
         self._lengths: StepLengths | None = None  # the batch's token counts, advanced step by step
         self._window: np.ndarray | None = None  # capacities reserved by the last plan: the next one schedules them
-        self._flags_slot = 0                   # the status snapshot slot this plan reads, then copies into
         self._rows: Any = None                 # the batch's slots: a slice when they are consecutive
         self._new = 0
         self._version = -1                     # cache.version right after this step's commit
@@ -189,20 +185,18 @@ class DecodeStep:
         self._layer_last: dict[int, tuple] = {}
         cp = cupy()
         self._is_capturing = cp.cuda.runtime.streamIsCapturing
-        with self.stream:
-            self._status = cp.zeros(1, dtype=np.int32)  # the append kernel's guard flags
         from cupyx import empty_pinned  # noqa: PLC0415 (CuPy loads on first use)
 
-        # Two snapshots of the flags, copied with the plan's metadata into the staging turn's slot and read when
-        # that turn comes round again, two plans later (no synchronisation of its own).
-        self._status_host = empty_pinned(2, dtype=np.int32)
+        # The append kernel's guard flags live in pinned host memory, which the kernel writes directly, so plan()
+        # reads them with no copy: a flag set by a launch that has run shows at the next plan. One byte per flag,
+        # plain stores (cuda_src/cache_append.cu), since device atomics on host memory are not guaranteed atomic.
+        self._status_host = empty_pinned(4, dtype=np.uint8)  # owns the memory
         self._status_host[:] = 0
-        # Addresses looked up once: NumPy's .ctypes costs microseconds, and plan() copies the flags every step.
-        self._status_host_at = self._status_host.ctypes.data
-        # ... and read through ctypes: a NumPy scalar read costs more than the copy that fills it.
-        self._status_words = [ctypes.c_int32.from_address(self._status_host_at + 4 * i) for i in range(2)]
-        self._status_at = self._status.data.ptr
-        self._memcpy = cp.cuda.runtime.memcpyAsync
+        host_at = self._status_host.ctypes.data
+        # Read through ctypes: a NumPy scalar read costs more than the whole check.
+        self._status_word = ctypes.c_int32.from_address(host_at)
+        # The kernels' address of the word (under unified addressing, the host address itself).
+        self._status_at = cp.cuda.runtime.pointerGetAttributes(host_at).devicePointer
         self._np_dtype = cache.array_dtype
         self._ndarray = cp.ndarray
         self._stream_ptr = int(self.stream.ptr)
@@ -262,10 +256,8 @@ class DecodeStep:
         # A list equal to the planned batch's (decode loops pass the same list) skips the array conversion.
         seq = prev if type(seq_ids) is list and seq_ids == self._seq_list else \
             np.asarray(seq_ids, dtype=np.int64).reshape(-1)
-        # The device flags' snapshot copied two plans ago into this slot (a copy not landed yet leaves an older
-        # snapshot, which was clear: the flags are sticky on the device, so a later plan reports them).
-        slot = self._flags_slot
-        flags = self._status_words[slot].value
+        # The append kernels' flags (sticky: a launch still queued reports at a later plan).
+        flags = self._status_word.value
         if flags:
             self._raise_device_flags(flags)
         attn = self._attn
@@ -284,8 +276,6 @@ class DecodeStep:
             self._plan_from_cache(seq, new_tokens)
             attn = self._attn
             attn.publish(seq, self.stream)  # with the schedule and the per-batch words
-        self._memcpy(self._status_host_at + 4 * slot, self._status_at, 4, 2, self._stream_ptr)  # 2: device to host
-        self._flags_slot = slot ^ 1
         lengths = self._lengths
         if new_tokens:
             cache.advance(self._rows, new_tokens, lengths.flushed)
@@ -413,7 +403,7 @@ class DecodeStep:
         self._appends = []
         for layer in range(cache.num_layers):
             append = cache.append_kernel(layer)
-            args = append.args(null, null, attn.extra, self._status, B)
+            args = append.args(null, null, attn.extra, self._status_at, B)
             self._appends.append(kernels.BoundLaunch(append.kernel, append.grid(B), APPEND_THREADS, 0, args))
         self._appends_for = B
         self._append_inputs = [_UNBOUND] * cache.num_layers
@@ -583,16 +573,16 @@ class DecodeStep:
     def check(self) -> None:
         """Synchronise the step's stream and raise if a device guard fired since the last check."""
         self.stream.synchronize()
-        flags = int(self._status.get(stream=self.stream)[0])
-        self._raise_device_flags(flags)
+        self._raise_device_flags(self._status_word.value)
 
     def _raise_device_flags(self, flags: int) -> None:
         if not flags:
             return
-        cupy().cuda.runtime.memsetAsync(self._status.data.ptr, 0, 4, self.stream.ptr)
-        self.stream.synchronize()  # error path: later snapshots must not report the same flags again
-        self._status_host[:] = 0
-        if flags & _STATUS_NON_FINITE:
+        # Error path: every queued launch runs first, so that all of its flags are reported now and cleared once.
+        self.stream.synchronize()
+        flags = self._status_word.value
+        self._status_word.value = 0
+        if flags & APPEND_STATUS_NON_FINITE:
             # The tokens are stored: warn (once per step object) rather than fail the loop.
             self._stats["non_finite_appended"] = True
             self.cache.record_non_finite()
@@ -601,16 +591,14 @@ class DecodeStep:
                               "NaN from now on (the prefill append refuses such tokens; the decode path only "
                               "flags them)", RuntimeWarning, stacklevel=3)
                 self._warned_non_finite = True
-            flags &= ~_STATUS_NON_FINITE
-            cupy().cuda.runtime.memsetAsync(self._status.data.ptr, 0, 4, self.stream.ptr)
-            self._status_host[:] = 0
+            flags &= ~APPEND_STATUS_NON_FINITE
             if not flags:
                 return
         reasons = []
-        if flags & _STATUS_STALE_SLOT:
+        if flags & APPEND_STATUS_STALE_SLOT:
             reasons.append("a replayed or launched append named a sequence slot that was freed or reused since "
                            "its plan() (the batch changed without planning again)")
-        if flags & _STATUS_NO_PAGE:
+        if flags & APPEND_STATUS_NO_PAGE:
             reasons.append("an append found no page for its token's block")
         raise MillionError(f"DecodeStep: {'; '.join(reasons)}; those tokens were not written, and nothing else "
                            f"was touched; plan(seq_ids) again for the batch you replay")

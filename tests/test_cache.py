@@ -919,3 +919,16 @@ def test_an_exact_cache_refuses_what_only_codes_have(rng):
             call()
     with pytest.raises(UnsupportedConfiguration, match="PQ cache stores codes"):
         make_cache(rng).k_pages(0)
+
+
+def test_append_status_bits_mirror_the_kernels_flag_bytes():
+    """The host reads the append kernel's four flag bytes as one little-endian int32: each Python bit must be
+    its CUDA byte index times 8 (a drift would hide a device guard)."""
+    import re
+
+    from million_cupy import cache, kernels
+
+    source = (kernels.source_dir() / cache.APPEND_SOURCE).read_text()
+    for name in ("STALE_SLOT", "NO_PAGE", "NON_FINITE"):
+        byte = int(re.search(rf"constexpr int STATUS_{name} = (\d+);", source).group(1))
+        assert getattr(cache, f"APPEND_STATUS_{name}") == 1 << (8 * byte), name
