@@ -691,18 +691,18 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 // The warps are NS = 8 / RT token streams of RT warps; a stream takes every NS-th 16-token step of the item,
 // its RT warps each compute the scores of all rows and O for D / RT of the dims; no barrier in the main loop.
 // Codes are loaded a step ahead and page ids two steps ahead.
-// K gathers without bank conflicts: the 8 lanes of one i4 group hold the same slot of 8 tokens, so a [m][code]
+// K gathers with few bank conflicts: the 8 lanes of one i4 group hold the same slot of 8 tokens, so a [m][code]
 // table would put their gathers on banks set by random codes (~3.4-way conflicts over the warp). The K table is
 // [code][row] instead, a gather's bank set by its place in the row, and lane (g, i4) gathers slot
 // (v + k_rot) mod GL at its v-th gather (k_rot = g mod K_ROTATIONS): a row keeps each slot group in a region of
 // GL + K_ROTATIONS - 1 entries (the group's slots, then its first ones again), so that the lane's v-th entry is
 // v entries past its own start (an offset the load instruction carries), and the regions sit K_REGION entries
 // apart, so that the lanes of one shared-memory phase (the warp for one-word centroids, a half-warp for two-word
-// ones) meet distinct banks. log2(K_ROTATIONS) conditional moves per word then rotate the centroids back into
-// slot order for the MMA, and a byte rotation of the codes makes byte v the code of the v-th gather.
-// H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts 26.7 M -> 16.5 M; with the paged and ring steps in
-// loops of their own (below) and the gathers' offsets in their load instructions, 250 -> 197 us (M = 32:
-// 232 -> 155 us).
+// ones) meet at most 2-way conflicts (K_ROTATIONS below). log2(K_ROTATIONS) conditional moves per word then rotate
+// the centroids back into slot order for the MMA, and a byte rotation of the codes makes byte v the code of the
+// v-th gather. H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts 26.7 M -> 16.5 M with conflict-free
+// rotations; with the paged and ring steps in loops of their own (below) and the gathers' offsets in their load
+// instructions, 250 -> 197 us (M = 32: 232 -> 155 us); with half the rotations, 182 us (M = 32: 159 us).
 template <int D>
 struct VerifySmem {
   static constexpr size_t k_table_bytes = sizeof(unsigned) * 256 * 4 * 24;  // [code][4 regions of 24 words]
@@ -749,12 +749,17 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   // 29.0 M -> 26.7 M, 264 -> 250 us); two-word centroids keep [m][code] (the same interleave made M = 32
   // slower: 232 -> 240 us).
   constexpr bool V_INTERLEAVED = E == 1;
-  // K_ROTATIONS: the lanes of one shared-memory phase that share a slot group (its 8 tokens; 4 per half-warp).
-  // K_REGION: E = 1, regions at banks 0, 24, 16, 8 (each lane's 8-bank window disjoint from the others');
+  // K_ROTATIONS: 4 for one-word centroids, 2 for two-word ones, so that each lane of a slot group's 8 tokens
+  // (4 per half-warp for two-word ones) shares its bank with one other: 2-way conflicts, for a rotation back of
+  // log2(K_ROTATIONS) conditional moves per word. Measured on the H200 (q = 4 / 8 at 8 x 32K): 8 and 4 rotations
+  // (conflict-free) 196 / 376 us (M = 64) and 165 / 341 us (M = 32); these 182 / 355 and 159 / 305 us; one rotation
+  // fewer again (4-way conflicts) ~196 / 380 us at M = 64, none at all 276 / 524 us.
+  // K_REGION: E = 1, regions at banks 0, 24, 16, 8 (each lane's bank window disjoint from the other groups');
   // E = 2, at entry pairs 0, 12, 8, 4 of 16.
-  constexpr int K_ROTATIONS = E == 1 ? 8 : 4, K_REGION = 24 / E;
+  constexpr int K_ROTATIONS = 4 / E, K_REGION = 24 / E;
   constexpr int K_ROW = 4 * K_REGION;  // entries of a code's row: 96 words, a multiple of 32 (no bank shift)
   static_assert(GL + K_ROTATIONS - 1 <= K_REGION && K_ROW * E * 4 * 256 == S::k_table_bytes, "K table");
+  static_assert(K_ROTATIONS <= 4, "the codes' byte rotation by k_rot stays within a word and the next");
   auto v_entry = [](int m, int c) { return V_INTERLEAVED ? ((m >> 3) * 256 + c) * 8 + (m & 7) : m * 256 + c; };
   unsigned* kc_s = reinterpret_cast<unsigned*>(smem_raw);
   unsigned* vc_s = kc_s + S::k_table_bytes / sizeof(unsigned);
@@ -926,15 +931,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         const unsigned sel = 0x3210u ^ ((unsigned)(rr & 3) * 0x1111u);
 #pragma unroll
         for (int k = 0; k < KW; ++k) w[k] = __byte_perm(w[k], 0u, sel);
-        if constexpr (KW >= 2) {  // byte v := slot (v + k_rot) mod GL: whole words first (k_rot < 8)
-          if (k_rot & 4) {
-            const unsigned x = w[0];
-#pragma unroll
-            for (int k = 0; k + 1 < KW; ++k) w[k] = w[k + 1];
-            w[KW - 1] = x;
-          }
-        }
-        {
+        {  // byte v := slot (v + k_rot) mod GL (k_rot < 4: within a word and the next)
           unsigned y[KW];
 #pragma unroll
           for (int k = 0; k < KW; ++k) y[k] = __byte_perm(w[k], w[(k + 1) % KW], k_shift);

@@ -5,10 +5,13 @@ over the cache's own dequantized contents (outputs poisoned first), and the stor
 a CPU cache fed the same tokens through the plain append (codes equal up to fp32 near-ties). Ragged
 batches, flushes in the same and in different steps, GQA and per-head codebooks, a window equal to the
 page size, forks, batches that change between steps, CUDA-graph replay against the eager path token for
-token, a replay after the batch changed, and pool exhaustion in the middle of a run.
+token, a replay after the batch changed, device flags reported at the next plan, and pool exhaustion in the
+middle of a run.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
@@ -419,6 +422,46 @@ def test_replay_after_the_batch_changed_writes_nothing_and_raises(rng):
     with pytest.raises(MillionError, match="freed or reused"):
         step.check()
     step.check()  # the flag was cleared with the error
+    with stream:
+        graph.launch(stream)  # the same misuse again; once it has run, the next plan() reports it
+        stream.synchronize()
+    with pytest.raises(MillionError, match="freed or reused"):
+        step.plan([a, c])
+    step.plan([a, c])  # cleared with the error: the new batch plans
+
+
+def test_a_non_finite_token_is_reported_at_the_next_plan(rng):
+    """The append kernel flags a NaN token in the step's pinned flag word: once that launch has run, the next
+    plan() warns (once per step object), counts it in both stats(), clears the flag and goes on."""
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    (cache,) = _caches(rng, devices=("cuda",))
+    a, b = cache.add_sequence(), cache.add_sequence()
+    _prefill(rng, (cache,), [a, b], [20, 30])
+    step = DecodeStep(cache, 8)
+    k = cp.asarray(rng.standard_normal((2, 2, 128)).astype(np.float16))
+    bad = k.copy()
+    bad[1, 0, 5] = cp.nan
+    q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
+    out = cp.empty((2, 8, 128), cp.float16)
+    step.plan([a, b])
+    assert not step.stats()["non_finite_appended"] and not cache.stats()["non_finite_appended"]
+    for layer in range(2):
+        step.run(layer, q, out=out, k=bad if layer == 1 else k, v=k)
+    step.stream.synchronize()
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        step.plan([a, b])
+    assert step.stats()["non_finite_appended"] and cache.stats()["non_finite_appended"]
+    for layer in range(2):
+        step.run(layer, q, out=out, k=k, v=k)
+    step.stream.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the flag was cleared: nothing more to report
+        step.plan([a, b])
+        step.check()
+    assert cache.seq_len(a) == 23 and cache.seq_len(b) == 33  # three planned steps: the NaN token is stored
 
 
 def test_pool_exhaustion_in_a_run_of_steps_loses_nothing(rng):
