@@ -911,7 +911,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     if (paged) {
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        // the group's stored bytes are its slots XOR rr: in slot order first, then rotated by k_rot
+        // the group's stored bytes are its slots XOR rr: whole words into slot order first
         const int rr = (((x0 + ktok0 + 2 * nt) & page_mask) % ROT) % GL;
         unsigned w[KW];
 #pragma unroll
@@ -928,19 +928,15 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
             x = w[1]; w[1] = w[3]; w[3] = x;
           }
         }
-        const unsigned sel = 0x3210u ^ ((unsigned)(rr & 3) * 0x1111u);
+        // byte v := slot (v + k_rot) mod GL: the in-word XOR by rr & 3 and the rotation by k_rot (< 4: within a
+        // word and the next) in one byte permute per word, source byte (v + k_rot) ^ (rr & 3)
+        const unsigned sel = k_shift ^ ((unsigned)(rr & 3) * 0x1111u);
+        unsigned y[KW];
 #pragma unroll
-        for (int k = 0; k < KW; ++k) w[k] = __byte_perm(w[k], 0u, sel);
-        {  // byte v := slot (v + k_rot) mod GL (k_rot < 4: within a word and the next)
-          unsigned y[KW];
-#pragma unroll
-          for (int k = 0; k < KW; ++k) y[k] = __byte_perm(w[k], w[(k + 1) % KW], k_shift);
-#pragma unroll
-          for (int k = 0; k < KW; ++k) w[k] = y[k];
-        }
+        for (int k = 0; k < KW; ++k) y[k] = __byte_perm(w[k], w[(k + 1) % KW], sel);
         unsigned k_at[SLOTS];
 #pragma unroll
-        for (int v = 0; v < SLOTS; ++v) k_at[v] = k_lane + code_byte(w, v) * (4 * K_ROW * E);
+        for (int v = 0; v < SLOTS; ++v) k_at[v] = k_lane + code_byte(y, v) * (4 * K_ROW * E);
         lds_offset<SLOTS, E, 1, 4 * E>(kf[nt], k_at);  // + 4 E v: kf[nt][v] holds slot (v + k_rot) mod GL
 #pragma unroll
         for (int b = 1; b < K_ROTATIONS; b <<= 1) {  // slot order: rotate back by k_rot, one bit at a time

@@ -24,9 +24,9 @@ query rows it makes per kv head (``c x`` GQA group):
   per sequence (speculative verification of 3 to 4 drafts at GQA 4, up to 5 at GQA 1; the cost is per
   sequence, the LUT path's per token): tensor cores, one row tile per kv head, ``verify_attention``
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
-  the history's dequantization, ~1.6 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
-  182-187 us at q = 2..4 against 112 us for one token and ~97 us per query token on the LUT path). With 17 to
-  32 rows (two row tiles: 5 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~3.2 decodes (355 us), so
+  the history's dequantization, ~1.55 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
+  170-175 us at q = 2..4 against 114 us for one token and ~97 us per query token on the LUT path). With 17 to
+  32 rows (two row tiles: 5 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~3 decodes (344 us), so
   such a batch takes it from :data:`FRAGMENT_QUERIES_MIN_TWO_TILES` new tokens per sequence on average.
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
   cores. With at least :data:`DENSE_ROWS_MIN` query rows per kv head in the longest sequence (``c x`` group
@@ -43,7 +43,7 @@ query rows it makes per kv head (``c x`` GQA group):
   rows with 2 or 4 dims per subspace take ``verify_attention``; more rows (or 8 dims per subspace) take
   ``prefill_attention``, which dequantizes each tile of 64 cached tokens into fp16 / bf16 in shared memory
   (exact rows from the residual ring) and runs flash attention with ``mma.sync``. A sequence's history is
-  read once per row tile (8 x 32K, H200, M = 64: 355 us at q = 8, 597 us at q = 16). Short sequences in such a
+  read once per row tile (8 x 32K, H200, M = 64: 344 us at q = 8, 620 us at q = 16). Short sequences in such a
   batch ride along at the cost of a row tile over their whole history, counted in
   ``stats()["short_queries_on_tensor_cores"]`` and warned about once; plan them in a wrapper of their own to
   avoid it. Configurations without these paths (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16,
@@ -79,7 +79,7 @@ __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGM
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
-#: per query token per sequence (M = 64; q = 4: 396 us, q = 8: 768 us); the tensor-core kernels cost ~355 us
+#: per query token per sequence (M = 64; q = 4: 394 us, q = 8: 774 us); the tensor-core kernels cost ~345 us
 #: for 17 to 32 rows per kv head (verify_attention) and ~600 us for 33 to 64 (prefill_attention, q = 16 at
 #: GQA 4). At GQA 8, 6 new tokens make 48 rows: ~600 us against ~580 on the LUT path, so they meet at 5 to 6;
 #: fewer tokens with few enough rows for verify_attention take it by the two rules below.
@@ -88,13 +88,14 @@ LUT_QUERIES_MAX = 5
 
 #: New tokens per sequence, on average over the batch, from which a batch whose rows fit one row tile (at most
 #: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs about
-#: two LUT query tokens (H200, 8 x 32K: 187 us against 203 us for q = 2 on the LUT path at M = 64, 168 against
-#: 176 at M = 32). At q = 2 the two are within 5-8 %, so a pair of drafts keeps the capturable LUT path.
+#: two LUT query tokens (H200, 8 x 32K: 170 us against 206-211 us for q = 2 on the LUT path at M = 64, 162 against
+#: 170-175 at M = 32). A pair of drafts keeps the capturable LUT path: at M = 32 the two are within 5-8 %; at
+#: M = 64 tensor cores now save ~18 %, a case for 2 here once the rule's GPU tests are re-run with it.
 FRAGMENT_QUERIES_MIN = 3
 
 #: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~3.7-4
-#: LUT query tokens (H200, 8 x 32K: 355 us against ~97 us per token at M = 64; 305 against ~77 at M = 32), so
-#: from 4 new tokens per sequence on average (5 drafts at GQA 4: 355 against ~485 us; 4 at GQA 8: 355 against
+#: LUT query tokens (H200, 8 x 32K: 344 us against ~97 us per token at M = 64; 305-321 against ~78 at M = 32),
+#: so from 4 new tokens per sequence on average (5 drafts at GQA 4: 344 against ~485 us; 4 at GQA 8: 344 against
 #: ~390 us at M = 64, about a tie at M = 32).
 FRAGMENT_QUERIES_MIN_TWO_TILES = 4
 
