@@ -887,7 +887,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   // + 4 E (code * K_ROW + v) bytes at the lane's v-th gather, slot (v + k_rot) mod GL
   const int k_rot = g % K_ROTATIONS;
   const unsigned k_lane = smem_addr(kc_s + (K_REGION * i4 + k_rot) * E);  // shared-window addresses (bytes)
-  const unsigned k_shift = 0x3210u + 0x1111u * (unsigned)(k_rot & 3);  // byte_perm: bytes k_rot % 4 .. + 3
+  const unsigned k_shift = 0x3210u + 0x1111u * (unsigned)k_rot;  // byte_perm: bytes k_rot .. k_rot + 3
   const unsigned* v_lane = vc_s + v_entry(g, 0) * E;   // + (v_entry(8 j + g, code) - v_entry(g, 0)) * E
   constexpr int V_J_STRIDE = 8 * 256 * E;              // words from subspace 8 j + g to 8 (j + 1) + g
   static_assert(V_J_STRIDE == (v_entry(8, 0) - v_entry(0, 0)) * E, "V layout");

@@ -48,9 +48,10 @@ appends must run for every layer (eagerly or by one replay) before the cache is 
 Misuse is caught, never written through: a replay after the batch changed without a new ``plan()``
 (a sequence freed, or its slot reused by another sequence) is detected on the device, where the
 append kernel compares each slot's generation and skips the token, so no other sequence's pages or ring
-are touched; the flag (in pinned host memory, written by the kernel) raises :class:`~million_cupy.errors.MillionError` at the
-first ``plan()`` after that launch has run (no synchronisation of its own) or at :meth:`DecodeStep.check`. An eager step that appended only
-some layers raises at the next ``plan()``; ``run(layer)`` before ``append(layer)`` raises at once.
+are touched; the flag (in pinned host memory, written by the kernel) raises
+:class:`~million_cupy.errors.MillionError` at the first ``plan()`` after that launch has run (no synchronisation
+of its own) or at :meth:`DecodeStep.check`. An eager step that appended only some layers raises at the next
+``plan()``; ``run(layer)`` before ``append(layer)`` raises at once.
 """
 
 from __future__ import annotations
