@@ -257,10 +257,10 @@ def plot_e2e(suites, out: Path):
 
 def plot_step(suites, out: Path):
     """The 32-layer decode step: p50 step time per method and batch x context (bench/bench_step.py), from the
-    latest full run (the file with the most shapes, newest first; probes of a few shapes are other files, and a run of
-    a design that was not kept names its successor in ``superseded_by``)."""
+    latest full run (the file with the most shapes and M values, newest first; probes of a few shapes or one M are
+    other files, and a run of a design that was not kept names its successor in ``superseded_by``)."""
     kept = (run for run in suites.get("step", []) if not run[1].get("superseded_by"))
-    runs = sorted(kept, key=lambda run: (len({(r.get("batch"), r.get("context")) for r in run[2]}),
+    runs = sorted(kept, key=lambda run: (len({(r.get("batch"), r.get("context"), r.get("M")) for r in run[2]}),
                                          str(run[1].get("date", ""))), reverse=True)
     recs = [(runs[0][0], r) for r in runs[0][2] if r.get("step_p50_us") and r.get("layers", 0) > 1] if runs else []
     if not recs:
