@@ -135,6 +135,12 @@ def device_sm_count() -> int:
     return _device().sm_count
 
 
+def device_smem_limit() -> int:
+    """Bytes of dynamic shared memory one block of the current device may opt in to (read once per device):
+    227 KB on an H100 / H200, 163 KB on an A100, 99 KB on sm_86 / sm_89."""
+    return _device().smem_limit
+
+
 def choose_group(mode: int, d: int, m: int, gqa: int, smem_limit: int) -> int:
     """Query heads one CTA serves: the largest G in {8,4,2,1} dividing the GQA ratio whose LUT fits."""
     for g in GROUPS:

@@ -49,6 +49,12 @@ query rows it makes per kv head (``c x`` GQA group):
   avoid it. Configurations without these paths (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16,
   float16 / bfloat16) keep the LUT path for long chunks, counted in ``stats()["long_chunk_queries"]`` with a
   warning once per wrapper.
+* The device's shared memory per block bounds the tensor-core kernels (:func:`fitting_regime`): at head_dim
+  128, prefill_attention takes ~200 KB, verify_attention and dequantize_history 160 KB, dense_prefill_attention
+  104 KB. Where the regime the rule picked does not fit (an A100 allows 163 KB, sm_86 / sm_89 99 KB), a chunk
+  takes the dense regime if that fits and otherwise, like drafts, the LUT path; each such plan is counted in
+  ``stats()["shared_memory_fallbacks"]`` and warned about once. An explicit ``backend`` that does not fit raises
+  UnsupportedConfiguration at plan().
 
 ``BatchPrefillWrapper(backend="lut" | "tensor_cores" | "dense")`` takes one regime for every plan instead
 (``"tensor_cores"``: on chip, no workspace; ``"dense"``: the workspace whatever the rows). The tensor-core
@@ -68,14 +74,14 @@ import numpy as np
 
 from . import kernels, reference
 from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, device_sm_count,
-                     paged_layer_storage, require_native_attention, softmax_scale)
+                     device_smem_limit, paged_layer_storage, require_native_attention, softmax_scale)
 from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
 from .layout import full_pages
 
 __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN",
            "FRAGMENT_QUERIES_MIN_TWO_TILES", "DENSE_ROWS_MIN", "BACKENDS", "tensor_core_supported",
-           "takes_tensor_cores", "takes_dense"]
+           "takes_tensor_cores", "takes_dense", "fitting_regime"]
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
@@ -162,6 +168,20 @@ def dequantize_smem(head_dim: int) -> int:
     """Dynamic shared memory of ``dequantize_history`` (DequantizeSmem): both codebooks of a kv head in fp16
     and one K and one V tile."""
     return 2 * 2 * 256 * head_dim + 2 * 2 * TC_TILE * head_dim
+
+
+def fitting_regime(dense: bool, rows: int, head_dim: int, M: int, smem_limit: int) -> str | None:
+    """The tensor-core regime a device allowing ``smem_limit`` bytes of dynamic shared memory per block can launch
+    for a plan whose longest sequence has ``rows`` query rows per kv head: ``"dense"`` or ``"on_chip"`` as asked
+    (``dense``) when its kernels fit; ``"dense"`` instead of an on-chip kernel that does not fit, for a chunk (more
+    rows than verify_attention serves: the dense regime costs ~1 ms at 8 x 32K whatever the rows, more than a few
+    drafts on the LUT path); None when nothing fits: the LUT path."""
+    dense_fits = max(dense_smem(head_dim), dequantize_smem(head_dim)) <= smem_limit
+    if dense:
+        return "dense" if dense_fits else None
+    if tensor_core_smem(head_dim, M, tensor_core_row_tiles(rows)) <= smem_limit:
+        return "on_chip"
+    return "dense" if dense_fits and rows > 16 * VERIFY_ROW_TILES[-1] else None
 
 
 def takes_dense(counts: np.ndarray, group: int) -> bool:
@@ -509,7 +529,7 @@ class BatchPrefillWrapper:
         self._q_shape = (0, num_heads, cache.head_dim)
         self._warned: set[str] = set()  # the slow paths warned about (_warn_once)
         self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "dense_plans": 0,
-                       "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0}
+                       "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0, "shared_memory_fallbacks": 0}
 
     @property
     def scale(self) -> float:
@@ -576,6 +596,11 @@ class BatchPrefillWrapper:
             long = 0
             on_tensor_cores = self.backend in ("tensor_cores", "dense")
             dense = self.backend == "dense"
+        why_lut = f"this configuration (head_dim {cache.head_dim}, M {cache.M}, {cache.dtype}) has no tensor-core path"
+        if on_tensor_cores:
+            on_tensor_cores, dense = self._fit_shared_memory(dense, int(counts.max(initial=0)) * group)
+            if not on_tensor_cores:
+                why_lut = "no tensor-core kernel for them fits this device's shared memory"
         if on_tensor_cores:
             if self._tc is None:
                 self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
@@ -601,15 +626,36 @@ class BatchPrefillWrapper:
             attn.update(items, main.astype(np.int32), res.astype(np.int32), as_stream(self._stream))
         if long:
             self._warn_once("long", f"{long} query tokens belong to chunks longer than {LUT_QUERIES_MAX} per sequence; "
-                            f"this configuration (head_dim {cache.head_dim}, M {cache.M}, {cache.dtype}) has no "
-                            f"tensor-core path, so they run the per-token LUT path, whose cost grows with the query "
-                            f"count")
+                            f"{why_lut}, so they run the per-token LUT path, whose cost grows with the query count")
         self._on_tensor_cores, self._dense = on_tensor_cores, dense
         self._seq, self._n, self._layers = seq, n, set(planned)
         self._q_shape = (N, self.num_heads, cache.head_dim)
         self._stats["plans"] += 1
         self._stats["query_tokens"] += N
         self._stats["long_chunk_queries"] += long
+
+    def _fit_shared_memory(self, dense: bool, rows: int) -> tuple[bool, bool]:
+        """``(on_tensor_cores, dense)`` for a tensor-core plan of ``rows`` query rows per kv head on this device:
+        the regime asked for when its kernels fit the device's shared memory, else :func:`fitting_regime`'s
+        (counted and warned once) under ``backend="auto"``; an explicit backend that does not fit raises."""
+        cache = self.cache
+        limit = device_smem_limit()
+        fits = fitting_regime(dense, rows, cache.head_dim, cache.M, limit)
+        asked = "dense" if dense else "on_chip"
+        if fits == asked:
+            return True, dense
+        need = (max(dense_smem(cache.head_dim), dequantize_smem(cache.head_dim)) if dense
+                else tensor_core_smem(cache.head_dim, cache.M, tensor_core_row_tiles(rows)))
+        what = (f"the {'dense' if dense else 'on-chip tensor-core'} kernels for head_dim {cache.head_dim}, "
+                f"M {cache.M} and {rows} query rows per kv head need {need} bytes of shared memory per block; "
+                f"this device allows {limit}")
+        if self.backend != "auto":
+            other = "'auto'" if fits is None else "'auto' or 'dense'"
+            raise UnsupportedConfiguration(f"backend={self.backend!r}: {what}; use backend={other}")
+        self._stats["shared_memory_fallbacks"] += 1
+        self._warn_once("smem", f"{what}, so such plans take the "
+                        f"{'dense regime (a per-layer workspace of the history)' if fits else 'per-token LUT path'}")
+        return fits is not None, fits == "dense"
 
     def _warn_once(self, kind: str, message: str) -> None:
         """A RuntimeWarning for the caller of plan(), once per wrapper and kind of slow path."""
@@ -649,7 +695,9 @@ class BatchPrefillWrapper:
         ``short_queries_on_tensor_cores`` (query tokens of sequences with at most
         LUT_QUERIES_MAX new tokens planned on the tensor-core path beside a longer chunk; warned once),
         ``long_chunk_queries`` (query tokens of chunks longer than LUT_QUERIES_MAX that ran the
-        per-token LUT path because the configuration has no tensor-core path; warned once)."""
+        per-token LUT path because the configuration has no tensor-core path, or none fits the device; warned
+        once), ``shared_memory_fallbacks`` (plans whose tensor-core regime did not fit the device's shared memory
+        and took the dense regime or the LUT path instead, :func:`fitting_regime`; warned once)."""
         return dict(self._stats)
 
 

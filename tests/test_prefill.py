@@ -187,3 +187,18 @@ def test_prefill_errors_name_what_was_expected(rng):
         mc.prefill_attention(cache, 0, [s], np.zeros((3, 8, 64)), [0, 2])
     with pytest.raises(UnsupportedConfiguration, match="GPU cache"):
         mc.BatchPrefillWrapper(cache, 8)
+
+
+def test_fitting_regime_follows_the_devices_shared_memory():
+    """H200 (227 KB per block): every regime fits. A100 (163 KB): verify_attention (160 KB at head_dim 128) fits,
+    prefill_attention (200 KB) does not, so chunks take the dense regime (dequantize_history 160 KB); drafts never
+    take it. sm_89 (99 KB): nothing fits at head_dim 128; at head_dim 64 the dense regime (80 KB) does."""
+    from million_cupy.prefill import fitting_regime
+
+    h200, a100, ada = 232448, 166912, 101376
+    assert [fitting_regime(False, rows, 128, 64, h200) for rows in (16, 32, 64, 128)] == ["on_chip"] * 4
+    assert fitting_regime(True, 512, 128, 64, h200) == "dense"
+    assert [fitting_regime(False, rows, 128, 64, a100) for rows in (16, 32, 33, 128)] == \
+        ["on_chip", "on_chip", "dense", "dense"]
+    assert [fitting_regime(dense, 64, 128, 32, ada) for dense in (False, True)] == [None, None]
+    assert [fitting_regime(False, rows, 64, 32, ada) for rows in (16, 32, 64)] == [None, None, "dense"]

@@ -306,3 +306,28 @@ def test_the_auto_rule_takes_verify_attention_for_drafts_in_two_row_tiles(rng, g
     below = [max(counts)] + [1] * (len(counts) - 1)
     wrapper.plan(seqs, np.concatenate([[0], np.cumsum(below)]), appended=True)
     assert wrapper.regime == "lut"
+
+
+@pytest.mark.parametrize("limit,want", [(166912, "dense"), (101376, "lut")])  # an A100's, an sm_89's bytes
+def test_a_regime_that_does_not_fit_the_devices_shared_memory_takes_one_that_does(rng, monkeypatch, limit, want):
+    """A 16-token chunk at GQA 4 (64 rows) takes prefill_attention on an H200 (~200 KB of shared memory at
+    head_dim 128). On a device allowing less, "auto" takes the dense regime where it fits and the LUT path where
+    nothing does, counted and warned once, with the reference's result; an explicit backend raises at plan()."""
+    from million_cupy import prefill
+
+    monkeypatch.setattr(prefill, "device_smem_limit", lambda: limit)
+    (cache,) = _caches(rng, devices=("cuda",), max_pages=1024)
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [100, 40])
+    ind = np.array([0, 16, 19])
+    wrapper = BatchPrefillWrapper(cache, 8)
+    with pytest.warns(RuntimeWarning, match=f"need 200704 bytes of shared memory per block; this device allows {limit}"):
+        wrapper.plan(seqs, ind)
+    assert wrapper.regime == want
+    assert wrapper.stats()["shared_memory_fallbacks"] == 1
+    assert wrapper.stats()["long_chunk_queries"] == (16 if want == "lut" else 0)
+    _check_layer(rng, cache, wrapper, 0, seqs, ind, 8, "float16")
+    forced = BatchPrefillWrapper(cache, 8, backend="tensor_cores")
+    with pytest.raises(UnsupportedConfiguration, match=f"backend='tensor_cores': .* this device allows {limit}"):
+        forced.plan(seqs, ind, layers=[1])
+    assert forced.regime == "" and forced.stats()["plans"] == 0
