@@ -151,7 +151,7 @@ def tensor_core_smem(head_dim: int, M: int, row_tiles: int) -> int:
     """Dynamic shared memory of the tensor-core kernel a plan launches. ``prefill_attention`` (PrefillSmem in
     prefill_attention.cu): both codebooks of a kv head in fp16 and two stages of one K and one V tile with 16-byte
     padded rows; ``verify_attention`` (VerifySmem): the V codebook and the K table of 256 rows of 96 words (each
-    slot group with its rotations, so that the gathers meet no bank conflicts)."""
+    slot group with its rotations, so that the gathers meet at most 2-way bank conflicts)."""
     codebooks = 2 * 2 * 256 * head_dim
     if gathers_fragments(head_dim, M, row_tiles):
         return 2 * 256 * head_dim + VERIFY_K_TABLE_BYTES
