@@ -654,13 +654,15 @@ class BatchPrefillWrapper:
             raise UnsupportedConfiguration(f"backend={self.backend!r}: {what}; use backend={other}")
         self._stats["shared_memory_fallbacks"] += 1
         self._warn_once("smem", f"{what}, so such plans take the "
-                        f"{'dense regime (a per-layer workspace of the history)' if fits else 'per-token LUT path'}")
+                        f"{'dense regime (a per-layer workspace of the history)' if fits else 'per-token LUT path'}",
+                        stacklevel=4)
         return fits is not None, fits == "dense"
 
-    def _warn_once(self, kind: str, message: str) -> None:
-        """A RuntimeWarning for the caller of plan(), once per wrapper and kind of slow path."""
+    def _warn_once(self, kind: str, message: str, stacklevel: int = 3) -> None:
+        """A RuntimeWarning for the caller of plan() (``stacklevel`` frames up), once per wrapper and kind of slow
+        path."""
         if kind not in self._warned:
-            warnings.warn(f"BatchPrefillWrapper: {message}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"BatchPrefillWrapper: {message}", RuntimeWarning, stacklevel=stacklevel)
             self._warned.add(kind)
 
     def run(self, layer: int, q: Any, *, out: Any = None, lse: Any = None, return_lse: bool = False):
