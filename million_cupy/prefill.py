@@ -170,13 +170,18 @@ def dequantize_smem(head_dim: int) -> int:
     return 2 * 2 * 256 * head_dim + 2 * 2 * TC_TILE * head_dim
 
 
+def dense_regime_smem(head_dim: int) -> int:
+    """The most dynamic shared memory one of the dense regime's two kernels needs (dequantize_history's)."""
+    return max(dense_smem(head_dim), dequantize_smem(head_dim))
+
+
 def fitting_regime(dense: bool, rows: int, head_dim: int, M: int, smem_limit: int) -> str | None:
     """The tensor-core regime a device allowing ``smem_limit`` bytes of dynamic shared memory per block can launch
     for a plan whose longest sequence has ``rows`` query rows per kv head: ``"dense"`` or ``"on_chip"`` as asked
     (``dense``) when its kernels fit; ``"dense"`` instead of an on-chip kernel that does not fit, for a chunk (more
     rows than verify_attention serves: the dense regime costs ~1 ms at 8 x 32K whatever the rows, more than a few
     drafts on the LUT path); None when nothing fits: the LUT path."""
-    dense_fits = max(dense_smem(head_dim), dequantize_smem(head_dim)) <= smem_limit
+    dense_fits = dense_regime_smem(head_dim) <= smem_limit
     if dense:
         return "dense" if dense_fits else None
     if tensor_core_smem(head_dim, M, tensor_core_row_tiles(rows)) <= smem_limit:
@@ -225,7 +230,7 @@ def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dt
     wherever the configuration has them; a few drafts per sequence take verify_attention when every sequence's
     rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more, or fit
     two (at most 32) and it averages FRAGMENT_QUERIES_MIN_TWO_TILES or more, since its cost is per sequence
-    (the history's dequantization: ~2 LUT query tokens for one row tile, ~3.9 for two) and the LUT path's per
+    (the history's dequantization: ~2 LUT query tokens for one row tile, ~3.7-4 for two) and the LUT path's per
     token."""
     if not tensor_core_supported(head_dim, M, dtype):
         return False
@@ -644,7 +649,7 @@ class BatchPrefillWrapper:
         asked = "dense" if dense else "on_chip"
         if fits == asked:
             return True, dense
-        need = (max(dense_smem(cache.head_dim), dequantize_smem(cache.head_dim)) if dense
+        need = (dense_regime_smem(cache.head_dim) if dense
                 else tensor_core_smem(cache.head_dim, cache.M, tensor_core_row_tiles(rows)))
         what = (f"the {'dense' if dense else 'on-chip tensor-core'} kernels for head_dim {cache.head_dim}, "
                 f"M {cache.M} and {rows} query rows per kv head need {need} bytes of shared memory per block; "
