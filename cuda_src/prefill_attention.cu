@@ -121,19 +121,22 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned add
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// The online softmax's reference maxima of a lane's two rows (g and g + 8) after a tile whose masked scores peak
-// at mxA / mxB in this lane (log2 domain); the row's four lanes are reduced here. Lazy rescaling: a reference
+// The online softmax's reference maxima of a lane's two rows (g and g + 8) after a tile whose masked raw scores
+// (Q K^T, before the scale) peak at mxA / mxB in this lane; the row's four lanes are reduced here, and the peaks
+// scaled into the log2 domain (scale_log2 > 0, so the max commutes with it). Lazy rescaling: a reference
 // max moves only when a score exceeds it by more than RESCALE_SLACK, so p stays <= 2^RESCALE_SLACK (exact in
 // fp16 / bf16 as a value, fp32 sums) and the O rescale by alpha, D / 2 multiplies per lane, runs only on the few
 // tiles where some row of the warp moved its max (the return value, uniform over the warp). A row that has seen
 // no token keeps max -inf; its exponents are then taken from base 0 (all p = 0).
-__device__ __forceinline__ bool lazy_max(float mxA, float mxB, float& mA, float& mB, float& baseA, float& baseB,
-                                         float& alphaA, float& alphaB) {
+__device__ __forceinline__ bool lazy_max(float mxA, float mxB, float scale_log2, float& mA, float& mB, float& baseA,
+                                         float& baseB, float& alphaA, float& alphaB) {
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
     mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
     mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
   }
+  mxA *= scale_log2;
+  mxB *= scale_log2;
   const float mnA = mxA > mA + RESCALE_SLACK ? mxA : mA, mnB = mxB > mB + RESCALE_SLACK ? mxB : mB;
   const bool moved = __any_sync(0xffffffffu, mnA != mA || mnB != mB);
   baseA = mnA == kNegInf ? 0.f : mnA;
@@ -145,13 +148,15 @@ __device__ __forceinline__ bool lazy_max(float mxA, float mxB, float& mA, float&
   return moved;
 }
 
-// The exponentials of a 16 x 8 score fragment (rows g: elements 0, 1; g + 8: 2, 3) against the rows' bases, and
+// The exponentials 2^(s scale_log2 - base) of a 16 x 8 fragment of raw scores (rows g: elements 0, 1; g + 8: 2, 3;
+// masked ones -inf) against the rows' bases, the scale folded into one FFMA per score as in FlashAttention-2, and
 // their per-lane sums added to sumA / sumB (the four lanes of a row are added at the end, finish_rows).
-__device__ __forceinline__ void exp_scores(float (&s)[4], float baseA, float baseB, float& sumA, float& sumB) {
-  s[0] = fast_exp2(s[0] - baseA);
-  s[1] = fast_exp2(s[1] - baseA);
-  s[2] = fast_exp2(s[2] - baseB);
-  s[3] = fast_exp2(s[3] - baseB);
+__device__ __forceinline__ void exp_scores(float (&s)[4], float scale_log2, float baseA, float baseB, float& sumA,
+                                           float& sumB) {
+  s[0] = fast_exp2(fmaf(s[0], scale_log2, -baseA));
+  s[1] = fast_exp2(fmaf(s[1], scale_log2, -baseA));
+  s[2] = fast_exp2(fmaf(s[2], scale_log2, -baseB));
+  s[3] = fast_exp2(fmaf(s[3], scale_log2, -baseB));
   sumA += s[0] + s[1];
   sumB += s[2] + s[3];
 }
@@ -546,7 +551,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nb][e] += s2[nb][e];
     }
-    // Mask (causal and the item's end), scale into the log2 domain, online softmax per row.
+    // Mask (causal and the item's end), online softmax per row in the log2 domain.
     float mxA = kNegInf, mxB = kNegInf;
 #pragma unroll
     for (int nb = 0; nb < NW / 8; ++nb)
@@ -554,14 +559,14 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
       for (int e = 0; e < 4; ++e) {
         const int x = x0 + tok0 + nb * 8 + 2 * i4 + (e & 1);
         const int lim = min(e < 2 ? limA : limB, t_end);
-        s[nb][e] = x < lim ? s[nb][e] * scale_log2 : kNegInf;
+        if (x >= lim) s[nb][e] = kNegInf;
         if (e < 2) mxA = fmaxf(mxA, s[nb][e]); else mxB = fmaxf(mxB, s[nb][e]);
       }
     float baseA, baseB, alphaA, alphaB;
-    const bool moved = lazy_max(mxA, mxB, mA, mB, baseA, baseB, alphaA, alphaB);
+    const bool moved = lazy_max(mxA, mxB, scale_log2, mA, mB, baseA, baseB, alphaA, alphaB);
     float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < NW / 8; ++nb) exp_scores(s[nb], baseA, baseB, sumA, sumB);
+    for (int nb = 0; nb < NW / 8; ++nb) exp_scores(s[nb], scale_log2, baseA, baseB, sumA, sumB);
     lA = lA * alphaA + sumA;  // per-lane partial sums: the four lanes of a row are added at the end
     lB = lB * alphaB + sumB;
     if (moved) scale_o(alphaA, alphaB);
@@ -702,7 +707,8 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 // the centroids back into slot order for the MMA, and a byte rotation of the codes makes byte v the code of the
 // v-th gather. H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts 26.7 M -> 16.5 M with conflict-free
 // rotations; with the paged and ring steps in loops of their own (below) and the gathers' offsets in their load
-// instructions, 250 -> 197 us (M = 32: 232 -> 155 us); with half the rotations, 182 us (M = 32: 159 us).
+// instructions, 250 -> 197 us (M = 32: 232 -> 155 us); with half the rotations, 182 us (M = 32: 159 us); with the
+// scale in the exponent, unmasked steps and unsigned in-page offsets (below), 168 us (M = 32: 146 us).
 template <int D>
 struct VerifySmem {
   static constexpr size_t k_table_bytes = sizeof(unsigned) * 256 * 4 * 24;  // [code][4 regions of 24 words]
@@ -816,7 +822,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   int rA[RT], limA[RT], limB[RT];
   bool vA[RT], vB[RT];
   unsigned qf[RT][KB][4];
-  int warp_lim = 0;
+  int warp_lim = 0, warp_full = t_end;  // no row of the warp attends past warp_lim; every valid one below warp_full
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
     rA[rt] = wi.row0 + rt * 16 + g;
@@ -838,9 +844,14 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     limA[rt] = vA[rt] ? sm.z - sm.y + jA + 1 : 0;
     limB[rt] = vB[rt] ? sm.z - sm.y + jB + 1 : 0;
     warp_lim = max(warp_lim, max(limA[rt], limB[rt]));
+    if (vA[rt]) warp_full = min(warp_full, limA[rt]);
+    if (vB[rt]) warp_full = min(warp_full, limB[rt]);
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, off));
+  for (int off = 16; off > 0; off >>= 1) {
+    warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, off));
+    warp_full = min(warp_full, __shfl_xor_sync(0xffffffffu, warp_full, off));
+  }
   const int t_stop = min(t_end, warp_lim);  // no row of this warp attends past it
 
   // ---- codes of a step: K (the lane's GL-byte group of tokens tau(0, g) and tau(1, g)), V (a word per j) ----
@@ -851,15 +862,21 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     unsigned k[2][KW];
     unsigned v[JW];
   };
+  // In-page indices and byte offsets in unsigned 32-bit arithmetic (a page of one head's codes is far below 4 GB),
+  // so that the step's address math has no sign fix-ups. x0 is a multiple of 16 and a page holds a multiple of 16
+  // tokens, so token x0 + c (c < 16) is token (x0 & page_mask) + c of its page.
+  auto in_page = [&](int x0, int c) { return ((unsigned)x0 & (unsigned)page_mask) + (unsigned)c; };
+  const unsigned k_column_stride = ((unsigned)page_mask + 1u) * 16u;  // a page's 16-byte K code columns
+  const unsigned v_lane_at = (unsigned)((8 * dpart * JW + g) * 16 + 4 * i4);
   auto load_page = [&](int x0) { return x0 < t_stop && x0 < n_main ? load_pinned(page_table + wi.prow + (x0 >> page_shift)) : 0; };
   auto load_codes = [&](Codes& c, int x0, int page) {
     if (x0 >= t_stop || x0 >= n_main) return;  // ring steps read exact rows; steps past the end nothing
     const unsigned char* kp = wi.k_codes + (long long)page * page_stride;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      const int t = (x0 + ktok0 + 2 * nt) & page_mask;
-      const int gi = i4 ^ ((t % ROT) / GL);
-      const unsigned char* src = kp + ((gi * GL) >> 4) * ((page_mask + 1) * 16) + t * 16 + ((gi * GL) & 15);
+      const unsigned t = in_page(x0, ktok0 + 2 * nt);
+      const unsigned gi = (unsigned)i4 ^ ((t % ROT) / GL);
+      const unsigned char* src = kp + (((gi * GL) >> 4) * k_column_stride + t * 16u + ((gi * GL) & 15u));
       if constexpr (KW == 4) {
         const uint4 w = load_pinned(reinterpret_cast<const uint4*>(src));
         c.k[nt][0] = w.x; c.k[nt][1] = w.y; c.k[nt][2] = w.z; c.k[nt][3] = w.w;
@@ -870,8 +887,8 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         c.k[nt][0] = (unsigned)load_pinned(reinterpret_cast<const int*>(src));
       }
     }
-    const int* vp = reinterpret_cast<const int*>(wi.v_codes + (long long)page * page_stride + ((x0 & page_mask) >> 4) *
-                                                 (M * 16) + (8 * dpart * JW + g) * 16 + 4 * i4);
+    const int* vp = reinterpret_cast<const int*>(wi.v_codes + (long long)page * page_stride +
+                                                 ((in_page(x0, 0) >> 4) * (M * 16u) + v_lane_at));
     load_pinned_strided<JW, 8 * 16>(c.v, vp);  // subspace 8 (dpart JW + jj) + g: jj * 128 bytes further
   };
 
@@ -899,11 +916,12 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   load_codes(codes, x0, load_page(x0));
   __syncthreads();  // the codebooks are published
 
-  // One step of 16 tokens, wholly in pages or wholly in the ring (inlined at each loop, paged a constant there).
-  // Paged steps and ring steps run in loops of their own: with one loop, the ring branch's global loads into the
-  // fragments met the paged branch's prefetch of the next codes at the join, and the first MMA waited for that
-  // prefetch (H200, ncu: a quarter of all stall samples on that one instruction).
-  auto step = [&](const bool paged) {
+  // One step of 16 tokens, wholly in pages or wholly in the ring (inlined at each loop, paged and masked constants
+  // there). Paged steps and ring steps run in loops of their own: with one loop, the ring branch's global loads into
+  // the fragments met the paged branch's prefetch of the next codes at the join, and the first MMA waited for that
+  // prefetch (H200, ncu: a quarter of all stall samples on that one instruction). Paged steps that every valid row
+  // of the warp sees whole (all but the last few of a long history) skip the mask's compares and selects.
+  auto step = [&](const bool paged, const bool masked) {
     // Every gather of the step first (one basic block, so that the K and V gathers' latencies overlap and the
     // scheduler can interleave them with the MMAs); the code registers are then free for the next step's loads.
     unsigned kf[2][SLOTS][E];        // K: B fragments of n-tiles 0 and 1, slot order
@@ -912,7 +930,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         // the group's stored bytes are its slots XOR rr: whole words into slot order first
-        const int rr = (((x0 + ktok0 + 2 * nt) & page_mask) % ROT) % GL;
+        const unsigned rr = (in_page(x0, ktok0 + 2 * nt) % ROT) % GL;
         unsigned w[KW];
 #pragma unroll
         for (int k = 0; k < KW; ++k) w[k] = codes.k[nt][k];
@@ -999,7 +1017,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         for (int e = 0; e < 4; ++e) s[rt][nt][e] = a[e] + a2[e];
       }
 
-    // mask, log2 domain, online softmax (lazy rescaling as in prefill_attention)
+    // mask, online softmax in the log2 domain (lazy rescaling as in prefill_attention)
     unsigned pa[RT][4];
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
@@ -1008,16 +1026,17 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int x = x0 + 4 * i4 + 2 * nt + (e & 1);
-          const int lim = min(e < 2 ? limA[rt] : limB[rt], t_end);
-          s[rt][nt][e] = x < lim ? s[rt][nt][e] * scale_log2 : kNegInf;
+          if (masked) {
+            const int x = x0 + 4 * i4 + 2 * nt + (e & 1);
+            if (x >= min(e < 2 ? limA[rt] : limB[rt], t_end)) s[rt][nt][e] = kNegInf;
+          }
           if (e < 2) mxA = fmaxf(mxA, s[rt][nt][e]); else mxB = fmaxf(mxB, s[rt][nt][e]);
         }
       float baseA, baseB, alphaA, alphaB;
-      const bool moved = lazy_max(mxA, mxB, mA[rt], mB[rt], baseA, baseB, alphaA, alphaB);
+      const bool moved = lazy_max(mxA, mxB, scale_log2, mA[rt], mB[rt], baseA, baseB, alphaA, alphaB);
       float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) exp_scores(s[rt][nt], baseA, baseB, sumA, sumB);
+      for (int nt = 0; nt < 2; ++nt) exp_scores(s[rt][nt], scale_log2, baseA, baseB, sumA, sumB);
       lA[rt] = lA[rt] * alphaA + sumA;
       lB[rt] = lB[rt] * alphaB + sumB;
       if (moved) {
@@ -1048,8 +1067,9 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         for (int rt = 0; rt < RT; ++rt) Ops<T>::mma(o[rt][jj * DSUB + e], pa[rt], b0, b1);
       }
   };
-  for (; x0 < t_stop && x0 < n_main; x0 += SSTRIDE) step(true);
-  for (; x0 < t_stop; x0 += SSTRIDE) step(false);
+  for (; x0 + STEP <= warp_full && x0 < n_main; x0 += SSTRIDE) step(true, false);
+  for (; x0 < t_stop && x0 < n_main; x0 += SSTRIDE) step(true, true);
+  for (; x0 < t_stop; x0 += SSTRIDE) step(false, true);
 
   // ---- the token streams' states merged into stream 0's warps (shared memory, fragment order) -----------
   if constexpr (NS > 1) {
@@ -1455,7 +1475,7 @@ __global__ void __launch_bounds__(DENSE_NT, 2) dense_prefill_attention(
           }
         }
       }
-      // Scale into the log2 domain, mask (only where some row's limit falls inside), online softmax.
+      // Mask (only where some row's limit falls inside), online softmax in the log2 domain.
       const bool masked = xh + HN > warp_full;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
@@ -1464,16 +1484,14 @@ __global__ void __launch_bounds__(DENSE_NT, 2) dense_prefill_attention(
         for (int nb = 0; nb < HN / 8; ++nb)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            float v = s[mt][nb][e] * scale_log2;
-            if (masked && xh + nb * 8 + 2 * i4 + (e & 1) >= lim[mt][e >> 1]) v = kNegInf;
-            s[mt][nb][e] = v;
-            if (e < 2) mxA = fmaxf(mxA, v); else mxB = fmaxf(mxB, v);
+            if (masked && xh + nb * 8 + 2 * i4 + (e & 1) >= lim[mt][e >> 1]) s[mt][nb][e] = kNegInf;
+            if (e < 2) mxA = fmaxf(mxA, s[mt][nb][e]); else mxB = fmaxf(mxB, s[mt][nb][e]);
           }
         float baseA, baseB, alphaA, alphaB;
-        const bool moved = lazy_max(mxA, mxB, mA[mt], mB[mt], baseA, baseB, alphaA, alphaB);
+        const bool moved = lazy_max(mxA, mxB, scale_log2, mA[mt], mB[mt], baseA, baseB, alphaA, alphaB);
         float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-        for (int nb = 0; nb < HN / 8; ++nb) exp_scores(s[mt][nb], baseA, baseB, sumA, sumB);
+        for (int nb = 0; nb < HN / 8; ++nb) exp_scores(s[mt][nb], scale_log2, baseA, baseB, sumA, sumB);
         lA[mt] = lA[mt] * alphaA + sumA;  // per-lane partial sums: the four lanes of a row are added at the end
         lB[mt] = lB[mt] * alphaB + sumB;
         if (moved) {

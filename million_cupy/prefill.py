@@ -24,9 +24,9 @@ query rows it makes per kv head (``c x`` GQA group):
   per sequence (speculative verification of 3 to 4 drafts at GQA 4, up to 5 at GQA 1; the cost is per
   sequence, the LUT path's per token): tensor cores, one row tile per kv head, ``verify_attention``
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
-  the history's dequantization, ~1.55 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
-  170-175 us at q = 2..4 against 114 us for one token and ~97 us per query token on the LUT path). With 17 to
-  32 rows (two row tiles: 5 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~3 decodes (344 us), so
+  the history's dequantization, ~1.5 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
+  165-169 us at q = 2..4 against 113 us for one token and ~97 us per query token on the LUT path). With 17 to
+  32 rows (two row tiles: 5 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~2.8 decodes (312 us), so
   such a batch takes it from :data:`FRAGMENT_QUERIES_MIN_TWO_TILES` new tokens per sequence on average.
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
   cores. With at least :data:`DENSE_ROWS_MIN` query rows per kv head in the longest sequence (``c x`` group
@@ -36,14 +36,14 @@ query rows it makes per kv head (``c x`` GQA group):
   rows, K / V tiles double-buffered by cp.async, two CTAs per SM). This is the route vLLM's TurboQuant backend
   takes for long chunks. The workspace holds ``2 x num_kv_heads x sum(n) x head_dim`` values (n padded to 64
   tokens; 134 MiB for one 32K-token sequence at 8 kv heads, d = 128, fp16), grows with the largest plan and
-  is reported by ``BatchPrefillWrapper.workspace_bytes``. H200, 2K-token chunk over 32K tokens: 1.15-1.24 x
+  is reported by ``BatchPrefillWrapper.workspace_bytes``. H200, 2K-token chunk over 32K tokens: 1.11-1.24 x
   PyTorch SDPA over the exact history at M = 64 / 32, batch 1 / 4 (the on-chip kernel below: 1.52-1.97 x).
   Fewer rows stay on chip, per tile of up to 128 query rows (new token x query head of one kv head; 16, 32,
   64 or 128 rows, the fewest that hold the longest sequence's rows, :func:`tensor_core_row_tiles`): up to 32
   rows with 2 or 4 dims per subspace take ``verify_attention``; more rows (or 8 dims per subspace) take
   ``prefill_attention``, which dequantizes each tile of 64 cached tokens into fp16 / bf16 in shared memory
   (exact rows from the residual ring) and runs flash attention with ``mma.sync``. A sequence's history is
-  read once per row tile (8 x 32K, H200, M = 64: 344 us at q = 8, 620 us at q = 16). Short sequences in such a
+  read once per row tile (8 x 32K, H200, M = 64: 312 us at q = 8, 614 us at q = 16). Short sequences in such a
   batch ride along at the cost of a row tile over their whole history, counted in
   ``stats()["short_queries_on_tensor_cores"]`` and warned about once; plan them in a wrapper of their own to
   avoid it. Configurations without these paths (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16,
@@ -85,24 +85,24 @@ __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGM
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
-#: per query token per sequence (M = 64; q = 4: 394 us, q = 8: 774 us); the tensor-core kernels cost ~345 us
-#: for 17 to 32 rows per kv head (verify_attention) and ~600 us for 33 to 64 (prefill_attention, q = 16 at
-#: GQA 4). At GQA 8, 6 new tokens make 48 rows: ~600 us against ~580 on the LUT path, so they meet at 5 to 6;
+#: per query token per sequence (M = 64; q = 4: 393 us, q = 8: 771 us); the tensor-core kernels cost ~312 us
+#: for 17 to 32 rows per kv head (verify_attention) and ~614 us for 33 to 64 (prefill_attention, q = 16 at
+#: GQA 4). At GQA 8, 6 new tokens make 48 rows: ~614 us against ~580 on the LUT path, so they meet at 5 to 6;
 #: fewer tokens with few enough rows for verify_attention take it by the two rules below.
 #: backend="lut" keeps the LUT path's fixed, capturable grid for any count.
 LUT_QUERIES_MAX = 5
 
 #: New tokens per sequence, on average over the batch, from which a batch whose rows fit one row tile (at most
 #: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs about
-#: two LUT query tokens (H200, 8 x 32K: 170 us against 206-211 us for q = 2 on the LUT path at M = 64, 162 against
-#: 170-175 at M = 32). A pair of drafts keeps the capturable LUT path: at M = 32 the two are within 5-8 %; at
-#: M = 64 tensor cores now save ~18 %, a case for 2 here once the rule's GPU tests are re-run with it.
+#: two LUT query tokens (H200, 8 x 32K: 165 us against 203 us for q = 2 on the LUT path at M = 64, 157 against
+#: 173 at M = 32). A pair of drafts keeps the LUT path, the one a CUDA graph can capture: tensor cores would save
+#: ~19 % at M = 64 and ~9 % at M = 32, which backend="tensor_cores" takes for callers that do not capture.
 FRAGMENT_QUERIES_MIN = 3
 
-#: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~3.7-4
-#: LUT query tokens (H200, 8 x 32K: 344 us against ~97 us per token at M = 64; 305-321 against ~78 at M = 32),
-#: so from 4 new tokens per sequence on average (5 drafts at GQA 4: 344 against ~485 us; 4 at GQA 8: 344 against
-#: ~390 us at M = 64, about a tie at M = 32).
+#: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~3.2-3.5
+#: LUT query tokens (H200, 8 x 32K: 312 us against ~97 us per token at M = 64; 264 against ~76 at M = 32),
+#: so from 4 new tokens per sequence on average (5 drafts at GQA 4: 312 against ~485 us; 4 at GQA 8: 312 against
+#: ~390 us at M = 64, 264 against ~305 at M = 32; 3 at GQA 8 would lose: 312 against ~291 us).
 FRAGMENT_QUERIES_MIN_TWO_TILES = 4
 
 #: Query rows per kv head (new tokens x GQA group) of the longest sequence from which a tensor-core batch takes
@@ -230,7 +230,7 @@ def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dt
     wherever the configuration has them; a few drafts per sequence take verify_attention when every sequence's
     rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more, or fit
     two (at most 32) and it averages FRAGMENT_QUERIES_MIN_TWO_TILES or more, since its cost is per sequence
-    (the history's dequantization: ~2 LUT query tokens for one row tile, ~3.7-4 for two) and the LUT path's per
+    (the history's dequantization: ~1.7 LUT query tokens for one row tile, ~3.2-3.5 for two) and the LUT path's per
     token."""
     if not tensor_core_supported(head_dim, M, dtype):
         return False
@@ -495,7 +495,8 @@ class BatchPrefillWrapper:
     Args:
         cache: the cache (``device="cuda"``; on a CPU cache use :func:`prefill_attention`).
         num_heads: query heads (a multiple of the cache's kv heads).
-        scale: softmax scale (default ``1 / sqrt(head_dim)``).
+        scale: softmax scale, positive and finite (default ``1 / sqrt(head_dim)``); the tensor-core kernels take
+            the row maxima of the raw scores Q K^T and fold the scale into the exponent, which needs it positive.
         stream: a CuPy stream or raw handle for every launch; None = the current stream at ``plan``.
         backend: ``"auto"`` (the module's rule), or for every plan ``"lut"``, ``"tensor_cores"`` (dequantized on
             chip, no workspace) or ``"dense"`` (dequantized once per layer into a workspace; see the module's
@@ -508,6 +509,7 @@ class BatchPrefillWrapper:
     def __init__(self, cache, num_heads: int, *, scale: float | None = None, stream: Any = None,
                  backend: str = "auto") -> None:
         require_native_attention(cache, num_heads, "BatchPrefillWrapper", "million_cupy.prefill_attention()")
+        check_scale(scale)
         if not cache.quantized:
             raise UnsupportedConfiguration(
                 "BatchPrefillWrapper: its kernels read PQ codes, and this cache is exact (codebooks=None); an exact "
@@ -708,6 +710,13 @@ class BatchPrefillWrapper:
         return dict(self._stats)
 
 
+def check_scale(scale: float | None) -> None:
+    """Raise ValueError unless ``scale`` is None or a positive finite softmax scale."""
+    if scale is not None and not (isinstance(scale, (int, float, np.floating, np.integer)) and
+                                  math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a positive finite softmax scale or None, got {scale!r}")
+
+
 # One wrapper per (cache, stream, num_heads) for prefill_attention().
 _wrappers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
@@ -719,8 +728,10 @@ def prefill_attention(cache, layer: int, seq_ids: Sequence[int], q: Any, qo_indp
     ``q`` ``(N, nh, d)`` holds sequence ``seq_ids[b]``'s new tokens in rows ``qo_indptr[b]:qo_indptr[b+1]``; they
     are that sequence's last tokens in layer ``layer``. GPU cache: the native kernels through a
     :class:`BatchPrefillWrapper`. CPU cache: the float64 reference over the dequantized cache, in q's dtype.
-    Returns ``out`` or ``(out, lse)``.
+    ``scale``: as in :class:`BatchPrefillWrapper` (positive, default ``1 / sqrt(head_dim)``). Returns ``out`` or
+    ``(out, lse)``.
     """
+    check_scale(scale)
     if cache.is_gpu:
         q_arr = as_array(q, "q", ndim=3, on_gpu=True)
         if q_arr.dtype != cache.array_dtype:

@@ -187,6 +187,13 @@ def test_prefill_errors_name_what_was_expected(rng):
         mc.prefill_attention(cache, 0, [s], np.zeros((3, 8, 64)), [0, 2])
     with pytest.raises(UnsupportedConfiguration, match="GPU cache"):
         mc.BatchPrefillWrapper(cache, 8)
+    for scale in (-0.1, 0.0, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match=r"scale: expected a positive finite softmax scale or None, got"):
+            mc.prefill_attention(cache, 0, [s], q, [0, 2], scale=scale)
+    # a positive scale other than the default reaches the reference
+    half = mc.prefill_attention(cache, 0, [s], np.ones((2, 8, 64)), [0, 2], scale=0.5 / 8)
+    default = mc.prefill_attention(cache, 0, [s], np.ones((2, 8, 64)) * 0.5, [0, 2])
+    assert reference.relative_error(half, default) < 1e-12
 
 
 def test_fitting_regime_follows_the_devices_shared_memory():

@@ -39,13 +39,13 @@ def test_prefill_matches_the_causal_reference(rng, dtype, gqa):
     assert stats["long_chunk_queries"] == 0 and stats["tensor_core_plans"] == 0 and stats["runs"] == cache.num_layers
 
 
-def _planned(rng, cache, *, history, counts, gqa, backend="auto"):
+def _planned(rng, cache, *, history, counts, gqa, backend="auto", scale=None):
     """Sequences holding ``history`` tokens (0: a first prompt), a wrapper planned for ``counts`` new tokens each."""
     seqs = [cache.add_sequence() for _ in history]
     _prefill(rng, (cache,), [s for s, n in zip(seqs, history) if n], [n for n in history if n])
     nh = gqa * cache.num_kv_heads
     ind = np.concatenate([[0], np.cumsum(counts)])
-    wrapper = BatchPrefillWrapper(cache, nh, backend=backend)
+    wrapper = BatchPrefillWrapper(cache, nh, backend=backend, scale=scale)
     wrapper.plan(seqs, ind)
     return seqs, ind, nh, wrapper
 
@@ -57,7 +57,7 @@ def _check_layer_and_one_call(rng, cache, wrapper, layer, seqs, ind, nh, dtype):
     assert reference.relative_error(to_numpy(one_call).astype(np.float64), ref_o) <= TOL[dtype]
 
 
-def _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype):
+def _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype, scale=None):
     """Append the planned new tokens to ``layer``, run, and compare with the float64 reference (out and lse)."""
     import cupy as cp
 
@@ -71,7 +71,7 @@ def _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype):
     lse = cp.full((int(ind[-1]), nh), cp.nan, dtype=cp.float32)
     wrapper.run(layer, q, out=out, lse=lse)
     ks, vs = zip(*(cache.dequantize(layer, s) for s in seqs))
-    ref_o, ref_lse = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind)
+    ref_o, ref_lse = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind, scale=scale)
     o = to_numpy(out).astype(np.float64)
     assert np.isfinite(o).all()
     assert reference.relative_error(o, ref_o) <= TOL[dtype]
@@ -196,6 +196,20 @@ def test_fragment_gathers_match_the_causal_reference(rng, dtype, d, M, P, gqa, c
     wrapper.plan(seqs, ind)
     for layer in range(cache.num_layers):
         _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype)
+
+
+@pytest.mark.parametrize("backend, counts", [("lut", [3, 1, 2]), ("tensor_cores", [4, 2, 1]),
+                                             ("tensor_cores", [40, 3, 9]), ("dense", [40, 3, 9])])
+def test_a_softmax_scale_other_than_the_default_reaches_every_regime(rng, backend, counts):
+    """The kernels take the row maxima of the raw scores and fold the scale into the exponent: a scale of 0.3
+    (2.4 x the default at d = 128) on the LUT path, verify_attention, prefill_attention and the dense regime,
+    over histories whose paged steps skip the mask and a sequence whose chunk crosses a flush."""
+    (cache,) = _caches(rng, devices=("cuda",), dtype="float16", max_pages=256)
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[1500, 31, 0], counts=counts, gqa=4, backend=backend,
+                                      scale=0.3)
+    for layer in range(cache.num_layers):
+        _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, "float16", scale=0.3)
+    assert wrapper.stats()["tensor_core_plans"] == (backend != "lut")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
