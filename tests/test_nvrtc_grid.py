@@ -5,8 +5,9 @@ parallel. The default run builds a representative subset (``representative``): t
 plus, per source, variants chosen so that every value of every template argument is built at least once.
 The whole grid (``kernels.supported_variants()``) is marked ``slow``: ``python -m pytest -m slow
 tests/test_nvrtc_grid.py`` (``.ci/run`` runs it after the default suite). Any compile error fails; ptxas
-register spills are printed and must be zero unless the source is listed in ``KNOWN_SPILLS`` with the
-reason they are accepted, and the hot decode variants must not spill in any case.
+register spills are printed and must be zero unless the source is listed in ``KNOWN_SPILLS``, or the kernel in
+``KNOWN_KERNEL_SPILLS`` within its byte budget, with the reason they are accepted; the hot decode variants must
+not spill in any case.
 
 Skips only when NVRTC itself cannot be loaded; with ``MILLION_CUPY_REQUIRE_NVRTC=1`` (set by
 ``.ci/run``) that is a failure too.
@@ -36,6 +37,22 @@ KNOWN_SPILLS: dict[str, str] = {
         "test_hot_decode_variants_do_not_spill."
     ),
 }
+
+# Single kernels of otherwise spill-free sources: a regex over the mangled name -> (most spill bytes ptxas may
+# report for it, why that is accepted).
+KNOWN_KERNEL_SPILLS: dict[str, tuple[int, str]] = {
+    r"verify_attentionILi128ELi64E(6__half|13__nv_bfloat16)Li2EE": (
+        8,
+        "two row tiles at M = 64 hold 255 registers; ptxas (sm_90) keeps one word of the work item, the residual "
+        "ring's row, in local memory from the kernel's start to the ring steps: one store and one load per CTA, "
+        "outside every step loop (offline SASS, NVRTC 12.9), cheaper than reloading it through the work list",
+    ),
+}
+
+
+def _accepted_kernel_spill(kernel: str, nbytes: int) -> bool:
+    return any(re.search(pattern, kernel) and nbytes <= most for pattern, (most, _) in KNOWN_KERNEL_SPILLS.items())
+
 
 # Paged decode variants the benchmarks and the Llama-shaped examples use (mode 0, head_dim 128, M 32/64,
 # 4 query heads per kv head): as name expressions, and as mangled-name fragments of the built kernels.
@@ -214,7 +231,7 @@ def test_grid_compiles_without_spills(arch, builds, nvrtc_version, capsys):
 
     problems = []
     for r in results:
-        spilling = r.spilling()
+        spilling = {k: v for k, v in r.spilling().items() if not _accepted_kernel_spill(k, v)}
         if spilling and r.source not in KNOWN_SPILLS:
             worst = sorted(spilling.items(), key=lambda kv: -kv[1])[:10]
             names = _demangle([k for k, _ in worst])
@@ -226,7 +243,8 @@ def test_grid_compiles_without_spills(arch, builds, nvrtc_version, capsys):
                 f"{r.source}: ptxas reported {len(r.kernels)} entry functions for {r.n_variants} name expressions on {arch}"
             )
     assert not problems, "\n".join(problems) + (
-        "\n(to accept spills for a source, add it to KNOWN_SPILLS in tests/test_nvrtc_grid.py with the reason)"
+        "\n(to accept spills for a source or a kernel, add it to KNOWN_SPILLS or KNOWN_KERNEL_SPILLS in "
+        "tests/test_nvrtc_grid.py with the reason)"
     )
 
 
