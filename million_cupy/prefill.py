@@ -94,7 +94,7 @@ LUT_QUERIES_MAX = 5
 
 #: New tokens per sequence, on average over the batch, from which a batch whose rows fit one row tile (at most
 #: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs about
-#: two LUT query tokens (H200, 8 x 32K: 165 us against 203 us for q = 2 on the LUT path at M = 64, 157 against
+#: 1.7 LUT query tokens (H200, 8 x 32K: 165 us against 203 us for q = 2 on the LUT path at M = 64, 157 against
 #: 173 at M = 32). A pair of drafts keeps the LUT path, the one a CUDA graph can capture: tensor cores would save
 #: ~19 % at M = 64 and ~9 % at M = 32, which backend="tensor_cores" takes for callers that do not capture.
 FRAGMENT_QUERIES_MIN = 3
