@@ -683,7 +683,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 // With at most 32 query rows per kv head (RT = 1 or 2 row tiles of 16: speculative verification), dequantizing
 // whole tiles into shared memory costs more than the MMAs it feeds: a store and an ldmatrix per centroid and a
 // barrier per tile, with 8 warps whose latencies all show. Here each warp gathers the centroids of its MMA
-// operands straight into registers, from the kv head's codebooks staged [m][code] in shared memory (T-typed):
+// operands straight into registers, from the kv head's codebooks staged in shared memory (T-typed; tables below):
 // * S = Q K^T: lane (g, i4)'s B fragment is two consecutive dims of token g; with DSUB = 2 that is one centroid
 //   word, with DSUB = 4 one centroid is both registers. A lane serves the GL = M / 4 subspaces
 //   GL * i4 .. GL * i4 + GL - 1 of its token (Q's fragments are loaded in the same order), which are one
@@ -693,8 +693,13 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 //   columns are ordered so that the P fragment meets them there), which is one 32-bit word of the stored V
 //   block of a subspace; the lane gathers those four centroids and byte-permutes them into DSUB n-tiles (dims
 //   DSUB * (8 j + g) + e), so every centroid word is used whole.
-// The warps are NS = 8 / RT token streams of RT warps; a stream takes every NS-th 16-token step of the item,
-// its RT warps each compute the scores of all rows and O for D / RT of the dims; no barrier in the main loop.
+// Every warp is a token stream: it takes every 8th 16-token step of the item, for all rows and all dims, with its
+// own softmax state; no barrier in the main loop, the 8 states merged at the end. Each centroid is thus gathered
+// once per CTA whatever the rows. With two row tiles O takes 128 registers per lane, so Q's fragments wait in
+// shared memory (loaded once per step each, for both n-tiles) and a step gathers V after its Q K^T (K's fragments
+// are dead by then). H200, q = 8 at GQA 4 (32 rows) at 8 x 32K: 312 -> 237 us at M = 64, 264 -> 207 us at M = 32,
+// against warp pairs that split O's dims and each gathered K for all 16 tokens (a pair split exchanging P through
+// shared memory with a named barrier per step measured slower still: 2 warps per scheduler wait on each other).
 // Codes are loaded a step ahead and page ids two steps ahead.
 // K gathers with few bank conflicts: the 8 lanes of one i4 group hold the same slot of 8 tokens, so a [m][code]
 // table would put their gathers on banks set by random codes (~3.4-way conflicts over the warp). The K table is
@@ -709,12 +714,14 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 // rotations; with the paged and ring steps in loops of their own (below) and the gathers' offsets in their load
 // instructions, 250 -> 197 us (M = 32: 232 -> 155 us); with half the rotations, 182 us (M = 32: 159 us); with the
 // scale in the exponent, unmasked steps and unsigned in-page offsets (below), 168 us (M = 32: 146 us).
-template <int D>
+template <int D, int RT>
 struct VerifySmem {
   static constexpr size_t k_table_bytes = sizeof(unsigned) * 256 * 4 * 24;  // [code][4 regions of 24 words]
-  static constexpr size_t v_table_bytes = sizeof(__half) * 256 * D;         // [m][code][dsub] in T
-  static constexpr size_t total = k_table_bytes + v_table_bytes;
-  static constexpr size_t merge_bytes = sizeof(float) * NWARPS * 32 * (D / 2 + 8);
+  static constexpr size_t v_table_bytes = sizeof(__half) * 256 * D;         // [m / V_GROUP][code][m % V_GROUP]
+  static constexpr bool q_shared = RT == 2;  // Q's A fragments staged here: O holds 128 registers per lane
+  static constexpr size_t q_bytes = q_shared ? sizeof(__half) * 16 * RT * D : 0;  // [rt][kb][lane] 16 bytes
+  static constexpr size_t total = k_table_bytes + v_table_bytes + q_bytes;
+  static constexpr size_t merge_bytes = sizeof(float) * NWARPS * 32 * (RT * D / 2 + 4 * RT);
   static_assert(merge_bytes <= total, "the token streams' states reuse the codebooks' space");
 };
 
@@ -728,13 +735,13 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     const int4* __restrict__ seq_meta, const long long* __restrict__ page_row, const int* __restrict__ res_row,
     const int4* __restrict__ units, const int4* __restrict__ items, float* __restrict__ part_o,
     float* __restrict__ part_lse, int nh, int nh_k, float scale_log2) {
-  using S = VerifySmem<D>;
+  using S = VerifySmem<D, RT>;
   constexpr int DSUB = D / M;
   static_assert(DSUB == 2 || DSUB == 4, "DSUB");
   static_assert(RT == 1 || RT == 2, "RT");
   static_assert(D == 64 || D == 128, "D");
   constexpr int BM = 16 * RT;
-  constexpr int NS = NWARPS / RT;        // token streams
+  constexpr int NS = NWARPS;             // token streams: every warp
   constexpr int STEP = 16;               // tokens per step
   constexpr int E = DSUB / 2;            // 32-bit words per centroid
   constexpr int GL = M / 4;              // K subspaces (code bytes) per lane and token
@@ -742,19 +749,21 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   constexpr int KB = D / 16;             // k16 blocks of Q K^T
   constexpr int SLOTS = KB * 2 / E;      // centroid gathers per lane and token (== GL)
   constexpr int J = M / 8;               // V subspaces per lane (8 j + g)
-  constexpr int JW = J / RT;             // ... whose dims this warp accumulates
-  constexpr int NDT = JW * DSUB;         // O n-tiles of this warp
+  constexpr int NDT = J * DSUB;          // O n-tiles of a warp: every dim
   constexpr int ROT = M < 32 ? M : 32;   // K-row permutation period (layout.permute_k_rows)
-  static_assert(SLOTS == GL && J % RT == 0 && ROT / GL <= 4, "layout");
+  static_assert(SLOTS == GL && ROT / GL <= 4, "layout");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // K entry (m, code): E words at (code * K_ROW + K_REGION * (m / GL) + t) * E for t = m % GL, and again for
-  // t = m % GL + GL when that is below GL + K_ROTATIONS - 1. V entries of one-word centroids (DSUB = 2) sit
-  // at (m / 8 * 256 + code) * 8 + m % 8: the lanes of a V gather take m = 8 j + g, so g picks the bank's residue
-  // mod 8 and only the 4 lanes of one g compete (H200, q = 4 at 8 x 32K, M = 64: shared-load wavefronts
-  // 29.0 M -> 26.7 M, 264 -> 250 us); two-word centroids keep [m][code] (the same interleave made M = 32
-  // slower: 232 -> 240 us).
-  constexpr bool V_INTERLEAVED = E == 1;
+  // t = m % GL + GL when that is below GL + K_ROTATIONS - 1. V entries sit at (m / V_GROUP * 256 + code) *
+  // V_GROUP + m % V_GROUP: the lanes of a V gather take m = 8 j + g, so g picks the bank's residue and only the
+  // 4 lanes of one g compete. One-word centroids (DSUB = 2): V_GROUP 8 (H200, q = 4 at 8 x 32K, M = 64:
+  // shared-load wavefronts 29.0 M -> 26.7 M, 264 -> 250 us). Two-word ones: 4 with two row tiles (q = 8, M = 32:
+  // ~211 -> ~204 us), [m][code] (V_GROUP 1) with one (8 made q = 4 slower, 232 -> 240 us; 4, 146 -> 150 us).
+  // Tried: a [code][m] table with the V gathers' order rotated by i4 over the subspaces makes every V gather
+  // conflict-free, but the centroids' rotation back costs 64 conditional moves per step, and it measured no
+  // faster (q = 8 at M = 32: ~208 us; q = 4 at M = 64: 167 -> 190 us).
+  constexpr int V_GROUP = E == 1 ? 8 : (RT == 2 ? 4 : 1);
   // K_ROTATIONS: 4 for one-word centroids, 2 for two-word ones, so that each lane of a slot group's 8 tokens
   // (4 per half-warp for two-word ones) shares its bank with one other: 2-way conflicts, for a rotation back of
   // log2(K_ROTATIONS) conditional moves per word. Measured on the H200 (q = 4 / 8 at 8 x 32K): 8 and 4 rotations
@@ -766,12 +775,12 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   constexpr int K_ROW = 4 * K_REGION;  // entries of a code's row: 96 words, a multiple of 32 (no bank shift)
   static_assert(GL + K_ROTATIONS - 1 <= K_REGION && K_ROW * E * 4 * 256 == S::k_table_bytes, "K table");
   static_assert(K_ROTATIONS <= 4, "the codes' byte rotation by k_rot stays within a word and the next");
-  auto v_entry = [](int m, int c) { return V_INTERLEAVED ? ((m >> 3) * 256 + c) * 8 + (m & 7) : m * 256 + c; };
+  auto v_entry = [](int m, int c) { return ((m / V_GROUP) * 256 + c) * V_GROUP + m % V_GROUP; };
   unsigned* kc_s = reinterpret_cast<unsigned*>(smem_raw);
   unsigned* vc_s = kc_s + S::k_table_bytes / sizeof(unsigned);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int stream = warp / RT, dpart = warp % RT;
+  const int stream = warp;
   const int g = lane >> 2, i4 = lane & 3;
   const PqWorkItem wi = open_pq_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
                                      page_shift, k_codes, v_codes, head_stride);
@@ -821,7 +830,8 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   // ---- Q fragments of every row tile, in the lane's subspace order ------------------------------------
   int rA[RT], limA[RT], limB[RT];
   bool vA[RT], vB[RT];
-  unsigned qf[RT][KB][4];
+  unsigned qf[S::q_shared ? 1 : RT][KB][4];  // with two row tiles Q waits in shared memory: O takes 128 registers
+  uint4* q_s = reinterpret_cast<uint4*>(smem_raw + S::k_table_bytes + S::v_table_bytes);
   int warp_lim = 0, warp_full = t_end;  // no row of the warp attends past warp_lim; every valid one below warp_full
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
@@ -836,10 +846,16 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     for (int kb = 0; kb < KB; ++kb) {
       // b0 / b1 of block kb: dims (d0, d0 + 1) and (d1, d1 + 1)
       const int d0 = DSUB == 2 ? 2 * (GL * i4 + 2 * kb) : 4 * (GL * i4 + kb), d1 = d0 + 2;
-      qf[rt][kb][0] = vA[rt] ? __ldg(reinterpret_cast<const unsigned*>(qA + d0)) : 0u;
-      qf[rt][kb][1] = vB[rt] ? __ldg(reinterpret_cast<const unsigned*>(qB + d0)) : 0u;
-      qf[rt][kb][2] = vA[rt] ? __ldg(reinterpret_cast<const unsigned*>(qA + d1)) : 0u;
-      qf[rt][kb][3] = vB[rt] ? __ldg(reinterpret_cast<const unsigned*>(qB + d1)) : 0u;
+      if (S::q_shared && warp != (rt * KB + kb) % NWARPS) continue;  // one warp stages each fragment
+      const unsigned f0 = vA[rt] ? __ldg(reinterpret_cast<const unsigned*>(qA + d0)) : 0u;
+      const unsigned f1 = vB[rt] ? __ldg(reinterpret_cast<const unsigned*>(qB + d0)) : 0u;
+      const unsigned f2 = vA[rt] ? __ldg(reinterpret_cast<const unsigned*>(qA + d1)) : 0u;
+      const unsigned f3 = vB[rt] ? __ldg(reinterpret_cast<const unsigned*>(qB + d1)) : 0u;
+      if constexpr (S::q_shared) {
+        q_s[(rt * KB + kb) * 32 + lane] = make_uint4(f0, f1, f2, f3);
+      } else {
+        qf[rt][kb][0] = f0; qf[rt][kb][1] = f1; qf[rt][kb][2] = f2; qf[rt][kb][3] = f3;
+      }
     }
     limA[rt] = vA[rt] ? sm.z - sm.y + jA + 1 : 0;
     limB[rt] = vB[rt] ? sm.z - sm.y + jB + 1 : 0;
@@ -860,14 +876,14 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   const int ktok0 = 4 * (g >> 1) + (g & 1);  // tau(nt, g) = ktok0 + 2 nt
   struct Codes {
     unsigned k[2][KW];
-    unsigned v[JW];
+    unsigned v[J];
   };
   // In-page indices and byte offsets in unsigned 32-bit arithmetic (a page of one head's codes is far below 4 GB),
   // so that the step's address math has no sign fix-ups. x0 is a multiple of 16 and a page holds a multiple of 16
   // tokens, so token x0 + c (c < 16) is token (x0 & page_mask) + c of its page.
   auto in_page = [&](int x0, int c) { return ((unsigned)x0 & (unsigned)page_mask) + (unsigned)c; };
   const unsigned k_column_stride = ((unsigned)page_mask + 1u) * 16u;  // a page's 16-byte K code columns
-  const unsigned v_lane_at = (unsigned)((8 * dpart * JW + g) * 16 + 4 * i4);
+  const unsigned v_lane_at = (unsigned)(g * 16 + 4 * i4);
   auto load_page = [&](int x0) { return x0 < t_stop && x0 < n_main ? load_pinned(page_table + wi.prow + (x0 >> page_shift)) : 0; };
   auto load_codes = [&](Codes& c, int x0, int page) {
     if (x0 >= t_stop || x0 >= n_main) return;  // ring steps read exact rows; steps past the end nothing
@@ -889,7 +905,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     }
     const int* vp = reinterpret_cast<const int*>(wi.v_codes + (long long)page * page_stride +
                                                  ((in_page(x0, 0) >> 4) * (M * 16u) + v_lane_at));
-    load_pinned_strided<JW, 8 * 16>(c.v, vp);  // subspace 8 (dpart JW + jj) + g: jj * 128 bytes further
+    load_pinned_strided<J, 8 * 16>(c.v, vp);  // subspace 8 j + g: j * 128 bytes further
   };
 
   float o[RT][NDT][4];
@@ -908,7 +924,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   const unsigned* v_lane = vc_s + v_entry(g, 0) * E;   // + (v_entry(8 j + g, code) - v_entry(g, 0)) * E
   constexpr int V_J_STRIDE = 8 * 256 * E;              // words from subspace 8 j + g to 8 (j + 1) + g
   static_assert(V_J_STRIDE == (v_entry(8, 0) - v_entry(0, 0)) * E, "V layout");
-  const unsigned v_warp = smem_addr(v_lane + dpart * JW * V_J_STRIDE);  // subspace 8 (dpart JW) + g
+  const unsigned v_warp = smem_addr(v_lane);  // subspace g
   constexpr int SSTRIDE = NS * STEP;
   int x0 = t_begin + stream * STEP;
   Codes codes;
@@ -921,11 +937,15 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   // the fragments met the paged branch's prefetch of the next codes at the join, and the first MMA waited for that
   // prefetch (H200, ncu: a quarter of all stall samples on that one instruction). Paged steps that every valid row
   // of the warp sees whole (all but the last few of a long history) skip the mask's compares and selects.
+  // One row tile: every gather of the step first (one basic block, so that the K and V gathers' latencies overlap
+  // and the scheduler can interleave them with the MMAs); the code registers are then free for the next step's
+  // loads. Two row tiles: V after Q K^T, since O's 128 registers leave no room for both operands (ptxas spilled
+  // in the loop at M = 64; H200, q = 8: 248-260 -> 236-241 us at M = 64, the same at M = 32; one row tile is
+  // slower that way, 167 -> 181-187 us at q = 4).
+  constexpr bool V_AFTER_QK = RT == 2;
   auto step = [&](const bool paged, const bool masked) {
-    // Every gather of the step first (one basic block, so that the K and V gathers' latencies overlap and the
-    // scheduler can interleave them with the MMAs); the code registers are then free for the next step's loads.
     unsigned kf[2][SLOTS][E];        // K: B fragments of n-tiles 0 and 1, slot order
-    unsigned vc[JW * 4][E];          // V: [4 jj + u] the centroid of token 4 i4 + u in subspace 8 j + g
+    unsigned vc[J * 4][E];           // V: [4 jj + u] the centroid of token 4 i4 + u in subspace 8 j + g
     if (paged) {
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -970,11 +990,6 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
             for (int x = 0; x < E; ++x) kf[nt][v][x] = t[v][x];
         }
       }
-      unsigned v_at[JW * 4];
-#pragma unroll
-      for (int i = 0; i < JW * 4; ++i)
-        v_at[i] = v_warp + __byte_perm(codes.v[i / 4], 0u, 0x4440u | (i % 4)) * (4 * (V_INTERLEAVED ? 8 : 1) * E);
-      lds_offset<JW * 4, E, 4, 4 * V_J_STRIDE>(vc, v_at);  // + subspace 8 jj + g's offset
     } else {  // exact rows of the ring; K past the item's end is masked below, V there must be finite (zero)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -986,36 +1001,69 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
           for (int x = 0; x < E; ++x)
             kf[nt][v][x] = xt < t_end ? __ldg(reinterpret_cast<const unsigned*>(row + DSUB * v + 2 * x)) : 0u;
       }
-#pragma unroll
-      for (int jj = 0; jj < JW; ++jj)
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int xt = x0 + 4 * i4 + u;
-          const T* row = ring_v + (wi.ring_base + xt % ring_cap) * D + DSUB * (8 * (dpart * JW + jj) + g);
-#pragma unroll
-          for (int x = 0; x < E; ++x)
-            vc[4 * jj + u][x] = xt < t_end ? __ldg(reinterpret_cast<const unsigned*>(row + 2 * x)) : 0u;
-        }
     }
-    load_codes(codes, x0 + SSTRIDE, page_next);
-    page_next = load_page(x0 + 2 * SSTRIDE);
+    auto gather_v = [&]() {
+      if (paged) {
+        unsigned v_at[J * 4];
+#pragma unroll
+        for (int i = 0; i < J * 4; ++i)
+          v_at[i] = v_warp + __byte_perm(codes.v[i / 4], 0u, 0x4440u | (i % 4)) * (4 * V_GROUP * E);
+        lds_offset<J * 4, E, 4, 4 * V_J_STRIDE>(vc, v_at);  // + subspace 8 jj + g's offset
+      } else {
+#pragma unroll
+        for (int jj = 0; jj < J; ++jj)
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int xt = x0 + 4 * i4 + u;
+            const T* row = ring_v + (wi.ring_base + xt % ring_cap) * D + DSUB * (8 * jj + g);
+#pragma unroll
+            for (int x = 0; x < E; ++x)
+              vc[4 * jj + u][x] = xt < t_end ? __ldg(reinterpret_cast<const unsigned*>(row + 2 * x)) : 0u;
+          }
+      }
+      load_codes(codes, x0 + SSTRIDE, page_next);
+      page_next = load_page(x0 + 2 * SSTRIDE);
+    };
+    if constexpr (!V_AFTER_QK) gather_v();
 
     // S = Q K^T for both n-tiles of the step
     float s[RT][2][4];
+    if constexpr (S::q_shared) {  // each Q fragment loaded once per step, for both n-tiles
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+      for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        float a[4] = {0.f, 0.f, 0.f, 0.f}, a2[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int nt = 0; nt < 2; ++nt) s[rt][nt][0] = s[rt][nt][1] = s[rt][nt][2] = s[rt][nt][3] = 0.f;
 #pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {
-          const unsigned b0 = E == 1 ? kf[nt][2 * kb][0] : kf[nt][kb][0];
-          const unsigned b1 = E == 1 ? kf[nt][2 * kb + 1][0] : kf[nt][kb][E - 1];
-          Ops<T>::mma((kb & 1) ? a2 : a, qf[rt][kb], b0, b1);
+      for (int kb = 0; kb < KB; ++kb)
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          const uint4 w = q_s[(rt * KB + kb) * 32 + lane];
+          const unsigned a[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const unsigned b0 = E == 1 ? kf[nt][2 * kb][0] : kf[nt][kb][0];
+            const unsigned b1 = E == 1 ? kf[nt][2 * kb + 1][0] : kf[nt][kb][E - 1];
+            Ops<T>::mma(s[rt][nt], a, b0, b1);
+          }
         }
+    } else {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[rt][nt][e] = a[e] + a2[e];
-      }
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          float a[4] = {0.f, 0.f, 0.f, 0.f}, a2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int kb = 0; kb < KB; ++kb) {
+            const unsigned b0 = E == 1 ? kf[nt][2 * kb][0] : kf[nt][kb][0];
+            const unsigned b1 = E == 1 ? kf[nt][2 * kb + 1][0] : kf[nt][kb][E - 1];
+            Ops<T>::mma((kb & 1) ? a2 : a, qf[rt][kb], b0, b1);
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[rt][nt][e] = a[e] + a2[e];
+        }
+    }
+
+    if constexpr (V_AFTER_QK) gather_v();
 
     // mask, online softmax in the log2 domain (lazy rescaling as in prefill_attention)
     unsigned pa[RT][4];
@@ -1057,7 +1105,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
 
     // O += P V over this warp's subspaces 8 j + g
 #pragma unroll
-    for (int jj = 0; jj < JW; ++jj)
+    for (int jj = 0; jj < J; ++jj)
 #pragma unroll
       for (int e = 0; e < DSUB; ++e) {  // n-tile of dims DSUB * (8 j + g') + e
         const unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
@@ -1071,9 +1119,9 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   for (; x0 < t_stop && x0 < n_main; x0 += SSTRIDE) step(true, true);
   for (; x0 < t_stop; x0 += SSTRIDE) step(false, true);
 
-  // ---- the token streams' states merged into stream 0's warps (shared memory, fragment order) -----------
+  // ---- the token streams' states merged into warp 0 (shared memory, fragment order) ---------------------
   if constexpr (NS > 1) {
-    constexpr int WORDS = D / 2 + 4 * RT;  // o, then mA, mB, lA, lB per row tile
+    constexpr int WORDS = RT * NDT * 4 + 4 * RT;  // o, then mA, mB, lA, lB per row tile
     float* merge = reinterpret_cast<float*>(smem_raw);
     __syncthreads();  // every warp is done with the codebooks
     if (stream != 0) {
@@ -1097,10 +1145,10 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     if (stream != 0) return;
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
-      const int at = D / 2 + 4 * rt;
+      const int at = RT * NDT * 4 + 4 * rt;  // this row tile's mA, mB, lA, lB
       float nmA = mA[rt], nmB = mB[rt];
       for (int s = 1; s < NS; ++s) {
-        const float* theirs = merge + (s * RT + dpart) * WORDS * 32 + lane;
+        const float* theirs = merge + s * WORDS * 32 + lane;
         nmA = fmaxf(nmA, theirs[at * 32]);
         nmB = fmaxf(nmB, theirs[(at + 1) * 32]);
       }
@@ -1115,7 +1163,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         o[rt][nd][3] *= fB;
       }
       for (int s = 1; s < NS; ++s) {
-        const float* theirs = merge + (s * RT + dpart) * WORDS * 32 + lane;
+        const float* theirs = merge + s * WORDS * 32 + lane;
         fA = state_weight(theirs[at * 32], nmA);
         fB = state_weight(theirs[(at + 1) * 32], nmB);
         lA[rt] = fmaf(fA, theirs[(at + 2) * 32], lA[rt]);
@@ -1144,8 +1192,8 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     const long long atA = (long long)(sm.x + jA) * nh + kvh * G + (vA[rt] ? rA[rt] % G : 0);
     const long long atB = (long long)(sm.x + jB) * nh + kvh * G + (vB[rt] ? rB % G : 0);
 #pragma unroll
-    for (int jj = 0; jj < JW; ++jj) {
-      const int d0 = DSUB * (8 * (dpart * JW + jj) + 2 * i4);
+    for (int jj = 0; jj < J; ++jj) {
+      const int d0 = DSUB * (8 * jj + 2 * i4);
       float va[2 * DSUB], vb[2 * DSUB];  // dims d0 + h * DSUB + e
 #pragma unroll
       for (int h = 0; h < 2; ++h)
@@ -1170,7 +1218,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
         }
       }
     }
-    if (i4 == 0 && dpart == 0) {
+    if (i4 == 0) {
       if (wi.single) {
         if (lse_out != nullptr) {
           if (vA[rt]) lse_out[atA] = lseA * LN2;

@@ -26,8 +26,9 @@ query rows it makes per kv head (``c x`` GQA group):
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
   the history's dequantization, ~1.5 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
   165-169 us at q = 2..4 against 113 us for one token and ~97 us per query token on the LUT path). With 17 to
-  32 rows (two row tiles: 5 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~2.8 decodes (312 us), so
-  such a batch takes it from :data:`FRAGMENT_QUERIES_MIN_TWO_TILES` new tokens per sequence on average.
+  32 rows (two row tiles: 5 to 8 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~2.1 decodes (~240 us;
+  every warp scores all rows, Q's fragments wait in shared memory), so such a batch takes it from
+  :data:`FRAGMENT_QUERIES_MIN_TWO_TILES` new tokens per sequence on average.
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
   cores. With at least :data:`DENSE_ROWS_MIN` query rows per kv head in the longest sequence (``c x`` group
   >= 512: 128 new tokens at GQA 4), the **dense regime**: ``dequantize_history`` writes each (sequence, kv
@@ -43,16 +44,17 @@ query rows it makes per kv head (``c x`` GQA group):
   rows with 2 or 4 dims per subspace take ``verify_attention``; more rows (or 8 dims per subspace) take
   ``prefill_attention``, which dequantizes each tile of 64 cached tokens into fp16 / bf16 in shared memory
   (exact rows from the residual ring) and runs flash attention with ``mma.sync``. A sequence's history is
-  read once per row tile (8 x 32K, H200, M = 64: 312 us at q = 8, 614 us at q = 16). Short sequences in such a
+  read once per row tile (8 x 32K, H200, M = 64: ~240 us at q = 8, 614 us at q = 16). Short sequences in such a
   batch ride along at the cost of a row tile over their whole history, counted in
   ``stats()["short_queries_on_tensor_cores"]`` and warned about once; plan them in a wrapper of their own to
   avoid it. Configurations without these paths (:func:`tensor_core_supported`: head_dim 64 / 128, M >= 16,
   float16 / bfloat16) keep the LUT path for long chunks, counted in ``stats()["long_chunk_queries"]`` with a
   warning once per wrapper.
 * The device's shared memory per block bounds the tensor-core kernels (:func:`fitting_regime`): at head_dim
-  128, prefill_attention takes ~200 KB, verify_attention and dequantize_history 160 KB, dense_prefill_attention
-  104 KB. Where the regime the rule picked does not fit (an A100 allows 163 KB, sm_86 / sm_89 99 KB), a chunk
-  takes the dense regime if that fits and otherwise, like drafts, the LUT path; each such plan is counted in
+  128, prefill_attention takes ~200 KB, verify_attention 160 KB (168 KB with two row tiles), dequantize_history
+  160 KB, dense_prefill_attention 104 KB. Where the regime the rule picked does not fit (an A100 allows 163 KB,
+  so drafts of 17 to 32 rows take the LUT path there; sm_86 / sm_89 99 KB), a chunk takes the dense regime if
+  that fits and otherwise, like drafts, the LUT path; each such plan is counted in
   ``stats()["shared_memory_fallbacks"]`` and warned about once. An explicit ``backend`` that does not fit raises
   UnsupportedConfiguration at plan().
 
@@ -85,7 +87,7 @@ __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGM
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
-#: per query token per sequence (M = 64; q = 4: 393 us, q = 8: 771 us); the tensor-core kernels cost ~312 us
+#: per query token per sequence (M = 64; q = 4: 393 us, q = 8: 771 us); the tensor-core kernels cost ~240 us
 #: for 17 to 32 rows per kv head (verify_attention) and ~614 us for 33 to 64 (prefill_attention, q = 16 at
 #: GQA 4). At GQA 8, 6 new tokens make 48 rows: ~614 us against ~580 on the LUT path, so they meet at 5 to 6;
 #: fewer tokens with few enough rows for verify_attention take it by the two rules below.
@@ -94,16 +96,16 @@ LUT_QUERIES_MAX = 5
 
 #: New tokens per sequence, on average over the batch, from which a batch whose rows fit one row tile (at most
 #: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs about
-#: 1.7 LUT query tokens (H200, 8 x 32K: 165 us against 203 us for q = 2 on the LUT path at M = 64, 157 against
-#: 173 at M = 32). A pair of drafts keeps the LUT path, the one a CUDA graph can capture: tensor cores would save
-#: ~19 % at M = 64 and ~9 % at M = 32, which backend="tensor_cores" takes for callers that do not capture.
+#: 1.7 LUT query tokens (H200, 8 x 32K: 165-182 us against 203-204 us for q = 2 on the LUT path at M = 64, 143-157
+#: against 173-175 at M = 32). A pair of drafts keeps the LUT path, the one a CUDA graph can capture: tensor cores
+#: would save ~10-20 %, which backend="tensor_cores" takes for callers that do not capture.
 FRAGMENT_QUERIES_MIN = 3
 
-#: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~3.2-3.5
-#: LUT query tokens (H200, 8 x 32K: 312 us against ~97 us per token at M = 64; 264 against ~76 at M = 32),
-#: so from 4 new tokens per sequence on average (5 drafts at GQA 4: 312 against ~485 us; 4 at GQA 8: 312 against
-#: ~390 us at M = 64, 264 against ~305 at M = 32; 3 at GQA 8 would lose: 312 against ~291 us).
-FRAGMENT_QUERIES_MIN_TWO_TILES = 4
+#: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~2.5-2.8
+#: LUT query tokens (H200, 8 x 32K: ~240 us against ~97 us per token at M = 64; ~210 against ~76 at M = 32), so
+#: from 3 new tokens per sequence on average, as with one row tile (3 drafts at GQA 8: ~240 against ~291 us at
+#: M = 64, ~210 against ~228 at M = 32). It was 4 while two row tiles cost ~3.3 LUT tokens (312 us).
+FRAGMENT_QUERIES_MIN_TWO_TILES = 3
 
 #: Query rows per kv head (new tokens x GQA group) of the longest sequence from which a tensor-core batch takes
 #: the dense regime (:func:`takes_dense`): prefill_attention dequantizes the history once per row tile of 128
@@ -151,10 +153,12 @@ def tensor_core_smem(head_dim: int, M: int, row_tiles: int) -> int:
     """Dynamic shared memory of the tensor-core kernel a plan launches. ``prefill_attention`` (PrefillSmem in
     prefill_attention.cu): both codebooks of a kv head in fp16 and two stages of one K and one V tile with 16-byte
     padded rows; ``verify_attention`` (VerifySmem): the V codebook and the K table of 256 rows of 96 words (each
-    slot group with its rotations, so that the gathers meet at most 2-way bank conflicts)."""
+    slot group with its rotations, so that the gathers meet at most 2-way bank conflicts), and with two row tiles
+    Q's MMA fragments (the kernel's registers hold O for all 32 rows)."""
     codebooks = 2 * 2 * 256 * head_dim
     if gathers_fragments(head_dim, M, row_tiles):
-        return 2 * 256 * head_dim + VERIFY_K_TABLE_BYTES
+        q_fragments = 2 * 16 * row_tiles * head_dim if row_tiles == 2 else 0
+        return 2 * 256 * head_dim + VERIFY_K_TABLE_BYTES + q_fragments
     return codebooks + 2 * 2 * 2 * TC_TILE * (head_dim + 8)
 
 
@@ -230,7 +234,7 @@ def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dt
     wherever the configuration has them; a few drafts per sequence take verify_attention when every sequence's
     rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more, or fit
     two (at most 32) and it averages FRAGMENT_QUERIES_MIN_TWO_TILES or more, since its cost is per sequence
-    (the history's dequantization: ~1.7 LUT query tokens for one row tile, ~3.2-3.5 for two) and the LUT path's per
+    (the history's dequantization: ~1.7 LUT query tokens for one row tile, ~2.5-2.8 for two) and the LUT path's per
     token."""
     if not tensor_core_supported(head_dim, M, dtype):
         return False

@@ -101,10 +101,9 @@ def test_the_auto_rule():
     assert auto([few, few]) and auto([few + 1, few - 1])        # verification in one row tile, averaging `few`
     assert not auto([few - 1] * 3)                                # too few tokens: the LUT path
     assert not auto([few + 1, 1, 1, 1])                           # per-sequence cost beats per-token only on average
-    assert not auto([few, few], group=8)                          # 24 rows: two row tiles cost ~3.9 LUT tokens
     two = FRAGMENT_QUERIES_MIN_TWO_TILES
-    assert auto([two, two], group=8) and auto([5, two]) and auto([5, 5])  # 32 / 20 / 20 rows, averaging `two`
-    assert not auto([two, two - 1], group=8) and not auto([5, 2])             # two row tiles, below the average
+    assert auto([two, two], group=8) and auto([5, two]) and auto([5, 5])  # 24 / 20 / 20 rows, averaging `two`
+    assert not auto([two, two - 1], group=8) and not auto([5, 1, 1])          # two row tiles, below the average
     assert not auto([5, 5], group=8) and not auto([5, 5], M=16)               # 40 rows; no verify_attention
     assert auto([5, 4], group=1) and not auto([few, few], M=16)   # GQA 1; 8 dims per subspace: no verify_attention
     assert gathers_fragments(128, 32, 2) and not gathers_fragments(128, 64, 4) and not gathers_fragments(128, 16, 1)
@@ -197,15 +196,16 @@ def test_prefill_errors_name_what_was_expected(rng):
 
 
 def test_fitting_regime_follows_the_devices_shared_memory():
-    """H200 (227 KB per block): every regime fits. A100 (163 KB): verify_attention (160 KB at head_dim 128) fits,
-    prefill_attention (200 KB) does not, so chunks take the dense regime (dequantize_history 160 KB); drafts never
-    take it. sm_89 (99 KB): nothing fits at head_dim 128; at head_dim 64 the dense regime (80 KB) does."""
+    """H200 (227 KB per block): every regime fits. A100 (163 KB): verify_attention with one row tile (160 KB at
+    head_dim 128) fits, with two (168 KB) it does not, nor does prefill_attention (200 KB), so chunks take the dense
+    regime (dequantize_history 160 KB); drafts never take it. sm_89 (99 KB): nothing fits at head_dim 128; at
+    head_dim 64 the dense regime (80 KB) does."""
     from million_cupy.prefill import fitting_regime
 
     h200, a100, ada = 232448, 166912, 101376
     assert [fitting_regime(False, rows, 128, 64, h200) for rows in (16, 32, 64, 128)] == ["on_chip"] * 4
     assert fitting_regime(True, 512, 128, 64, h200) == "dense"
     assert [fitting_regime(False, rows, 128, 64, a100) for rows in (16, 32, 33, 128)] == \
-        ["on_chip", "on_chip", "dense", "dense"]
+        ["on_chip", None, "dense", "dense"]
     assert [fitting_regime(dense, 64, 128, 32, ada) for dense in (False, True)] == [None, None]
     assert [fitting_regime(False, rows, 64, 32, ada) for rows in (16, 32, 64)] == [None, None, "dense"]

@@ -272,10 +272,11 @@ def test_the_auto_rule_takes_tensor_cores_above_lut_queries_max(rng):
 
 def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(rng):
     """FRAGMENT_QUERIES_MIN or more new tokens whose rows fit one row tile take verify_attention; fewer, or more
-    rows, stay on the LUT path. The tensor-core path refuses a capturing stream with a clear error."""
+    rows than two row tiles hold, stay on the LUT path. The tensor-core path refuses a capturing stream with a
+    clear error."""
     import cupy as cp
 
-    from million_cupy.prefill import FRAGMENT_QUERIES_MIN
+    from million_cupy.prefill import FRAGMENT_QUERIES_MIN, LUT_QUERIES_MAX
 
     (cache,) = _caches(rng, devices=("cuda",), dtype="float16")  # 2 kv heads
     seqs = [cache.add_sequence() for _ in range(2)]
@@ -288,7 +289,7 @@ def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(r
     gqa4.plan(seqs, drafts, appended=True)  # 4 x 4 = 16 rows
     assert gqa4.on_tensor_cores
     gqa8 = BatchPrefillWrapper(cache, 16)
-    gqa8.plan(seqs, drafts, appended=True)  # 8 x 4 = 32 rows
+    gqa8.plan(seqs, [0, LUT_QUERIES_MAX, 2 * LUT_QUERIES_MAX], appended=True)  # 8 x 5 = 40 rows: three row tiles
     assert not gqa8.on_tensor_cores
 
     q = cp.zeros((drafts[-1], 8, 128), dtype=cp.float16)
@@ -305,7 +306,7 @@ def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(r
     cp.cuda.Device().synchronize()
 
 
-@pytest.mark.parametrize("gqa, counts", [(4, [5, 4, 5]), (8, [4, 4, 4])])
+@pytest.mark.parametrize("gqa, counts", [(4, [5, 4, 5]), (8, [3, 4, 3])])
 def test_the_auto_rule_takes_verify_attention_for_drafts_in_two_row_tiles(rng, gqa, counts):
     """17 to 32 rows per kv head averaging FRAGMENT_QUERIES_MIN_TWO_TILES new tokens take verify_attention (two row
     tiles) under the auto rule, and match the float64 reference; a batch below that average keeps the LUT path."""
