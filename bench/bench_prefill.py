@@ -8,7 +8,8 @@ chunk records), one layer. Records (suite "prefill"), GPU time with calls queued
   the dense regime's crossover, DENSE_ROWS_MIN), against
   the one-token decode of the same batch (``vs_decode``; the issue's targets are 1.5x and 2x at q = 4 and 8),
   with each ``backend`` of BatchPrefillWrapper (``auto``: the documented rule; ``lut``, ``tensor_cores``
-  forced), which is how LUT_QUERIES_MAX is measured;
+  forced), which is how LUT_QUERIES_MAX is measured, and the host time per ``run`` call (``host_us``,
+  calls back to back);
 * ``chunk``: a 2K-token chunk over a 32K-token history, batch 1 and 4, against PyTorch SDPA (fp16, flash or
   efficient backend, the lower-right causal mask) over the same exact history (``vs_sdpa``; target 1.3x);
 * ``chunked_prompt``: a 32K-token prompt in 2K chunks, each appended then attended, end to end (wall time,
@@ -61,9 +62,10 @@ def bench_verify(cp, M, batch, context, counts) -> list[dict]:
             prefill = BatchPrefillWrapper(cache, NH, backend=backend)
             prefill.plan(seqs, ind, appended=True)  # the last c tokens of the history are the "new" ones
             t = harness.time_gpu(lambda: prefill.run(0, q, out=o), **TIMING)["median_us"]
+            host = harness.time_host(lambda: prefill.run(0, q, out=o), calls=100, repeats=3)
             records.append({"suite": "prefill", "method": "verify", "batch": batch, "context": context, "M": M,
                             "queries_per_seq": c, "backend": backend, "median_us": t, "vs_decode": t / base,
-                            "path": _path(prefill)})
+                            "host_us": host, "path": _path(prefill)})
     return records
 
 

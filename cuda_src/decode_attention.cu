@@ -686,18 +686,8 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
   if (single) return;
 
   // ---- the last CTA of this (sequence, head group) merges the splits --------------------------------
-  // The barrier orders every thread's partial-state writes before thread 0's release (releases are
-  // cumulative; CUTLASS's split-K semaphore relies on the same), and thread 0's acquire plus the second
-  // barrier order the last CTA's reads after every other split's release: no per-thread fences.
-  __syncthreads();
   __shared__ int is_last;
-  if (tid == 0) {
-    int done;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(unit_counter + unit) : "memory");
-    is_last = done == ui.y - 1;
-  }
-  __syncthreads();
-  if (!is_last) return;
+  if (!last_split_to_arrive(unit_counter + unit, ui.y, &is_last)) return;
   // One pass with a running max over batches of splits whose partial states are loaded together: the
   // loads of a batch are independent, so a batch costs one global round trip (at short contexts this merge
   // is on the critical path of the whole step).
@@ -733,7 +723,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     if (lse_out != nullptr && (e % D) == 0)
       lse_out[(long long)b * nh + h0 + h] = (wsum > 0.f ? mx + log2f(wsum) : -kInf) * LN2;
   }
-  if (tid == 0) unit_counter[unit] = 0;  // ready for the next launch (and CUDA-graph replays)
+  if (tid == 0) unit_counter[unit] = 0;
 }
 
 }  // namespace mc

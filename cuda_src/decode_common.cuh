@@ -57,6 +57,23 @@ template <int BYTES> struct VecOf;
 template <> struct VecOf<8> { using type = uint2; };
 template <> struct VecOf<16> { using type = uint4; };
 
+// Whether this CTA is the last of a split unit's `splits` CTAs to arrive, for every thread of the CTA; call it after
+// the CTA's partial-state writes. The barrier orders every thread's writes before thread 0's release (releases are
+// cumulative; CUTLASS's split-K semaphore relies on the same), and thread 0's acquire plus the second barrier order
+// the last CTA's reads after every other split's release: no per-thread fences. `flag`: a shared int the call may
+// overwrite. The last CTA sets *counter back to 0 once it is done with it (ready for the next launch and CUDA-graph
+// replays).
+__device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits, int* flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int done;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(counter) : "memory");
+    *flag = done == splits - 1;
+  }
+  __syncthreads();
+  return *flag;
+}
+
 // Convert 16 bytes holding 16 / sizeof(T) values of T to floats.
 template <typename T>
 __device__ __forceinline__ void unpack16(const uint4& v, float* f) {

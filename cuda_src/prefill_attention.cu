@@ -678,6 +678,40 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
   }
 }
 
+// The output rows of one split unit from its splits' partial states, by the CTA's NT threads: the prefill_merge
+// kernel (a CTA per unit) and the last of a unit's verify_attention splits to finish. The partial states may have
+// been written by other CTAs of the same launch: loaded through L2 (__ldcg), not a possibly stale L1.
+template <int D, typename T, int RT>
+__device__ __forceinline__ void merge_unit(const int4 unit, const int4* __restrict__ items,
+                                           const int4* __restrict__ seq_meta, const float* __restrict__ part_o,
+                                           const float* __restrict__ part_lse, T* __restrict__ out,
+                                           float* __restrict__ lse_out, int nh, int nh_k) {
+  constexpr int BM = 16 * RT;
+  const int first = unit.w;
+  const int splits = items[first].w;
+  const int4 sm = seq_meta[unit.x];
+  const int G = nh / nh_k;
+  const int rows = sm.y * G;
+  for (int e = threadIdx.x; e < BM * D; e += NT) {
+    const int r = e / D, d = e % D;
+    const int row = unit.z + r;
+    if (row >= rows) continue;
+    float mx = kNegInf;
+    for (int k = 0; k < splits; ++k) mx = fmaxf(mx, __ldcg(part_lse + (long long)(first + k) * BM + r));
+    float wsum = 0.f, acc = 0.f;
+    if (mx != kNegInf) {
+      for (int k = 0; k < splits; ++k) {
+        const float w = exp2f(__ldcg(part_lse + (long long)(first + k) * BM + r) - mx);
+        wsum += w;
+        acc = fmaf(w, __ldcg(part_o + ((long long)(first + k) * BM + r) * D + d), acc);
+      }
+    }
+    const long long at = (long long)(sm.x + row / G) * nh + unit.y * G + row % G;
+    out[at * D + d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
+    if (lse_out != nullptr && d == 0) lse_out[at] = (wsum > 0.f ? mx + log2f(wsum) : kNegInf) * LN2;
+  }
+}
+
 // ---- few query rows: operands gathered straight into MMA fragments ----------------------------------------
 //
 // With at most 32 query rows per kv head (RT = 1 or 2 row tiles of 16: speculative verification), dequantizing
@@ -700,7 +734,8 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
 // are dead by then). H200, q = 8 at GQA 4 (32 rows) at 8 x 32K: 312 -> 237 us at M = 64, 264 -> 207 us at M = 32,
 // against warp pairs that split O's dims and each gathered K for all 16 tokens (a pair split exchanging P through
 // shared memory with a named barrier per step measured slower still: 2 warps per scheduler wait on each other).
-// Codes are loaded a step ahead and page ids two steps ahead.
+// Codes are loaded a step ahead and page ids two steps ahead. A long history's splits write partial states and
+// the last split of the unit to arrive merges them (merge_unit), so a layer is one launch, as in decode.
 // K gathers with few bank conflicts: the 8 lanes of one i4 group hold the same slot of 8 tokens, so a [m][code]
 // table would put their gathers on banks set by random codes (~3.4-way conflicts over the warp). The K table is
 // [code][row] instead, a gather's bank set by its place in the row, and lane (g, i4) gathers slot
@@ -734,7 +769,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     long long page_stride, long long head_stride, const int* __restrict__ page_table, int page_shift,
     const int4* __restrict__ seq_meta, const long long* __restrict__ page_row, const int* __restrict__ res_row,
     const int4* __restrict__ units, const int4* __restrict__ items, float* __restrict__ part_o,
-    float* __restrict__ part_lse, int nh, int nh_k, float scale_log2) {
+    float* __restrict__ part_lse, int* __restrict__ unit_counter, int nh, int nh_k, float scale_log2) {
   using S = VerifySmem<D, RT>;
   constexpr int DSUB = D / M;
   static_assert(DSUB == 2 || DSUB == 4, "DSUB");
@@ -1142,94 +1177,105 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
       }
     }
     __syncthreads();
-    if (stream != 0) return;
+    if (stream == 0) {
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt) {
-      const int at = RT * NDT * 4 + 4 * rt;  // this row tile's mA, mB, lA, lB
-      float nmA = mA[rt], nmB = mB[rt];
-      for (int s = 1; s < NS; ++s) {
-        const float* theirs = merge + s * WORDS * 32 + lane;
-        nmA = fmaxf(nmA, theirs[at * 32]);
-        nmB = fmaxf(nmB, theirs[(at + 1) * 32]);
-      }
-      float fA = state_weight(mA[rt], nmA), fB = state_weight(mB[rt], nmB);
-      lA[rt] *= fA;
-      lB[rt] *= fB;
-#pragma unroll
-      for (int nd = 0; nd < NDT; ++nd) {
-        o[rt][nd][0] *= fA;
-        o[rt][nd][1] *= fA;
-        o[rt][nd][2] *= fB;
-        o[rt][nd][3] *= fB;
-      }
-      for (int s = 1; s < NS; ++s) {
-        const float* theirs = merge + s * WORDS * 32 + lane;
-        fA = state_weight(theirs[at * 32], nmA);
-        fB = state_weight(theirs[(at + 1) * 32], nmB);
-        lA[rt] = fmaf(fA, theirs[(at + 2) * 32], lA[rt]);
-        lB[rt] = fmaf(fB, theirs[(at + 3) * 32], lB[rt]);
+      for (int rt = 0; rt < RT; ++rt) {
+        const int at = RT * NDT * 4 + 4 * rt;  // this row tile's mA, mB, lA, lB
+        float nmA = mA[rt], nmB = mB[rt];
+        for (int s = 1; s < NS; ++s) {
+          const float* theirs = merge + s * WORDS * 32 + lane;
+          nmA = fmaxf(nmA, theirs[at * 32]);
+          nmB = fmaxf(nmB, theirs[(at + 1) * 32]);
+        }
+        float fA = state_weight(mA[rt], nmA), fB = state_weight(mB[rt], nmB);
+        lA[rt] *= fA;
+        lB[rt] *= fB;
 #pragma unroll
         for (int nd = 0; nd < NDT; ++nd) {
-          const int w = (rt * NDT + nd) * 4;
-          o[rt][nd][0] = fmaf(fA, theirs[w * 32], o[rt][nd][0]);
-          o[rt][nd][1] = fmaf(fA, theirs[(w + 1) * 32], o[rt][nd][1]);
-          o[rt][nd][2] = fmaf(fB, theirs[(w + 2) * 32], o[rt][nd][2]);
-          o[rt][nd][3] = fmaf(fB, theirs[(w + 3) * 32], o[rt][nd][3]);
+          o[rt][nd][0] *= fA;
+          o[rt][nd][1] *= fA;
+          o[rt][nd][2] *= fB;
+          o[rt][nd][3] *= fB;
         }
+        for (int s = 1; s < NS; ++s) {
+          const float* theirs = merge + s * WORDS * 32 + lane;
+          fA = state_weight(theirs[at * 32], nmA);
+          fB = state_weight(theirs[(at + 1) * 32], nmB);
+          lA[rt] = fmaf(fA, theirs[(at + 2) * 32], lA[rt]);
+          lB[rt] = fmaf(fB, theirs[(at + 3) * 32], lB[rt]);
+#pragma unroll
+          for (int nd = 0; nd < NDT; ++nd) {
+            const int w = (rt * NDT + nd) * 4;
+            o[rt][nd][0] = fmaf(fA, theirs[w * 32], o[rt][nd][0]);
+            o[rt][nd][1] = fmaf(fA, theirs[(w + 1) * 32], o[rt][nd][1]);
+            o[rt][nd][2] = fmaf(fB, theirs[(w + 2) * 32], o[rt][nd][2]);
+            o[rt][nd][3] = fmaf(fB, theirs[(w + 3) * 32], o[rt][nd][3]);
+          }
+        }
+        mA[rt] = nmA;
+        mB[rt] = nmB;
       }
-      mA[rt] = nmA;
-      mB[rt] = nmB;
     }
   }
 
   // ---- output (one split) or partial state: lane (g, i4) holds dims DSUB * (8 j + 2 i4) + [0, 2 DSUB) --------
+  if (stream == 0) {
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-    float invA, invB, lseA, lseB;
-    finish_rows(lA[rt], lB[rt], mA[rt], mB[rt], invA, invB, lseA, lseB);
-    const int rB = rA[rt] + 8;
-    const int jA = vA[rt] ? rA[rt] / G : 0, jB = vB[rt] ? rB / G : 0;
-    const long long atA = (long long)(sm.x + jA) * nh + kvh * G + (vA[rt] ? rA[rt] % G : 0);
-    const long long atB = (long long)(sm.x + jB) * nh + kvh * G + (vB[rt] ? rB % G : 0);
+    for (int rt = 0; rt < RT; ++rt) {
+      float invA, invB, lseA, lseB;
+      finish_rows(lA[rt], lB[rt], mA[rt], mB[rt], invA, invB, lseA, lseB);
+      const int rB = rA[rt] + 8;
+      const int jA = vA[rt] ? rA[rt] / G : 0, jB = vB[rt] ? rB / G : 0;
+      const long long atA = (long long)(sm.x + jA) * nh + kvh * G + (vA[rt] ? rA[rt] % G : 0);
+      const long long atB = (long long)(sm.x + jB) * nh + kvh * G + (vB[rt] ? rB % G : 0);
 #pragma unroll
-    for (int jj = 0; jj < J; ++jj) {
-      const int d0 = DSUB * (8 * jj + 2 * i4);
-      float va[2 * DSUB], vb[2 * DSUB];  // dims d0 + h * DSUB + e
+      for (int jj = 0; jj < J; ++jj) {
+        const int d0 = DSUB * (8 * jj + 2 * i4);
+        float va[2 * DSUB], vb[2 * DSUB];  // dims d0 + h * DSUB + e
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int e = 0; e < DSUB; ++e) {
-          va[h * DSUB + e] = o[rt][jj * DSUB + e][h] * invA;
-          vb[h * DSUB + e] = o[rt][jj * DSUB + e][2 + h] * invB;
-        }
-      if (wi.single) {
+          for (int e = 0; e < DSUB; ++e) {
+            va[h * DSUB + e] = o[rt][jj * DSUB + e][h] * invA;
+            vb[h * DSUB + e] = o[rt][jj * DSUB + e][2 + h] * invB;
+          }
+        if (wi.single) {
 #pragma unroll
-        for (int p = 0; p < DSUB; ++p) {
-          if (vA[rt]) *reinterpret_cast<unsigned*>(out + atA * D + d0 + 2 * p) = Ops<T>::pack(va[2 * p], va[2 * p + 1]);
-          if (vB[rt]) *reinterpret_cast<unsigned*>(out + atB * D + d0 + 2 * p) = Ops<T>::pack(vb[2 * p], vb[2 * p + 1]);
-        }
-      } else {
-        float* pA = part_o + ((long long)blockIdx.x * BM + rt * 16 + g) * D + d0;
-        float* pB = pA + 8 * D;
+          for (int p = 0; p < DSUB; ++p) {
+            if (vA[rt]) *reinterpret_cast<unsigned*>(out + atA * D + d0 + 2 * p) = Ops<T>::pack(va[2 * p], va[2 * p + 1]);
+            if (vB[rt]) *reinterpret_cast<unsigned*>(out + atB * D + d0 + 2 * p) = Ops<T>::pack(vb[2 * p], vb[2 * p + 1]);
+          }
+        } else {
+          float* pA = part_o + ((long long)blockIdx.x * BM + rt * 16 + g) * D + d0;
+          float* pB = pA + 8 * D;
 #pragma unroll
-        for (int p = 0; p < DSUB; ++p) {
-          *reinterpret_cast<float2*>(pA + 2 * p) = make_float2(va[2 * p], va[2 * p + 1]);
-          *reinterpret_cast<float2*>(pB + 2 * p) = make_float2(vb[2 * p], vb[2 * p + 1]);
+          for (int p = 0; p < DSUB; ++p) {
+            *reinterpret_cast<float2*>(pA + 2 * p) = make_float2(va[2 * p], va[2 * p + 1]);
+            *reinterpret_cast<float2*>(pB + 2 * p) = make_float2(vb[2 * p], vb[2 * p + 1]);
+          }
         }
       }
-    }
-    if (i4 == 0) {
-      if (wi.single) {
-        if (lse_out != nullptr) {
-          if (vA[rt]) lse_out[atA] = lseA * LN2;
-          if (vB[rt]) lse_out[atB] = lseB * LN2;
+      if (i4 == 0) {
+        if (wi.single) {
+          if (lse_out != nullptr) {
+            if (vA[rt]) lse_out[atA] = lseA * LN2;
+            if (vB[rt]) lse_out[atB] = lseB * LN2;
+          }
+        } else {
+          part_lse[(long long)blockIdx.x * BM + rt * 16 + g] = lseA;
+          part_lse[(long long)blockIdx.x * BM + rt * 16 + g + 8] = lseB;
         }
-      } else {
-        part_lse[(long long)blockIdx.x * BM + rt * 16 + g] = lseA;
-        part_lse[(long long)blockIdx.x * BM + rt * 16 + g + 8] = lseB;
       }
     }
   }
+  if (wi.single) return;
+
+  // ---- the last split of the unit to arrive merges the unit's partial states (one launch per layer) ----------
+  const int4 item = items[blockIdx.x];
+  // flag: the token streams' merge area, read by now
+  if (!last_split_to_arrive(unit_counter + item.x, item.w, reinterpret_cast<int*>(smem_raw))) return;
+  merge_unit<D, T, RT>(units[item.x], items, seq_meta, part_o, part_lse, out, lse_out, nh, nh_k);
+  if (tid == 0) unit_counter[item.x] = 0;
 }
 
 // ---- long chunks over a dequantized history: dequantize_history, then dense_prefill_attention ------------
@@ -1616,38 +1662,16 @@ __global__ void __launch_bounds__(DENSE_NT, 2) dense_prefill_attention(
   }
 }
 
-// Merge the partial states of every split unit (one CTA per unit; units of one split were written directly).
+// Merge the partial states of every split unit of prefill_attention or dense_prefill_attention (one CTA per
+// unit; units of one split were written directly).
 template <int D, typename T, int RT>
 __global__ void __launch_bounds__(NT) prefill_merge(
     const int4* __restrict__ units, const int4* __restrict__ items, const int4* __restrict__ seq_meta,
     const float* __restrict__ part_o, const float* __restrict__ part_lse,
     T* __restrict__ out, float* __restrict__ lse_out, int nh, int nh_k) {
-  constexpr int BM = 16 * RT;
   const int4 unit = units[blockIdx.x];
-  const int first = unit.w;
-  const int splits = items[first].w;
-  if (splits <= 1) return;
-  const int4 sm = seq_meta[unit.x];
-  const int G = nh / nh_k;
-  const int rows = sm.y * G;
-  for (int e = threadIdx.x; e < BM * D; e += NT) {
-    const int r = e / D, d = e % D;
-    const int row = unit.z + r;
-    if (row >= rows) continue;
-    float mx = kNegInf;
-    for (int k = 0; k < splits; ++k) mx = fmaxf(mx, part_lse[(long long)(first + k) * BM + r]);
-    float wsum = 0.f, acc = 0.f;
-    if (mx != kNegInf) {
-      for (int k = 0; k < splits; ++k) {
-        const float w = exp2f(part_lse[(long long)(first + k) * BM + r] - mx);
-        wsum += w;
-        acc = fmaf(w, part_o[((long long)(first + k) * BM + r) * D + d], acc);
-      }
-    }
-    const long long at = (long long)(sm.x + row / G) * nh + unit.y * G + row % G;
-    out[at * D + d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
-    if (lse_out != nullptr && d == 0) lse_out[at] = (wsum > 0.f ? mx + log2f(wsum) : kNegInf) * LN2;
-  }
+  if (items[unit.w].w <= 1) return;
+  merge_unit<D, T, RT>(unit, items, seq_meta, part_o, part_lse, out, lse_out, nh, nh_k);
 }
 
 }  // namespace prefill

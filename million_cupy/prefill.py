@@ -338,6 +338,7 @@ class TensorCorePlan:
         self._storage: dict[int, PagedLayerStorage] = {}
         self._meta = None
         self._part_o = self._part_lse = None
+        self._unit_counter = None  # verify_attention's splits finished per unit (its last split merges; reset by it)
         self._ws_k = self._ws_v = None  # the dense regime's workspace, grown as plans need
         self.work_items = self.units = self.spans = 0
         self.ws_rows = 0
@@ -393,6 +394,9 @@ class TensorCorePlan:
             with stream:  # (W, rows, head_dim) and (W, rows) as the kernels index them
                 self._part_o = cp.empty(W * rows * cache.head_dim, dtype=cp.float32)
                 self._part_lse = cp.empty(W * rows, dtype=cp.float32)
+        if self.splits and (self._unit_counter is None or self._unit_counter.size < U):
+            with stream:  # zeros; each launch leaves them zero again
+                self._unit_counter = cp.zeros(U, dtype=cp.int32)
 
     def _reserve_workspace(self, size: int, stream) -> None:
         """The dense regime's K and V workspaces, ``size`` elements each at least (grown, never shrunk)."""
@@ -445,9 +449,19 @@ class TensorCorePlan:
                 kernel((self.work_items,), (DENSE_THREADS,),
                        (q, out, lse_arg, self._ws_k, self._ws_v, ws_rows, self._hist_row, self._seq_meta,
                         self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
+            elif gathers_fragments(d, cache.M, rt):  # its last split of a unit merges the unit: one launch
+                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::verify_attention<{d}, {cache.M}, {t}, {rt}>")
+                smem = tensor_core_smem(d, cache.M, rt)
+                kernels.opt_in_shared_memory(kernel, smem)
+                counter = self._unit_counter if self.splits else null
+                kernel((self.work_items,), (TC_THREADS,),
+                       (q, out, lse_arg, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, ring_cap,
+                        page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
+                        self._units, self._items, part_o, part_lse, counter, nh, nh_k, self._scale_log2),
+                       shared_mem=smem)
+                return
             else:
-                name = "verify_attention" if gathers_fragments(d, cache.M, rt) else "prefill_attention"
-                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {t}, {rt}>")
+                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_attention<{d}, {cache.M}, {t}, {rt}>")
                 smem = tensor_core_smem(d, cache.M, rt)
                 kernels.opt_in_shared_memory(kernel, smem)
                 kernel((self.work_items,), (TC_THREADS,),
