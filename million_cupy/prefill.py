@@ -394,9 +394,15 @@ class TensorCorePlan:
             with stream:  # (W, rows, head_dim) and (W, rows) as the kernels index them
                 self._part_o = cp.empty(W * rows * cache.head_dim, dtype=cp.float32)
                 self._part_lse = cp.empty(W * rows, dtype=cp.float32)
-        if self.splits and (self._unit_counter is None or self._unit_counter.size < U):
+        if self.splits and self.merges_in_kernel and (self._unit_counter is None or self._unit_counter.size < U):
             with stream:  # zeros; each launch leaves them zero again
                 self._unit_counter = cp.zeros(U, dtype=cp.int32)
+
+    @property
+    def merges_in_kernel(self) -> bool:
+        """Whether the planned kernel merges a unit's splits itself (verify_attention) rather than through a
+        ``prefill_merge`` launch."""
+        return not self.dense and gathers_fragments(self.cache.head_dim, self.cache.M, self.row_tiles)
 
     def _reserve_workspace(self, size: int, stream) -> None:
         """The dense regime's K and V workspaces, ``size`` elements each at least (grown, never shrunk)."""
@@ -449,26 +455,19 @@ class TensorCorePlan:
                 kernel((self.work_items,), (DENSE_THREADS,),
                        (q, out, lse_arg, self._ws_k, self._ws_v, ws_rows, self._hist_row, self._seq_meta,
                         self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
-            elif gathers_fragments(d, cache.M, rt):  # its last split of a unit merges the unit: one launch
-                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::verify_attention<{d}, {cache.M}, {t}, {rt}>")
-                smem = tensor_core_smem(d, cache.M, rt)
-                kernels.opt_in_shared_memory(kernel, smem)
-                counter = self._unit_counter if self.splits else null
-                kernel((self.work_items,), (TC_THREADS,),
-                       (q, out, lse_arg, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, ring_cap,
-                        page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
-                        self._units, self._items, part_o, part_lse, counter, nh, nh_k, self._scale_log2),
-                       shared_mem=smem)
-                return
             else:
-                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_attention<{d}, {cache.M}, {t}, {rt}>")
+                name = "verify_attention" if self.merges_in_kernel else "prefill_attention"
+                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {t}, {rt}>")
                 smem = tensor_core_smem(d, cache.M, rt)
                 kernels.opt_in_shared_memory(kernel, smem)
+                # verify_attention's last split of a unit merges the unit (its counters): one launch per layer
+                counters = (self._unit_counter if self.splits else null,) if self.merges_in_kernel else ()
                 kernel((self.work_items,), (TC_THREADS,),
                        (q, out, lse_arg, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, ring_cap,
                         page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
-                        self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
-            if self.splits:
+                        self._units, self._items, part_o, part_lse, *counters, nh, nh_k, self._scale_log2),
+                       shared_mem=smem)
+            if self.splits and not self.merges_in_kernel:
                 merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{d}, {t}, {rt}>")
                 merge((self.units,), (TC_THREADS,), (self._units, self._items, self._seq_meta, part_o, part_lse,
                                                      out, lse_arg, nh, nh_k))
