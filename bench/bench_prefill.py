@@ -10,6 +10,9 @@ chunk records), one layer. Records (suite "prefill"), GPU time with calls queued
   with each ``backend`` of BatchPrefillWrapper (``auto``: the documented rule; ``lut``, ``tensor_cores``
   forced), which is how LUT_QUERIES_MAX is measured, and the host time per ``run`` call (``host_us``,
   calls back to back);
+* ``verify_graph``: the ``auto`` rule's run for up to 32 query rows per kv head captured in a CUDA graph and
+  replayed (GPU time, host time per replay, and ``plan_us``, the host time of the plan before each replay),
+  against the one-token decode replayed from a graph too (``decode_one_token_graph``, ``vs_decode_graph``);
 * ``chunk``: a 2K-token chunk over a 32K-token history, batch 1 and 4, against PyTorch SDPA (fp16, flash or
   efficient backend, the lower-right causal mask) over the same exact history (``vs_sdpa``; target 1.3x);
 * ``chunked_prompt``: a 32K-token prompt in 2K chunks, each appended then attended, end to end (wall time,
@@ -18,7 +21,7 @@ chunk records), one layer. Records (suite "prefill"), GPU time with calls queued
 Each record names the regime BatchPrefillWrapper took (``path``: ``lut`` or ``tensor_core``).
 
     python bench/bench_prefill.py --out bench/results/prefill_h200.json [--quick] [--only verify chunk chunked_prompt]
-        [--M 64 32 16]
+        [--M 64 32 16] [--context 32768] [--queries 2 4 8 16 32 64]
 """
 
 from __future__ import annotations
@@ -53,8 +56,11 @@ def bench_verify(cp, M, batch, context, counts) -> list[dict]:
     decode.plan(seqs, new_tokens=0)
     q1, o1 = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
     base = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
+    base_graph = _decode_graph_us(cp, cache, seqs, batch)
     records = [{"suite": "prefill", "method": "decode_one_token", "batch": batch, "context": context, "M": M,
-                "queries_per_seq": 1, "median_us": base}]
+                "queries_per_seq": 1, "median_us": base},
+               {"suite": "prefill", "method": "decode_one_token_graph", "batch": batch, "context": context, "M": M,
+                "queries_per_seq": 1, "median_us": base_graph}]
     for c in counts:
         ind = np.arange(batch + 1) * c
         q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
@@ -66,7 +72,46 @@ def bench_verify(cp, M, batch, context, counts) -> list[dict]:
             records.append({"suite": "prefill", "method": "verify", "batch": batch, "context": context, "M": M,
                             "queries_per_seq": c, "backend": backend, "median_us": t, "vs_decode": t / base,
                             "host_us": host, "path": _path(prefill)})
+        if c * NH // NH_K <= 32:  # a speculative verification step that a CUDA graph can capture
+            records.append(_verify_graph(cp, cache, seqs, ind, q, o, base, base_graph)
+                           | {"batch": batch, "context": context, "M": M, "queries_per_seq": c})
     return records
+
+
+def _decode_graph_us(cp, cache, seqs, batch) -> float:
+    """GPU time of the one-token decode captured in a CUDA graph and replayed (the baseline of verify_graph)."""
+    from million_cupy import BatchDecodeWrapper
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    decode = BatchDecodeWrapper(cache, num_heads=NH, stream=stream)
+    q, o = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
+    with stream:
+        decode.plan(seqs, new_tokens=0)
+        decode.run(0, q, out=o, check=False)  # compiles outside the capture
+        stream.begin_capture()
+        decode.run(0, q, out=o, check=False)
+        graph = stream.end_capture()
+        return harness.time_gpu(lambda: graph.launch(stream), **TIMING)["median_us"]
+
+
+def _verify_graph(cp, cache, seqs, ind, q, o, base, base_graph) -> dict:
+    """The ``auto`` rule's run captured in a CUDA graph on a non-blocking stream: GPU time and host time per
+    replay, and the host time of the plan a verification loop makes before each replay."""
+    from million_cupy import BatchPrefillWrapper
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    prefill = BatchPrefillWrapper(cache, NH, stream=stream)
+    with stream:
+        prefill.plan(seqs, ind, appended=True)
+        prefill.run(0, q, out=o)  # compiles outside the capture
+        stream.begin_capture()
+        prefill.run(0, q, out=o)
+        graph = stream.end_capture()
+        t = harness.time_gpu(lambda: graph.launch(stream), **TIMING)["median_us"]
+        host = harness.time_host(lambda: graph.launch(stream), calls=100, repeats=3)
+        plan = harness.time_host(lambda: prefill.plan(seqs, ind, appended=True), calls=20, repeats=3)
+    return {"suite": "prefill", "method": "verify_graph", "backend": "auto", "median_us": t, "vs_decode": t / base,
+            "vs_decode_graph": t / base_graph, "host_us": host, "plan_us": plan, "path": _path(prefill)}
 
 
 def _path(wrapper) -> str:
@@ -149,6 +194,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<gpu>.json)")
     p.add_argument("--quick", action="store_true", help="smaller shapes: 2 x 8K, a 512-token chunk over 8K")
+    p.add_argument("--context", type=int, nargs="+", help="verify records: history lengths (default 32768; 8192 "
+                   "with --quick)")
+    p.add_argument("--queries", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
+                   help="verify records: new tokens per sequence (default 2 4 8 16 32 64)")
     p.add_argument("--only", choices=SUITES, nargs="+", default=list(SUITES), help="which records to measure")
     p.add_argument("--M", type=int, nargs="+", default=[64, 32], choices=(16, 32, 64),
                    help="PQ subspaces (16: 16-byte centroids at d = 128)")
@@ -167,7 +216,8 @@ def main(argv=None) -> int:
     records = []
     for M in args.M:
         if "verify" in args.only:
-            records += bench_verify(cp, M, 2 if args.quick else 8, ctx, (2, 4, 8, 16, 32, 64))
+            for context in args.context or [ctx]:
+                records += bench_verify(cp, M, 2 if args.quick else 8, context, args.queries)
         if "chunk" in args.only:
             for batch in (1, 4):
                 records += bench_chunk(cp, torch, M, batch, ctx, 512 if args.quick else 2048)

@@ -10,7 +10,8 @@ in the same and in different steps (the lane-group encoder and the padded, fixed
 new tokens per sequence (BatchPrefillWrapper: the LUT path, the tensor-core path with a chunk crossing a
 flush and a split history, few rows forced onto tensor cores: 1 and 2 row tiles per CTA, the warps'
 states merged, and the dense regime: dequantize_history and dense_prefill_attention, 520 rows per kv head under
-the auto rule and a forced short batch, split histories merged), a CUDA graph replay, and a replay
+the auto rule and a forced short batch, split histories merged; a verification step captured in a CUDA graph
+and replayed after the histories grew: verify_attention's fixed grid with padding items), a CUDA graph replay, and a replay
 after the batch changed (the device guard). Then an exact cache (``codebooks=None``, ``exact_cases``): ragged
 bulk appends (``append_exact_tokens``), steps crossing block boundaries with the partly filled block read by the
 residual item of ``MODE_PAGED_EXACT``, decode(), a graph replay and the device guard.
@@ -27,7 +28,8 @@ history split in two and merged) with every other case on an H200 (2026-12-03, 1
 that day, `--report-api-errors no`): racecheck 0 hazards, memcheck 0 errors. With the dense regime's cases added
 (dequantize_history, dense_prefill_attention and their merge) on an H200 (2026-12-03, 22:02 UTC, the same flags):
 racecheck 0 hazards, memcheck 0 errors. After verify_attention's conflict-free K table and split step loops
-(H200, 2026-12-04, 02:32 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors.
+(H200, 2026-12-04, 02:32 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors. With the verification step
+replayed from a CUDA graph (H200, 2026-12-04, 10:30 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors.
 """
 
 import sys
@@ -153,6 +155,26 @@ def step_cases(rng) -> None:
                 cache.append(layer, seqs, xs, xs, lengths=counts)
                 o, lse = prefill.run(layer, qs, return_lse=True)
             print(f"prefill {counts} in the {prefill.regime} regime: finite output {bool(cp.isfinite(o).all())}")
+        # A verification step captured in a CUDA graph: verify_attention on its fixed grid (padding items), replayed
+        # after the histories grew.
+        counts = [3, 3, 3]
+        prefill = BatchPrefillWrapper(cache, nh, stream=stream)
+        qs = cp.asarray(rng.standard_normal((sum(counts), nh, d)).astype(np.float16))
+        o = cp.full_like(qs, cp.nan)
+        for step in range(2):
+            prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
+            xs = cp.asarray(rng.standard_normal((sum(counts), nh_k, d)).astype(np.float16))
+            for layer in range(2):
+                cache.append(layer, seqs, xs, xs, lengths=counts)
+            if step == 0:
+                prefill.run(0, qs, out=o)
+                stream.begin_capture()
+                prefill.run(0, qs, out=o)
+                graph = stream.end_capture()
+            graph.launch(stream)
+        stream.synchronize()
+        print(f"prefill {counts} in the {prefill.regime} regime, replayed from a CUDA graph: finite output "
+              f"{bool(cp.isfinite(o).all())}")
 
     out, _, fired = _step_loop(cache, stream, [1, R - 1, 3 * P + 5], rng, nh, between=prefill_cases)
     print(f"step: finite output {bool(cp.isfinite(out).all())}; {_guard(fired)}")

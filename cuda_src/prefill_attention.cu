@@ -817,6 +817,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int stream = warp;
   const int g = lane >> 2, i4 = lane & 3;
+  if (items[blockIdx.x].x < 0) return;  // padding of a captured launch's fixed grid (prefill.TensorCorePlan)
   const PqWorkItem wi = open_pq_work_item(S::total, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
                                      page_shift, k_codes, v_codes, head_stride);
   const int kvh = wi.kvh, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;

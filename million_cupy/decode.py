@@ -325,6 +325,10 @@ class AttentionPlan:
             self.part_o = cp.empty((self.grid, self.group, d), dtype=cp.float32)
             self.part_lse = cp.empty((self.grid, self.group), dtype=cp.float32)
             self.counter = cp.zeros(self.units, dtype=cp.int32)  # the kernel leaves it zeroed
+            # The zero fills run on the cache's stream; the first copy waits for them on the caller's stream
+            # (_send_staged), which may be another one (BatchDecodeWrapper(stream=...), a capturing stream).
+            self._zeroed: Any = cp.cuda.Event(block=False, disable_timing=True)
+            self._zeroed.record()
         from cupyx import empty_pinned  # noqa: PLC0415 (CuPy loads on first use)
 
         # Two pinned staging buffers: one is rewritten while the copy from the other may still be queued.
@@ -450,6 +454,9 @@ class AttentionPlan:
 
     def _send_staged(self, t: int, words: int, stream) -> None:
         """Copy the first ``words`` words of staging buffer ``t`` to the device buffer; its event marks them sent."""
+        if self._zeroed is not None:
+            stream.wait_event(self._zeroed)
+            self._zeroed = None
         self._memcpy(self._dev_at, self._host_at[t], 4 * words, 1, stream.ptr)  # 1: host to device
         self._copied[t].record(stream)
         self._recorded[t] = True

@@ -164,6 +164,10 @@ class BoundLaunch:
         """Argument ``index`` (a pointer or an integer) becomes ``value`` for the following launches."""
         self._values[index].value = value
 
+    def set_grid(self, grid_x: int) -> None:
+        """The grid's x dimension for the following launches."""
+        self._grid_x = int(grid_x)
+
     def launch(self, stream_ptr: int) -> None:
         """Launch on the stream with handle ``stream_ptr`` (raises CuPy's CUDADriverError on failure)."""
         self._launch_kernel(self._func, self._grid_x, self._grid_y, 1, self._block, 1, 1, self._smem, stream_ptr,

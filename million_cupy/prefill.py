@@ -8,9 +8,9 @@ residual window as the cache holds them after the append, so a token that became
 same call is read through its codes by every query, as later decode steps read it.
 
 * :class:`BatchPrefillWrapper` — plan once per batch of new tokens (``qo_indptr``, FlashInfer's CSR of query
-  tokens per sequence), run once per layer; no synchronisation in ``run``. The LUT regime launches on a fixed
-  grid from device metadata (capturable in a CUDA graph for a fixed ``qo_indptr``); the tensor-core regime's
-  grid follows the plan (one upload of its work list per ``plan``).
+  tokens per sequence), run once per layer; no synchronisation in ``run``, one upload of the metadata per
+  ``plan`` into device buffers at fixed addresses. Speculative verification can be captured in a CUDA graph
+  (below).
 * :func:`prefill_attention` — the one-call form; on a CPU cache it computes the float64 reference
   (:func:`million_cupy.reference.causal_attention`).
 
@@ -19,14 +19,15 @@ query rows it makes per kv head (``c x`` GQA group):
 
 * ``c <=`` :data:`LUT_QUERIES_MAX`, unless the next case applies: every query token is one work item of the
   LUT-scored decode kernel, cut at its causal length. A batch of ``N`` query tokens costs about ``N``
-  one-token decodes, and the launch is capturable in a CUDA graph for a fixed ``qo_indptr``.
+  one-token decodes.
 * ``c <=`` LUT_QUERIES_MAX with at most 16 rows, and on average at least :data:`FRAGMENT_QUERIES_MIN` new tokens
-  per sequence (speculative verification of 3 to 4 drafts at GQA 4, up to 5 at GQA 1; the cost is per
-  sequence, the LUT path's per token): tensor cores, one row tile per kv head, ``verify_attention``
+  per sequence, or 2 over histories averaging :data:`FRAGMENT_PAIR_TOKENS_MIN` tokens (speculative
+  verification of 2 to 4 drafts at GQA 4, up to 5 at GQA 1; the cost is per sequence, the LUT path's per
+  token): tensor cores, one row tile per kv head, ``verify_attention``
   (``cuda_src/prefill_attention.cu``), which gathers centroids straight into the MMA fragments; its cost is
-  the history's dequantization, ~1.5 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
-  165-169 us at q = 2..4 against 113 us for one token and ~97 us per query token on the LUT path). With 17 to
-  32 rows (two row tiles: 5 to 8 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~2.1 decodes (~240 us;
+  the history's dequantization, ~1.4 one-token decodes whatever the rows (8 x 32K, H200, M = 64:
+  154-158 us at q = 2..4 against 114 us for one token and ~97 us per query token on the LUT path). With 17 to
+  32 rows (two row tiles: 5 to 8 drafts at GQA 4, 3 to 4 at GQA 8) the same kernel costs ~2 decodes (~223 us;
   every warp scores all rows, Q's fragments wait in shared memory), so such a batch takes it from
   :data:`FRAGMENT_QUERIES_MIN_TWO_TILES` new tokens per sequence on average.
 * ``c >`` LUT_QUERIES_MAX (chunked prefill, a multi-turn prompt, many drafts): the whole batch runs on tensor
@@ -59,14 +60,24 @@ query rows it makes per kv head (``c x`` GQA group):
   UnsupportedConfiguration at plan().
 
 ``BatchPrefillWrapper(backend="lut" | "tensor_cores" | "dense")`` takes one regime for every plan instead
-(``"tensor_cores"``: on chip, no workspace; ``"dense"``: the workspace whatever the rows). The tensor-core
-paths' grids and metadata change with each plan, so they cannot be captured in a CUDA graph: ``run`` raises
-MillionError on a capturing stream; plan with ``backend="lut"`` to capture verification steps.
+(``"tensor_cores"``: on chip, no workspace; ``"dense"``: the workspace whatever the rows).
 :attr:`BatchPrefillWrapper.regime` names the regime a plan took.
+
+CUDA graphs. ``run`` on a capturing stream records its launch; the graph then replays every later plan with the
+same new-token counts per sequence (``qo_indptr``; the sequences may differ and their lengths grow), as in a
+speculative decoding loop: plan, append, replay. The LUT path launches on a fixed grid from device metadata.
+verify_attention (at most 32 query rows per kv head) launches, when captured, on a fixed grid of one wave more
+than its units need (padding items return at once), and later plans schedule their splits within it. Chunks
+(prefill_attention, the dense regime) cannot be captured: ``run`` raises MillionError on a capturing stream
+(plan them with ``backend="lut"`` to capture). A plan of other counts leaves the graph its buffers, unchanged
+and alive (the graph replays its own plan), takes new ones, and is counted in ``stats()["stale_graph_plans"]``
+and warned about once: capture again for the new counts. Replay on the wrapper's stream, with the arrays
+captured.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -82,7 +93,7 @@ from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_num
 from .layout import full_pages
 
 __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN",
-           "FRAGMENT_QUERIES_MIN_TWO_TILES", "DENSE_ROWS_MIN", "BACKENDS", "tensor_core_supported",
+           "FRAGMENT_QUERIES_MIN_TWO_TILES", "FRAGMENT_PAIR_TOKENS_MIN", "DENSE_ROWS_MIN", "BACKENDS", "tensor_core_supported",
            "takes_tensor_cores", "takes_dense", "fitting_regime"]
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
@@ -91,20 +102,28 @@ __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGM
 #: for 17 to 32 rows per kv head (verify_attention) and ~614 us for 33 to 64 (prefill_attention, q = 16 at
 #: GQA 4). At GQA 8, 6 new tokens make 48 rows: ~614 us against ~580 on the LUT path, so they meet at 5 to 6;
 #: fewer tokens with few enough rows for verify_attention take it by the two rules below.
-#: backend="lut" keeps the LUT path's fixed, capturable grid for any count.
+#: backend="lut" keeps the LUT path for any count.
 LUT_QUERIES_MAX = 5
 
 #: New tokens per sequence, on average over the batch, from which a batch whose rows fit one row tile (at most
 #: 16 per kv head) takes verify_attention instead of the LUT path (:func:`takes_tensor_cores`): it costs about
-#: 1.7 LUT query tokens (H200, 8 x 32K: 165-182 us against 203-204 us for q = 2 on the LUT path at M = 64, 143-157
-#: against 173-175 at M = 32). A pair of drafts keeps the LUT path, the one a CUDA graph can capture: tensor cores
-#: would save ~10-20 %, which backend="tensor_cores" takes for callers that do not capture.
+#: 1.5 LUT query tokens (H200, 8 x 32K: 155-158 us for q = 2 to 4 against 206 us for q = 2 on the LUT path at
+#: M = 64, 130-138 against 162 at M = 32). A pair of drafts takes it only over long histories
+#: (FRAGMENT_PAIR_TOKENS_MIN).
 FRAGMENT_QUERIES_MIN = 3
 
-#: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~2.5-2.8
-#: LUT query tokens (H200, 8 x 32K: ~240 us against ~97 us per token at M = 64; ~210 against ~76 at M = 32), so
-#: from 3 new tokens per sequence on average, as with one row tile (3 drafts at GQA 8: ~240 against ~291 us at
-#: M = 64, ~210 against ~228 at M = 32). It was 4 while two row tiles cost ~3.3 LUT tokens (312 us).
+#: Tokens per sequence, on average over the batch, from which a batch averaging 2 new tokens per sequence in one
+#: row tile (a pair of drafts) takes verify_attention too: its fixed cost per CTA (codebook staging, the merge)
+#: loses on short histories, and the LUT path's per-token cost grows with them. H200, 8 sequences, q = 2, M = 64 /
+#: 32, eager (bench/results/prefill_verify_short_h200.json, prefill_verify_graph_h200.json): LUT 29.6 / 24.6 us
+#: against 32.0 / 29.0 at 2K tokens, 64.8 / 52.1 against 58.0 / 49.1 at 8K, 111.7 / 89.3 against 88.6 / 77.9 at
+#: 16K, 205.6 / 162.4 against 154.7 / 130.4 at 32K.
+FRAGMENT_PAIR_TOKENS_MIN = 8192
+
+#: The same for a batch whose rows need two row tiles (17 to 32 per kv head): verify_attention then costs ~2.3-2.6
+#: LUT query tokens (H200, 8 x 32K: ~223 us against ~97 us per token at M = 64; ~200 against ~76 at M = 32), so
+#: from 3 new tokens per sequence on average, as with one row tile (3 drafts at GQA 8: ~223 against ~291 us at
+#: M = 64, ~200 against ~228 at M = 32). It was 4 while two row tiles cost ~3.3 LUT tokens (312 us).
 FRAGMENT_QUERIES_MIN_TWO_TILES = 3
 
 #: Query rows per kv head (new tokens x GQA group) of the longest sequence from which a tensor-core batch takes
@@ -228,13 +247,15 @@ def _tensor_core_variants() -> list[str]:
     return out
 
 
-def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dtype: str) -> bool:
+def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dtype: str,
+                       lengths: np.ndarray | None = None) -> bool:
     """The ``"auto"`` rule (the module's docstring): whether a batch with ``counts`` new tokens per sequence and
     GQA ``group`` query heads per kv head runs on tensor cores. A chunk longer than LUT_QUERIES_MAX takes them
     wherever the configuration has them; a few drafts per sequence take verify_attention when every sequence's
-    rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more, or fit
+    rows fit one row tile (at most 16) and the batch averages FRAGMENT_QUERIES_MIN new tokens or more (2 or more
+    where the sequences, holding ``lengths`` tokens after the append, average FRAGMENT_PAIR_TOKENS_MIN), or fit
     two (at most 32) and it averages FRAGMENT_QUERIES_MIN_TWO_TILES or more, since its cost is per sequence
-    (the history's dequantization: ~1.7 LUT query tokens for one row tile, ~2.5-2.8 for two) and the LUT path's per
+    (the history's dequantization: ~1.5 LUT query tokens for one row tile, ~2.3-2.6 for two) and the LUT path's per
     token."""
     if not tensor_core_supported(head_dim, M, dtype):
         return False
@@ -244,7 +265,12 @@ def takes_tensor_cores(counts: np.ndarray, group: int, head_dim: int, M: int, dt
     row_tiles = tensor_core_row_tiles(most * group)
     if row_tiles > 2:
         return False
-    least_average = FRAGMENT_QUERIES_MIN if row_tiles == 1 else FRAGMENT_QUERIES_MIN_TWO_TILES
+    if row_tiles == 2:
+        least_average = FRAGMENT_QUERIES_MIN_TWO_TILES
+    elif lengths is not None and float(lengths.mean()) >= FRAGMENT_PAIR_TOKENS_MIN:
+        least_average = 2
+    else:
+        least_average = FRAGMENT_QUERIES_MIN
     return int(counts.sum()) >= least_average * counts.shape[0] and gathers_fragments(head_dim, M, row_tiles)
 
 
@@ -265,22 +291,33 @@ def _per_head_parts(parts: np.ndarray, num_kv_heads: int) -> tuple[np.ndarray, n
     return seq, within // width, within % width
 
 
-def split_length(tokens: np.ndarray, sm_count: int) -> int:
+def split_length(tokens: np.ndarray, sm_count: int, max_items: int | None = None) -> int:
     """Tokens per split (whole tiles) for units attending to ``tokens`` each: the length that minimises the
     modelled time ``waves x (length + 2 tiles)`` (one CTA per SM, the two tiles standing for a split's codebook
-    staging and merge), splits no shorter than TC_MIN_CHUNK, the longer length on ties. Cutting by the
+    staging and merge), splits no shorter than TC_MIN_CHUNK, the longer length on ties; with ``max_items``
+    (the fixed grid of a launch captured in a CUDA graph), among the wave counts whose items fit it. Cutting by the
     total alone (sum / SMs) leaves a partial second wave: 64 units of 32K tokens on 132 SMs ran as 192 items
     in 1.45 waves, 2 x 16K-token items on the critical path where one wave of 128 items needs one.
 
     For each wave count from the fewest possible to SPLIT_WAVES more, the shortest length that fits is found
     by a bisection run for all wave counts at once (a wave of more gains at most 1 / waves), between bounds
-    that meet for units of equal length."""
+    that meet for units of equal length. Cached by whole tiles: a verification loop's histories grow by a tile
+    every few steps, and the search costs ~60 us of host time at 64 units."""
     tiles = -(-tokens.astype(np.int64) // TC_TILE)
+    return _split_tiles(tiles.tobytes(), sm_count, max_items) * TC_TILE
+
+
+@functools.lru_cache(maxsize=16)
+def _split_tiles(tiles_bytes: bytes, sm_count: int, max_items: int | None) -> int:
+    """:func:`split_length` in tiles, for units of ``np.frombuffer(tiles_bytes, np.int64)`` tiles each."""
+    tiles = np.frombuffer(tiles_bytes, dtype=np.int64)
     top = int(tiles.max(initial=1))
     low = min(top, TC_MIN_CHUNK // TC_TILE)
     sm = max(sm_count, 1)
     units = max(int(np.count_nonzero(tiles)), 1)
     waves = -(-units // sm) + np.arange(SPLIT_WAVES + 1)  # candidate wave counts
+    if max_items is not None:
+        waves = waves[: max(1, int(np.count_nonzero(waves * sm <= max_items)))]
 
     def items(length: np.ndarray) -> np.ndarray:  # work items when every unit is cut into `length`-tile splits
         return (-(-tiles[None, :] // length[:, None])).sum(axis=1)
@@ -296,16 +333,18 @@ def split_length(tokens: np.ndarray, sm_count: int) -> int:
         hi = np.where(fits, mid, hi)
         lo = np.where(fits, lo, np.minimum(mid + 1, hi))
     cost = waves * (hi + 2)
-    return int(hi[np.flatnonzero(cost == cost.min())[0]]) * TC_TILE
+    return int(hi[np.flatnonzero(cost == cost.min())[0]])
 
 
 def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_heads: int,
-                         sm_count: int, rows_per_tile: int = TC_ROWS) -> tuple[np.ndarray, np.ndarray]:
+                         sm_count: int, rows_per_tile: int = TC_ROWS,
+                         max_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The tensor-core path's work list for sequences with ``counts`` new tokens holding ``n`` tokens each.
 
     Units are (sequence, kv head, tile of ``rows_per_tile`` query rows), row ``j * group + h`` being new token ``j`` and
     query head ``h`` of the kv head; a unit covers the tokens its last row attends to. When the units leave
-    SMs idle, each is cut into splits of at least TC_MIN_CHUNK tokens (whole tiles, :func:`split_length`). Returns int32
+    SMs idle, each is cut into splits of at least TC_MIN_CHUNK tokens (whole tiles, :func:`split_length`), in at
+    most ``max_items`` work items when given (at least one per unit). Returns int32
     ``units`` ``(U, 4)`` {sequence index, kv head, first row, first item} and ``items`` ``(W, 4)`` {unit, token
     begin, token end, splits of the unit}.
     """
@@ -314,7 +353,7 @@ def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_h
     row0 = tile * rows_per_tile
     last_token = np.minimum(counts[seq] - 1, (row0 + rows_per_tile - 1) // group)
     tokens = n[seq] - counts[seq] + last_token + 1             # what the unit's last row attends to
-    chunk = split_length(tokens, sm_count)
+    chunk = split_length(tokens, sm_count, max_items)
     splits = -(-tokens // chunk)
     first = np.cumsum(splits) - splits
     units = np.stack([seq, kvh, row0, first], axis=1).astype(np.int32)
@@ -325,10 +364,65 @@ def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_h
     return units, items
 
 
+class WorkListBuffers:
+    """The device buffers a tensor-core plan's launches read, at fixed addresses while plans fit them, so that a
+    launch captured in a CUDA graph reads each later plan's work list: the int32 metadata (page-table rows, per
+    sequence {first query row, new tokens, tokens, tokens in pages}, ring rows, units, work items; every part
+    16-byte aligned, the kernels read int4 records) for up to ``sequences``, ``units`` and ``items``, and the split
+    partial states for ``part_rows`` query rows per item (0: none) with the per-unit arrival counters
+    (zeros; each launch leaves them zero)."""
+
+    def __init__(self, sequences: int, units: int, items: int, part_rows: int, head_dim: int, stream) -> None:
+        cp = cupy()
+        self.max_sequences, self.max_units, self.max_items, self.part_rows = sequences, units, items, part_rows
+        sizes = [2 * sequences, 4 * sequences, sequences, 4 * units, 4 * items]
+        starts = np.cumsum([0] + [-(-x // 4) * 4 for x in sizes])
+        self.host = np.zeros(int(starts[-1]), dtype=np.int32)  # staged by write(): one copy per plan
+        with stream:
+            self.device = cp.zeros(self.host.shape[0], dtype=cp.int32)
+            if part_rows:  # (items, part_rows, head_dim) and (items, part_rows) as the kernels index them
+                self.part_o = cp.empty(items * part_rows * head_dim, dtype=cp.float32)
+                self.part_lse = cp.empty(items * part_rows, dtype=cp.float32)
+                self.unit_counter = cp.zeros(units, dtype=cp.int32)
+            else:
+                self.part_o = self.part_lse = self.unit_counter = None
+        parts = [(int(at), n) for at, n in zip(starts, sizes)]
+        self._host_parts = [self.host[at : at + n] for at, n in parts]
+        dev = [self.device[at : at + n] for at, n in parts]
+        self.page_row = dev[0].view(np.int64)
+        self.seq_meta, self.res_row = dev[1], dev[2]
+        self.units, self.items = dev[3], dev[4]
+
+    def fits(self, sequences: int, units: int, items: int, part_rows: int) -> bool:
+        """Whether a plan of these sizes fits the buffers."""
+        return (sequences <= self.max_sequences and units <= self.max_units and items <= self.max_items
+                and part_rows <= self.part_rows)
+
+    def write(self, page_row: np.ndarray, seq_meta: np.ndarray, res_row: np.ndarray, units: np.ndarray,
+              items: np.ndarray, stream) -> None:
+        """Stage a plan's metadata and queue its one host-to-device copy on ``stream`` (ordered after the launches
+        queued there before it). Items past the plan's are padding (-1): a captured launch's larger grid returns
+        at once there."""
+        page, meta, ring, unit_part, item_part = self._host_parts
+        page.view(np.int64)[: page_row.shape[0]] = page_row
+        meta[: seq_meta.size] = seq_meta.reshape(-1)
+        ring[: res_row.shape[0]] = res_row
+        unit_part[: units.size] = units.reshape(-1)
+        item_part[: items.size] = items.reshape(-1)
+        item_part[items.size :] = -1
+        # Pageable memory: the driver stages it before returning, so the next plan may rewrite it.
+        cupy().cuda.runtime.memcpyAsync(self.device.data.ptr, self.host.ctypes.data, self.host.nbytes, 1, stream.ptr)
+
+
 class TensorCorePlan:
     """The tensor-core paths' metadata for one batch of new tokens over a GPU cache, and their launches: the
     on-chip kernels (verify_attention, prefill_attention) or the dense regime (dequantize_history into a
-    workspace, then dense_prefill_attention)."""
+    workspace, then dense_prefill_attention).
+
+    A verify_attention launch can be captured in a CUDA graph: captured, it runs on a fixed grid of one wave more
+    than its units need (:meth:`graph_grid`; padding items return at once), and later plans schedule at most that
+    many items into the same buffers, so the graph reads each of them. The caller keeps the captured plan's
+    new-token counts (so its kernel and buffer sizes), and calls :meth:`drop_capture` before a plan of others."""
 
     def __init__(self, cache, num_heads: int, scale: float) -> None:
         self.cache = cache
@@ -336,15 +430,19 @@ class TensorCorePlan:
         self.group = num_heads // cache.num_kv_heads
         self._scale_log2 = np.float32(scale * math.log2(math.e))
         self._storage: dict[int, PagedLayerStorage] = {}
-        self._meta = None
-        self._part_o = self._part_lse = None
-        self._unit_counter = None  # verify_attention's splits finished per unit (its last split merges; reset by it)
+        self._buffers: WorkListBuffers | None = None
+        self._captured_grid: int | None = None  # the grid of the launch a CUDA graph captured
+        self._stale: list[WorkListBuffers] = []  # buffers a stale graph may still read
+        self._leave_buffers = False  # drop_capture: the next plan leaves the buffers to the captured launch
+        self._launches: dict[tuple, kernels.BoundLaunch] = {}  # (layer, dtype, row tiles): bound to the buffers
+        self._dense_meta = None  # the dense regime's spans and history rows
         self._ws_k = self._ws_v = None  # the dense regime's workspace, grown as plans need
         self.work_items = self.units = self.spans = 0
         self.ws_rows = 0
         self.row_tiles = TC_ROW_TILES[-1]
         self.splits = False
         self.dense = False
+        self._sm = 1  # CTA slots the plan was scheduled for
 
     @property
     def workspace_bytes(self) -> int:
@@ -354,54 +452,69 @@ class TensorCorePlan:
     def plan(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream, *, dense: bool = False) -> None:
         """Schedule sequences ``seq`` (slots) with the CSR query offsets ``ind``, holding ``n`` tokens each after the
         append; one upload of the metadata on ``stream``. ``dense``: the dense regime (its workspace holds
-        ``2 x num_kv_heads x sum(n) x head_dim`` values of the cache dtype, tokens padded to whole tiles)."""
+        ``2 x num_kv_heads x sum(n) x head_dim`` values of the cache dtype, tokens padded to whole tiles).
+        After a launch was captured in a CUDA graph (and until :meth:`drop_capture`), the schedule fits that
+        launch's grid; the caller keeps the captured batch and new-token counts, so the kernel and buffers fit."""
         cp = cupy()
         cache = self.cache
         counts = np.diff(ind)
         main = full_pages(n, cache.page_size, cache.residual) * cache.page_size
         row_tiles = TC_ROW_TILES[-1] if dense else tensor_core_row_tiles(int(counts.max()) * self.group)
         rows = 16 * row_tiles
-        per_sm = DENSE_CTAS_PER_SM if dense else 1
-        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, per_sm * device_sm_count(),
-                                            rows)
-        B, U, W = seq.shape[0], units.shape[0], items.shape[0]
-        parts = [(seq * cache.max_blocks_per_seq).astype(np.int64).view(np.int32),
-                 np.stack([ind[:-1], counts, n, main], axis=1).astype(np.int32).reshape(-1),
-                 seq.astype(np.int32), units.reshape(-1), items.reshape(-1)]
+        sm = (DENSE_CTAS_PER_SM if dense else 1) * device_sm_count()
+        B = seq.shape[0]
+        U = cache.num_kv_heads * int((-(-counts * self.group // rows)).sum())
+        verify = not dense and gathers_fragments(cache.head_dim, cache.M, row_tiles)
+        buffers = self._buffers
+        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, sm, rows, self._captured_grid)
+        W = items.shape[0]
+        splits = bool((items[:, 3] > 1).any())
+        # verify_attention's plans always hold split states (16 x VERIFY_ROW_TILES[-1] rows): a captured launch
+        # may split where the eager one did not.
+        part_rows = 16 * VERIFY_ROW_TILES[-1] if verify else (rows if splits else 0)
         if dense:
             spans, hist_row, ws_rows = history_spans(n, cache.num_kv_heads)
-            parts += [spans.reshape(-1), hist_row]
             # May raise (no room on the device) before any of this plan's state is written: the last plan stays.
             self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)
-            self.spans, self.ws_rows = spans.shape[0], ws_rows
-        # One upload; every part starts 16-byte aligned (the kernel reads int4 records).
-        sizes = [-(-p.shape[0] // 4) * 4 for p in parts]
-        words = np.zeros(sum(sizes), dtype=np.int32)
-        starts = np.cumsum([0] + sizes[:-1])
-        for p, at in zip(parts, starts):
-            words[at : at + p.shape[0]] = p
-        with stream:
-            meta = cp.asarray(words)
-        views = [meta[at : at + p.shape[0]] for p, at in zip(parts, starts)]
-        self._page_row = views[0].view(np.int64)
-        self._seq_meta, self._res_row, self._units, self._items = views[1:5]
+        if self._leave_buffers:  # to a captured launch (drop_capture); past the last point where plan may raise
+            self._stale.append(buffers)
+            buffers = self._buffers = None
+            self._leave_buffers = False
+        if buffers is None or not buffers.fits(B, U, W, part_rows):
+            old = (0, 0, 0, 0) if buffers is None else (buffers.max_sequences, buffers.max_units, buffers.max_items,
+                                                        buffers.part_rows)
+            units_cap = max(capacity_for(U), old[1])
+            items_cap = max(W, self.graph_grid(units_cap, sm), old[2])
+            buffers = self._buffers = WorkListBuffers(max(capacity_for(B), old[0]), units_cap, items_cap,
+                                                      max(part_rows, old[3]), cache.head_dim, stream)
+            self._launches = {}
+        buffers.write((seq * cache.max_blocks_per_seq).astype(np.int64),
+                      np.stack([ind[:-1], counts, n, main], axis=1).astype(np.int32), seq.astype(np.int32),
+                      units, items, stream)
         if dense:
-            self._spans, self._hist_row = views[5:]
-        self._meta = meta
-        self.units, self.work_items, self.dense, self.row_tiles = U, W, dense, row_tiles
-        self.splits = bool((items[:, 3] > 1).any())
-        if self.splits and (self._part_o is None or self._part_lse.size < W * rows):
-            with stream:  # (W, rows, head_dim) and (W, rows) as the kernels index them
-                self._part_o = cp.empty(W * rows * cache.head_dim, dtype=cp.float32)
-                self._part_lse = cp.empty(W * rows, dtype=cp.float32)
-        if self.splits and self.merges_in_kernel and (self._unit_counter is None or self._unit_counter.size < U):
-            with stream:  # zeros; each launch leaves them zero again
-                self._unit_counter = cp.zeros(U, dtype=cp.int32)
+            with stream:
+                self._dense_meta = cp.asarray(np.concatenate([spans.reshape(-1), hist_row]).astype(np.int32))
+            self.spans, self.ws_rows = spans.shape[0], ws_rows
+        self.units, self.work_items, self.dense, self.row_tiles, self.splits = U, W, dense, row_tiles, splits
+        self._sm = sm
+
+    @staticmethod
+    def graph_grid(units: int, sm: int) -> int:
+        """The grid of a launch captured in a CUDA graph for ``units`` units on ``sm`` CTA slots: a wave more than
+        the units need, room for splits as the histories grow (later plans schedule at most that many items)."""
+        return sm * (-(-units // sm) + 1)
+
+    def drop_capture(self) -> None:
+        """Leave the buffers a captured launch reads to it, unchanged and alive for as long as this object: the
+        next plan, which it cannot replay, takes new buffers."""
+        if self._captured_grid is not None:
+            self._captured_grid = None
+            self._leave_buffers = True
 
     @property
     def merges_in_kernel(self) -> bool:
         """Whether the planned kernel merges a unit's splits itself (verify_attention) rather than through a
-        ``prefill_merge`` launch."""
+        ``prefill_merge`` launch; such plans can be captured in a CUDA graph."""
         return not self.dense and gathers_fragments(self.cache.head_dim, self.cache.M, self.row_tiles)
 
     def _reserve_workspace(self, size: int, stream) -> None:
@@ -420,57 +533,97 @@ class TensorCorePlan:
                 f"sequences, or use BatchPrefillWrapper(..., backend='tensor_cores'), which needs none") from exc
         self._ws_k, self._ws_v = ws_k, ws_v
 
-    def attend(self, layer: int, q, out, lse, stream) -> None:
-        """Launch the attention of ``q`` over ``layer`` into ``out`` (and ``lse`` or None) on ``stream``."""
-        cache = self.cache
-        d, t = cache.head_dim, _TC_TYPES[dtype_name(q.dtype)]
+    def attend(self, layer: int, q, out, lse, stream, capturing: bool) -> None:
+        """Launch the attention of ``q`` over ``layer`` into ``out`` (and ``lse`` or None) on ``stream``, which is
+        being captured in a CUDA graph when ``capturing``."""
+        if capturing and not self.merges_in_kernel:
+            raise MillionError("run: this plan's tensor-core path (a chunk of more than 32 query rows per kv head: "
+                               "prefill_attention or the dense regime) cannot be captured in a CUDA graph, only "
+                               "verify_attention's few drafts can; plan with BatchPrefillWrapper(..., backend='lut') "
+                               "to capture it")
+        if self.dense:
+            self._attend_dense(layer, q, out, lse, stream)
+        else:
+            launch = self._launches.get((layer, q.dtype, self.row_tiles)) or self._bind_on_chip(layer, q.dtype)
+            launch.set_arg(0, q.data.ptr)
+            launch.set_arg(1, out.data.ptr)
+            launch.set_arg(2, 0 if lse is None else lse.data.ptr)
+            if capturing:  # the buffers' items past this plan's are padding, which returns at once
+                grid = min(self._buffers.max_items, max(self.work_items, self.graph_grid(self.units, self._sm)))
+                self._captured_grid = grid
+            else:
+                grid = self.work_items
+            launch.set_grid(grid)
+            launch.launch(stream.ptr)
+        if self.splits and not self.merges_in_kernel:  # prefill_attention's and the dense regime's splits
+            cache, buffers = self.cache, self._buffers
+            merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{cache.head_dim}, "
+                                                  f"{_TC_TYPES[dtype_name(q.dtype)]}, {self.row_tiles}>")
+            with stream:
+                merge((self.units,), (TC_THREADS,),
+                      (buffers.units, buffers.items, buffers.seq_meta, buffers.part_o, buffers.part_lse, out,
+                       np.uint64(0) if lse is None else lse, np.int32(self.num_heads), np.int32(cache.num_kv_heads)))
+
+    def _layer_storage(self, layer: int) -> PagedLayerStorage:
+        """What the kernels read of ``layer`` (its codebooks converted once)."""
         storage = self._storage.get(layer)
         if storage is None:
-            storage = self._storage[layer] = paged_layer_storage(cache, layer)
-        kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = storage
-        if stream.is_capturing():
-            raise MillionError("run: the tensor-core path cannot be captured in a CUDA graph (its grid and work list "
-                               "change with every plan); plan with BatchPrefillWrapper(..., backend='lut') to capture "
-                               "verification steps")
-        rt = self.row_tiles
+            storage = self._storage[layer] = paged_layer_storage(self.cache, layer)
+        return storage
+
+    def _bind_on_chip(self, layer: int, dtype) -> kernels.BoundLaunch:
+        """The on-chip kernel's launch over ``layer`` for the current buffers (q, out and lse set per call:
+        arguments 0 to 2), bound once: CuPy's generic launch converts its 27 arguments on every call."""
+        cache, buffers, rt = self.cache, self._buffers, self.row_tiles
+        d = cache.head_dim
+        kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = \
+            self._layer_storage(layer)
         null = np.uint64(0)
-        part_o = self._part_o if self.splits else null
-        part_lse = self._part_lse if self.splits else null
-        lse_arg = null if lse is None else lse
+        name = "verify_attention" if self.merges_in_kernel else "prefill_attention"
+        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {_TC_TYPES[dtype_name(dtype)]}, "
+                                               f"{rt}>")
+        # Split states where the buffers hold them (verify_attention's always: a captured launch may split); a
+        # unit of one split writes its rows directly, so they are unused there. verify_attention's last split of
+        # a unit merges the unit (its counters): one launch per layer.
+        part_o = null if buffers.part_o is None else buffers.part_o
+        part_lse = null if buffers.part_lse is None else buffers.part_lse
+        counters = (buffers.unit_counter,) if self.merges_in_kernel else ()
+        args = (null, null, null, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.residual),
+                page_stride, head_stride, table, shift, buffers.seq_meta, buffers.page_row, buffers.res_row,
+                buffers.units, buffers.items, part_o, part_lse, *counters, np.int32(self.num_heads),
+                np.int32(cache.num_kv_heads), self._scale_log2)
+        launch = self._launches[(layer, dtype, rt)] = kernels.BoundLaunch(kernel, 1, TC_THREADS,
+                                                                          tensor_core_smem(d, cache.M, rt), args)
+        return launch
+
+    def _attend_dense(self, layer: int, q, out, lse, stream) -> None:
+        """The dense regime's launches: dequantize_history into the workspace, dense_prefill_attention (its splits
+        are merged by the caller)."""
+        cache, buffers = self.cache, self._buffers
+        d, t = cache.head_dim, _TC_TYPES[dtype_name(q.dtype)]
+        kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = \
+            self._layer_storage(layer)
+        null = np.uint64(0)
+        part_o = buffers.part_o if self.splits else null
+        part_lse = buffers.part_lse if self.splits else null
         nh, nh_k = np.int32(self.num_heads), np.int32(cache.num_kv_heads)
-        ring_cap = np.int32(cache.residual)
+        seq_meta = buffers.seq_meta
+        spans, hist_row = self._dense_meta[: 4 * self.spans], self._dense_meta[4 * self.spans :]
+        ws_rows = np.int32(self.ws_rows)
         with stream:
-            if self.dense:
-                dequantize = kernels.get_kernel(TC_SOURCE, f"mc::prefill::dequantize_history<{d}, {cache.M}, {t}>")
-                smem = dequantize_smem(d)
-                kernels.opt_in_shared_memory(dequantize, smem)
-                ws_rows = np.int32(self.ws_rows)
-                dequantize((self.spans,), (TC_THREADS,),
-                           (kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, ring_cap, page_stride, head_stride,
-                            table, shift, self._seq_meta, self._page_row, self._res_row, self._spans,
-                            self._hist_row, self._ws_k, self._ws_v, ws_rows, nh_k), shared_mem=smem)
-                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::dense_prefill_attention<{d}, {t}>")
-                smem = dense_smem(d)
-                kernels.opt_in_shared_memory(kernel, smem)
-                kernel((self.work_items,), (DENSE_THREADS,),
-                       (q, out, lse_arg, self._ws_k, self._ws_v, ws_rows, self._hist_row, self._seq_meta,
-                        self._units, self._items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
-            else:
-                name = "verify_attention" if self.merges_in_kernel else "prefill_attention"
-                kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {t}, {rt}>")
-                smem = tensor_core_smem(d, cache.M, rt)
-                kernels.opt_in_shared_memory(kernel, smem)
-                # verify_attention's last split of a unit merges the unit (its counters): one launch per layer
-                counters = (self._unit_counter if self.splits else null,) if self.merges_in_kernel else ()
-                kernel((self.work_items,), (TC_THREADS,),
-                       (q, out, lse_arg, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, ring_cap,
-                        page_stride, head_stride, table, shift, self._seq_meta, self._page_row, self._res_row,
-                        self._units, self._items, part_o, part_lse, *counters, nh, nh_k, self._scale_log2),
-                       shared_mem=smem)
-            if self.splits and not self.merges_in_kernel:
-                merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{d}, {t}, {rt}>")
-                merge((self.units,), (TC_THREADS,), (self._units, self._items, self._seq_meta, part_o, part_lse,
-                                                     out, lse_arg, nh, nh_k))
+            dequantize = kernels.get_kernel(TC_SOURCE, f"mc::prefill::dequantize_history<{d}, {cache.M}, {t}>")
+            smem = dequantize_smem(d)
+            kernels.opt_in_shared_memory(dequantize, smem)
+            dequantize((self.spans,), (TC_THREADS,),
+                       (kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.residual), page_stride,
+                        head_stride, table, shift, seq_meta, buffers.page_row, buffers.res_row, spans, hist_row,
+                        self._ws_k, self._ws_v, ws_rows, nh_k), shared_mem=smem)
+            kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::dense_prefill_attention<{d}, {t}>")
+            smem = dense_smem(d)
+            kernels.opt_in_shared_memory(kernel, smem)
+            kernel((self.work_items,), (DENSE_THREADS,),
+                   (q, out, null if lse is None else lse, self._ws_k, self._ws_v, ws_rows, hist_row, seq_meta,
+                    buffers.units, buffers.items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
 
 
 def _indptr(qo_indptr: Any, B: int) -> np.ndarray:
@@ -549,11 +702,15 @@ class BatchPrefillWrapper:
         self._dense = False
         self._seq: np.ndarray | None = None
         self._n: np.ndarray | None = None  # each sequence's length when run() is called
+        self._counts: np.ndarray | None = None  # each sequence's new tokens
+        self._graph_counts: np.ndarray | None = None  # the new tokens of the plan a captured run() launched
+        self._graph_plans: list[AttentionPlan] = []  # LUT plans left to captured runs (their buffers stay alive)
         self._layers: set[int] = set()
         self._q_shape = (0, num_heads, cache.head_dim)
         self._warned: set[str] = set()  # the slow paths warned about (_warn_once)
         self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "dense_plans": 0,
-                       "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0, "shared_memory_fallbacks": 0}
+                       "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0, "shared_memory_fallbacks": 0,
+                       "stale_graph_plans": 0}
 
     @property
     def scale(self) -> float:
@@ -612,9 +769,11 @@ class BatchPrefillWrapper:
                              f"than max_seq_len = {cache.max_seq_len}")
         N = int(ind[-1])
         group = self.num_heads // cache.num_kv_heads
+        if self._graph_counts is not None and not np.array_equal(counts, self._graph_counts):
+            self._leave_to_graph()
         if self.backend == "auto":
             long = int(counts[counts > LUT_QUERIES_MAX].sum())
-            on_tensor_cores = takes_tensor_cores(counts, group, cache.head_dim, cache.M, cache.dtype)
+            on_tensor_cores = takes_tensor_cores(counts, group, cache.head_dim, cache.M, cache.dtype, n)
             dense = on_tensor_cores and takes_dense(counts, group)
         else:  # a chosen regime: neither counted nor warned about
             long = 0
@@ -652,11 +811,25 @@ class BatchPrefillWrapper:
             self._warn_once("long", f"{long} query tokens belong to chunks longer than {LUT_QUERIES_MAX} per sequence; "
                             f"{why_lut}, so they run the per-token LUT path, whose cost grows with the query count")
         self._on_tensor_cores, self._dense = on_tensor_cores, dense
-        self._seq, self._n, self._layers = seq, n, set(planned)
+        self._seq, self._n, self._counts, self._layers = seq, n, counts, set(planned)
         self._q_shape = (N, self.num_heads, cache.head_dim)
         self._stats["plans"] += 1
         self._stats["query_tokens"] += N
         self._stats["long_chunk_queries"] += long
+
+    def _leave_to_graph(self) -> None:
+        """A plan of other new-token counts than a run captured in a CUDA graph: the graph could not replay it,
+        so it keeps its buffers, unchanged and alive, and the plan takes new ones (counted, warned once)."""
+        self._graph_counts = None
+        self._stats["stale_graph_plans"] += 1
+        if self._tc is not None:
+            self._tc.drop_capture()
+        if self._attn is not None:
+            self._graph_plans.append(self._attn)
+            self._attn = None
+        self._warn_once("graph", "a run of this wrapper was captured in a CUDA graph for other new-token counts "
+                        "per sequence (qo_indptr); that graph keeps replaying its own plan, not this one: capture "
+                        "again for these counts (or keep one wrapper per captured shape)", stacklevel=4)
 
     def _fit_shared_memory(self, dense: bool, rows: int) -> tuple[bool, bool]:
         """``(on_tensor_cores, dense)`` for a tensor-core plan of ``rows`` query rows per kv head on this device:
@@ -708,10 +881,13 @@ class BatchPrefillWrapper:
                                f"layer before run, or plan again)")
         q, out, lse = attention_arrays(q, out, lse, return_lse, self._q_shape, cache.array_dtype)
         stream = as_stream(self._stream)
+        capturing = stream.is_capturing()
         if self._on_tensor_cores:
-            self._tc.attend(layer, q, out, lse, stream)
+            self._tc.attend(layer, q, out, lse, stream, capturing)
         else:
             self._attn.attend(layer, q, out, lse, stream.ptr)
+        if capturing:  # the graph replays later plans of these counts (plan)
+            self._graph_counts = self._counts
         self._stats["runs"] += 1
         return (out, lse) if (return_lse or lse is not None) else out
 
@@ -723,7 +899,9 @@ class BatchPrefillWrapper:
         ``long_chunk_queries`` (query tokens of chunks longer than LUT_QUERIES_MAX that ran the
         per-token LUT path because the configuration has no tensor-core path, or none fits the device; warned
         once), ``shared_memory_fallbacks`` (plans whose tensor-core regime did not fit the device's shared memory
-        and took the dense regime or the LUT path instead, :func:`fitting_regime`; warned once)."""
+        and took the dense regime or the LUT path instead, :func:`fitting_regime`; warned once),
+        ``stale_graph_plans`` (plans of other new-token counts than a run captured in a CUDA graph, which keeps
+        replaying its own plan; warned once)."""
         return dict(self._stats)
 
 

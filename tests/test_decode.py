@@ -267,12 +267,15 @@ def test_run_replays_in_a_cuda_graph(rng):
     seqs = [cache.add_sequence() for _ in range(2)]
     for layer in range(2):
         _fill(rng, cache, seqs, [300, 2000], layer)
-    wrapper = BatchDecodeWrapper(cache, num_heads=8)
+    # The wrapper's stream is not the cache's (the legacy default): the plan's first copy waits for the zero fills
+    # of its buffers, made on the cache's stream.
+    stream = cp.cuda.Stream(non_blocking=True)
+    wrapper = BatchDecodeWrapper(cache, num_heads=8, stream=stream)
     wrapper.plan(seqs, new_tokens=0)
     q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
     out = cp.empty_like(q)
+    cp.cuda.Device().synchronize()
     wrapper.run(0, q, out=out)  # first call compiles and configures the kernel outside the capture
-    stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
         wrapper.run(0, q, out=out, check=False)
@@ -280,6 +283,7 @@ def test_run_replays_in_a_cuda_graph(rng):
     out.fill(cp.nan)
     q2 = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
     q[...] = q2
+    cp.cuda.Device().synchronize()  # the fills ran on the legacy default stream
     graph.launch(stream)
     stream.synchronize()
     ref = _reference(cache, 0, seqs, q2)

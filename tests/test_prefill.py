@@ -9,8 +9,8 @@ import million_cupy as mc
 from million_cupy import Codebook, ModelCodebooks, PagedPQCache, reference
 from million_cupy.errors import UnsupportedConfiguration
 from million_cupy.layout import full_pages
-from million_cupy.prefill import (DENSE_ROWS_MIN, DEQUANTIZE_SPAN, FRAGMENT_QUERIES_MIN, FRAGMENT_QUERIES_MIN_TWO_TILES,
-                                  LUT_QUERIES_MAX, TC_MIN_CHUNK, TC_ROWS, TC_TILE, causal_lengths, gathers_fragments,
+from million_cupy.prefill import (DENSE_ROWS_MIN, DEQUANTIZE_SPAN, FRAGMENT_PAIR_TOKENS_MIN, FRAGMENT_QUERIES_MIN,
+                                  FRAGMENT_QUERIES_MIN_TWO_TILES, LUT_QUERIES_MAX, TC_MIN_CHUNK, TC_ROWS, TC_TILE, causal_lengths, gathers_fragments,
                                   history_spans, split_length, takes_dense, takes_tensor_cores, tensor_core_row_tiles,
                                   tensor_core_schedule, tensor_core_supported)
 
@@ -73,9 +73,15 @@ def test_split_length_is_the_modelled_optimum(rng):
         def cost(length):
             return max(-(-int((-(-tiles // length)).sum()) // sm), 1) * (length + 2)
 
-        best = min(cost(n) for n in range(min(top, TC_MIN_CHUNK // TC_TILE), top + 1)
-                   if cost(n) // (n + 2) <= fewest + SPLIT_WAVES)
-        assert cost(split_length(tokens, sm) // TC_TILE) == best
+        def best(most_waves):
+            return min(cost(n) for n in range(min(top, TC_MIN_CHUNK // TC_TILE), top + 1)
+                       if cost(n) // (n + 2) <= most_waves)
+
+        assert cost(split_length(tokens, sm) // TC_TILE) == best(fewest + SPLIT_WAVES)
+        # A captured launch's grid of max_items (TensorCorePlan.graph_grid: a wave more than the units need)
+        max_items = sm * (fewest + int(rng.integers(0, 3)))
+        capped = split_length(tokens, sm, max_items) // TC_TILE
+        assert int((-(-tiles // capped)).sum()) <= max_items and cost(capped) == best(max_items // sm)
 
 
 def test_row_tiles_hold_the_longest_sequence_rows():
@@ -106,6 +112,13 @@ def test_the_auto_rule():
     assert not auto([two, two - 1], group=8) and not auto([5, 1, 1])          # two row tiles, below the average
     assert not auto([5, 5], group=8) and not auto([5, 5], M=16)               # 40 rows; no verify_attention
     assert auto([5, 4], group=1) and not auto([few, few], M=16)   # GQA 1; 8 dims per subspace: no verify_attention
+    # A pair of drafts: verify_attention over long histories only (on average), in one row tile only
+    pair = np.full(2, FRAGMENT_PAIR_TOKENS_MIN)
+    assert takes_tensor_cores(np.array([2, 2]), 4, 128, 64, "float16", pair)
+    assert takes_tensor_cores(np.array([3, 1]), 4, 128, 64, "float16", pair + [100, -100])
+    assert not takes_tensor_cores(np.array([2, 2]), 4, 128, 64, "float16", pair - [0, 1])
+    assert not takes_tensor_cores(np.array([2, 1]), 4, 128, 64, "float16", pair)
+    assert not takes_tensor_cores(np.array([2, 2]), 16, 128, 64, "float16", pair)  # 32 rows: two row tiles
     assert gathers_fragments(128, 32, 2) and not gathers_fragments(128, 64, 4) and not gathers_fragments(128, 16, 1)
 
 

@@ -4,7 +4,7 @@ Every regime: the LUT path (few new tokens per sequence), verify_attention (a fe
 prefill_attention (a longer chunk in the batch), with ragged query counts, chunks that cross a flush boundary in
 the same call, a first prompt (no history), split long histories, GQA 1 / 4 / 8, M 16 / 32 / 64, pages of 16 / 32
 / 64, float16 and bfloat16, outputs poisoned before the kernels run; a configuration without the tensor-core path
-is counted and warned; the tensor-core path refuses a capturing stream.
+is counted and warned; a verification loop replays one captured run, and chunks refuse a capturing stream.
 """
 
 from __future__ import annotations
@@ -272,10 +272,7 @@ def test_the_auto_rule_takes_tensor_cores_above_lut_queries_max(rng):
 
 def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(rng):
     """FRAGMENT_QUERIES_MIN or more new tokens whose rows fit one row tile take verify_attention; fewer, or more
-    rows than two row tiles hold, stay on the LUT path. The tensor-core path refuses a capturing stream with a
-    clear error."""
-    import cupy as cp
-
+    rows than two row tiles hold, stay on the LUT path."""
     from million_cupy.prefill import FRAGMENT_QUERIES_MIN, LUT_QUERIES_MAX
 
     (cache,) = _caches(rng, devices=("cuda",), dtype="float16")  # 2 kv heads
@@ -292,18 +289,69 @@ def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(r
     gqa8.plan(seqs, [0, LUT_QUERIES_MAX, 2 * LUT_QUERIES_MAX], appended=True)  # 8 x 5 = 40 rows: three row tiles
     assert not gqa8.on_tensor_cores
 
-    q = cp.zeros((drafts[-1], 8, 128), dtype=cp.float16)
-    out = cp.empty_like(q)
+
+@pytest.mark.parametrize("gqa, drafts, backend", [(4, 4, "auto"), (8, 4, "auto"), (4, 2, "lut")])
+def test_a_verification_loop_replays_one_captured_run_as_the_sequences_grow(rng, gqa, drafts, backend):
+    """Plan, append, replay: a run captured once (verify_attention with one and two row tiles, or the LUT path)
+    replays every later plan of the same new-token counts. Between steps the sequences grow past TC_MIN_CHUNK, so
+    plans captured without splits later split (the captured grid holds them) and the LUT path re-schedules; each
+    replay matches the float64 reference (outputs poisoned). A plan of other counts leaves the graph its buffers
+    (counted, warned once) and runs right; a chunk refuses a capturing stream."""
+    import cupy as cp
+
     stream = cp.cuda.Stream(non_blocking=True)
+    (cache,) = _caches(rng, devices=("cuda",), max_pages=2048, stream=stream)  # 2 kv heads, pages of 16, ring 32
+    seqs = [cache.add_sequence() for _ in range(3)]
+    _prefill(rng, (cache,), seqs, [700, 40, 300])  # no splits while every history is below TC_MIN_CHUNK
+    nh = gqa * cache.num_kv_heads
+    ind = np.arange(4) * drafts
+    N, d = int(ind[-1]), cache.head_dim
+    wrapper = BatchPrefillWrapper(cache, nh, backend=backend, stream=stream)
+    q = cp.empty((N, nh, d), dtype=cp.float16)
+    out = cp.empty_like(q)
+    graph = None
+    for step in range(4):
+        with stream:  # every copy and launch of the step on the cache's stream
+            if step == 2:  # accepted tokens and a long prompt: 2700 and 1300 tokens, split into several items
+                _prefill(rng, (cache,), seqs, [2000, 1200, 16])
+            wrapper.plan(seqs, ind, layers=[0])
+            assert wrapper.regime == ("tensor_cores" if backend == "auto" else "lut")
+            k, v = _tokens(rng, N, cache), _tokens(rng, N, cache)
+            cache.append(0, seqs, _device_array(k), _device_array(v), lengths=[drafts] * 3)
+            q[...] = cp.asarray(rng.standard_normal((N, nh, d)).astype(np.float16))
+            out.fill(cp.nan)
+            if graph is None:
+                wrapper.run(0, q, out=out)  # compiles outside the capture; out is poisoned again below
+                out.fill(cp.nan)
+                stream.begin_capture()
+                wrapper.run(0, q, out=out)
+                graph = stream.end_capture()
+            graph.launch(stream)  # step 0 too: capture does not run the kernels
+        stream.synchronize()
+        ks, vs = zip(*(cache.dequantize(0, s) for s in seqs))
+        ref_o, _ = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind)
+        assert reference.relative_error(to_numpy(out).astype(np.float64), ref_o) <= TOL["float16"], step
+    assert wrapper.stats()["stale_graph_plans"] == 0
+
+    other = np.array([0, drafts, 2 * drafts - 1, 3 * drafts - 1])
     with stream:
+        with pytest.warns(RuntimeWarning, match="captured in a CUDA graph for other new-token counts"):
+            wrapper.plan(seqs, other, layers=[0])
+        assert wrapper.stats()["stale_graph_plans"] == 1
+        graph.launch(stream)  # replays its own plan on its own buffers
+        _check_layer(rng, cache, wrapper, 0, seqs, other, nh, "float16")  # the new plan, on new buffers
+
+        chunk = BatchPrefillWrapper(cache, nh, stream=stream)
+        chunk.plan(seqs, [0, 16, 17, 18], appended=True, layers=[0])  # 16 new tokens: more than 32 rows
+        q16 = cp.zeros((18, nh, d), dtype=cp.float16)
+        out16 = cp.empty_like(q16)
         stream.begin_capture()
         try:
             with pytest.raises(MillionError, match="cannot be captured in a CUDA graph.*backend='lut'"):
-                gqa4.run(0, q, out=out)
+                chunk.run(0, q16, out=out16)
         finally:
             stream.end_capture()
-    gqa4.run(0, q, out=out)  # outside a capture it runs
-    cp.cuda.Device().synchronize()
+    stream.synchronize()
 
 
 @pytest.mark.parametrize("gqa, counts", [(4, [5, 4, 5]), (8, [3, 4, 3])])
