@@ -87,11 +87,16 @@ def _decode_graph_us(cp, cache, seqs, batch) -> float:
     q, o = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
     with stream:
         decode.plan(seqs, new_tokens=0)
-        decode.run(0, q, out=o, check=False)  # compiles outside the capture
-        stream.begin_capture()
-        decode.run(0, q, out=o, check=False)
-        graph = stream.end_capture()
+        graph = _captured(stream, lambda: decode.run(0, q, out=o, check=False))
         return harness.time_gpu(lambda: graph.launch(stream), **TIMING)["median_us"]
+
+
+def _captured(stream, run):
+    """``run()`` once eagerly (it compiles outside the capture), then captured on ``stream``: the CUDA graph."""
+    run()
+    stream.begin_capture()
+    run()
+    return stream.end_capture()
 
 
 def _verify_graph(cp, cache, seqs, ind, q, o, base, base_graph) -> dict:
@@ -103,10 +108,7 @@ def _verify_graph(cp, cache, seqs, ind, q, o, base, base_graph) -> dict:
     prefill = BatchPrefillWrapper(cache, NH, stream=stream)
     with stream:
         prefill.plan(seqs, ind, appended=True)
-        prefill.run(0, q, out=o)  # compiles outside the capture
-        stream.begin_capture()
-        prefill.run(0, q, out=o)
-        graph = stream.end_capture()
+        graph = _captured(stream, lambda: prefill.run(0, q, out=o))
         t = harness.time_gpu(lambda: graph.launch(stream), **TIMING)["median_us"]
         host = harness.time_host(lambda: graph.launch(stream), calls=100, repeats=3)
         plan = harness.time_host(lambda: prefill.plan(seqs, ind, appended=True), calls=20, repeats=3)

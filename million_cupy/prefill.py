@@ -462,12 +462,10 @@ class TensorCorePlan:
         row_tiles = TC_ROW_TILES[-1] if dense else tensor_core_row_tiles(int(counts.max()) * self.group)
         rows = 16 * row_tiles
         sm = (DENSE_CTAS_PER_SM if dense else 1) * device_sm_count()
-        B = seq.shape[0]
-        U = cache.num_kv_heads * int((-(-counts * self.group // rows)).sum())
         verify = not dense and gathers_fragments(cache.head_dim, cache.M, row_tiles)
         buffers = self._buffers
         units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, sm, rows, self._captured_grid)
-        W = items.shape[0]
+        B, U, W = seq.shape[0], units.shape[0], items.shape[0]
         splits = bool((items[:, 3] > 1).any())
         # verify_attention's plans always hold split states (16 x VERIFY_ROW_TILES[-1] rows): a captured launch
         # may split where the eager one did not.
