@@ -65,7 +65,8 @@ query rows it makes per kv head (``c x`` GQA group):
 
 CUDA graphs. ``run`` on a capturing stream records its launch; the graph then replays every later plan with the
 same new-token counts per sequence (``qo_indptr``; the sequences may differ and their lengths grow), as in a
-speculative decoding loop: plan, append, replay. The LUT path launches on a fixed grid from device metadata.
+speculative decoding loop: plan, append, replay. Such plans keep the captured plan's regime (the rule's history
+threshold for a pair of drafts would otherwise switch a growing loop to another kernel). The LUT path launches on a fixed grid from device metadata.
 verify_attention (at most 32 query rows per kv head) launches, when captured, on a fixed grid of one wave more
 than its units need (padding items return at once), and later plans schedule their splits within it. Chunks
 (prefill_attention, the dense regime) cannot be captured: ``run`` raises MillionError on a capturing stream
@@ -93,8 +94,8 @@ from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_num
 from .layout import full_pages
 
 __all__ = ["BatchPrefillWrapper", "prefill_attention", "LUT_QUERIES_MAX", "FRAGMENT_QUERIES_MIN",
-           "FRAGMENT_QUERIES_MIN_TWO_TILES", "FRAGMENT_PAIR_TOKENS_MIN", "DENSE_ROWS_MIN", "BACKENDS", "tensor_core_supported",
-           "takes_tensor_cores", "takes_dense", "fitting_regime"]
+           "FRAGMENT_QUERIES_MIN_TWO_TILES", "FRAGMENT_PAIR_TOKENS_MIN", "DENSE_ROWS_MIN", "BACKENDS",
+           "tensor_core_supported", "takes_tensor_cores", "takes_dense", "fitting_regime"]
 
 #: New tokens per sequence up to which a batch may take the LUT path; a batch with a longer chunk runs on
 #: tensor cores. Measured at 8 x 32K on an H200 (bench/results/prefill_h200.json): the LUT path costs ~97 us
@@ -702,6 +703,7 @@ class BatchPrefillWrapper:
         self._n: np.ndarray | None = None  # each sequence's length when run() is called
         self._counts: np.ndarray | None = None  # each sequence's new tokens
         self._graph_counts: np.ndarray | None = None  # the new tokens of the plan a captured run() launched
+        self._graph_regime = (False, False)  # and its regime (on tensor cores, dense)
         self._graph_plans: list[AttentionPlan] = []  # LUT plans left to captured runs (their buffers stay alive)
         self._layers: set[int] = set()
         self._q_shape = (0, num_heads, cache.head_dim)
@@ -782,6 +784,10 @@ class BatchPrefillWrapper:
             on_tensor_cores, dense = self._fit_shared_memory(dense, int(counts.max(initial=0)) * group)
             if not on_tensor_cores:
                 why_lut = "no tensor-core kernel for them fits this device's shared memory"
+        if self._graph_counts is not None:
+            # A captured run replays plans of these counts: they keep its regime, which the rule may change as
+            # the histories grow (FRAGMENT_PAIR_TOKENS_MIN), so that the graph reads each of them.
+            on_tensor_cores, dense = self._graph_regime
         if on_tensor_cores:
             if self._tc is None:
                 self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
@@ -884,8 +890,8 @@ class BatchPrefillWrapper:
             self._tc.attend(layer, q, out, lse, stream, capturing)
         else:
             self._attn.attend(layer, q, out, lse, stream.ptr)
-        if capturing:  # the graph replays later plans of these counts (plan)
-            self._graph_counts = self._counts
+        if capturing:  # the graph replays later plans of these counts, in this regime (plan)
+            self._graph_counts, self._graph_regime = self._counts, (self._on_tensor_cores, self._dense)
         self._stats["runs"] += 1
         return (out, lse) if (return_lse or lse is not None) else out
 

@@ -290,14 +290,24 @@ def test_the_auto_rule_takes_verify_attention_for_a_few_drafts_in_one_row_tile(r
     assert not gqa8.on_tensor_cores
 
 
-@pytest.mark.parametrize("gqa, drafts, backend", [(4, 4, "auto"), (8, 4, "auto"), (4, 2, "lut")])
-def test_a_verification_loop_replays_one_captured_run_as_the_sequences_grow(rng, gqa, drafts, backend):
+@pytest.mark.parametrize("gqa, drafts, backend, pair_min, regime", [
+    (4, 4, "auto", None, "tensor_cores"), (8, 4, "auto", None, "tensor_cores"), (4, 2, "lut", None, "lut"),
+    (4, 2, "auto", 1000, "lut"),  # the pair rule would switch to tensor cores as the histories pass 1000 tokens
+])
+def test_a_verification_loop_replays_one_captured_run_as_the_sequences_grow(rng, monkeypatch, gqa, drafts, backend,
+                                                                           pair_min, regime):
     """Plan, append, replay: a run captured once (verify_attention with one and two row tiles, or the LUT path)
     replays every later plan of the same new-token counts. Between steps the sequences grow past TC_MIN_CHUNK, so
-    plans captured without splits later split (the captured grid holds them) and the LUT path re-schedules; each
-    replay matches the float64 reference (outputs poisoned). A plan of other counts leaves the graph its buffers
-    (counted, warned once) and runs right; a chunk refuses a capturing stream."""
+    plans captured without splits later split (the captured grid holds them) and the LUT path re-schedules; plans
+    keep the captured regime where the rule's history threshold would change it; each replay matches the float64
+    reference (outputs poisoned). A plan of other counts leaves the graph its buffers (counted, warned once) and
+    runs right; a chunk refuses a capturing stream."""
     import cupy as cp
+
+    from million_cupy import prefill
+
+    if pair_min is not None:
+        monkeypatch.setattr(prefill, "FRAGMENT_PAIR_TOKENS_MIN", pair_min)
 
     stream = cp.cuda.Stream(non_blocking=True)
     (cache,) = _caches(rng, devices=("cuda",), max_pages=2048, stream=stream)  # 2 kv heads, pages of 16, ring 32
@@ -315,7 +325,7 @@ def test_a_verification_loop_replays_one_captured_run_as_the_sequences_grow(rng,
             if step == 2:  # accepted tokens and a long prompt: 2700 and 1300 tokens, split into several items
                 _prefill(rng, (cache,), seqs, [2000, 1200, 16])
             wrapper.plan(seqs, ind, layers=[0])
-            assert wrapper.regime == ("tensor_cores" if backend == "auto" else "lut")
+            assert wrapper.regime == regime
             k, v = _tokens(rng, N, cache), _tokens(rng, N, cache)
             cache.append(0, seqs, _device_array(k), _device_array(v), lengths=[drafts] * 3)
             q[...] = cp.asarray(rng.standard_normal((N, nh, d)).astype(np.float16))
@@ -332,6 +342,10 @@ def test_a_verification_loop_replays_one_captured_run_as_the_sequences_grow(rng,
         ref_o, _ = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind)
         assert reference.relative_error(to_numpy(out).astype(np.float64), ref_o) <= TOL["float16"], step
     assert wrapper.stats()["stale_graph_plans"] == 0
+    if pair_min is not None:  # without a captured run, the rule takes tensor cores for these histories now
+        fresh = BatchPrefillWrapper(cache, nh, stream=stream)
+        fresh.plan(seqs, ind, appended=True, layers=[0])
+        assert fresh.regime == "tensor_cores"
 
     other = np.array([0, drafts, 2 * drafts - 1, 3 * drafts - 1])
     with stream:
