@@ -1,15 +1,16 @@
 """Decode over a PQ cache spread across several GPUs: one process per GPU, partial states merged over NCCL.
 
-    python examples/multi_gpu_decode.py --gpus 8 --mode sequence --tokens 10000000 --layers 32
-    python examples/multi_gpu_decode.py --gpus 2 --mode heads --batch 8 --tokens 1048576
-    python examples/multi_gpu_decode.py --gpus 2 --check          # small: the merged result vs float64
+    python examples/multi_gpu_decode.py --gpus 2 --check                      # small: merged result vs float64
+    python examples/multi_gpu_decode.py --gpus 2 --mode sequence --tokens 4194304 --layers 4
+    python examples/multi_gpu_decode.py --gpus 2 --mode heads --batch 8 --tokens 262144
 
-Each process owns GPU ``rank`` and one :class:`million_cupy.parallel.SequenceParallelCache` (a sequence's tokens
-in ``tokens / gpus``-token segments, one per GPU) or :class:`~million_cupy.parallel.HeadParallelCache` (each GPU
-its kv heads), fills it with random tokens (synthetic prefill: decode speed does not depend on the values) and
-times decode steps of every layer with CUDA events; rank 0 prints the step time and the exchange's share.
-``--check`` compares rank 0's merged output with the float64 reference over every rank's segments (gathered).
-NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``), as the lent machines require.
+:func:`million_cupy.parallel.launch` starts one process per GPU; each builds its part of a
+:class:`~million_cupy.parallel.SequenceParallelCache` (a sequence's tokens in ``tokens / gpus``-token segments,
+one per GPU) or :class:`~million_cupy.parallel.HeadParallelCache` (each GPU its kv heads), appends the same
+random tokens on every rank (SPMD: each keeps its part), and decodes one query per sequence in every layer;
+every rank gets the same merged output. ``--check`` compares it with the float64 reference over every rank's
+segments. Timing and weak scaling: ``bench/bench_parallel.py``. NVLink multicast stays off
+(``NCCL_NVLS_ENABLE=0``), as the lent machines require.
 
 Shape: Llama-3.1-8B attention (32 query heads, 8 kv heads, head_dim 128), M = 64, page 64, window 128, fp16.
 Needs CuPy with NCCL and ``--gpus`` GPUs; exits with status 2 and a message otherwise.
@@ -18,14 +19,13 @@ Needs CuPy with NCCL and ``--gpus`` GPUs; exits with status 2 and a message othe
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
 import sys
 import time
 
 import numpy as np
 
 NH, NH_K, D = 32, 8, 128
+CHUNK = 65536  # tokens per append call
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,96 +36,61 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--M", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--check", action="store_true", help="small run checked against the float64 reference")
     args = p.parse_args(argv)
     if args.check:
-        args.tokens, args.batch, args.layers, args.steps = 4096, 2, 1, 1
+        args.tokens, args.batch, args.layers = 4096, 2, 1
     return args
 
 
-def _books(cp, M, layers):
-    from million_cupy import Codebook, ModelCodebooks
-
-    rng = cp.random.default_rng(0)  # the same codebooks on every rank
-    cb = lambda: Codebook(rng.standard_normal((M, 256, D // M), dtype=cp.float32))  # noqa: E731
-    return ModelCodebooks([cb() for _ in range(layers)], [cb() for _ in range(layers)])
-
-
-def rank_main(rank: int, args: argparse.Namespace, unique_id, results) -> None:
+def rank_main(comm, args: argparse.Namespace) -> dict:
+    """One GPU's part (run by parallel.launch on device ``comm.rank``, inside its stream)."""
     import cupy as cp
 
-    cp.cuda.Device(rank).use()
-    from million_cupy.parallel import HeadParallelCache, NcclCommunicator, SequenceParallelCache
+    from million_cupy import Codebook, ModelCodebooks, reference
+    from million_cupy.parallel import HeadParallelCache, SequenceParallelCache
 
-    stream = cp.cuda.Stream(non_blocking=True)
-    comm = NcclCommunicator(rank, args.gpus, unique_id, stream=stream)
-    books = _books(cp, args.M, args.layers)
-    common = dict(page_size=64, residual=128, max_seqs=args.batch, device="cuda", stream=stream)
+    rng = cp.random.default_rng(0)  # the same codebooks and tokens on every rank
+    book = lambda: Codebook(rng.standard_normal((args.M, 256, D // args.M), dtype=cp.float32))  # noqa: E731
+    books = ModelCodebooks([book() for _ in range(args.layers)], [book() for _ in range(args.layers)])
+    common = dict(page_size=64, residual=128, max_seqs=args.batch, device="cuda")
     if args.mode == "sequence":
-        per = -(-args.tokens // args.gpus // 64) * 64
+        per = -(-args.tokens // comm.size // 64) * 64
         cache = SequenceParallelCache(comm, args.layers, NH_K, D, books, tokens_per_shard=per,
-                                      max_pages=args.batch * (per // 64 + 2), **common)
+                                      max_pages=args.batch * (per // 64 + 3), **common)
     else:
-        cache = HeadParallelCache(comm, args.layers, NH_K, D, books, max_seq_len=args.tokens + 64,
+        cache = HeadParallelCache(comm, args.layers, NH_K, D, books, max_seq_len=args.tokens,
                                   max_pages=args.batch * (args.tokens // 64 + 3), **common)
     seqs = [cache.add_sequence() for _ in range(args.batch)]
-    rng = cp.random.default_rng(1)  # the same tokens on every rank (SPMD)
-    chunk = 65536
-    with stream:
-        block = rng.standard_normal((min(chunk, args.tokens), NH_K, D), dtype=cp.float32).astype(cp.float16)
-        for layer in range(args.layers):
-            for s in seqs:
-                done = 0
-                while done < args.tokens:
-                    n = min(chunk, args.tokens - done)
-                    cache.append(layer, [s], block[:n], block[:n], lengths=[n])
-                    done += n
-        q = rng.standard_normal((args.batch, NH, D), dtype=cp.float32).astype(cp.float16)
-        for layer in range(args.layers):  # warm-up: kernels compile, NCCL connects
-            cache.decode(layer, seqs, q)
-        stream.synchronize()
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(args.steps):
-            start.record(stream)
-            for layer in range(args.layers):
-                out = cache.decode(layer, seqs, q)
-            stop.record(stream)
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop))
-        # The exchange alone: one all-gather of the step's partial states per layer.
-        part = cp.zeros((args.batch, NH * (D + 1)), dtype=cp.float32)
-        start.record(stream)
-        for _ in range(args.layers):
-            comm.allgather(part)
-        stop.record(stream)
-        stop.synchronize()
-        exchange_ms = cp.cuda.get_elapsed_time(start, stop)
-    record = {"rank": rank, "step_ms": float(np.median(times)), "exchange_ms": float(exchange_ms),
-              "stats": {k: v for k, v in cache.stats().items() if isinstance(v, (int, float))}}
-    if args.check and args.mode == "sequence":
-        from million_cupy import reference
-
-        layer = 0
-        got = cache.decode(layer, seqs, q)  # a collective: every rank calls it
-        ks = [cache.local.dequantize(layer, cache.local_id(s)) for s in seqs]
-        k_all = comm.allgather(cp.asarray(np.stack([k for k, _ in ks])))
-        v_all = comm.allgather(cp.asarray(np.stack([v for _, v in ks])))
-        if rank == 0:
-            kk = [np.concatenate(list(cp.asnumpy(k_all[:, b])), axis=0) for b in range(args.batch)]
-            vv = [np.concatenate(list(cp.asnumpy(v_all[:, b])), axis=0) for b in range(args.batch)]
-            want, _ = reference.decode_attention(cp.asnumpy(q).astype(np.float64), kk, vv)
-            record["check_rel_err"] = reference.relative_error(cp.asnumpy(got).astype(np.float64), want)
-    results.put(record)
+    k = rng.standard_normal((min(CHUNK, args.tokens), NH_K, D), dtype=cp.float32).astype(cp.float16)
+    v = rng.standard_normal(k.shape, dtype=cp.float32).astype(cp.float16)
+    for layer in range(args.layers):
+        for s in seqs:
+            for at in range(0, args.tokens, CHUNK):
+                n = min(CHUNK, args.tokens - at)
+                cache.append(layer, [s], k[:n], v[:n], lengths=[n])
+    q = rng.standard_normal((args.batch, NH, D), dtype=cp.float32).astype(cp.float16)
+    outs = [cache.decode(layer, seqs, q) for layer in range(args.layers)]  # a collective: every rank calls it
+    stats = cache.stats()
+    record = {"rank": comm.rank, "tokens_here": stats["tokens"], "gib_here": stats["used"] * stats["page_nbytes"] / 2**30}
+    if args.check:
+        # Every rank's dequantized part, gathered: the reference attends over all of it at once.
+        parts = [cache.local.dequantize(0, cache.local_id(s)) for s in seqs]
+        k_all = comm.allgather(cp.asarray(np.stack([pk for pk, _ in parts])))
+        v_all = comm.allgather(cp.asarray(np.stack([pv for _, pv in parts])))
+        axis = 0 if args.mode == "sequence" else 1  # segments end to end, or heads side by side
+        ks = [np.concatenate(list(cp.asnumpy(k_all[:, b])), axis=axis) for b in range(args.batch)]
+        vs = [np.concatenate(list(cp.asnumpy(v_all[:, b])), axis=axis) for b in range(args.batch)]
+        want, _ = reference.decode_attention(cp.asnumpy(q).astype(np.float64), ks, vs)
+        record["check_rel_err"] = reference.relative_error(cp.asnumpy(outs[0]).astype(np.float64), want)
+    return record
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
         import cupy as cp
-        from cupy.cuda import nccl
+        import cupy.cuda.nccl  # noqa: F401 - launch needs it: fail here with a message, not in the ranks
 
         available = cp.cuda.runtime.getDeviceCount()
     except Exception as exc:  # noqa: BLE001
@@ -135,26 +100,18 @@ def main(argv=None) -> int:
         print(f"multi_gpu_decode: --gpus {args.gpus} needs {args.gpus} GPUs, this machine has {available}",
               file=sys.stderr)
         return 2
-    unique_id = nccl.get_unique_id()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(r, args, unique_id, results)) for r in range(args.gpus)]
+    from million_cupy.parallel import launch
+
     t0 = time.perf_counter()
-    for p in procs:
-        p.start()
-    records = [results.get() for _ in procs]
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):
-        print("multi_gpu_decode: a rank failed", file=sys.stderr)
-        return 1
-    records.sort(key=lambda r: r["rank"])
-    step = max(r["step_ms"] for r in records)
+    records = launch(rank_main, args.gpus, args)
     print(f"{args.gpus} GPUs, {args.mode} parallel, batch {args.batch} x {args.tokens:,} tokens, {args.layers} "
-          f"layers, M = {args.M}: decode step {step:.3f} ms (slowest rank), exchange {records[0]['exchange_ms']:.3f} "
-          f"ms ({100 * records[0]['exchange_ms'] / step:.0f} %); {time.perf_counter() - t0:.0f} s in all")
+          f"layers, M = {args.M}: {time.perf_counter() - t0:.0f} s")
+    for r in records:
+        print(f"  rank {r['rank']}: {r['tokens_here']:,} tokens held, {r['gib_here']:.2f} GiB of pages")
     if args.check:
-        print(f"check: relative error vs float64 {records[0].get('check_rel_err')}")
+        err = records[0]["check_rel_err"]
+        print(f"check: relative error vs float64 {err:.2e} ({'ok' if err < 2e-3 else 'FAIL'})")
+        return 0 if err < 2e-3 else 1
     return 0
 
 

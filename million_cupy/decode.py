@@ -14,7 +14,7 @@ done by the last CTA of each (sequence, head group), so one layer is ONE kernel 
   and :func:`paged_exact_decode` — an fp16/bf16/fp32 paged decode over an unquantized cache. Each has a
   ``prepare_*`` form that validates and schedules once and returns a launch to replay. They exist so
   comparisons can be made inside the library and so other page managers can use the kernels.
-* :func:`merge_states` — combine partial (output, lse) states.
+* :func:`merge_states` / :func:`merge_state_stack` — combine partial (output, lse) states.
 
 Split heuristic (documented contract): every (sequence, head group) is one *unit*; the tokens of all
 units are cut into chunks of ``max(MIN_CHUNK, ceil(total_tokens / (num_SMs * WAVES)))`` tokens
@@ -1121,13 +1121,29 @@ def merge_states(v_a, s_a, v_b, s_b):
     a = as_array(v_a, "v_a")
     xp = cupy() if is_gpu_array(a) else np
     b = as_array(v_b, "v_b", shape=a.shape, on_gpu=xp is not np)
-    sa = as_array(s_a, "s_a", shape=a.shape[:-1], on_gpu=xp is not np).astype(xp.float32)
-    sb = as_array(s_b, "s_b", shape=a.shape[:-1], on_gpu=xp is not np).astype(xp.float32)
-    mx = xp.maximum(sa, sb)
+    sa = as_array(s_a, "s_a", shape=a.shape[:-1], on_gpu=xp is not np)
+    sb = as_array(s_b, "s_b", shape=a.shape[:-1], on_gpu=xp is not np)
+    v, s = merge_state_stack(xp.stack([a, b]), xp.stack([sa, sb]))
+    return v.astype(a.dtype), s
+
+
+def merge_state_stack(v, s):
+    """Merge ``n`` attention states over disjoint key sets of the same queries in one pass.
+
+    v ``(n, ..., d)`` outputs, s ``(n, ...)`` natural-log lse (``-inf`` for a state over no keys; its output
+    is ignored, NaN included). Returns (v float32 ``(..., d)``, s float32 ``(...)``); ``-inf`` and zeros
+    where no state has keys. NumPy or CuPy, by v's side.
+    """
+    xp = cupy() if is_gpu_array(v) else np
+    s = s.astype(xp.float32, copy=False)
+    if s.shape != v.shape[:-1]:
+        raise ValueError(f"s: expected the shape {v.shape[:-1]} of v without its last axis, got {s.shape}")
+    mx = s.max(axis=0)
     safe = xp.where(xp.isfinite(mx), mx, 0)
-    wa, wb = xp.exp(sa - safe), xp.exp(sb - safe)
-    tot = wa + wb
-    v = (a.astype(xp.float32) * wa[..., None] + b.astype(xp.float32) * wb[..., None]) / xp.where(tot > 0, tot, 1)[..., None]
-    s = xp.where(tot > 0, safe + xp.log(xp.where(tot > 0, tot, 1)), -xp.inf)
-    return v.astype(a.dtype), s.astype(xp.float32)
+    w = xp.exp(s - safe)  # 0 for states over no keys
+    tot = w.sum(axis=0)
+    acc = xp.where(w[..., None] > 0, v.astype(xp.float32, copy=False), 0) * w[..., None]
+    den = xp.where(tot > 0, tot, 1)
+    out = acc.sum(axis=0) / den[..., None]
+    return out, xp.where(tot > 0, safe + xp.log(den), -xp.inf).astype(xp.float32)
 

@@ -69,7 +69,7 @@ def register_variants(source: str) -> Callable[[Callable[[], list[str]]], Callab
 
 def _import_operation_modules() -> None:
     # Importing these registers their grids; kept lazy so kernels.py has no import cycle.
-    from . import cache, codebook, decode, prefill  # noqa: F401, PLC0415
+    from . import cache, codebook, decode, parallel, prefill  # noqa: F401, PLC0415
 
 
 def supported_variants() -> dict[str, list[str]]:

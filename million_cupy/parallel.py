@@ -29,19 +29,26 @@ appended.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
+import os
+import queue
 import threading
-from typing import Any, Protocol, Sequence
+import time
+import traceback
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from . import kernels
 from .cache import PagedPQCache
 from .codebook import ModelCodebooks
 from .decode import decode as _local_decode
-from .decode import merge_states
-from .errors import PagePoolExhausted
-from .interop import as_array, cupy, is_gpu_array, to_numpy
+from .decode import merge_state_stack
+from .errors import DeviceUnavailable, PagePoolExhausted
+from .interop import as_array, cupy, dtype_name, is_gpu_array, require_gpu, to_numpy
 
-__all__ = ["Communicator", "NcclCommunicator", "ThreadGroup", "SequenceParallelCache", "HeadParallelCache"]
+__all__ = ["Communicator", "NcclCommunicator", "ThreadGroup", "SequenceParallelCache", "HeadParallelCache", "launch"]
 
 
 class Communicator(Protocol):
@@ -50,8 +57,9 @@ class Communicator(Protocol):
     rank: int
     size: int
 
-    def allgather(self, x: Any) -> Any:
-        """Every rank's ``x`` (same shape and dtype everywhere), stacked: ``(size, *x.shape)``, on x's side."""
+    def allgather(self, x: Any, out: Any = None) -> Any:
+        """Every rank's ``x`` (same shape and dtype everywhere), stacked: ``(size, *x.shape)``, on x's side;
+        into ``out`` when given (an array of that shape and dtype)."""
 
     def all_ok(self, ok: bool) -> bool:
         """True on every rank when ``ok`` is True on every rank."""
@@ -106,9 +114,14 @@ class _ThreadCommunicator:
     def __init__(self, group: ThreadGroup, rank: int, size: int) -> None:
         self._group, self.rank, self.size = group, rank, size
 
-    def allgather(self, x: Any) -> Any:
+    def allgather(self, x: Any, out: Any = None) -> Any:
         xp = cupy() if is_gpu_array(x) else np
-        return xp.stack([xp.asarray(p) for p in self._group._exchange(self.rank, x.copy())])
+        parts = [xp.asarray(p) for p in self._group._exchange(self.rank, x.copy())]
+        if out is None:
+            return xp.stack(parts)
+        for r, p in enumerate(parts):
+            out[r] = p
+        return out
 
     def all_ok(self, ok: bool) -> bool:
         return all(self._group._exchange(self.rank, bool(ok)))
@@ -128,6 +141,8 @@ class NcclCommunicator:
         self.rank, self.size = int(rank), int(size)
         self._comm = nccl.NcclCommunicator(self.size, unique_id, self.rank)
         self._stream = stream
+        self._types = {np.float32: nccl.NCCL_FLOAT32, np.float16: nccl.NCCL_FLOAT16, np.int32: nccl.NCCL_INT32,
+                       np.int64: nccl.NCCL_INT64}
 
     @staticmethod
     def new_unique_id() -> tuple:
@@ -136,27 +151,160 @@ class NcclCommunicator:
 
         return nccl.get_unique_id()
 
-    def _stream_ptr(self) -> int:
+    def _run(self, op) -> None:
+        """``op(stream_ptr)`` on the communicator's stream, ordered after the work queued on the current stream
+        and before whatever is queued on it next (a no-op when the two are the same stream)."""
         cp = cupy()
-        return (self._stream or cp.cuda.get_current_stream()).ptr
+        current = cp.cuda.get_current_stream()
+        stream = self._stream or current
+        if stream == current:
+            op(stream.ptr)
+            return
+        stream.wait_event(current.record())
+        op(stream.ptr)
+        current.wait_event(stream.record())
 
-    def allgather(self, x: Any) -> Any:
+    def allgather(self, x: Any, out: Any = None) -> Any:
         cp = cupy()
         x = cp.ascontiguousarray(x)
-        types = {np.float32: self._nccl.NCCL_FLOAT32, np.float16: self._nccl.NCCL_FLOAT16,
-                 np.int32: self._nccl.NCCL_INT32, np.int64: self._nccl.NCCL_INT64}
-        if x.dtype.type not in types:
+        nccl_type = self._types.get(x.dtype.type)
+        if nccl_type is None:
             raise TypeError(f"allgather: expected float16/32 or int32/64 data, got {x.dtype}")
-        out = cp.empty((self.size, *x.shape), dtype=x.dtype)
-        self._comm.allGather(x.data.ptr, out.data.ptr, x.size, types[x.dtype.type], self._stream_ptr())
+        if out is None:
+            out = cp.empty((self.size, *x.shape), dtype=x.dtype)
+        elif not (out.shape == (self.size, *x.shape) and out.dtype == x.dtype and out.flags.c_contiguous):
+            raise ValueError(f"allgather: out expected C-contiguous {x.dtype} {(self.size, *x.shape)}, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        self._run(lambda ptr: self._comm.allGather(x.data.ptr, out.data.ptr, x.size, nccl_type, ptr))
         return out
 
     def all_ok(self, ok: bool) -> bool:
         cp = cupy()
         flag = cp.asarray([1 if ok else 0], dtype=cp.int32)
-        self._comm.allReduce(flag.data.ptr, flag.data.ptr, 1, self._nccl.NCCL_INT32, self._nccl.NCCL_MIN,
-                             self._stream_ptr())
+        self._run(lambda ptr: self._comm.allReduce(flag.data.ptr, flag.data.ptr, 1, self._nccl.NCCL_INT32,
+                                                   self._nccl.NCCL_MIN, ptr))
         return bool(int(flag.get()[0]))
+
+
+def launch(fn: Callable[..., Any], size: int, *args: Any, timeout: float | None = None) -> list[Any]:
+    """Run ``fn(comm, *args)`` in ``size`` processes, one per GPU: rank ``r`` on device ``r`` with an
+    :class:`NcclCommunicator` of the group, inside ``with stream:`` for a fresh non-blocking CuPy stream that
+    the communicator also uses (caches built there with ``stream=None`` share it). Returns the ranks' results
+    (picklable) in rank order.
+
+    ``fn`` must be importable by name (a module-level function: the processes are spawned, not forked, since
+    CUDA does not survive a fork). NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``) unless the environment
+    already sets it. A rank that raises or dies makes ``launch`` stop the others and raise
+    :class:`RuntimeError` with that rank's traceback; ``timeout`` (seconds) bounds the whole run.
+
+    Raises:
+        DeviceUnavailable: CuPy, NCCL or ``size`` GPUs are missing.
+    """
+    cp = require_gpu("parallel.launch")
+    try:
+        from cupy.cuda import nccl  # noqa: PLC0415
+    except ImportError as exc:
+        raise DeviceUnavailable(f"parallel.launch needs CuPy's NCCL bindings (cupy.cuda.nccl): {exc}") from exc
+    available = cp.cuda.runtime.getDeviceCount()
+    if not 1 <= size <= available:
+        raise DeviceUnavailable(f"parallel.launch: expected 1 to {available} ranks (one per GPU here), got {size}")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the spawned ranks
+    unique_id = nccl.get_unique_id()
+    ctx = mp.get_context("spawn")
+    results_queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, size, unique_id, fn, args, results_queue), daemon=True)
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    failure = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while len(results) < size and failure is None:
+            try:
+                rank, ok, payload = results_queue.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    failure = f"rank {dead[0]} exited with status {procs[dead[0]].exitcode} before reporting"
+                elif deadline is not None and time.monotonic() > deadline:
+                    failure = f"timed out after {timeout} s with ranks {sorted(set(range(size)) - set(results))} running"
+                continue
+            if ok:
+                results[rank] = payload
+            else:
+                failure = f"rank {rank} raised:\n{payload}"
+    finally:
+        for p in procs:
+            if failure is not None and p.is_alive():
+                p.terminate()  # its peers may wait in a collective for the rank that failed
+            p.join()
+    if failure is not None:
+        raise RuntimeError(f"parallel.launch: {failure}")
+    return [results[r] for r in range(size)]
+
+
+def _rank_main(rank: int, size: int, unique_id: tuple, fn: Callable[..., Any], args: tuple, results_queue) -> None:
+    """One spawned rank of :func:`launch`: its device, stream and communicator, then ``fn``; reports back."""
+    try:
+        cp = cupy()
+        cp.cuda.Device(rank).use()
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            comm = NcclCommunicator(rank, size, unique_id, stream=stream)
+            result = fn(comm, *args)
+        stream.synchronize()
+        results_queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - every failure goes back to launch, with its traceback
+        results_queue.put((rank, False, traceback.format_exc()))
+
+
+MERGE_SOURCE = "merge_states.cu"
+_MERGE_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+
+
+@kernels.register_variants(MERGE_SOURCE)
+def _merge_variants() -> list[str]:
+    return [f"mc::parallel::merge_rank_states<{t}>" for t in _MERGE_TYPES.values()]
+
+
+class _PartialState:
+    """A rank's partial attention state in one buffer of 32-bit words, the unit of the exchange: ``out``
+    ``(B, nh, d)`` in the queries' dtype, then ``lse`` ``(B, nh)`` float32, both views of ``words``; and
+    ``gathered``, every rank's words after the exchange. Kept from layer to layer while the shape holds: each
+    buffer is rewritten only after the stream has read it."""
+
+    def __init__(self, xp: Any, size: int, B: int, nh: int, d: int, dtype: Any) -> None:
+        self.key = (size, B, nh, d, np.dtype(dtype))
+        self.shape, self.dtype = (B, nh, d), np.dtype(dtype)
+        self.out_words = B * nh * d * self.dtype.itemsize // 4  # d is even: whole words
+        self.words = xp.empty(self.out_words + B * nh, dtype=xp.float32)
+        self.gathered = xp.empty((size, self.words.shape[0]), dtype=xp.float32)
+        self.out = self.words[: self.out_words].view(self.dtype).reshape(B, nh, d)
+        self.lse = self.words[self.out_words :].reshape(B, nh)
+
+    def unpack(self, gathered: Any) -> tuple[Any, Any]:
+        """Every rank's state from the all-gathered words ``(size, words)``: outputs ``(size, B, nh, d)`` and
+        lse ``(size, B, nh)``, copies (the buffer is reused by the next exchange)."""
+        size = gathered.shape[0]
+        outs = gathered[:, : self.out_words].copy().view(self.dtype).reshape(size, *self.shape)
+        return outs, gathered[:, self.out_words :].copy().reshape(size, *self.shape[:2])
+
+    def merge(self, gathered: Any) -> tuple[Any, Any]:
+        """The ranks' states merged (attention over the union of their keys): out ``(B, nh, d)`` in the
+        queries' dtype, lse ``(B, nh)``. One kernel on the GPU; merge_state_stack on the CPU."""
+        if not is_gpu_array(gathered):
+            out, lse = merge_state_stack(*self.unpack(gathered))
+            return out.astype(self.dtype), lse
+        cp = cupy()
+        B, nh, d = self.shape
+        kernel = kernels.get_kernel(MERGE_SOURCE, f"mc::parallel::merge_rank_states<{_MERGE_TYPES[dtype_name(self.dtype)]}>")
+        out = cp.empty(self.shape, dtype=self.dtype)
+        lse = cp.empty((B, nh), dtype=cp.float32)
+        n = B * nh * d
+        kernel(((n + 255) // 256,), (256,), (gathered, np.int64(gathered.shape[1] * 4), np.int32(gathered.shape[0]),
+                                             np.int32(B * nh), np.int32(d), out, lse))
+        return out, lse
 
 
 def _rows(lengths: Any, seq_ids: np.ndarray, n_rows: int) -> np.ndarray:
@@ -182,6 +330,7 @@ class _Parallel:
         self._lens = np.zeros((num_layers, max_seqs), dtype=np.int64)  # global tokens per (layer, sequence)
         self._live = np.zeros(max_seqs, dtype=bool)
         self._local_id = np.full(max_seqs, -1, dtype=np.int64)  # each sequence's id in this rank's local cache
+        self._last_state: _PartialState | None = None
 
     def local_id(self, seq: int) -> int:
         """The id of ``seq`` (or of its segment) in this rank's ``local`` cache; -1 while it holds none of it."""
@@ -207,6 +356,30 @@ class _Parallel:
     def seq_lens(self, layer: int, seq_ids: Any) -> np.ndarray:
         """Global tokens of each sequence in ``layer`` (all ranks agree)."""
         return self._lens[layer, self._ids(seq_ids, "seq_lens")].copy()
+
+    def _on_stream(self) -> Any:
+        """The local cache's stream as the current one (its kernels, the exchange and the merge in one order);
+        nothing on the CPU path."""
+        stream = self.local.stream
+        return stream if stream is not None else contextlib.nullcontext()
+
+    def _state(self, xp: Any, B: int, nh: int, d: int, dtype: Any) -> _PartialState:
+        """The exchange buffers for a state of this shape (the last ones when the shape is the same)."""
+        state = self._last_state
+        if state is None or state.key != (self.comm.size, B, nh, d, np.dtype(dtype)):
+            state = self._last_state = _PartialState(xp, self.comm.size, B, nh, d, dtype)
+        return state
+
+    def _attend_locally(self, state: _PartialState, layer: int, ids: list[int], q: Any, rows: Any,
+                        scale: float | None) -> None:
+        """This rank's attention of ``q[rows]`` over its local sequences ``ids`` into ``state[rows]``."""
+        if self.local.is_gpu and isinstance(rows, slice):  # every row: the kernel writes the state in place
+            _, lse = _local_decode(self.local, layer, ids, q, scale=scale, return_lse=True, out=state.out)
+            state.lse[...] = lse
+            return
+        out, lse = _local_decode(self.local, layer, ids, q[rows], scale=scale, return_lse=True)
+        state.out[rows] = out
+        state.lse[rows] = lse
 
     def _agree(self, ok: bool, what: str, error: BaseException | None) -> None:
         """Every rank raises when any rank could not do its part (its own error where it had one)."""
@@ -274,20 +447,26 @@ class SequenceParallelCache(_Parallel):
         take_lo, take_hi = np.clip(start, lo, hi), np.clip(start + counts, lo, hi)  # this rank's positions
         mine = take_hi > take_lo
         error = None
-        try:
+        with self._on_stream():
+            try:
+                if mine.any():
+                    for b in np.flatnonzero(mine & (self._local_id[seqs] < 0)):
+                        self._local_id[seqs[b]] = self.local.add_sequence()
+                    # this layer's segment lengths after the append (other layers may be longer or shorter)
+                    self.local.ensure_capacity(self._local_id[seqs[mine]], (take_hi - lo)[mine])
+            except PagePoolExhausted as exc:
+                error = exc
+            self._agree(error is None, "append", error)
             if mine.any():
-                for b in np.flatnonzero(mine & (self._local_id[seqs] < 0)):
-                    self._local_id[seqs[b]] = self.local.add_sequence()
-                self.local.reserve(self._local_id[seqs[mine]], (take_hi - take_lo)[mine])
-        except PagePoolExhausted as exc:
-            error = exc
-        self._agree(error is None, "append", error)
-        if mine.any():
-            rows = np.concatenate([np.arange(f + (a - s), f + (e - s)) for f, s, a, e in
-                                   zip(first[mine], start[mine], take_lo[mine], take_hi[mine])])
-            xp = cupy() if is_gpu_array(k) else np
-            idx = xp.asarray(rows)
-            self.local.append(layer, self._local_id[seqs[mine]], k[idx], v[idx], lengths=(take_hi - take_lo)[mine])
+                rows = np.concatenate([np.arange(f + (a - s), f + (e - s)) for f, s, a, e in
+                                       zip(first[mine], start[mine], take_lo[mine], take_hi[mine])])
+                if rows.size == k.shape[0]:  # every row is this rank's: no gather
+                    k_mine, v_mine = k, v
+                else:
+                    idx = (cupy() if is_gpu_array(k) else np).asarray(rows)
+                    k_mine, v_mine = k[idx], v[idx]
+                self.local.append(layer, self._local_id[seqs[mine]], k_mine, v_mine,
+                                  lengths=(take_hi - take_lo)[mine])
         self._lens[layer, seqs] += counts
 
     def decode(self, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
@@ -297,23 +476,20 @@ class SequenceParallelCache(_Parallel):
         seqs = self._ids(seq_ids, "decode")
         if (self._lens[layer, seqs] == 0).any():
             raise ValueError(f"decode: sequences {seqs[self._lens[layer, seqs] == 0].tolist()} hold no tokens")
-        q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
-        xp = cupy() if self.local.is_gpu else np
-        B, nh, d = q_arr.shape
-        out = xp.zeros((B, nh, d), dtype=xp.float32)
-        lse = xp.full((B, nh), -xp.inf, dtype=xp.float32)
-        held = np.flatnonzero(self.local_tokens(layer, seqs) > 0)
-        if held.size:
-            o, s = _local_decode(self.local, layer, self._local_id[seqs[held]], q_arr[xp.asarray(held)],
-                                 scale=scale, return_lse=True)
-            out[xp.asarray(held)] = o.astype(xp.float32)
-            lse[xp.asarray(held)] = s
-        packed = self.comm.allgather(xp.concatenate([out.reshape(B, -1), lse], axis=1))  # one exchange
-        merged_o, merged_s = packed[0, :, : nh * d].reshape(B, nh, d), packed[0, :, nh * d :]
-        for r in range(1, self.comm.size):
-            merged_o, merged_s = merge_states(merged_o, merged_s, packed[r, :, : nh * d].reshape(B, nh, d),
-                                              packed[r, :, nh * d :])
-        merged_o = merged_o.astype(q_arr.dtype)
+        with self._on_stream():
+            q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
+            xp = cupy() if self.local.is_gpu else np
+            B, nh, d = q_arr.shape
+            state = self._state(xp, B, nh, d, q_arr.dtype)
+            held = np.flatnonzero(self.local_tokens(layer, seqs) > 0)
+            if held.size < B:  # sequences with no token here: a state over no keys
+                state.out[...] = 0
+                state.lse[...] = -xp.inf
+            if held.size:
+                # a list of ids: decode's repeated-batch path reuses its plan
+                self._attend_locally(state, layer, self._local_id[seqs[held]].tolist(), q_arr,
+                                     slice(None) if held.size == B else xp.asarray(held), scale)
+            merged_o, merged_s = state.merge(self.comm.allgather(state.words, out=state.gathered))  # one exchange, one merge
         return (merged_o, merged_s) if return_lse else merged_o
 
     def stats(self) -> dict[str, Any]:
@@ -362,12 +538,14 @@ class HeadParallelCache(_Parallel):
         seqs = self._ids(seq_ids, "append")
         counts = _rows(lengths, seqs, int(k.shape[0]))
         error = None
-        try:
-            self.local.reserve(self._local_id[seqs], counts)
-        except PagePoolExhausted as exc:
-            error = exc
-        self._agree(error is None, "append", error)
-        self.local.append(layer, self._local_id[seqs], k[:, self._heads], v[:, self._heads], lengths=counts)
+        with self._on_stream():
+            try:
+                # this layer's lengths after the append (other layers may be longer or shorter)
+                self.local.ensure_capacity(self._local_id[seqs], self._lens[layer, seqs] + counts)
+            except PagePoolExhausted as exc:
+                error = exc
+            self._agree(error is None, "append", error)
+            self.local.append(layer, self._local_id[seqs], k[:, self._heads], v[:, self._heads], lengths=counts)
         self._lens[layer, seqs] += counts
 
     def decode(self, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
@@ -375,20 +553,21 @@ class HeadParallelCache(_Parallel):
         """As :meth:`SequenceParallelCache.decode`: each rank attends with its query heads, one all-gather
         assembles every head."""
         seqs = self._ids(seq_ids, "decode")
-        q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
-        xp = cupy() if self.local.is_gpu else np
-        B, nh, d = q_arr.shape
-        if nh % self.num_kv_heads:
-            raise ValueError(f"q: expected num_heads a multiple of num_kv_heads = {self.num_kv_heads}, got {nh}")
-        g = nh // self.num_kv_heads
-        mine = slice(self._heads.start * g, self._heads.stop * g)
-        o, s = _local_decode(self.local, layer, self._local_id[seqs], xp.ascontiguousarray(q_arr[:, mine]),
-                             scale=scale, return_lse=True)
-        packed = self.comm.allgather(xp.concatenate([o.astype(xp.float32).reshape(B, -1), s], axis=1))
-        per = nh // self.comm.size
-        out = xp.concatenate([packed[r, :, : per * d].reshape(B, per, d) for r in range(self.comm.size)], axis=1)
-        lse = xp.concatenate([packed[r, :, per * d :] for r in range(self.comm.size)], axis=1)
-        out = out.astype(q_arr.dtype)
+        with self._on_stream():
+            q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
+            xp = cupy() if self.local.is_gpu else np
+            B, nh, d = q_arr.shape
+            if nh % self.num_kv_heads:
+                raise ValueError(f"q: expected num_heads a multiple of num_kv_heads = {self.num_kv_heads}, got {nh}")
+            g = nh // self.num_kv_heads
+            per = nh // self.comm.size
+            mine = slice(self._heads.start * g, self._heads.stop * g)
+            state = self._state(xp, B, per, d, q_arr.dtype)
+            self._attend_locally(state, layer, self._local_id[seqs].tolist(), xp.ascontiguousarray(q_arr[:, mine]),
+                                 slice(None), scale)
+            outs, lses = state.unpack(self.comm.allgather(state.words, out=state.gathered))  # (size, B, per, d): rank r's heads
+            out = outs.transpose(1, 0, 2, 3).reshape(B, nh, d)  # rank-major heads: the model's head order
+            lse = lses.transpose(1, 0, 2).reshape(B, nh)
         return (out, lse) if return_lse else out
 
     def stats(self) -> dict[str, Any]:

@@ -97,6 +97,41 @@ def test_head_parallel_equals_one_cache_holding_every_head(rng):
         np.testing.assert_allclose(got_l, want_l, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sequence", "heads"])
+def test_layers_filled_one_after_another_up_to_the_limit(rng, mode):
+    """A prompt stored layer by layer (layer 0 whole, then layer 1), filling every rank's segment: each layer's
+    pages are reserved for its own length, not for the longest layer's plus the new tokens (which used to
+    overrun max_seq_len / the pool on the second layer)."""
+    books = _books(rng, heads=NH_K if mode == "heads" else 1)
+    books = ModelCodebooks([books.key_codebooks(0)] * 2, [books.value_codebooks(0)] * 2)
+    size, per = 2, 128
+    n = size * per
+    k, v = _tokens(rng, n), _tokens(rng, n)
+    q = rng.standard_normal((1, NH, D))
+
+    def rank(comm):
+        if mode == "sequence":  # a pool of exactly the pages one segment needs in each layer
+            cache = SequenceParallelCache(comm, 2, NH_K, D, books, tokens_per_shard=per, page_size=P, residual=R,
+                                          max_seqs=1, max_pages=2 * (per // P), dtype="float32", device="cpu")
+        else:
+            cache = HeadParallelCache(comm, 2, NH_K, D, books, page_size=P, residual=R, max_seqs=1,
+                                      max_pages=2 * (n // P), max_seq_len=n, dtype="float32", device="cpu")
+        s = cache.add_sequence()
+        for layer in range(2):
+            for at in range(0, n, 64):  # chunks of 64 tokens
+                cache.append(layer, [s], k[at : at + 64], v[at : at + 64], lengths=[64])
+        first = cache.decode(0, [s], q)
+        kept = first.copy()
+        other = cache.decode(1, [s], -q)  # reuses the exchange buffers: the first result must not change
+        return first, kept, cache.decode(1, [s], q), other, cache.seq_lens(1, [s])
+
+    for first, kept, again, other, lens in ThreadGroup(size).run(rank):
+        assert lens.tolist() == [n]
+        np.testing.assert_array_equal(first, kept)
+        np.testing.assert_array_equal(first, again)  # the same tokens and codebooks in both layers
+        assert not np.array_equal(first, other)
+
+
 def test_pool_exhaustion_on_one_rank_raises_everywhere_and_loses_nothing(rng):
     books = _books(rng)
     group = ThreadGroup(2)

@@ -1,6 +1,7 @@
 """million_cupy.parallel on one GPU: several shards on the same device through the same code path, the exchange
 stubbed by ThreadGroup (NCCL cannot run two ranks on one device); the kernels' merged decode against the
-float64 reference over every rank's segments. The real NCCL path: examples/multi_gpu_decode.py --check."""
+float64 reference over every rank's segments. The real NCCL path (parallel.launch, one process per GPU) against
+those shards on one GPU: one rank on any GPU machine, two where there are two GPUs."""
 
 from __future__ import annotations
 
@@ -59,3 +60,81 @@ def test_shards_on_one_gpu_match_the_reference(rng, mode):
         assert np.isfinite(out).all()
         assert reference.relative_error(out.astype(np.float64), want_o) < 2e-3
         assert np.max(np.abs(lse - want_l)) < 2e-2
+
+
+# ---- the NCCL path: parallel.launch, one process per GPU -----------------------------------------------------
+
+def _group_decode(comm, mode: str) -> tuple:
+    """One rank's part of a small sharded cache (module level: launch spawns processes that import it): the
+    merged decode of two ragged sequences, then an append that rank 1's pool cannot hold (sequence mode), which
+    must raise on every rank and change nothing."""
+    import cupy as cp
+
+    from million_cupy.errors import PagePoolExhausted
+
+    rng = np.random.default_rng(7)  # the same codebooks and tokens on every rank
+    books = _books(rng)
+    k = cp.asarray(rng.standard_normal((400, NH_K, D)).astype(np.float16))
+    q = cp.asarray(rng.standard_normal((2, NH, D)).astype(np.float16))
+    small = comm.rank == 1 and comm.size > 1
+    if mode == "sequence":
+        cache = SequenceParallelCache(comm, 1, NH_K, D, books, tokens_per_shard=256 // comm.size, page_size=P,
+                                      residual=R, max_seqs=2, max_pages=6 if small else 64, device="cuda")
+    else:
+        cache = HeadParallelCache(comm, 1, NH_K, D, books, page_size=P, residual=R, max_seqs=2, max_pages=64,
+                                  device="cuda")
+    seqs = [cache.add_sequence() for _ in range(2)]
+    cache.append(0, seqs, k[:250], k[:250] * 0.5, lengths=[200, 50])
+    cache.append(0, seqs, k[250:252], k[250:252] * 0.5)  # one token each: a decode step's append
+    out, lse = cache.decode(0, seqs, q, return_lse=True)
+    refused = None
+    if mode == "sequence" and comm.size > 1:  # rank 1 holds 73 of sequence 0's tokens in 5 of its 6 pages
+        try:
+            cache.append(0, seqs, k[252:302], k[252:302], lengths=[50, 0])  # 123 tokens there: 8 pages
+            refused = False
+        except PagePoolExhausted:
+            refused = True
+        again = cache.decode(0, seqs, q)
+        assert bool((again == out).all()), "a refused append changed what decode sees"
+    return to_numpy(out), to_numpy(lse), refused, cache.seq_lens(0, seqs).tolist()
+
+
+def _gpu_count() -> int:
+    import cupy as cp
+
+    return cp.cuda.runtime.getDeviceCount()
+
+
+@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("mode", ["sequence", "heads"])
+def test_nccl_group_matches_the_same_shards_on_one_gpu(mode, size):
+    """The real NCCL path (one process per GPU, parallel.launch) against the same shards on one GPU through
+    ThreadGroup, on the same tokens; size 1 runs NCCL's one-rank group on a one-GPU machine."""
+    from million_cupy.parallel import launch
+
+    if _gpu_count() < size:
+        pytest.skip(f"needs {size} GPUs, this machine has {_gpu_count()}")
+    got = launch(_group_decode, size, mode, timeout=300)
+    want = ThreadGroup(size).run(_group_decode, [mode] * size)
+    for (out, lse, refused, lens), (w_out, w_lse, w_refused, w_lens) in zip(got, want):
+        assert np.isfinite(out).all() and np.isfinite(lse).all()
+        np.testing.assert_allclose(out.astype(np.float32), w_out.astype(np.float32), rtol=0, atol=2e-3)
+        np.testing.assert_allclose(lse, w_lse, rtol=0, atol=1e-3)
+        assert refused is w_refused and lens == w_lens == [201, 51]
+    for out, *_ in got[1:]:  # every rank answers the same
+        np.testing.assert_array_equal(out, got[0][0])
+    if mode == "sequence" and size > 1:
+        assert all(r[2] is True for r in got)
+
+
+def _raise_on_rank_0(comm) -> int:
+    if comm.rank == 0:
+        raise KeyError("planted")
+    return comm.rank
+
+
+def test_launch_reports_a_failing_rank_with_its_traceback():
+    from million_cupy.parallel import launch
+
+    with pytest.raises(RuntimeError, match="rank 0 raised:(.|\n)*KeyError: 'planted'"):
+        launch(_raise_on_rank_0, 1, timeout=120)
