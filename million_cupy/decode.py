@@ -787,8 +787,12 @@ _decode_wrappers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictio
 
 
 def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
-           return_lse: bool = False, out: Any = None, stream: Any = None):
+           return_lse: bool = False, out: Any = None, lse: Any = None, stream: Any = None):
     """Attention of one query token per sequence over ``cache`` layer ``layer`` (plan + run in one call).
+
+    ``q`` ``(B, num_heads, head_dim)``; returns ``out`` of that shape, or ``(out, lse)`` (float32
+    ``(B, num_heads)``, natural log) with ``return_lse`` or a caller's ``lse`` array to fill, as
+    :meth:`BatchDecodeWrapper.run`.
 
     GPU cache: the native kernel through a :class:`BatchDecodeWrapper` kept for the cache and stream, so
     a repeated call on an unchanged batch reuses the plan and costs about one ``run``. CPU cache: the
@@ -813,17 +817,18 @@ def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | 
         if (attn is not None and (type(seq_ids) is list or type(seq_ids) is tuple) and scale == wrapper._scale_arg
                 and cache.version == wrapper._version and layer in wrapper._layers
                 and attn.num_heads == q_arr.shape[1] and tuple(seq_ids) == wrapper._ids_key):
-            q_arr, out, lse = attention_arrays(q_arr, out, None, return_lse, wrapper._q_shape, cache.array_dtype)
+            with_lse = return_lse or lse is not None
+            q_arr, out, lse = attention_arrays(q_arr, out, lse, with_lse, wrapper._q_shape, cache.array_dtype)
             attn.attend(layer, q_arr, out, lse, key)
             wrapper._stats["runs"] += 1
             wrapper._stats["plans_reused"] += 1
-            return (out, lse) if return_lse else out
+            return (out, lse) if with_lse else out
         # Otherwise a repeated call on an unchanged batch skips plan() and its argument checks: only the comparison.
         if not (attn is not None and attn.num_heads == q_arr.shape[1] and attn.scale == softmax_scale(cache, scale)
                 and 0 <= layer < cache.num_layers
                 and wrapper._reuse(np.asarray(seq_ids, dtype=np.int64).reshape(-1), (layer,))):
             wrapper.plan(seq_ids, new_tokens=0, num_heads=q_arr.shape[1], scale=scale, layers=[layer])
-        return wrapper.run(layer, q_arr, out=out, return_lse=return_lse, check=False)
+        return wrapper.run(layer, q_arr, out=out, lse=lse, return_lse=return_lse, check=False)
     q_arr = as_array(q, "q", ndim=3, dtypes=QUERY_DTYPES, on_gpu=False)
     seq = cache.check_ids(seq_ids, "decode", unique=False)
     _check_query_heads(q_arr, len(seq), cache)
@@ -837,7 +842,11 @@ def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | 
     if out is not None:
         np.copyto(out, o)
         o = out
-    return (o, l.astype(np.float32)) if return_lse else o
+    l = l.astype(np.float32)
+    if lse is not None:
+        np.copyto(lse, l)
+        l = lse
+    return (o, l) if (return_lse or lse is not None) else o
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -280,6 +280,7 @@ class _PartialState:
         self.out_words = B * nh * d * self.dtype.itemsize // 4  # d is even: whole words
         self.words = xp.empty(self.out_words + B * nh, dtype=xp.float32)
         self.gathered = xp.empty((size, self.words.shape[0]), dtype=xp.float32)
+        self._merge_launch: kernels.BoundLaunch | None = None  # bound at the first GPU merge
         self.out = self.words[: self.out_words].view(self.dtype).reshape(B, nh, d)
         self.lse = self.words[self.out_words :].reshape(B, nh)
 
@@ -298,12 +299,20 @@ class _PartialState:
             return out.astype(self.dtype), lse
         cp = cupy()
         B, nh, d = self.shape
-        kernel = kernels.get_kernel(MERGE_SOURCE, f"mc::parallel::merge_rank_states<{_MERGE_TYPES[dtype_name(self.dtype)]}>")
-        out = cp.empty(self.shape, dtype=self.dtype)
+        out = cp.empty(self.shape, dtype=self.dtype)  # fresh: the caller keeps them
         lse = cp.empty((B, nh), dtype=cp.float32)
-        n = B * nh * d
-        kernel(((n + 255) // 256,), (256,), (gathered, np.int64(gathered.shape[1] * 4), np.int32(gathered.shape[0]),
-                                             np.int32(B * nh), np.int32(d), out, lse))
+        launch = self._merge_launch
+        if launch is None:
+            kernel = kernels.get_kernel(MERGE_SOURCE,
+                                        f"mc::parallel::merge_rank_states<{_MERGE_TYPES[dtype_name(self.dtype)]}>")
+            launch = self._merge_launch = kernels.BoundLaunch(
+                kernel, -(-B * nh * d // 256), 256, 0,
+                (gathered, np.int64(gathered.shape[1] * 4), np.int32(gathered.shape[0]), np.int32(B * nh),
+                 np.int32(d), gathered, gathered))  # out and lse: set per call (not kept alive here)
+        launch.set_arg(0, gathered.data.ptr)
+        launch.set_arg(5, out.data.ptr)
+        launch.set_arg(6, lse.data.ptr)
+        launch.launch(cp.cuda.get_current_stream().ptr)
         return out, lse
 
 
@@ -363,6 +372,14 @@ class _Parallel:
         stream = self.local.stream
         return stream if stream is not None else contextlib.nullcontext()
 
+    def _queries(self, q: Any) -> tuple[Any, Any]:
+        """``q`` as an array on the cache's side (a CuPy array of 3 dimensions as it is), and that side's
+        array module."""
+        if not self.local.is_gpu:
+            return as_array(q, "q", ndim=3, on_gpu=False), np
+        cp = cupy()
+        return (q if type(q) is cp.ndarray and q.ndim == 3 else as_array(q, "q", ndim=3, on_gpu=True)), cp
+
     def _state(self, xp: Any, B: int, nh: int, d: int, dtype: Any) -> _PartialState:
         """The exchange buffers for a state of this shape (the last ones when the shape is the same)."""
         state = self._last_state
@@ -374,8 +391,7 @@ class _Parallel:
                         scale: float | None) -> None:
         """This rank's attention of ``q[rows]`` over its local sequences ``ids`` into ``state[rows]``."""
         if self.local.is_gpu and isinstance(rows, slice):  # every row: the kernel writes the state in place
-            _, lse = _local_decode(self.local, layer, ids, q, scale=scale, return_lse=True, out=state.out)
-            state.lse[...] = lse
+            _local_decode(self.local, layer, ids, q, scale=scale, out=state.out, lse=state.lse)
             return
         out, lse = _local_decode(self.local, layer, ids, q[rows], scale=scale, return_lse=True)
         state.out[rows] = out
@@ -477,8 +493,7 @@ class SequenceParallelCache(_Parallel):
         if (self._lens[layer, seqs] == 0).any():
             raise ValueError(f"decode: sequences {seqs[self._lens[layer, seqs] == 0].tolist()} hold no tokens")
         with self._on_stream():
-            q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
-            xp = cupy() if self.local.is_gpu else np
+            q_arr, xp = self._queries(q)
             B, nh, d = q_arr.shape
             state = self._state(xp, B, nh, d, q_arr.dtype)
             held = np.flatnonzero(self.local_tokens(layer, seqs) > 0)
@@ -554,8 +569,7 @@ class HeadParallelCache(_Parallel):
         assembles every head."""
         seqs = self._ids(seq_ids, "decode")
         with self._on_stream():
-            q_arr = as_array(q, "q", ndim=3, on_gpu=self.local.is_gpu)
-            xp = cupy() if self.local.is_gpu else np
+            q_arr, xp = self._queries(q)
             B, nh, d = q_arr.shape
             if nh % self.num_kv_heads:
                 raise ValueError(f"q: expected num_heads a multiple of num_kv_heads = {self.num_kv_heads}, got {nh}")

@@ -130,6 +130,11 @@ def test_cpu_decode_is_the_reference(rng):
     assert out.dtype == np.float16
     assert reference.relative_error(out.astype(np.float64), ref[0]) < 1e-3
     assert np.allclose(lse, ref[1], atol=1e-5)
+    into_out, into_lse = np.full_like(out, np.nan), np.full(lse.shape, np.nan, np.float32)
+    got_out, got_lse = decode(cache, 1, seqs, q, out=into_out, lse=into_lse)  # a caller's lse implies it
+    assert got_out is into_out and got_lse is into_lse
+    np.testing.assert_array_equal(into_out, out)
+    np.testing.assert_array_equal(into_lse, lse)
 
 
 def test_cpu_decode_validates_q(rng):
