@@ -11,14 +11,16 @@ arguments everywhere) and answer the same full result on every rank.
   append and its flushes go to the rank that owns the tail and the others are untouched. Each segment follows
   the flush rule on its own (a full segment keeps its last ``residual`` tokens exact). Decode: every rank
   attends over its segments with the existing kernels (one partial ``(out, lse)`` per sequence, ``lse = -inf``
-  where it holds none), one all-gather exchanges the partials, and every rank merges them
-  (:func:`million_cupy.decode.merge_states`), which equals attention over the concatenated segments.
+  where it holds none, written into one exchange buffer), one all-gather exchanges the partials, and every rank
+  merges them (one kernel, ``cuda_src/merge_states.cu``; :func:`million_cupy.decode.merge_state_stack` on the
+  CPU), which equals attention over the concatenated segments.
 * :class:`HeadParallelCache` — rank ``r`` holds kv heads ``[r h, (r + 1) h)`` (``h = nh_k / size``) and their
   query heads, as tensor-parallel attention does; decode needs no merge, only the all-gather of the heads'
   outputs.
 
 Communicators (``rank``, ``size``, ``allgather``, ``all_ok``): :class:`NcclCommunicator` (CuPy's NCCL
-bindings, one process per GPU; keep NVLink multicast off on shared machines, ``NCCL_NVLS_ENABLE=0``) and
+bindings, one process per GPU, started by :func:`launch`; keep NVLink multicast off on shared machines,
+``NCCL_NVLS_ENABLE=0``) and
 :class:`ThreadGroup` (ranks as threads of one process: the CPU reference path, or several shards on one GPU,
 where NCCL cannot run two ranks on one device).
 

@@ -178,3 +178,14 @@ def test_bad_arguments_are_named(rng):
         cache.append(0, [s], _tokens(rng, 65), _tokens(rng, 65), lengths=[65])
     with pytest.raises(ValueError, match="not live"):
         cache.decode(0, [1], np.zeros((1, NH, D)))
+
+
+def test_launch_on_a_machine_without_gpus_says_what_it_needs():
+    from million_cupy.errors import DeviceUnavailable
+    from million_cupy.interop import gpu_available
+    from million_cupy.parallel import launch
+
+    if gpu_available():
+        pytest.skip("this machine has a GPU: tests/test_parallel_gpu.py runs launch")
+    with pytest.raises(DeviceUnavailable, match="parallel.launch"):
+        launch(print, 2)
