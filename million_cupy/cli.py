@@ -42,6 +42,8 @@ BENCH_SUITES: dict[str, tuple[str, str]] = {
                 "generation with the PQ cache vs fp16 and KIVI"),
     "train-lm": ("lm.py", "train the quality study's model (Llama, 6 layers, on the Python stdlib sources)"),
     "e2e": ("bench_e2e.py", "end-to-end Llama-shaped decode: PQ cache vs fp16 cache, tokens/s and p50/p99 latency"),
+    "parallel": ("bench_parallel.py", "decode over several GPUs (NCCL): weak scaling, the exchange's share, head vs "
+                                      "sequence parallel"),
     "report": ("report.py", "regenerate REPORT.md and plots from bench/results"),
 }
 

@@ -91,6 +91,15 @@ def test_e2e_quick_refuses_without_gpu(tmp_path):
     assert not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.skipif(gpu_available(), reason="checks the refusal on a machine without a GPU")
+def test_parallel_bench_refuses_without_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_parallel.py"), "--out", str(tmp_path / "p.json")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "bench parallel measures GPU kernels" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
 @pytest.mark.gpu
 def test_e2e_quick_captures_the_whole_model_step(tmp_path):
     """The graph methods capture projections, append and attention of every layer in one CUDA graph; their
