@@ -138,3 +138,19 @@ def test_launch_reports_a_failing_rank_with_its_traceback():
 
     with pytest.raises(RuntimeError, match="rank 0 raised:(.|\n)*KeyError: 'planted'"):
         launch(_raise_on_rank_0, 1, timeout=120)
+
+
+def test_a_communicator_on_its_own_stream_is_ordered_with_the_caches():
+    """An NcclCommunicator given a stream other than the cache's (one rank in this process): its collectives wait
+    for the cache's work and the merge waits for them (events both ways), so the result equals ThreadGroup's."""
+    import cupy as cp
+
+    from million_cupy.parallel import NcclCommunicator
+
+    own = cp.cuda.Stream(non_blocking=True)
+    comm = NcclCommunicator(0, 1, NcclCommunicator.new_unique_id(), stream=own)
+    for mode in ("sequence", "heads"):
+        got = _group_decode(comm, mode)
+        (want,) = ThreadGroup(1).run(_group_decode, [mode])
+        np.testing.assert_allclose(got[0].astype(np.float32), want[0].astype(np.float32), rtol=0, atol=2e-3)
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-3)
