@@ -445,9 +445,11 @@ class SequenceParallelCache(_Parallel):
 
     def local_tokens(self, layer: int, seq_ids: Any) -> np.ndarray:
         """Tokens of each sequence's segment on this rank."""
-        lens = self.seq_lens(layer, seq_ids)
-        lo = self.comm.rank * self.tokens_per_shard
-        return np.clip(lens - lo, 0, self.tokens_per_shard)
+        return self._segment_tokens(self.seq_lens(layer, seq_ids))
+
+    def _segment_tokens(self, lens: np.ndarray) -> np.ndarray:
+        """This rank's share of sequences of global lengths ``lens``."""
+        return np.clip(lens - self.comm.rank * self.tokens_per_shard, 0, self.tokens_per_shard)
 
     def append(self, layer: int, seq_ids: Sequence[int], k: Any, v: Any, lengths: Any = None) -> None:
         """Append ``lengths[b]`` (default 1) tokens to each ``seq_ids[b]``: rows of ``k`` / ``v``
@@ -498,7 +500,7 @@ class SequenceParallelCache(_Parallel):
             q_arr, xp = self._queries(q)
             B, nh, d = q_arr.shape
             state = self._state(xp, B, nh, d, q_arr.dtype)
-            held = np.flatnonzero(self.local_tokens(layer, seqs) > 0)
+            held = np.flatnonzero(self._segment_tokens(self._lens[layer, seqs]) > 0)  # ids checked above
             if held.size < B:  # sequences with no token here: a state over no keys
                 state.out[...] = 0
                 state.lse[...] = -xp.inf
