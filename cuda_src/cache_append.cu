@@ -4,8 +4,9 @@
 //   1. PQ-encodes K and V (nearest centroid per subspace, pq_common.cuh: the codes Codebook.encode gives)
 //      and stores the codes at the token's place in block pos / P of its sequence, in the stored page
 //      layout (K rows XOR-permuted in 16-byte chunks, V transposed in 16-token blocks: layout.pack_pages);
-//   2. copies the exact K and V rows into the layer's residual ring at slot pos % R when the token stays
-//      residual (tok.w != 0).
+//   2. copies the exact K and V rows into the layer's residual ring at slot pos % R (R: the ring's slots,
+//      PagedPQCache.ring_slots) when the host marks the token (tok.w != 0): one of its sequence's last R
+//      tokens after the append, the window and the tokens a truncate may bring back into it.
 //   A block is a full page only once the flush rule says so (layout.full_pages); until then the decode
 //   kernels read its tokens from the ring. So a flush costs no work here, and every launch of a decode
 //   step does the same small amount of work.
@@ -16,7 +17,7 @@
 //   v_pages       pool + this layer's V code offset
 //   k_cent/v_cent float32 (Hc, M, 256, DSUB); Hc = 1 (shared by the kv heads) or nh_k
 //   block_table   int32 (max_seqs, max_blocks): page id of each block, -1 if unallocated
-//   tok           int4 (n_tok): {sequence slot, position, slot generation, stays residual}
+//   tok           int4 (n_tok): {sequence slot, position, slot generation, copied into the ring}
 //   slot_gen      int32 (max_seqs): the cache's current generation of each slot
 //   status        4 flag bytes (read on the host as one little-endian int32 word): byte STATUS_STALE_SLOT = a
 //                 token named a slot of another generation (a batch that changed since it was planned),

@@ -1,14 +1,16 @@
 """Speculative decoding's verification over a PQ cache: append the drafts, attend, keep the accepted ones.
 
-Every step, each sequence brings ``--drafts`` draft tokens. They go into a fork of the sequence
-(``PagedPQCache.fork``: full pages shared, the rest copied), where they attend causally to the whole compressed
-history and to each other (``BatchPrefillWrapper``: one plan per step, one ``run`` per layer). Then the forks are
-freed, so the rejected drafts go with them, and the accepted tokens' K / V are appended to the sequences (here a
-random number of them stands for the target model's verdict). On a GPU the first step's ``run`` of each layer is
-captured in a CUDA graph and the later steps replay it: each plan rewrites the device metadata the graph reads,
-for other fork ids and longer histories. Each step's last layer is checked against the float64 reference over
-the cache's own contents. Without a GPU the same loop runs on a CPU cache through
-``million_cupy.prefill_attention`` (the float64 reference path).
+Every step, each sequence brings ``--drafts`` draft tokens. They are appended to the sequence, where they attend
+causally to the whole compressed history and to each other (``BatchPrefillWrapper``: one plan per step, one
+``run`` per layer). Then the rejected drafts are dropped in place (``PagedPQCache.truncate``; a cache built with
+``max_rollback`` = the drafts keeps that many tokens more in its exact ring, so that the tokens a verdict brings
+back into the window are exact again): the cache then holds what it would had only the accepted tokens been
+appended (here a random number of them stands for the target model's verdict). On a GPU the first step's ``run``
+of each layer is captured in a CUDA graph and the later steps replay it: each plan rewrites the device metadata
+the graph reads, for longer histories. Each step's last layer is checked against the float64 reference over the
+cache's own contents, and at the end every sequence against a cache that only ever got its accepted tokens.
+Without a GPU the same loop runs on a CPU cache through ``million_cupy.prefill_attention`` (the float64
+reference path).
 """
 
 from __future__ import annotations
@@ -49,27 +51,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     books = mc.ModelCodebooks.train([rng.standard_normal((512, nh_k, d)).astype(np.float32) for _ in range(L)],
                                     [rng.standard_normal((512, nh_k, d)).astype(np.float32) for _ in range(L)],
                                     M=args.M, iters=5, seed=args.seed)
-    # Room for a fork of every sequence beside it.
-    cache = mc.PagedPQCache(L, nh_k, d, books, max_seqs=2 * B, max_seq_len=max(lens) + c * args.steps,
-                            device="cuda" if gpu else "cpu", stream=stream)
+    cache = mc.PagedPQCache(L, nh_k, d, books, max_seqs=B, max_seq_len=max(lens) + c * args.steps,
+                            device="cuda" if gpu else "cpu", stream=stream, max_rollback=c)
     print(f"path: {'GPU' if gpu else 'CPU'}; prompts {lens}, {L} layers, {nh} / {nh_k} heads, d = {d}, M = {args.M}, "
           f"{c} drafts per sequence and step")
     seqs = [cache.add_sequence() for _ in lens]
     ind = np.arange(B + 1) * c
+    prompt = [(tokens(sum(lens), nh_k), tokens(sum(lens), nh_k)) for _ in range(L)]
     if gpu:
         with stream:
-            for layer in range(L):
-                cache.append(layer, seqs, tokens(sum(lens), nh_k), tokens(sum(lens), nh_k), lengths=lens)
+            for layer, (k, v) in enumerate(prompt):
+                cache.append(layer, seqs, k, v, lengths=lens)
             wrapper = mc.BatchPrefillWrapper(cache, nh, stream=stream)
             kept = verification_loop(cache, seqs, ind, args, tokens, graphed_attention(cp, stream, wrapper, ind), check)
             stream.synchronize()
         check(wrapper.stats()["stale_graph_plans"] == 0, "one capture per layer served every step")
     else:
-        for layer in range(L):
-            cache.append(layer, seqs, tokens(sum(lens), nh_k), tokens(sum(lens), nh_k), lengths=lens)
+        for layer, (k, v) in enumerate(prompt):
+            cache.append(layer, seqs, k, v, lengths=lens)
         kept = verification_loop(cache, seqs, ind, args, tokens, reference_attention(cache, ind), check)
-    want = (np.asarray(lens) + kept).tolist()
+    want = [n + sum(len(k) for k, _ in kept[0][b]) for b, n in enumerate(lens)]
     check(cache.seq_lens(0, seqs).tolist() == want, f"the sequences hold their prompts and accepted tokens: {want}")
+    # The same prompts and accepted tokens appended to a fresh cache: every layer must hold the same.
+    fresh = mc.PagedPQCache(L, nh_k, d, books, max_seqs=B, max_seq_len=max(lens) + c * args.steps,
+                            device="cuda" if gpu else "cpu", stream=stream)
+    xp = cp if gpu else np
+    other = [fresh.add_sequence() for _ in lens]
+    for layer, (k, v) in enumerate(prompt):
+        fresh.append(layer, other, k, v, lengths=lens)
+        for b, o in enumerate(other):
+            k_rows, v_rows = (xp.concatenate(rows) for rows in zip(*kept[layer][b]))
+            fresh.append(layer, [o], k_rows, v_rows, lengths=[k_rows.shape[0]])
+    same = all(np.array_equal(x, y) for layer in range(L) for s, o in zip(seqs, other)
+               for x, y in zip(cache.dequantize(layer, s), fresh.dequantize(layer, o)))
+    check(same, "after every truncate the cache holds what a cache given only the accepted tokens holds")
     if check.failures:
         print(f"speculative_verify: {len(check.failures)} check(s) FAILED")
         return 1
@@ -77,35 +92,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# attend(step, forks, q, drafts) -> out: the drafts' attention at the last layer, after appending every layer's
-# drafts (K, V) to the forks and attending in each
+# attend(step, seqs, q, drafts) -> out: the drafts' attention at the last layer, after appending every layer's
+# drafts (K, V) to the sequences and attending in each
 Attend = Callable[[int, list, list, list], Any]
 
 
 def verification_loop(cache, seqs: list[int], ind: np.ndarray, args, tokens: Callable, attend: Attend,
-                      check: Checks) -> np.ndarray:
-    """``args.steps`` verification steps; returns the tokens each sequence kept."""
+                      check: Checks) -> list[list[list[tuple]]]:
+    """``args.steps`` verification steps; returns the accepted drafts' (K, V) rows per layer, sequence and step."""
     L, nh_k, B, c, N = cache.num_layers, cache.num_kv_heads, len(seqs), args.drafts, int(ind[-1])
     verdict = np.random.default_rng(args.seed + 1)
-    kept, worst = np.zeros(B, dtype=np.int64), 0.0
+    kept: list[list[list[tuple]]] = [[[] for _ in seqs] for _ in range(L)]
+    worst = 0.0
     for step in range(args.steps):
-        forks = [cache.fork(s) for s in seqs]  # the drafts go into copies: rejected ones leave with them
+        held = cache.seq_lens(0, seqs)
         drafts = [(tokens(N, nh_k), tokens(N, nh_k)) for _ in range(L)]
         q = [tokens(N, args.heads) for _ in range(L)]
-        out = attend(step, forks, q, drafts)
-        ks, vs = zip(*(cache.dequantize(L - 1, s) for s in forks))
+        out = attend(step, seqs, q, drafts)
+        ks, vs = zip(*(cache.dequantize(L - 1, s) for s in seqs))
         want, _ = reference.causal_attention(to_numpy(q[-1]).astype(np.float64), list(ks), list(vs), ind)
         err = reference.relative_error(to_numpy(out).astype(np.float64), want)
         worst = max(worst, err)
         accepted = verdict.integers(1, c + 1, B)  # the target model's verdict: at least one token per sequence
-        for s in forks:
-            cache.free(s)
-        rows = np.concatenate([b * c + np.arange(a) for b, a in enumerate(accepted)])  # the accepted drafts' K / V
-        if cache.is_gpu:
-            rows = cupy().asarray(rows)
-        for layer, (k, v) in enumerate(drafts):
-            cache.append(layer, seqs, k[rows], v[rows], lengths=accepted)
-        kept += accepted
+        cache.truncate(seqs, held + accepted)  # the rejected drafts leave every layer of every sequence
+        for b in range(B):
+            for layer, (k, v) in enumerate(drafts):
+                rows = slice(b * c, b * c + int(accepted[b]))
+                kept[layer][b].append((k[rows], v[rows]))
         print(f"  step {step}: relative error {err:.2e} (last layer against the float64 reference), accepted "
               f"{accepted.tolist()}")
     check(worst <= 2e-3, f"every step matches the float64 reference (worst relative error {worst:.2e})")
@@ -114,17 +127,17 @@ def verification_loop(cache, seqs: list[int], ind: np.ndarray, args, tokens: Cal
 
 def graphed_attention(cp, stream, wrapper, ind: np.ndarray) -> Attend:
     """The drafts' attention on the GPU: the wrapper's first run per layer is captured in a CUDA graph, which the
-    later steps replay (reading their plans: other forks, longer histories)."""
+    later steps replay (reading their plans: longer histories)."""
     cache = wrapper.cache
     N, L, d = int(ind[-1]), cache.num_layers, cache.head_dim
     q_in = [cp.empty((N, wrapper.num_heads, d), dtype=cp.float16) for _ in range(L)]  # what the graphs read
     out = [cp.empty((N, wrapper.num_heads, d), dtype=cp.float16) for _ in range(L)]   # and write
     graphs: list = [None] * L
 
-    def attend(step: int, forks: list, q: list, drafts: list) -> Any:
-        wrapper.plan(forks, ind)
+    def attend(step: int, seqs: list, q: list, drafts: list) -> Any:
+        wrapper.plan(seqs, ind)
         for layer, (k, v) in enumerate(drafts):
-            cache.append(layer, forks, k, v, lengths=np.diff(ind))
+            cache.append(layer, seqs, k, v, lengths=np.diff(ind))
             q_in[layer][...] = q[layer]
             out[layer].fill(cp.nan)
             if graphs[layer] is None:
@@ -144,10 +157,10 @@ def graphed_attention(cp, stream, wrapper, ind: np.ndarray) -> Attend:
 def reference_attention(cache, ind: np.ndarray) -> Attend:
     """The drafts' attention on a CPU cache: prefill_attention, the float64 reference path."""
 
-    def attend(step: int, forks: list, q: list, drafts: list) -> Any:
+    def attend(step: int, seqs: list, q: list, drafts: list) -> Any:
         for layer, (k, v) in enumerate(drafts):
-            cache.append(layer, forks, k, v, lengths=np.diff(ind))
-            out = mc.prefill_attention(cache, layer, forks, q[layer], ind)
+            cache.append(layer, seqs, k, v, lengths=np.diff(ind))
+            out = mc.prefill_attention(cache, layer, seqs, q[layer], ind)
         return out
 
     return attend

@@ -15,6 +15,13 @@ blocks), and the tokens that stay residual are also copied into the ring. A flus
 full page, is therefore only a change of lengths. The contents are a function of the tokens alone,
 never of how they were split across :meth:`PagedPQCache.append` calls.
 
+Rollback (:meth:`PagedPQCache.truncate`). Dropping a sequence's last tokens (rejected speculative drafts) must
+bring back into the window tokens that had left it, exactly. A cache built with ``max_rollback = K`` keeps
+``R + K`` ring slots (token ``t`` at slot ``t % (R + K)``) and every append copies the last ``R + K`` tokens
+of each sequence into the ring, not only the ones that stay residual; the codes of every token are already
+in its block. Truncating by at most ``K`` tokens is then exact: the cache holds what a cache that was never
+given the dropped tokens would hold.
+
 Pages. One page id covers the ``P``-token block ``j`` of a sequence in every layer: the first layer
 (or :meth:`PagedPQCache.reserve`) that needs block ``j`` allocates it and the other layers find it in
 the block table. Allocated blocks of a sequence are always a prefix ``[0, blocks)`` of its
@@ -168,8 +175,8 @@ class PagedPQCache:
             (shared by the kv heads) or one per kv head; None: an exact cache (K and V stored unquantized
             in ``dtype``, see the module's "Exact mode").
         page_size: tokens per page ``P``: 16, 32, 64, 128 or 256.
-        residual: ring size ``R`` in tokens: a multiple of ``page_size``, at least ``page_size``; None: 128
-            (PQ) or ``page_size`` (exact, the only window it takes).
+        residual: the exact window ``R`` in tokens: a multiple of ``page_size``, at least ``page_size``; None:
+            128 (PQ) or ``page_size`` (exact, the only window it takes).
         max_pages: pages in the pool. Default: ``max_seqs * max_blocks_per_seq``, enough for every
             slot at ``max_seq_len`` (the worst case; pass a smaller pool to bound memory).
         max_seqs: sequence slots (ids are slot numbers, recycled by :meth:`free`).
@@ -181,6 +188,10 @@ class PagedPQCache:
         stream: the CUDA stream for all of the cache's device work (a CuPy stream, an object with
             ``.cuda_stream`` such as ``torch.cuda.Stream``, or a raw handle); None: CuPy's current stream
             when the cache is built. Inputs must be ready on it (or on a stream it is ordered after).
+        max_rollback: tokens that :meth:`truncate` can always drop from a sequence's end (speculative drafts
+            that were not accepted): the ring keeps ``residual + max_rollback`` tokens exact. 0 (default):
+            truncate works only while the dropped tokens' window is still in the ring. An exact cache
+            holds every token in its pages and truncates by any amount.
 
     Raises:
         UnsupportedConfiguration: a geometry or option outside what the cache supports.
@@ -201,6 +212,7 @@ class PagedPQCache:
         dtype: str = "float16",
         device: str | None = None,
         stream: Any = None,
+        max_rollback: int = 0,
     ) -> None:
         num_layers = _index(num_layers, "num_layers")
         num_kv_heads = _index(num_kv_heads, "num_kv_heads")
@@ -212,6 +224,9 @@ class PagedPQCache:
         residual = _index(residual, "residual")
         max_seqs = _index(max_seqs, "max_seqs")
         max_seq_len = _index(max_seq_len, "max_seq_len")
+        max_rollback = _index(max_rollback, "max_rollback")
+        if max_rollback < 0:
+            raise UnsupportedConfiguration(f"max_rollback: expected a non-negative integer, got {max_rollback}")
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("max_seqs", max_seqs),
                             ("max_seq_len", max_seq_len)):
             if value < 1:
@@ -249,6 +264,9 @@ class PagedPQCache:
         self._d = head_dim
         self._P = page_size
         self._R = residual
+        self._rollback = max_rollback
+        # Ring slots: the window plus the tokens a truncate may bring back into it (none in an exact cache).
+        self._S = residual + max_rollback if quantized else 0
         self._max_seqs = max_seqs
         self._max_seq_len = max_seq_len
         self._max_blocks = -(-max_seq_len // page_size)
@@ -259,7 +277,7 @@ class PagedPQCache:
         # Bytes of one token of one (layer, kind, kv head): its M codes, or its exact row.
         self._token_nbytes = self._M if quantized else head_dim * self._dtype.itemsize
         self._page_nbytes = num_layers * 2 * num_kv_heads * page_size * self._token_nbytes
-        ring_tokens = residual if quantized else 0  # an exact cache reads its window from the pages
+        ring_tokens = self._S  # an exact cache reads its window from the pages
         num_pages = max_seqs * self._max_blocks if max_pages is None else _index(max_pages, "max_pages")
         if num_pages < 1:
             raise UnsupportedConfiguration(f"max_pages: expected a positive integer, got {num_pages}")
@@ -304,6 +322,11 @@ class PagedPQCache:
         # contiguous block (the step's host commit, :meth:`advance`).
         self._lens = np.zeros((max_seqs, num_layers), dtype=np.int64).T
         self._blocks = np.zeros(max_seqs, dtype=np.int64)  # allocated blocks per slot (a prefix)
+        # Rollback bookkeeping (truncate): per (layer, slot), the most tokens held before the last truncate, so
+        # the ring's oldest valid token is max(that, length) - ring slots; per slot, the blocks that a fork may
+        # share with another sequence (a truncate into them copies them before they can be written again).
+        self._high_water = np.zeros((num_layers, max_seqs), dtype=np.int64)
+        self._shared_blocks = np.zeros(max_seqs, dtype=np.int64)
         self._live = np.zeros(max_seqs, dtype=bool)
         self._slot_gen = np.zeros(max_seqs, dtype=np.int32)
         self._lens_view = self._lens.view()
@@ -373,6 +396,17 @@ class PagedPQCache:
     def residual(self) -> int:
         """Residual window ``R`` in tokens (the flush rule's; an exact cache: ``page_size``, read from pages)."""
         return self._R
+
+    @property
+    def max_rollback(self) -> int:
+        """Tokens :meth:`truncate` can always drop from a sequence's end (the constructor's ``max_rollback``)."""
+        return self._rollback
+
+    @property
+    def ring_slots(self) -> int:
+        """Slots of each residual ring: ``residual + max_rollback`` (0 in an exact cache); token ``t`` sits in
+        slot ``t % ring_slots``. Kernels that read the rings take this as their ring capacity."""
+        return self._S
 
     @property
     def dtype(self) -> str:
@@ -494,12 +528,12 @@ class PagedPQCache:
         return self._block_table
 
     def residual_k(self, layer: int) -> Any:
-        """K ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``
-        (an exact cache has none: ``(max_seqs, nh_k, 0, d)``)."""
+        """K ring of ``layer``: ``(max_seqs, nh_k, S, d)`` in the cache dtype, ``S =`` :attr:`ring_slots`; token
+        ``t`` at slot ``t % S`` (an exact cache has none: ``(max_seqs, nh_k, 0, d)``)."""
         return self._ring_k[self.check_layer(layer)]
 
     def residual_v(self, layer: int) -> Any:
-        """V ring of ``layer``: ``(max_seqs, nh_k, R, d)`` in the cache dtype; token ``t`` at slot ``t % R``."""
+        """V ring of ``layer``: ``(max_seqs, nh_k, S, d)`` in the cache dtype; token ``t`` at slot ``t % S``."""
         return self._ring_v[self.check_layer(layer)]
 
     def key_centroids(self, layer: int) -> Any:
@@ -558,6 +592,9 @@ class PagedPQCache:
             self._ring_k[:, child] = self._ring_k[:, src]
             self._ring_v[:, child] = self._ring_v[:, src]
         self._lens[:, child] = self._lens[:, src]
+        self._high_water[:, child] = self._high_water[:, src]
+        self._shared_blocks[child] = shared
+        self._shared_blocks[src] = max(int(self._shared_blocks[src]), shared)
         self._blocks[child] = blocks
         self._live[child] = True
         self._new_generation(child)
@@ -572,10 +609,85 @@ class PagedPQCache:
                 self._alloc.free(self._block_table[seq, :blocks])
                 self._block_table[seq, :blocks] = -1
         self._lens[:, seq] = 0
+        self._high_water[:, seq] = 0
+        self._shared_blocks[seq] = 0
         self._blocks[seq] = 0
         self._live[seq] = False
         self._new_generation(seq)
         heapq.heappush(self._free_slots, int(seq))
+
+    def truncate(self, seq_ids: int | Sequence[int] | np.ndarray, lengths: int | Sequence[int] | np.ndarray) -> None:
+        """Drop each listed sequence's tokens from position ``lengths[i]`` on, in every layer (speculative drafts
+        that were not accepted); a layer holding that many tokens or fewer keeps them. ``seq_ids``: one id or
+        several; ``lengths``: one count for all or one per sequence. Afterwards the cache holds exactly what it
+        would hold had the dropped tokens never been appended, and appends continue at the new lengths.
+
+        A PQ cache brings tokens back into the exact window from its ring, which holds a sequence's last
+        :attr:`ring_slots` tokens: dropping at most :attr:`max_rollback` tokens below the most the sequence held
+        since its last truncate always works (and more while the window has not moved that far). A sequence keeps
+        its allocated blocks, which later appends write into; a block that a :meth:`fork` may share with another
+        sequence gets a fresh copy first, so that the other sequence's tokens stay as they are. Host work only
+        (no device call) unless such a copy is made.
+
+        Raises:
+            ValueError: unknown or repeated ids, negative lengths, or a length whose window the ring no longer
+                holds (the message gives the shortest length that sequence can go back to); nothing changed.
+            PagePoolExhausted: no free pages for the copies of shared blocks; nothing changed.
+        """
+        seqs = self.check_ids(seq_ids, "truncate")
+        target = self._check_counts(lengths, seqs.shape[0], "lengths")
+        cur = self._lens[:, seqs]
+        drop = cur > target
+        if not drop.any():
+            return
+        high = np.maximum(self._high_water[:, seqs], cur)
+        if self.quantized:
+            # The ring holds the exact rows of tokens [high - S, high); the window of `target` tokens starts at its
+            # full pages' end.
+            oldest = high - self._S
+            short = drop & (self._P * self._full_pages(target) < oldest)
+            if short.any():
+                layer, i = (int(j[0]) for j in np.nonzero(short))
+                raise ValueError(
+                    f"truncate: sequence {int(seqs[i])} held up to {int(high[layer, i])} tokens in layer {layer} and "
+                    f"its ring keeps the last ring_slots = {self._S} of them exact, so it can go back to "
+                    f"{self._shortest_length(int(oldest[layer, i]))} tokens, not {int(target[i])} (build the cache "
+                    f"with a larger max_rollback, now {self._rollback}); nothing changed")
+        # Appends write again from the block of position target on: none of those blocks may be shared.
+        first = target // self._P
+        shared = np.minimum(self._shared_blocks[seqs], self._blocks[seqs])
+        if (first < shared).any():
+            self._unshare(seqs, first, shared)
+        self._high_water[:, seqs] = np.where(drop, high, self._high_water[:, seqs])
+        self._lens[:, seqs] = np.minimum(cur, target)
+        self._version += 1
+
+    def _shortest_length(self, oldest: int) -> int:
+        """The fewest tokens whose window starts at or after token ``oldest`` (the flush rule solved for n)."""
+        if oldest <= 0:
+            return 0
+        return self._R + (-(-oldest // self._P) - 1) * self._P
+
+    def _unshare(self, seqs: np.ndarray, first: np.ndarray, end: np.ndarray) -> None:
+        """Give each ``seqs[i]`` private copies of its blocks ``[first[i], end[i])`` (which a fork may share), in
+        one allocation, dropping its references to the shared pages."""
+        count = np.maximum(end - first, 0)
+        with self._on_stream():
+            try:
+                fresh = self._page_ids(self._alloc.alloc(int(count.sum())))
+            except PagePoolExhausted as exc:
+                raise PagePoolExhausted(f"truncate: sequences {seqs[count > 0].tolist()} need {int(count.sum())} "
+                                        f"pages to copy blocks a fork may share ({exc}); nothing changed") from None
+            at = 0
+            for s, lo, n in zip(seqs.tolist(), first.tolist(), count.tolist()):
+                if n:
+                    old = self._block_table[s, lo : lo + n].copy()
+                    ids = fresh[at : at + n]
+                    self._pool[ids] = self._pool[old]
+                    self._block_table[s, lo : lo + n] = ids
+                    self._alloc.free(old)
+                    self._shared_blocks[s] = lo
+                    at += n
 
     def _new_generation(self, seq: int) -> None:
         self._slot_gen[seq] += 1
@@ -672,9 +784,10 @@ class PagedPQCache:
             self._grow(seqs, blocks(n1, self._P), "append")  # the only step that can fail; nothing written before
             owner, pos = _ranges(n0, counts)
             if owner.shape[0]:
-                # Token j of the input is position pos[j] of seqs[owner[j]]; it stays exact in the ring
-                # when it is at or past the sequence's full pages after this append.
-                self._store_tokens(layer, seqs[owner], pos, pos >= self._P * p1[owner], k, v)
+                # Token j of the input is position pos[j] of seqs[owner[j]]; the last ring_slots tokens of each
+                # sequence go to the ring too: the window after this append, and the tokens a truncate may bring
+                # back into it.
+                self._store_tokens(layer, seqs[owner], pos, pos >= n1[owner] - self._S, k, v)
         self._lens[layer, seqs] = n1
         self._flushes += int((p1 - self._full_pages(n0)).sum())
         self._version += 1
@@ -793,18 +906,18 @@ class PagedPQCache:
                 (self._block_table, np.int32(self._max_blocks), dev, np.int32(B), ids))
         store.launch(stream.ptr)
 
-    def _store_tokens(self, layer: int, seq: np.ndarray, pos: np.ndarray, residual: np.ndarray, k: Any,
+    def _store_tokens(self, layer: int, seq: np.ndarray, pos: np.ndarray, in_ring: np.ndarray, k: Any,
                       v: Any) -> None:
         """Token row ``j`` of ``k`` / ``v`` is position ``pos[j]`` of sequence ``seq[j]``: write its codes
-        into its block and, where ``residual[j]``, its exact rows into ring slot ``pos[j] % R`` (an exact
-        cache: its rows into its block)."""
+        into its block and, where ``in_ring[j]``, its exact rows into ring slot ``pos[j] % ring_slots`` (an
+        exact cache: its rows into its block)."""
         if self.is_gpu:
-            meta = np.stack([seq, pos, self._slot_gen[seq], residual], axis=1).astype(np.int32)
+            meta = np.stack([seq, pos, self._slot_gen[seq], in_ring], axis=1).astype(np.int32)
             append = self.append_kernel(layer)
             append.kernel(append.grid(meta.shape[0]), (APPEND_THREADS,),
                           append.args(k, v, self._xp.asarray(meta), self._append_status, meta.shape[0]))
             return
-        P, R = self._P, self._R
+        P, S = self._P, self._S
         self._non_finite_seen |= not (np.isfinite(k).all() and np.isfinite(v).all())
         row = pos % P
         pages = self._block_table[seq, pos // P]
@@ -821,7 +934,7 @@ class PagedPQCache:
                 self.k_codes(layer)[pages, :, :, row, :] = stored
             else:
                 self.v_codes(layer)[pages, :, row // V_BLOCK_TOKENS, :, row % V_BLOCK_TOKENS] = codes
-            ring[layer][seq[residual], :, pos[residual] % R] = x[residual]
+            ring[layer][seq[in_ring], :, pos[in_ring] % S] = x[in_ring]
 
     def append_kernel(self, layer: int) -> AppendKernel:
         """The append kernel bound to ``layer``'s storage (GPU path; built once per layer): ``append_tokens``, or
@@ -845,7 +958,7 @@ class PagedPQCache:
                 storage=(self._ring_k[layer], self._ring_v[layer], flat[self.code_offset(layer, 0):],
                          flat[self.code_offset(layer, 1):], np.int64(self._page_nbytes), kc, vc, self._block_table,
                          np.int32(self._max_blocks)),
-                geometry=(np.int32(self._nh_k), np.int32(self._M), np.int32(Hc), np.int32(self._R),
+                geometry=(np.int32(self._nh_k), np.int32(self._M), np.int32(Hc), np.int32(self._S),
                           np.int32(self._P.bit_length() - 1)),
                 slot_gen=self._slot_gen_dev,
             )
@@ -911,7 +1024,7 @@ class PagedPQCache:
                     for pages in (self.k_pages(layer), self.v_pages(layer)))
         pages = int(self._full_pages(n))
         paged = pages * self._P
-        slots = np.arange(paged, n) % self._R
+        slots = np.arange(paged, n) % self._S
         with self._on_stream():
             ids = self._block_table[seq, :pages]
             k_codes, v_codes = (
@@ -993,6 +1106,7 @@ class PagedPQCache:
         return (
             f"PagedPQCache(num_layers={self._num_layers}, num_kv_heads={self._nh_k}, head_dim={self._d}, "
             f"{f'M={self._M}' if self.quantized else 'exact'}, page_size={self._P}, residual={self._R}, "
+            f"max_rollback={self._rollback}, "
             f"num_pages={self._num_pages}, "
             f"max_seqs={self._max_seqs}, dtype={self._dtype_name}, {'gpu' if self.is_gpu else 'cpu'}, "
             f"sequences={int(self._live.sum())})"

@@ -499,8 +499,9 @@ class AttentionPlan:
             cache = self.cache
             d, m, g = cache.head_dim, self._m, self.group
             null = np.uint64(0)
+            ring_cap = np.int32(max(cache.ring_slots, 1))  # an exact cache has no ring, and never reads one
             args = (null, *self._layer_args(layer), self.page_row, self.main_len, self.res_len, self.res_row,
-                    np.int32(cache.residual), np.int32(1), self.work, self.unit_items, self.part_o, self.part_lse,
+                    ring_cap, np.int32(1), self.work, self.unit_items, self.part_o, self.part_lse,
                     self.counter, null, null, np.int32(self.num_heads), np.int32(cache.num_kv_heads),
                     np.float32(self._scale * math.log2(math.e)))
             assert args[self.OUT_ARG] is null and args[self.OUT_ARG + 1] is null

@@ -587,7 +587,7 @@ class TensorCorePlan:
         part_o = null if buffers.part_o is None else buffers.part_o
         part_lse = null if buffers.part_lse is None else buffers.part_lse
         counters = (buffers.unit_counter,) if self.merges_in_kernel else ()
-        args = (null, null, null, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.residual),
+        args = (null, null, null, kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.ring_slots),
                 page_stride, head_stride, table, shift, buffers.seq_meta, buffers.page_row, buffers.res_row,
                 buffers.units, buffers.items, part_o, part_lse, *counters, np.int32(self.num_heads),
                 np.int32(cache.num_kv_heads), self._scale_log2)
@@ -614,7 +614,7 @@ class TensorCorePlan:
             smem = dequantize_smem(d)
             kernels.opt_in_shared_memory(dequantize, smem)
             dequantize((self.spans,), (TC_THREADS,),
-                       (kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.residual), page_stride,
+                       (kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, np.int32(cache.ring_slots), page_stride,
                         head_stride, table, shift, seq_meta, buffers.page_row, buffers.res_row, spans, hist_row,
                         self._ws_k, self._ws_v, ws_rows, nh_k), shared_mem=smem)
             kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::dense_prefill_attention<{d}, {t}>")

@@ -420,18 +420,23 @@ def test_flushes_happen_exactly_at_the_flush_rule(rng, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bulk_append_writes_only_the_tokens_that_stay_residual(rng, device):
-    # Tokens that go straight to pages never touch the ring, so one ring write per slot at most
-    # (the GPU kernel would race on repeated slots).
-    cache = make_cache(rng, device, page_size=16, residual=32)
-    s = cache.add_sequence()
+@pytest.mark.parametrize("max_rollback", [0, 8])
+def test_bulk_append_writes_each_ring_slot_once_with_the_last_tokens(rng, device, max_rollback):
+    # The ring receives a sequence's last ring_slots tokens and no earlier one, so one ring write per slot at
+    # most (the GPU kernel would race on repeated slots): 72 tokens, R = 32 (3 pages, tokens 0..47; residual
+    # 48..71) and 0 or 8 slots more. A 20-token sequence leaves the slots past it untouched.
+    cache = make_cache(rng, device, page_size=16, residual=32, max_rollback=max_rollback)
+    S = cache.ring_slots
+    s, short = cache.add_sequence(), cache.add_sequence()
     x = tokens(rng, 72, cache)
-    cache.append(0, [s], on(cache, x), on(cache, x), [72])  # 3 pages (tokens 0..47), residual 48..71
+    cache.append(0, [s, short], on(cache, np.concatenate([x, x[:20]])), on(cache, np.concatenate([x, x[:20]])),
+                 [72, 20])
     ring = to_numpy(cache.residual_k(0)[s])
-    slots = np.arange(48, 72) % 32
-    np.testing.assert_array_equal(ring[:, slots].transpose(1, 0, 2), exact(x[48:]))
-    untouched = np.setdiff1d(np.arange(32), slots)
-    assert (ring[:, untouched] == 0).all()
+    slots = np.arange(72 - S, 72) % S
+    np.testing.assert_array_equal(ring[:, slots].transpose(1, 0, 2), exact(x[72 - S:]))
+    ring = to_numpy(cache.residual_k(0)[short])
+    np.testing.assert_array_equal(ring[:, :20].transpose(1, 0, 2), exact(x[:20]))
+    assert (ring[:, 20:] == 0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -932,3 +937,143 @@ def test_append_status_bits_mirror_the_kernels_flag_bytes():
     for name in ("STALE_SLOT", "NO_PAGE", "NON_FINITE"):
         byte = int(re.search(rf"constexpr int STATUS_{name} = (\d+);", source).group(1))
         assert getattr(cache, f"APPEND_STATUS_{name}") == 1 << (8 * byte), name
+
+
+# ------------------------------------------------------------------------------------------ truncate
+
+
+def assert_same_sequence(a, sa, b, sb):
+    """Sequence ``sa`` of cache ``a`` and ``sb`` of ``b`` hold the same tokens in every layer: lengths, PQ pages
+    decoded and exact window rows."""
+    for layer in range(a.num_layers):
+        assert a.seq_len(sa, layer) == b.seq_len(sb, layer)
+        for x, y in zip(a.dequantize(layer, sa), b.dequantize(layer, sb)):
+            np.testing.assert_array_equal(x, y)
+
+
+def append_all(cache, seq, x, chunks):
+    """Append tokens ``x`` ``(T, nh_k, d)`` to every layer of ``seq`` in appends of ``chunks`` tokens."""
+    start = 0
+    for n in chunks:
+        for layer in range(cache.num_layers):
+            cache.append(layer, [seq], on(cache, x[start : start + n]), on(cache, x[start : start + n]),
+                         lengths=[n])
+        start += n
+    assert start == x.shape[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("history,drafts,kept", [
+    ([40, 1, 1, 1], 8, 3),      # drafts cross the flush at 48 tokens, 5 dropped
+    ([30], 9, 0),               # all 9 dropped (max_rollback + 1), the window had left the first page
+    ([100, 1], 6, 6),           # nothing dropped
+    ([16, 16, 15], 4, 1),       # a window exactly full before the drafts
+    ([30], 20, 5),              # kept drafts that their own append put in a full page (30, 31) are exact again
+])
+def test_truncate_leaves_what_a_cache_never_given_the_drafts_holds(rng, device, history, drafts, kept):
+    # Speculative verification: drafts appended in one call, the rejected ones truncated. The cache must then
+    # equal one that got only the kept tokens, and stay equal as both go on (the ring slots of the dropped tokens
+    # are written again, blocks of the dropped tokens are reused).
+    books = make_codebooks(rng)
+    a = make_cache(rng, device, codebooks=books, max_rollback=8)
+    b = make_cache(rng, device, codebooks=books, max_rollback=8)
+    assert a.ring_slots == a.residual + 8 == a.residual_k(0).shape[2]
+    n = sum(history)
+    x = tokens(rng, n + drafts, a)
+    sa, sb = a.add_sequence(), b.add_sequence()
+    append_all(a, sa, x, history + [drafts])
+    a.truncate(sa, n + kept)
+    append_all(b, sb, x[: n + kept], history + ([kept] if kept else []))
+    assert_same_sequence(a, sa, b, sb)
+    more = tokens(rng, 40, a)
+    append_all(a, sa, more, [3, 1, 36])
+    append_all(b, sb, more, [3, 1, 36])
+    assert_same_sequence(a, sa, b, sb)
+    # The attention kernels read rings of R + max_rollback slots: decode, and the last 4 tokens as new ones.
+    from million_cupy import decode, prefill_attention  # noqa: PLC0415
+
+    q = on(a, rng.standard_normal((1, 4, a.head_dim)).astype(a.array_dtype))
+    q4 = on(a, rng.standard_normal((4, 4, a.head_dim)).astype(a.array_dtype))
+    for layer in range(a.num_layers):
+        np.testing.assert_array_equal(to_numpy(decode(a, layer, [sa], q)), to_numpy(decode(b, layer, [sb], q)))
+        np.testing.assert_array_equal(to_numpy(prefill_attention(a, layer, [sa], q4, [0, 4])),
+                                      to_numpy(prefill_attention(b, layer, [sb], q4, [0, 4])))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncate_beyond_the_ring_raises_and_changes_nothing(rng, device):
+    # P = 16, R = 32, max_rollback = 8: 40 ring slots. At 105 tokens held, 95 tokens would need the window
+    # [64, 95), but the ring holds [65, 105): refused, with the shortest length that works (96).
+    cache = make_cache(rng, device, max_rollback=8)
+    s = cache.add_sequence()
+    x = tokens(rng, 105, cache)
+    append_all(cache, s, x, [100, 5])
+    before = [cache.dequantize(layer, s) for layer in range(cache.num_layers)]
+    with pytest.raises(ValueError, match=r"can go back to 96 tokens, not 95"):
+        cache.truncate(s, 95)
+    assert cache.seq_len(s) == 105
+    for layer in range(cache.num_layers):
+        for x0, x1 in zip(before[layer], cache.dequantize(layer, s)):
+            np.testing.assert_array_equal(x0, x1)
+    # Two truncates count from the most the sequence held: 100 works, then 95 is still refused.
+    cache.truncate(s, 100)
+    with pytest.raises(ValueError, match=r"held up to 105 tokens .* can go back to 96"):
+        cache.truncate(s, 95)
+    cache.truncate(s, 96)
+    assert cache.seq_len(s, 1) == 96
+    with pytest.raises(ValueError, match="non-negative"):
+        cache.truncate(s, -1)
+    with pytest.raises(ValueError):
+        cache.truncate(7, 10)  # not a live sequence
+    cache.truncate(s, 200)  # longer than held: nothing to drop
+    assert cache.seq_len(s) == 96
+    # Several sequences in one call: all, or (one refused) none.
+    t = cache.add_sequence()
+    append_all(cache, t, tokens(rng, 50, cache), [50])
+    with pytest.raises(ValueError, match=f"sequence {s} held up to 105"):
+        cache.truncate([t, s], [45, 90])
+    assert cache.seq_lens(0, [t, s]).tolist() == [50, 96]
+    cache.truncate([t, s], [45, 96])
+    assert cache.seq_lens(1, [t, s]).tolist() == [45, 96]
+    with pytest.raises(ValueError, match="distinct"):
+        cache.truncate([t, t], 40)
+    with pytest.raises(UnsupportedConfiguration, match="max_rollback"):
+        make_cache(rng, device, max_rollback=-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncate_into_blocks_shared_with_a_fork_copies_them(rng, device):
+    # A fork shares the parent's 5 full pages (tokens [0, 80)). The parent drops back to 70 tokens and appends
+    # other tokens: block 4 (tokens 64-79) must be the parent's own copy by then, or the child's tokens change.
+    books = make_codebooks(rng)
+    cache = make_cache(rng, device, codebooks=books, max_rollback=32)
+    fresh = make_cache(rng, device, codebooks=books, max_rollback=32)
+    parent = cache.add_sequence()
+    x = tokens(rng, 100, cache)
+    append_all(cache, parent, x, [100])
+    child = cache.fork(parent)
+    child_before = [cache.dequantize(layer, child) for layer in range(cache.num_layers)]
+    used = cache.stats()["used"]
+    cache.truncate(parent, 70)
+    assert cache.stats()["used"] == used + 1  # block 4 copied; blocks 0-3 stay shared
+    y = tokens(rng, 30, cache)
+    append_all(cache, parent, y, [30])
+    for layer in range(cache.num_layers):
+        for x0, x1 in zip(child_before[layer], cache.dequantize(layer, child)):
+            np.testing.assert_array_equal(x0, x1)
+    s = fresh.add_sequence()
+    append_all(fresh, s, np.concatenate([x[:70], y]), [70, 30])
+    assert_same_sequence(cache, parent, fresh, s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_exact_cache_truncates_by_any_amount(rng, device):
+    kw = dict(page_size=16, residual=16, max_seqs=4, max_seq_len=512, max_pages=64, device=device)
+    a, b = PagedPQCache(2, 2, 64, None, **kw), PagedPQCache(2, 2, 64, None, **kw)
+    assert a.ring_slots == 0
+    sa, sb = a.add_sequence(), b.add_sequence()
+    x = tokens(rng, 120, a)
+    append_all(a, sa, x, [100, 20])
+    a.truncate(sa, 37)
+    append_all(b, sb, x[:37], [37])
+    assert_same_sequence(a, sa, b, sb)

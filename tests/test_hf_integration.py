@@ -94,18 +94,24 @@ def test_cpu_decode_matches_simulation(tiny, rng, per_head, prefill, total):
     assert cache.get_seq_length() == total - 1
 
 
+def _greedy(model, prompt, cache, **extra):
+    """20 greedy tokens after ``prompt``: SDPA over a DynamicCache for ``cache=None``, else "million_pq"."""
+    if cache is None:
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+    else:
+        use_pq_attention(model)
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                              past_key_values=cache, pad_token_id=0, **extra)
+
+
 def test_short_generation_equals_dynamic_cache(tiny, rng):
     # 100 + 20 tokens stay in the 128-token residual window: exact, so greedy tokens must match.
     model, books = tiny
     prompt = _ids(rng, 2, 100)
-    model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                             past_key_values=DynamicCache(config=model.config), pad_token_id=0)
-        use_pq_attention(model)
-        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                             past_key_values=PQCache(model, books[False], max_seq_len=256), pad_token_id=0)
-    assert torch.equal(got, ref)
+    ref = _greedy(model, prompt, None)
+    assert torch.equal(_greedy(model, prompt, PQCache(model, books[False], max_seq_len=256)), ref)
 
 
 def test_quantization_changes_long_generation_logits(tiny, rng):
@@ -218,3 +224,49 @@ def test_gpu_kernels_match_simulation(tiny, rng, dtype, second_prompt):
         assert stats["extend"]["query_tokens"] == 3 * 40
     else:
         assert stats["step"]["plans"] == 280 - 60 - 1
+
+
+def test_crop_leaves_what_the_cache_holds_without_the_dropped_tokens(tiny, rng):
+    # Speculative verification: 25 drafts over a 125-token history (the flush at 128 moves the first 64 tokens into
+    # a PQ page), all dropped by crop. Decoding on must give exactly what a cache that never got them gives (the
+    # 64 tokens exact again, from the ring).
+    model, books = tiny
+    ids = _ids(rng, 2, 150)
+    cropped, kept = (PQCache(model, books[False], max_seq_len=512, max_rollback=32) for _ in range(2))
+    for cache in (cropped, kept):
+        _turns_logits(model, cache, ids, [120, 125])
+    _turns_logits_from(model, cropped, ids, 125, [150])
+    assert cropped.storage.dequantize(0, 0)[0].shape[0] == 150
+    cropped.crop(125)
+    assert cropped.get_seq_length() == 125
+    got = _turns_logits_from(model, cropped, ids, 125, range(126, 141))
+    want = _turns_logits_from(model, kept, ids, 125, range(126, 141))
+    assert torch.equal(got, want)
+    narrow = PQCache(model, books[False], max_seq_len=512)  # ring = window: the first page's tokens are gone
+    _turns_logits(model, narrow, ids, [120, 125])
+    _turns_logits_from(model, narrow, ids, 125, [150])
+    with pytest.raises(UnsupportedConfiguration, match="max_rollback"):
+        narrow.crop(-25)
+    assert narrow.get_seq_length() == 150
+
+
+def _turns_logits_from(model, cache, ids, start, ends):
+    """Logits of feeding ``ids[:, start:end]`` for each end of ``ends`` in turn to a cache holding ``start`` tokens."""
+    logits = []
+    with torch.no_grad():
+        for end in ends:
+            logits.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+            start = end
+    return torch.cat(logits, 1).double()
+
+
+def test_assisted_generation_runs_on_a_pq_cache(tiny, rng):
+    # generate(assistant_model=...) verifies a draft model's tokens in one forward and crops the rejected ones.
+    # 100 + 20 tokens stay in the 128-token window (exact), so the tokens must be plain greedy decoding's.
+    model, books = tiny
+    prompt = _ids(rng, 1, 100)
+    ref = _greedy(model, prompt, None)
+    cache = PQCache(model, books[False], max_seq_len=256, max_rollback=32)
+    assert torch.equal(_greedy(model, prompt, cache, assistant_model=_model(seed=1)), ref)
+    stats = cache.stats()
+    assert stats["extend_tokens"] > 0 and stats["cropped_tokens"] > 0  # drafts verified, rejected ones cropped

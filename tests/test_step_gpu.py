@@ -34,10 +34,11 @@ def _codebooks(rng, layers, M, d, heads=1):
 
 
 def _caches(rng, *, layers=2, nh_k=2, d=128, M=64, P=16, R=32, heads=1, dtype="float16", max_pages=512,
-            devices=("cuda", "cpu"), stream=None):
+            devices=("cuda", "cpu"), stream=None, max_rollback=0):
     books = _codebooks(rng, layers, M, d, heads)
     return [PagedPQCache(layers, nh_k, d, books, page_size=P, residual=R, max_pages=max_pages, max_seqs=8,
-                         max_seq_len=4096, dtype=dtype, device=dev, stream=stream if dev == "cuda" else None)
+                         max_seq_len=4096, dtype=dtype, device=dev, stream=stream if dev == "cuda" else None,
+                         max_rollback=max_rollback)
             for dev in devices]
 
 
@@ -264,6 +265,45 @@ def _graph_replays_eager(rng, eager, graphed, steps: int, stream, *, one_call: b
     s_graph.check()
     np.testing.assert_array_equal(cp.asnumpy(out_graph), cp.asnumpy(out_eager))
     return seqs, s_graph
+
+
+def test_decode_steps_around_verified_and_truncated_drafts(rng):
+    # A speculative loop: decode steps, then drafts appended to every sequence and the rejected ones truncated,
+    # then decode steps again, on a GPU cache whose ring holds R + 8 tokens, beside a CPU cache given the same
+    # calls. The step plans again after each truncate (the cache's version moved); attention matches the
+    # reference over the cache's contents, and the rings and codes match the CPU cache's.
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    gpu, cpu = _caches(rng, max_rollback=8)
+    assert gpu.ring_slots == 40
+    seqs = [gpu.add_sequence() for _ in range(3)]
+    for _ in seqs:
+        cpu.add_sequence()
+    _prefill(rng, (gpu, cpu), seqs, [30, 47, 90])
+    step = DecodeStep(gpu, num_heads=8, horizon=32)
+    for round_ in range(4):
+        for t in range(5):
+            step.plan(seqs)
+            for layer in range(2):
+                k, v = _tokens(rng, 3, gpu), _tokens(rng, 3, gpu)
+                step.append(layer, cp.asarray(k.astype(np.float16)), cp.asarray(v.astype(np.float16)))
+                cpu.append(layer, seqs, k.astype(np.float16), v.astype(np.float16))
+                q = cp.asarray(rng.standard_normal((3, 8, 128)).astype(np.float16))
+                out = step.run(layer, q, out=_poison((3, 8, 128), "float16"))
+                if t == 0:
+                    _check_attention(gpu, layer, seqs, q, out, None, "float16")
+        held = gpu.seq_lens(0, seqs)
+        for layer in range(2):
+            k, v = _tokens(rng, 24, gpu).astype(np.float16), _tokens(rng, 24, gpu).astype(np.float16)
+            gpu.append(layer, seqs, cp.asarray(k), cp.asarray(v), lengths=[8, 8, 8])
+            cpu.append(layer, seqs, k, v, lengths=[8, 8, 8])
+        for s, n, kept in zip(seqs, held, rng.integers(0, 9, 3)):
+            gpu.truncate(s, int(n + kept))
+            cpu.truncate(s, int(n + kept))
+    step.check()
+    _check_storage(gpu, cpu, seqs)
 
 
 def test_graph_replay_equals_eager_token_for_token(rng):

@@ -23,6 +23,9 @@ How a forward runs with a :class:`PQCache`:
   (:class:`~million_cupy.prefill.BatchPrefillWrapper`: PQ pages and the exact window as the cache holds them
   after the append; one plan per forward). A CPU model takes the float64 reference
   (:func:`million_cupy.prefill_attention`).
+* **Crop** (assisted generation dropping the drafts the model rejected): every sequence is truncated in place
+  (:meth:`~million_cupy.cache.PagedPQCache.truncate`, exact); build the cache with ``max_rollback`` at least
+  the drafts of a round plus one: ``PQCache(model, books, max_rollback=64)``.
 
 ``"million_pq"`` is registered with transformers' ``AttentionInterface`` (and its mask interface, as
 SDPA's) when this module is imported. A forward without a :class:`PQCache` (training, ``use_cache=False``)
@@ -130,6 +133,10 @@ class PQCache(Cache):
         max_seq_len: most tokens a sequence may hold (default: the config's ``max_position_embeddings``).
         max_pages: pages in the pool (default: enough for the batch at ``max_seq_len``).
         page_size, residual: as in :class:`~million_cupy.cache.PagedPQCache` (64 and 128).
+        max_rollback: tokens :meth:`crop` can always drop (the storage's ``max_rollback``): assisted generation
+            (``generate(..., assistant_model=...)``) drops the drafts the model rejects, at most the drafts of one
+            round plus one, and needs ``max_rollback > 0`` (the layers' ``is_croppable``); 0 (default) keeps the
+            ring at ``residual`` tokens and lets crop go back only while the window has not moved.
 
     The PQ storage is made at the first forward, on the device and in the dtype of the model's K/V, with
     one sequence per batch row, on PyTorch's current CUDA stream there (so the kernels are ordered with the
@@ -138,7 +145,8 @@ class PQCache(Cache):
     """
 
     def __init__(self, model_or_config: Any, codebooks: ModelCodebooks, *, max_seq_len: int | None = None,
-                 max_pages: int | None = None, page_size: int = 64, residual: int = 128) -> None:
+                 max_pages: int | None = None, page_size: int = 64, residual: int = 128,
+                 max_rollback: int = 0) -> None:
         config = _model_config(model_or_config)
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = _geometry(config)
         if not isinstance(codebooks, ModelCodebooks):
@@ -152,11 +160,14 @@ class PQCache(Cache):
         self.max_seq_len = int(max_seq_len or getattr(config, "max_position_embeddings", 8192))
         self.max_pages = max_pages
         self.page_size, self.residual = int(page_size), int(residual)
+        self.max_rollback = int(max_rollback)
+        for layer in self.layers:  # what assisted generation asks before it verifies drafts
+            layer.is_croppable = self.max_rollback > 0
         self.storage: PagedPQCache | None = None
         self.seq_ids: np.ndarray | None = None
         self._step: DecodeStep | None = None
         self._extend: BatchPrefillWrapper | None = None
-        self._counts = {"prefill_tokens": 0, "decode_steps": 0, "extend_tokens": 0}
+        self._counts = {"prefill_tokens": 0, "decode_steps": 0, "extend_tokens": 0, "cropped_tokens": 0}
 
     # ---------------------------------------------------------------------------- transformers hooks
 
@@ -198,7 +209,27 @@ class PQCache(Cache):
                                        "by sampling")
 
     def crop(self, max_length: int) -> None:
-        raise UnsupportedConfiguration("PQCache: tokens cannot be removed from a PQ cache (crop)")
+        """Keep each sequence's first ``max_length`` tokens (a negative value drops ``-max_length`` tokens), as
+        assisted generation does with rejected drafts: :meth:`~million_cupy.cache.PagedPQCache.truncate` on every
+        sequence, exact (the cache then holds what it would without the dropped tokens).
+
+        Raises:
+            UnsupportedConfiguration: the storage's ring no longer holds the window that ``max_length`` tokens need
+                (build the PQCache with a larger ``max_rollback``); nothing changed.
+        """
+        length = self.get_seq_length()
+        if max_length < 0:
+            max_length = length + max_length
+        if max_length >= length or self.storage is None:
+            return
+        try:
+            self.storage.truncate(self.seq_ids, max_length)  # every row, or none
+        except ValueError as exc:
+            raise UnsupportedConfiguration(f"PQCache.crop({max_length}): {exc}; pass PQCache(..., max_rollback=N) with "
+                                           f"N at least the tokens a round can drop") from None
+        for layer in self.layers:
+            layer.length = min(layer.length, max_length)
+        self._counts["cropped_tokens"] += self.seq_ids.shape[0] * (length - max_length)
 
     def reset(self) -> None:
         """Free the batch's sequences (the pool is kept for the next batch)."""
@@ -216,7 +247,7 @@ class PQCache(Cache):
     def stats(self) -> dict[str, Any]:
         """The PQ storage's :meth:`~million_cupy.cache.PagedPQCache.stats`, the decode step's counters
         (``step``), the extend path's (``extend``) and this cache's ``prefill_tokens`` / ``decode_steps`` /
-        ``extend_tokens`` (new tokens over a history)."""
+        ``extend_tokens`` (new tokens over a history) / ``cropped_tokens`` (dropped by :meth:`crop`)."""
         out: dict[str, Any] = dict(self._counts)
         if self.storage is not None:
             out.update(self.storage.stats())
@@ -246,6 +277,7 @@ class PQCache(Cache):
         self.storage = PagedPQCache(self.num_layers, self.num_kv_heads, self.head_dim, books,
                                     page_size=self.page_size, residual=self.residual, max_pages=self.max_pages,
                                     max_seqs=B, max_seq_len=self.max_seq_len, dtype=dtype,
+                                    max_rollback=self.max_rollback,
                                     device="cuda" if gpu else "cpu", **kwargs)
         self.seq_ids = np.array([self.storage.add_sequence() for _ in range(B)], dtype=np.int64)
         self._gpu = gpu
