@@ -7,7 +7,8 @@ the contract in ``docs/architecture.md`` and :mod:`million_cupy.layout`; the dec
 
 Flush rule (:func:`~million_cupy.layout.full_pages`). A sequence holding ``n`` tokens in a layer has
 ``pages(n) = 0 if n < R else (n - R) // P + 1`` full pages (tokens ``[0, P * pages(n))``, read as codes)
-and its residual tokens ``[P * pages(n), n)`` sit exactly in ring slots ``t % R``.
+and its residual tokens ``[P * pages(n), n)`` sit exactly in ring slots ``t % S`` (``S = R + max_rollback``
+ring slots, ``R`` by default).
 
 Codes are written when a token is appended. Every appended token is PQ-encoded at once into its place
 in block ``t // P`` of its sequence (allocated then: a sequence of ``n`` tokens holds ``ceil(n / P)``

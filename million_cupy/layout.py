@@ -7,7 +7,8 @@ byte formulas.
 
 Flush rule. A sequence holding ``n`` tokens in a layer has ``pages(n) = 0 if n < R else
 (n - R) // P + 1`` full pages (tokens ``[0, P * pages(n))``, which attention reads as PQ codes) and its
-residual tokens ``[P * pages(n), n)`` sit exactly in ring slots ``t % R``.
+residual tokens ``[P * pages(n), n)`` sit exactly in ring slots ``t % S`` (``S = R + max_rollback``
+ring slots, ``R`` by default).
 
 Blocks. Every token's codes are written into block ``t // P`` of its sequence when the token is appended,
 so a sequence of ``n`` tokens has ``blocks(n) = ceil(n / P)`` allocated blocks; the newest of them are
