@@ -21,7 +21,7 @@ import numpy as np
 
 import million_cupy as mc
 from million_cupy import reference
-from million_cupy.interop import cupy, gpu_available, to_numpy
+from million_cupy.interop import gpu_available, to_numpy
 
 from _common import Checks, model_parser
 

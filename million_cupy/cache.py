@@ -12,9 +12,10 @@ ring slots, ``R`` by default).
 
 Codes are written when a token is appended. Every appended token is PQ-encoded at once into its place
 in block ``t // P`` of its sequence (allocated then: a sequence of ``n`` tokens holds ``ceil(n / P)``
-blocks), and the tokens that stay residual are also copied into the ring. A flush, a block becoming a
-full page, is therefore only a change of lengths. The contents are a function of the tokens alone,
-never of how they were split across :meth:`PagedPQCache.append` calls.
+blocks), and a sequence's last ring-slots tokens (the window, and what a truncate may bring back into it)
+are also copied into the ring. A flush, a block becoming a full page, is therefore only a change of lengths.
+The contents are a function of the tokens alone, never of how they were split across
+:meth:`PagedPQCache.append` calls.
 
 Rollback (:meth:`PagedPQCache.truncate`). Dropping a sequence's last tokens (rejected speculative drafts) must
 bring back into the window tokens that had left it, exactly. A cache built with ``max_rollback = K`` keeps

@@ -179,6 +179,8 @@ def test_misuse_raises(tiny, rng):
         PQCache(other, books[False])
     with pytest.raises(TypeError, match="ModelCodebooks"):
         PQCache(model, object())
+    with pytest.raises(UnsupportedConfiguration, match="max_rollback"):
+        PQCache(model, books[False], max_rollback=-1)
 
 
 def test_without_cache_runs_sdpa(tiny, rng):

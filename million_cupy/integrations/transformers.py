@@ -161,6 +161,8 @@ class PQCache(Cache):
         self.max_pages = max_pages
         self.page_size, self.residual = int(page_size), int(residual)
         self.max_rollback = int(max_rollback)
+        if self.max_rollback < 0:
+            raise UnsupportedConfiguration(f"max_rollback: expected a non-negative integer, got {max_rollback}")
         for layer in self.layers:  # what assisted generation asks before it verifies drafts
             layer.is_croppable = self.max_rollback > 0
         self.storage: PagedPQCache | None = None
@@ -219,7 +221,7 @@ class PQCache(Cache):
         """
         length = self.get_seq_length()
         if max_length < 0:
-            max_length = length + max_length
+            max_length = max(length + max_length, 0)
         if max_length >= length or self.storage is None:
             return
         try:
