@@ -126,11 +126,11 @@ def test_quantization_changes_long_generation_logits(tiny, rng):
     assert (got[:, 200:] - exact[:, 200:]).abs().max() > 1e-3  # reading PQ pages
 
 
-def _turns_logits(model, cache, ids, turns):
-    """Feed ``ids`` in the chunks ``turns`` (a prompt, then single tokens or further prompts); the logits
-    predicting tokens ``turns[0] .. T-1``."""
+def _turns_logits(model, cache, ids, turns, start: int = 0):
+    """Feed ``ids`` in the chunks ``turns`` (a prompt, then single tokens or further prompts) to a cache holding
+    ``start`` tokens; the logits predicting tokens ``turns[0] .. T-1`` (with ``start``: every chunk's)."""
     use_pq_attention(model)
-    logits, start = [], 0
+    logits = []
     with torch.no_grad():
         for end in turns:
             out = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True)
@@ -237,29 +237,19 @@ def test_crop_leaves_what_the_cache_holds_without_the_dropped_tokens(tiny, rng):
     cropped, kept = (PQCache(model, books[False], max_seq_len=512, max_rollback=32) for _ in range(2))
     for cache in (cropped, kept):
         _turns_logits(model, cache, ids, [120, 125])
-    _turns_logits_from(model, cropped, ids, 125, [150])
+    _turns_logits(model, cropped, ids, [150], start=125)
     assert cropped.storage.dequantize(0, 0)[0].shape[0] == 150
     cropped.crop(125)
     assert cropped.get_seq_length() == 125
-    got = _turns_logits_from(model, cropped, ids, 125, range(126, 141))
-    want = _turns_logits_from(model, kept, ids, 125, range(126, 141))
+    got = _turns_logits(model, cropped, ids, range(126, 141), start=125)
+    want = _turns_logits(model, kept, ids, range(126, 141), start=125)
     assert torch.equal(got, want)
     narrow = PQCache(model, books[False], max_seq_len=512)  # ring = window: the first page's tokens are gone
     _turns_logits(model, narrow, ids, [120, 125])
-    _turns_logits_from(model, narrow, ids, 125, [150])
+    _turns_logits(model, narrow, ids, [150], start=125)
     with pytest.raises(UnsupportedConfiguration, match="max_rollback"):
         narrow.crop(-25)
     assert narrow.get_seq_length() == 150
-
-
-def _turns_logits_from(model, cache, ids, start, ends):
-    """Logits of feeding ``ids[:, start:end]`` for each end of ``ends`` in turn to a cache holding ``start`` tokens."""
-    logits = []
-    with torch.no_grad():
-        for end in ends:
-            logits.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
-            start = end
-    return torch.cat(logits, 1).double()
 
 
 def test_assisted_generation_runs_on_a_pq_cache(tiny, rng):
