@@ -1,5 +1,6 @@
-"""One decode (or verification) shape launched a few times, for Nsight Compute (the kernel's own counters and
-stall reasons).
+"""One decode (or verification) shape launched a few times, for Nsight Compute.
+
+Nsight Compute then reads the kernel's own counters and stall reasons:
 
     ncu --kernel-name regex:decode_attention --launch-skip 3 --launch-count 1 --set full \
         python bench/profile_decode.py --batch 1 --context 4096 --M 64
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, default=64)
     ap.add_argument("--launches", type=int, default=5)
     ap.add_argument("--queries", type=int, default=1, help="new tokens per sequence (> 1: BatchPrefillWrapper)")
-    ap.add_argument("--time", action="store_true", help="also time run() and its CUDA-graph replay (median us)")
+    ap.add_argument("--time", action="store_true", help="also time run() (median us; for decode also its CUDA-graph replay)")
     args = ap.parse_args(argv)
 
     import cupy as cp
