@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, default=64)
     ap.add_argument("--launches", type=int, default=5)
     ap.add_argument("--queries", type=int, default=1, help="new tokens per sequence (> 1: BatchPrefillWrapper)")
-    ap.add_argument("--time", action="store_true", help="also time run() (median us; for decode also its CUDA-graph replay)")
+    ap.add_argument("--time", action="store_true",
+                    help="also time run() (median us; for decode also its CUDA-graph replay)")
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
 
 
 def _profile_verify(cp, args) -> int:
+    """``--queries N``: a BatchPrefillWrapper planned over the last N tokens of each history, run a few times."""
     import numpy as np
 
     from million_cupy import BatchPrefillWrapper
