@@ -751,9 +751,11 @@ def attention_arrays(q, out, lse, return_lse: bool, shape: tuple[int, int, int],
         q = as_array(q, "q", shape=shape, dtypes=(dtype_name(dtype),), on_gpu=True)
         if not q.flags.c_contiguous:
             raise ValueError(f"q: expected a C-contiguous array {shape}")
-    if lse is None and not return_lse and type(out) is cp.ndarray and out.shape == shape and \
-            out.dtype == q.dtype and out.flags.c_contiguous:
-        return q, out, None
+    if type(out) is cp.ndarray and out.shape == shape and out.dtype == q.dtype and out.flags.c_contiguous:
+        if lse is None and not return_lse:
+            return q, out, None
+        if type(lse) is cp.ndarray and lse.shape == shape[:2] and lse.dtype == np.float32 and lse.flags.c_contiguous:
+            return q, out, lse  # the parallel caches' exchange buffer: both given, exactly right
     out, lse = _outputs(out, lse, return_lse, shape, q.dtype)
     return q, out, lse
 

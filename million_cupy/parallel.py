@@ -267,7 +267,8 @@ _MERGE_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "fl
 
 @kernels.register_variants(MERGE_SOURCE)
 def _merge_variants() -> list[str]:
-    return [f"mc::parallel::merge_rank_states<{t}>" for t in _MERGE_TYPES.values()]
+    return [f"mc::parallel::{k}<{t}>" for k in ("merge_rank_states", "assemble_rank_heads")
+            for t in _MERGE_TYPES.values()]
 
 
 class _PartialState:
@@ -282,7 +283,7 @@ class _PartialState:
         self.out_words = B * nh * d * self.dtype.itemsize // 4  # d is even: whole words
         self.words = xp.empty(self.out_words + B * nh, dtype=xp.float32)
         self.gathered = xp.empty((size, self.words.shape[0]), dtype=xp.float32)
-        self._merge_launch: kernels.BoundLaunch | None = None  # bound at the first GPU merge
+        self._launches: dict[str, kernels.BoundLaunch] = {}  # per kernel, bound at its first GPU call
         self.out = self.words[: self.out_words].view(self.dtype).reshape(B, nh, d)
         self.lse = self.words[self.out_words :].reshape(B, nh)
 
@@ -299,21 +300,36 @@ class _PartialState:
         if not is_gpu_array(gathered):
             out, lse = merge_state_stack(*self.unpack(gathered))
             return out.astype(self.dtype), lse
-        cp = cupy()
         B, nh, d = self.shape
-        out = cp.empty(self.shape, dtype=self.dtype)  # fresh: the caller keeps them
-        lse = cp.empty((B, nh), dtype=cp.float32)
-        launch = self._merge_launch
+        return self._launch("merge_rank_states", gathered, (B, nh, d),
+                            (np.int32(gathered.shape[0]), np.int32(B * nh), np.int32(d)))
+
+    def assemble(self, gathered: Any) -> tuple[Any, Any]:
+        """The ranks' heads side by side (each rank attended with its own ``nh`` heads): out
+        ``(B, size * nh, d)`` in the queries' dtype and lse ``(B, size * nh)``, rank ``r``'s heads at
+        ``[r nh, (r + 1) nh)``. One kernel on the GPU."""
+        size = gathered.shape[0]
+        B, nh, d = self.shape
+        if not is_gpu_array(gathered):
+            outs, lses = self.unpack(gathered)
+            return outs.transpose(1, 0, 2, 3).reshape(B, size * nh, d), lses.transpose(1, 0, 2).reshape(B, size * nh)
+        return self._launch("assemble_rank_heads", gathered, (B, size * nh, d),
+                            (np.int32(size), np.int32(B), np.int32(nh), np.int32(d)))
+
+    def _launch(self, name: str, gathered: Any, out_shape: tuple[int, int, int], sizes: tuple) -> tuple[Any, Any]:
+        """``mc::parallel::<name>`` over ``gathered`` into fresh ``out`` / ``lse`` (the caller keeps them):
+        arguments (packed, stride, *sizes, out, lse), a thread per output element."""
+        cp = cupy()
+        out = cp.empty(out_shape, dtype=self.dtype)
+        lse = cp.empty(out_shape[:2], dtype=cp.float32)
+        launch = self._launches.get(name)
         if launch is None:
-            kernel = kernels.get_kernel(MERGE_SOURCE,
-                                        f"mc::parallel::merge_rank_states<{_MERGE_TYPES[dtype_name(self.dtype)]}>")
-            launch = self._merge_launch = kernels.BoundLaunch(
-                kernel, -(-B * nh * d // 256), 256, 0,
-                (gathered, np.int64(gathered.shape[1] * 4), np.int32(gathered.shape[0]), np.int32(B * nh),
-                 np.int32(d), gathered, gathered))  # out and lse: set per call (not kept alive here)
+            kernel = kernels.get_kernel(MERGE_SOURCE, f"mc::parallel::{name}<{_MERGE_TYPES[dtype_name(self.dtype)]}>")
+            args = (gathered, np.int64(gathered.shape[1] * 4), *sizes, gathered, gathered)  # out, lse: per call
+            launch = self._launches[name] = kernels.BoundLaunch(kernel, -(-out.size // 256), 256, 0, args)
         launch.set_arg(0, gathered.data.ptr)
-        launch.set_arg(5, out.data.ptr)
-        launch.set_arg(6, lse.data.ptr)
+        launch.set_arg(len(sizes) + 2, out.data.ptr)
+        launch.set_arg(len(sizes) + 3, lse.data.ptr)
         launch.launch(cp.cuda.get_current_stream().ptr)
         return out, lse
 
@@ -342,6 +358,7 @@ class _Parallel:
         self._live = np.zeros(max_seqs, dtype=bool)
         self._local_id = np.full(max_seqs, -1, dtype=np.int64)  # each sequence's id in this rank's local cache
         self._last_state: _PartialState | None = None
+        self._checked: tuple[tuple, np.ndarray] | None = None  # the last list of live ids _ids checked
 
     def local_id(self, seq: int) -> int:
         """The id of ``seq`` (or of its segment) in this rank's ``local`` cache; -1 while it holds none of it."""
@@ -358,11 +375,25 @@ class _Parallel:
         return seq
 
     def _ids(self, seq_ids: Any, what: str) -> np.ndarray:
+        """``seq_ids`` as an int64 array, every id live. The decode loop's repeated list is checked once, until a
+        sequence is freed (adding one leaves every checked id live)."""
+        key = tuple(seq_ids) if what == "decode" and (type(seq_ids) is list or type(seq_ids) is tuple) else None
+        if key is not None and self._checked is not None and self._checked[0] == key:
+            return self._checked[1]
         ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
         bad = [int(s) for s in ids if not (0 <= s < self._live.shape[0] and self._live[s])]
         if bad:
             raise ValueError(f"{what}: sequences {bad[:16]} are not live")
+        if key is not None:
+            ids.flags.writeable = False  # shared by the calls that pass the same list
+            self._checked = (key, ids)
         return ids
+
+    def _forget(self, seq: int) -> None:
+        """``seq`` is no longer live on this rank's side (its local sequence already freed)."""
+        self._local_id[seq] = -1
+        self._live[seq] = False
+        self._checked = None
 
     def seq_lens(self, layer: int, seq_ids: Any) -> np.ndarray:
         """Global tokens of each sequence in ``layer`` (all ranks agree)."""
@@ -440,8 +471,7 @@ class SequenceParallelCache(_Parallel):
         seq = int(self._ids([seq], "free")[0])
         if self._local_id[seq] >= 0:
             self.local.free(int(self._local_id[seq]))
-            self._local_id[seq] = -1
-        self._live[seq] = False
+        self._forget(seq)
 
     def local_tokens(self, layer: int, seq_ids: Any) -> np.ndarray:
         """Tokens of each sequence's segment on this rank."""
@@ -494,13 +524,15 @@ class SequenceParallelCache(_Parallel):
         """Attention of ``q`` ``(B, nh, head_dim)``, one query per sequence, over every rank's segments; the same
         ``out`` (and ``lse``) on every rank."""
         seqs = self._ids(seq_ids, "decode")
-        if (self._lens[layer, seqs] == 0).any():
-            raise ValueError(f"decode: sequences {seqs[self._lens[layer, seqs] == 0].tolist()} hold no tokens")
+        lens = self._lens[layer, seqs]
+        if not lens.all():
+            raise ValueError(f"decode: sequences {seqs[lens == 0].tolist()} hold no tokens")
         with self._on_stream():
             q_arr, xp = self._queries(q)
             B, nh, d = q_arr.shape
             state = self._state(xp, B, nh, d, q_arr.dtype)
-            held = np.flatnonzero(self._segment_tokens(self._lens[layer, seqs]) > 0)  # ids checked above
+            mine = lens > self.comm.rank * self.tokens_per_shard  # a token in this rank's segment
+            held = np.arange(B) if mine.all() else np.flatnonzero(mine)
             if held.size < B:  # sequences with no token here: a state over no keys
                 state.out[...] = 0
                 state.lse[...] = -xp.inf
@@ -549,8 +581,7 @@ class HeadParallelCache(_Parallel):
     def free(self, seq: int) -> None:
         seq = int(self._ids([seq], "free")[0])
         self.local.free(int(self._local_id[seq]))
-        self._local_id[seq] = -1
-        self._live[seq] = False
+        self._forget(seq)
 
     def append(self, layer: int, seq_ids: Sequence[int], k: Any, v: Any, lengths: Any = None) -> None:
         """As :meth:`SequenceParallelCache.append`; each rank stores its heads of every row."""
@@ -583,9 +614,8 @@ class HeadParallelCache(_Parallel):
             state = self._state(xp, B, per, d, q_arr.dtype)
             self._attend_locally(state, layer, self._local_id[seqs].tolist(), xp.ascontiguousarray(q_arr[:, mine]),
                                  slice(None), scale)
-            outs, lses = state.unpack(self.comm.allgather(state.words, out=state.gathered))  # (size, B, per, d): rank r's heads
-            out = outs.transpose(1, 0, 2, 3).reshape(B, nh, d)  # rank-major heads: the model's head order
-            lse = lses.transpose(1, 0, 2).reshape(B, nh)
+            # rank-major heads are the model's head order: rank r's at [r per, (r + 1) per)
+            out, lse = state.assemble(self.comm.allgather(state.words, out=state.gathered))
         return (out, lse) if return_lse else out
 
     def stats(self) -> dict[str, Any]:

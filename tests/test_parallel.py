@@ -180,6 +180,31 @@ def test_bad_arguments_are_named(rng):
         cache.decode(0, [1], np.zeros((1, NH, D)))
 
 
+@pytest.mark.parametrize("mode", ["sequence", "heads"])
+def test_a_repeated_list_of_ids_is_checked_again_after_a_free(rng, mode):
+    """decode checks a repeated list of ids once (the decode loop's), until a sequence is freed."""
+    books = _books(rng)
+    (comm,) = ThreadGroup(1).communicators
+    if mode == "sequence":
+        cache = SequenceParallelCache(comm, 1, NH_K, D, books, tokens_per_shard=64, page_size=P, residual=R,
+                                      max_seqs=3, dtype="float32", device="cpu")
+    else:
+        cache = HeadParallelCache(comm, 1, NH_K, D, books, page_size=P, residual=R, max_seqs=3, dtype="float32",
+                                  device="cpu")
+    seqs = [cache.add_sequence() for _ in range(2)]
+    cache.append(0, seqs, _tokens(rng, 10), _tokens(rng, 10), lengths=[4, 6])
+    q = rng.standard_normal((2, NH, D)).astype(np.float32)
+    first = cache.decode(0, seqs, q)
+    np.testing.assert_array_equal(cache.decode(0, seqs, q), first)  # the checked list again
+    cache.free(seqs[1])
+    with pytest.raises(ValueError, match=rf"decode: sequences \[{seqs[1]}\] are not live"):
+        cache.decode(0, seqs, q)
+    again = cache.add_sequence()  # the freed id, live again but empty
+    assert again == seqs[1]
+    with pytest.raises(ValueError, match="hold no tokens"):
+        cache.decode(0, seqs, q)
+
+
 def test_launch_on_a_machine_without_gpus_says_what_it_needs():
     from million_cupy.errors import DeviceUnavailable
     from million_cupy.interop import gpu_available
