@@ -1,10 +1,8 @@
 // The ranks' attention states after the all-gather, put together in one launch (million_cupy.parallel).
 // Sequence parallel, merge_rank_states: each rank attended over its own disjoint share of the keys (a
 // sequence's segment), so the states are merged. Head parallel, assemble_rank_heads: each rank attended with its
-// own heads, so its outputs go to their heads' places in the model's order.
-// One thread per output element: the ranks' lse values of its row give the weights exp(lse_r - max), so the
-// merge is one launch after the exchange instead of a dozen array operations (which cost more host time than the
-// exchange itself).
+// own heads, so its outputs go to their heads' places in the model's order. Each is one launch after the
+// exchange instead of a dozen array operations (which cost more host time than the exchange itself).
 //
 // packed: `size` rank blocks of `stride` bytes; a block holds the rank's outputs (rows x d values of T, rows =
 // batch x heads) and then its natural-log lse (rows floats, -inf where the rank holds none of a sequence; its
@@ -16,6 +14,7 @@ namespace parallel {
 
 #define kMergeNegInf (-__int_as_float(0x7f800000))  // NVRTC has no INFINITY without the host headers
 
+// One thread per output element: the ranks' lse values of its row give the weights exp(lse_r - max).
 template <typename T>
 __global__ void merge_rank_states(const unsigned char* __restrict__ packed, long long stride, int size, int rows,
                                   int d, T* __restrict__ out, float* __restrict__ lse_out) {
@@ -40,11 +39,11 @@ __global__ void merge_rank_states(const unsigned char* __restrict__ packed, long
   if (i % d == 0) lse_out[row] = wsum > 0.f ? mx + logf(wsum) : kMergeNegInf;
 }
 
-// Head parallel: rank r's block holds outputs (batch x per heads x d values of T) and then its lse (batch x per
-// floats) of heads r * per .. r * per + per - 1; out (batch x size * per x d) and lse_out (batch x size * per)
-// take them in the model's head order. One thread per output element. Four array copies and two transposes
-// did this before: 2 x H200, batch 8, host time to issue a step 2.71 -> 0.63 ms (8 layers, 1M tokens) and
-// 7.6 -> 3.5 ms (32 layers, 32K tokens; with the cheaper bookkeeping of that change).
+// Head parallel: rank r's block (the layout above with rows = batch x per) holds heads r * per .. r * per + per
+// - 1; out (batch x size * per x d) and lse_out (batch x size * per) take them in the model's head order. One
+// thread per output element. Four array copies and two transposes did this before: 2 x H200, batch 8, host time
+// to issue a step 2.71 -> 0.63 ms (8 layers, 1M tokens) and 7.6 -> 3.5 ms (32 layers, 32K tokens; with the
+// cheaper bookkeeping of that change).
 template <typename T>
 __global__ void assemble_rank_heads(const unsigned char* __restrict__ packed, long long stride, int size, int batch,
                                     int per, int d, T* __restrict__ out, float* __restrict__ lse_out) {

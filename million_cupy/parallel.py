@@ -532,14 +532,16 @@ class SequenceParallelCache(_Parallel):
             B, nh, d = q_arr.shape
             state = self._state(xp, B, nh, d, q_arr.dtype)
             mine = lens > self.comm.rank * self.tokens_per_shard  # a token in this rank's segment
-            held = np.arange(B) if mine.all() else np.flatnonzero(mine)
-            if held.size < B:  # sequences with no token here: a state over no keys
+            # the local ids as a list: decode's repeated-batch path reuses its plan
+            if mine.all():
+                self._attend_locally(state, layer, self._local_id[seqs].tolist(), q_arr, slice(None), scale)
+            else:  # sequences with no token here: a state over no keys
                 state.out[...] = 0
                 state.lse[...] = -xp.inf
-            if held.size:
-                # a list of ids: decode's repeated-batch path reuses its plan
-                self._attend_locally(state, layer, self._local_id[seqs[held]].tolist(), q_arr,
-                                     slice(None) if held.size == B else xp.asarray(held), scale)
+                held = np.flatnonzero(mine)
+                if held.size:
+                    self._attend_locally(state, layer, self._local_id[seqs[held]].tolist(), q_arr, xp.asarray(held),
+                                         scale)
             merged_o, merged_s = state.merge(self.comm.allgather(state.words, out=state.gathered))  # one exchange, one merge
         return (merged_o, merged_s) if return_lse else merged_o
 
