@@ -15,12 +15,17 @@ chunk records), one layer. Records (suite "prefill"), GPU time with calls queued
   against the one-token decode replayed from a graph too (``decode_one_token_graph``, ``vs_decode_graph``);
 * ``chunk``: a 2K-token chunk over a 32K-token history, batch 1 and 4, against PyTorch SDPA (fp16, flash or
   efficient backend, the lower-right causal mask) over the same exact history (``vs_sdpa``; target 1.3x);
-* ``chunked_prompt``: a 32K-token prompt in 2K chunks, each appended then attended, end to end (wall time,
-  synchronised per chunk), against SDPA over the exact prompt in one call, with both caches' bytes.
+* ``chunked_prompt``: a 32K-token prompt in 2K chunks, each appended then attended, end to end (wall time after a
+  warm-up pass, and host time per chunk), against SDPA over the exact prompt in one call (``sdpa_exact_us``) and
+  chunk by chunk over the exact history (``sdpa_chunked_us``, the sum of the chunks' calls), with both caches'
+  bytes; ``append``: through the wrapper's plan (``planned``) or ``cache.append`` per call;
+* ``verify_step``: a speculative verification step over ``--layers`` layers (default 32) at 8 x 32K, q = 2 to 16
+  drafts per sequence: one plan, then per layer the drafts' append and attention; wall, host and GPU time per
+  step for each ``append`` way, against the attention alone (``attention_us``) and as many one-token decodes.
 
 Each record names the regime BatchPrefillWrapper took (``path``: ``lut`` or ``tensor_core``).
 
-    python bench/bench_prefill.py --out bench/results/prefill_h200.json [--quick] [--only verify chunk chunked_prompt]
+    python bench/bench_prefill.py --out bench/results/prefill_h200.json [--quick] [--only verify chunk chunked_prompt verify_step]
         [--M 64 32 16] [--context 32768] [--queries 2 4 8 16 32 64]
 """
 
@@ -40,7 +45,7 @@ import harness  # noqa: E402
 from bench_decode import D, NH, NH_K, build_cache  # noqa: E402
 
 TIMING = {"queued": 3, "repeats": 5, "warmup": 1}
-SUITES = ("verify", "chunk", "chunked_prompt")
+SUITES = ("verify", "chunk", "chunked_prompt", "verify_step")
 
 
 def _q(cp, n, seed=3):
@@ -165,31 +170,109 @@ def bench_chunk(cp, torch, M, batch, history, chunk) -> list[dict]:
     return records
 
 
+def _append_with(mode, cache, prefill, layer, seqs, k, v, counts):
+    """The new tokens of ``layer``: through the wrapper's plan (``planned``: one launch, no sync) or
+    ``cache.append`` (index math per call, and for several tokens per sequence its finite check's device sync)."""
+    if mode == "planned":
+        prefill.append(layer, k, v)
+    else:
+        cache.append(layer, seqs, k, v, lengths=counts)
+
+
 def bench_chunked_prompt(cp, torch, M, prompt, chunk) -> list[dict]:
+    """A prompt appended and attended chunk by chunk (one layer), after a warm-up pass over a sequence freed
+    after it: wall time of the whole prompt, and host time per chunk (plan, append and run calls)."""
     from million_cupy import BatchPrefillWrapper
 
-    cache, (seq,) = build_cache(cp, 1, 0, M, spare_tokens=prompt)
+    cache, (empty,) = build_cache(cp, 1, 0, M, spare_tokens=prompt)
+    cache.free(empty)  # each pass takes a sequence of its own
     rng = cp.random.default_rng(5)
     k = rng.standard_normal((chunk, NH_K, D), dtype=cp.float32).astype(cp.float16)
     q = _q(cp, chunk)
     o = cp.empty_like(q)
     prefill = BatchPrefillWrapper(cache, NH)
-    cp.cuda.get_current_stream().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(prompt // chunk):
-        prefill.plan([seq], [0, chunk])
-        cache.append(0, [seq], k, k, lengths=[chunk])
-        prefill.run(0, q, out=o)
-    cp.cuda.get_current_stream().synchronize()
-    wall = (time.perf_counter() - t0) * 1e6
-    stats = cache.stats()
-    rec = {"suite": "prefill", "method": "chunked_prompt", "batch": 1, "context": prompt, "M": M,
-           "queries_per_seq": chunk, "wall_us": wall, "pq_bytes_per_token": float(2 * NH_K * M),
-           "fp16_bytes_per_token": float(2 * NH_K * D * 2), "pages_used": stats.get("pages_used"),
-           "workspace_bytes": prefill.workspace_bytes, "path": _path(prefill)}
+    stream = cp.cuda.get_current_stream()
+    records = []
+    for mode in ("planned", "cache.append"):
+        for timed in (False, True):
+            seq = cache.add_sequence()
+            stream.synchronize()
+            host = 0.0
+            t0 = time.perf_counter()
+            for _ in range(prompt // chunk):
+                h = time.perf_counter()
+                prefill.plan([seq], [0, chunk])
+                _append_with(mode, cache, prefill, 0, [seq], k, k, [chunk])
+                prefill.run(0, q, out=o)
+                host += time.perf_counter() - h
+            stream.synchronize()
+            wall = (time.perf_counter() - t0) * 1e6
+            stats = cache.stats()
+            cache.free(seq)
+        records.append({"suite": "prefill", "method": "chunked_prompt", "batch": 1, "context": prompt, "M": M,
+                        "queries_per_seq": chunk, "append": mode, "wall_us": wall,
+                        "host_us_per_chunk": host * 1e6 / (prompt // chunk),
+                        "pq_bytes_per_token": float(2 * NH_K * M), "fp16_bytes_per_token": float(2 * NH_K * D * 2),
+                        "pages_used": stats.get("used"), "workspace_bytes": prefill.workspace_bytes,
+                        "path": _path(prefill)})
     if torch is not None:
-        rec["sdpa_exact_us"] = _sdpa_us(torch, 1, prompt, prompt)
-    return [rec]
+        exact = _sdpa_us(torch, 1, prompt, prompt)
+        chunked = sum(_sdpa_us(torch, 1, chunk, end) for end in range(chunk, prompt + 1, chunk))
+        for rec in records:
+            rec.update(sdpa_exact_us=exact, sdpa_chunked_us=chunked)
+    return records
+
+
+def bench_verify_step(cp, M, batch, context, counts, layers, steps=20) -> list[dict]:
+    """A speculative verification step of ``layers`` layers: one plan, then per layer the drafts' append and their
+    attention, as a serving loop runs it (the history grows by the drafts every step). Per step: wall time
+    (``median_us``, synchronised at its end), the host time of its calls (``host_us``), against the same step's
+    attention alone with the drafts already appended (``attention_us``) and ``layers`` one-token decodes
+    (``decode_us``), for each way of appending (``append``)."""
+    from million_cupy import BatchDecodeWrapper, BatchPrefillWrapper
+
+    records = []
+    warmup = 3
+    grown = sum(2 * (warmup + steps) * c for c in counts)  # the two append ways grow the histories
+    cache, seqs = build_cache(cp, batch, context, M, layers=layers, spare_tokens=grown)
+    decode = BatchDecodeWrapper(cache, num_heads=NH)
+    decode.plan(seqs, new_tokens=0)
+    q1, o1 = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
+    one = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
+    stream = cp.cuda.get_current_stream()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    for c in counts:
+        ind = np.arange(batch + 1) * c
+        q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
+        k = cp.random.default_rng(7).standard_normal((batch * c, NH_K, D), dtype=cp.float32).astype(cp.float16)
+        prefill = BatchPrefillWrapper(cache, NH)
+
+        def step(mode):
+            h = time.perf_counter()
+            start.record()
+            prefill.plan(seqs, ind, appended=mode == "attention only")
+            for layer in range(layers):
+                if mode != "attention only":
+                    _append_with(mode, cache, prefill, layer, seqs, k, k, [c] * batch)
+                prefill.run(layer, q, out=o)
+            host = time.perf_counter() - h
+            stop.record()
+            stop.synchronize()
+            return (time.perf_counter() - h) * 1e6, host * 1e6, cp.cuda.get_elapsed_time(start, stop) * 1e3
+
+        timings = {}
+        for mode in ("planned", "cache.append", "attention only"):
+            for _ in range(warmup):
+                step(mode)
+            stream.synchronize()
+            timings[mode] = np.median(np.asarray([step(mode) for _ in range(steps)]), axis=0)
+        for mode, (wall, host, gpu) in timings.items():
+            records.append({"suite": "prefill", "method": "verify_step", "batch": batch, "context": context, "M": M,
+                            "queries_per_seq": c, "layers": layers, "append": mode, "median_us": float(wall),
+                            "host_us": float(host), "gpu_us": float(gpu),
+                            "attention_us": float(timings["attention only"][0]), "decode_us": one * layers,
+                            "vs_attention": float(wall / timings["attention only"][0]), "path": _path(prefill)})
+    return records
 
 
 def main(argv=None) -> int:
@@ -200,6 +283,7 @@ def main(argv=None) -> int:
                    "with --quick)")
     p.add_argument("--queries", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
                    help="verify records: new tokens per sequence (default 2 4 8 16 32 64)")
+    p.add_argument("--layers", type=int, default=32, help="verify_step records: layers per step (default 32)")
     p.add_argument("--only", choices=SUITES, nargs="+", default=list(SUITES), help="which records to measure")
     p.add_argument("--M", type=int, nargs="+", default=[64, 32], choices=(16, 32, 64),
                    help="PQ subspaces (16: 16-byte centroids at d = 128)")
@@ -225,6 +309,9 @@ def main(argv=None) -> int:
                 records += bench_chunk(cp, torch, M, batch, ctx, 512 if args.quick else 2048)
         if "chunked_prompt" in args.only:
             records += bench_chunked_prompt(cp, torch, M, ctx, 512 if args.quick else 2048)
+        if "verify_step" in args.only:
+            records += bench_verify_step(cp, M, 2 if args.quick else 8, ctx, [c for c in args.queries if c <= 16],
+                                         args.layers)
         cp.get_default_memory_pool().free_all_blocks()
     gpu = harness.gpu_name().split()[-1].lower()
     out = args.out or Path(__file__).resolve().parent / "results" / f"prefill_{gpu}.json"

@@ -1,8 +1,8 @@
 """Speculative decoding's verification over a PQ cache: append the drafts, attend, keep the accepted ones.
 
 Every step, each sequence brings ``--drafts`` draft tokens. They are appended to the sequence, where they attend
-causally to the whole compressed history and to each other (``BatchPrefillWrapper``: one plan per step, one
-``run`` per layer). Then the rejected drafts are dropped in place (``PagedPQCache.truncate``; a cache built with
+causally to the whole compressed history and to each other (``BatchPrefillWrapper``: one plan per step, then per
+layer one ``append`` of the drafts and one ``run``). Then the rejected drafts are dropped in place (``PagedPQCache.truncate``; a cache built with
 ``max_rollback`` = the drafts keeps that many tokens more in its exact ring, so that the tokens a verdict brings
 back into the window are exact again): the cache then holds what it would had only the accepted tokens been
 appended (here a random number of them stands for the target model's verdict). On a GPU the first step's ``run``
@@ -137,7 +137,7 @@ def graphed_attention(cp, stream, wrapper, ind: np.ndarray) -> Attend:
     def attend(step: int, seqs: list, q: list, drafts: list) -> Any:
         wrapper.plan(seqs, ind)
         for layer, (k, v) in enumerate(drafts):
-            cache.append(layer, seqs, k, v, lengths=np.diff(ind))
+            wrapper.append(layer, k, v)  # the plan's drafts: one launch, no device sync
             q_in[layer][...] = q[layer]
             out[layer].fill(cp.nan)
             if graphs[layer] is None:

@@ -33,6 +33,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ModelCodebooks": ("codebook", "ModelCodebooks"),
     "PageAllocator": ("allocator", "PageAllocator"),
     "PagedPQCache": ("cache", "PagedPQCache"),
+    "AppendPlan": ("cache", "AppendPlan"),
     "BatchDecodeWrapper": ("decode", "BatchDecodeWrapper"),
     "DecodeStep": ("step", "DecodeStep"),
     "BatchPrefillWrapper": ("prefill", "BatchPrefillWrapper"),

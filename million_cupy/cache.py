@@ -66,15 +66,16 @@ import numpy as np
 from . import kernels
 from .allocator import PageAllocator
 from .codebook import Codebook, ModelCodebooks, encode
-from .errors import DeviceUnavailable, PagePoolExhausted, SequenceSlotsExhausted, UnsupportedConfiguration
+from .errors import (DeviceUnavailable, MillionError, PagePoolExhausted, SequenceSlotsExhausted,
+                     UnsupportedConfiguration)
 from .interop import as_array, as_stream, cupy, gpu_available, is_gpu_array, resolve_dtype, to_numpy
 from .layout import (  # re-exported: these names were public here before layout.py existed
     K_CHUNK_BYTES, PAGE_SIZES, V_BLOCK_TOKENS, blocks, full_pages, k_chunk, pack_pages, permute_k_rows,
     stored_v_shape, unpack_pages,
 )
 
-__all__ = ["PagedPQCache", "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape", "full_pages",
-           "CACHE_DTYPES", "PAGE_SIZES", "APPEND_SOURCE", "append_kernel_name", "APPEND_THREADS",
+__all__ = ["PagedPQCache", "AppendPlan", "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape",
+           "full_pages", "CACHE_DTYPES", "PAGE_SIZES", "APPEND_SOURCE", "append_kernel_name", "APPEND_THREADS",
            "APPEND_TILE_ROWS", "AppendKernel", "APPEND_STATUS_STALE_SLOT", "APPEND_STATUS_NO_PAGE",
            "APPEND_STATUS_NON_FINITE"]
 
@@ -159,6 +160,24 @@ class AppendKernel:
     def args(self, k: Any, v: Any, tok: Any, status: Any, n_tok: int) -> tuple:
         head = (k, v, *self.storage, tok, self.slot_gen, status, np.int32(n_tok), *self.geometry)
         return head if self.exact else (*head, np.int32(self.warp_search(n_tok)))
+
+    def bind(self, status: Any) -> kernels.BoundLaunch:
+        """A launch with the storage and ``status`` bound once; :meth:`point` gives each call its rows."""
+        null = np.uint64(0)
+        return kernels.BoundLaunch(self.kernel, self.grid(1), APPEND_THREADS, 0,
+                                   self.args(null, null, null, status, 1))
+
+    def point(self, launch: kernels.BoundLaunch, k_ptr: int, v_ptr: int, tok_ptr: int, n_tok: int) -> None:
+        """Point a :meth:`bind` launch at ``n_tok`` token rows: ``k`` / ``v`` and their ``tok`` metadata (device
+        addresses), with the grid and search mode for that many rows."""
+        tok_at = 2 + len(self.storage)  # the argument order of args()
+        launch.set_arg(0, k_ptr)
+        launch.set_arg(1, v_ptr)
+        launch.set_arg(tok_at, tok_ptr)
+        launch.set_arg(tok_at + 3, n_tok)
+        if not self.exact:
+            launch.set_arg(tok_at + 4 + len(self.geometry), int(self.warp_search(n_tok)))
+        launch.set_grid(*self.grid(n_tok))
 
 
 def _index(value: Any, name: str) -> int:
@@ -337,6 +356,7 @@ class PagedPQCache:
         self._flushes = 0
         self._version = 0  # bumped by every change of lengths, slots or blocks
         self._append_kernels: dict[int, AppendKernel] = {}
+        self._append_launches: dict[int, kernels.BoundLaunch] = {}  # per layer, bound to the storage once
         self._ids_scratch: tuple | None = None  # (numba int32 buffer, CuPy view): where allocations land
         # The general append's status word: its host checks come first, so of the kernel's flags only
         # "non-finite token" can be set there (read by stats()).
@@ -772,27 +792,131 @@ class PagedPQCache:
         k = self._check_tokens(k, "k", total)
         v = self._check_tokens(v, "v", total)
         if check_finite or (check_finite is None and total > seqs.shape[0]):
-            for x, name in ((k, "k"), (v, "v")):
-                bad = ~self._xp.isfinite(x).reshape(total, -1).all(axis=1)
-                if bool(bad.any()):
-                    rows = to_numpy(self._xp.flatnonzero(bad))
-                    raise ValueError(f"append: {name} holds NaN or inf in {rows.size} of {total} tokens (first rows: "
-                                     f"{rows[:8].tolist()}); nothing was appended (check_finite=False stores them)")
+            self._refuse_non_finite(k, v, total)
         n0 = self._lens[layer, seqs]
         n1 = n0 + counts
         self._check_max_len(seqs, n1, "append")
-        p1 = self._full_pages(n1)
         with self._on_stream():
             self._grow(seqs, blocks(n1, self._P), "append")  # the only step that can fail; nothing written before
-            owner, pos = _ranges(n0, counts)
-            if owner.shape[0]:
-                # Token j of the input is position pos[j] of seqs[owner[j]]; the last ring_slots tokens of each
-                # sequence go to the ring too: the window after this append, and the tokens a truncate may bring
-                # back into it.
-                self._store_tokens(layer, seqs[owner], pos, pos >= n1[owner] - self._S, k, v)
+            meta = self._token_meta(seqs, n0, counts)
+            if total:
+                self._store_tokens(layer, meta, self._xp.asarray(meta), k, v)
+        self._commit(layer, seqs, n1, self._flushed(n0, n1))
+
+    def plan_append(self, seq_ids: Sequence[int] | np.ndarray,
+                    lengths: Sequence[int] | np.ndarray | int | None = None, *,
+                    layers: Sequence[int] | None = None) -> "AppendPlan":
+        """Plan appending ``lengths[i]`` tokens to each ``seq_ids[i]`` in every layer of ``layers``, for
+        :meth:`AppendPlan.append` to write one layer at a time: a prefill chunk's or a verification step's new
+        tokens, whose positions, ring slots and pages are the same in every layer.
+
+        The plan reserves the blocks the tokens land in (one allocator call) and uploads their per-token
+        metadata once; each :meth:`AppendPlan.append` is then one kernel launch, with no index math, allocation or
+        synchronisation on the host (:meth:`append` does that work, and with its default finite check one device
+        sync, per call). ``lengths``: one count per sequence, one for all, or None (1 each). ``layers``: the
+        layers that will be appended (default all); they must hold equal lengths for the listed sequences.
+
+        Raises:
+            ValueError: unknown or repeated ids, bad counts or layers, layers of unequal lengths, or lengths past
+                ``max_seq_len``; nothing changed.
+            PagePoolExhausted: no pages for the new tokens; nothing changed.
+        """
+        seqs = self.check_ids(seq_ids, "plan_append")
+        counts = self._check_counts(lengths, seqs.shape[0], "lengths")
+        planned, n0 = self.equal_lengths(seqs, layers, "plan_append")
+        n1 = n0 + counts
+        self._check_max_len(seqs, n1, "plan_append")
+        with self._on_stream():
+            self._grow(seqs, blocks(n1, self._P), "plan_append")
+            meta = self._token_meta(seqs, n0, counts)
+            tokens = self._xp.asarray(meta) if self.is_gpu else meta
+        return AppendPlan(self, seqs, counts, n0, n1, self._flushed(n0, n1), planned, self._slot_gen[seqs].copy(),
+                          meta, tokens)
+
+    def equal_lengths(self, seqs: np.ndarray, layers: Sequence[int] | None,
+                      what: str) -> tuple[list[int], np.ndarray]:
+        """``(layers, n)``: the listed layers (default all; checked, distinct, at least one) and the tokens ``n[i]``
+        that ``seqs[i]`` (ids :meth:`check_ids` validated) holds in every one of them. Raises ValueError, reported
+        as ``what:``, where a sequence's layers hold different lengths (a launcher planning several layers at once
+        needs them equal)."""
+        planned = list(range(self._num_layers)) if layers is None else [self.check_layer(x) for x in layers]
+        if not planned or len(set(planned)) != len(planned):
+            raise ValueError(f"{what}: layers: expected distinct layers, at least one, got {planned}")
+        lens = self._lens[planned][:, seqs]
+        unequal = np.flatnonzero((lens != lens[0]).any(axis=0))
+        if unequal.size:
+            b = int(unequal[0])
+            raise ValueError(f"{what}: sequence {int(seqs[b])} holds {lens[:, b].tolist()} tokens in layers "
+                             f"{planned}; plan layers that hold equal lengths (layers=[...])")
+        return planned, lens[0].copy()
+
+    def _append_planned(self, plan: "AppendPlan", layer: int, k: Any, v: Any) -> None:
+        """:meth:`AppendPlan.append`: check that ``layer`` still holds what the plan found, write, commit."""
+        layer = self.check_layer(layer)
+        if layer not in plan.layers_left:
+            done = "was appended already" if layer in plan.layers else "is not in the plan"
+            raise MillionError(f"AppendPlan.append: layer {layer} {done} (planned layers {list(plan.layers)}, left "
+                               f"{sorted(plan.layers_left)}); call plan_append again for more tokens")
+        seqs = plan.seq_ids
+        if plan.version != self._version:  # something else changed the cache since the plan last looked
+            if not np.array_equal(self._slot_gen[seqs], plan.generations):
+                raise MillionError(f"AppendPlan.append: sequences of the plan ({seqs.tolist()[:16]}) were freed or "
+                                   f"replaced since plan_append; plan again")
+            held = self._lens[layer, seqs]
+            if not np.array_equal(held, plan.start):
+                b = int(np.flatnonzero(held != plan.start)[0])
+                raise MillionError(f"AppendPlan.append: layer {layer}: the plan expects sequence {int(seqs[b])} to "
+                                   f"hold {int(plan.start[b])} tokens, it holds {int(held[b])} (the cache changed "
+                                   f"since plan_append); plan again")
+        total = plan.tokens
+        k = self._planned_rows(k, "k", total)
+        v = self._planned_rows(v, "v", total)
+        if total:
+            self._store_tokens(layer, plan.meta, plan.device_meta, k, v)
+        self._commit(layer, seqs, plan.end, plan.flushed)
+        plan.version = self._version
+        plan.layers_left.discard(layer)
+
+    def _planned_rows(self, x: Any, name: str, total: int) -> Any:
+        """:meth:`_check_tokens`, without its conversions for C-contiguous aligned CuPy rows of the cache dtype
+        (a planned append's usual input, on its per-layer path)."""
+        if (self.is_gpu and type(x) is self._xp.ndarray and x.shape == (total, self._nh_k, self._d)
+                and x.dtype == self._dtype and x.flags.c_contiguous and x.data.ptr % 16 == 0):
+            return x
+        return self._check_tokens(x, name, total)
+
+    def _refuse_non_finite(self, k: Any, v: Any, total: int) -> None:
+        """ValueError naming the rows of ``k`` / ``v`` that hold NaN or inf (GPU: one device sync when there are
+        none)."""
+        xp = self._xp
+        if bool(xp.isfinite(k).all() & xp.isfinite(v).all()):
+            return
+        for x, name in ((k, "k"), (v, "v")):
+            bad = ~xp.isfinite(x).reshape(total, -1).all(axis=1)
+            if bool(bad.any()):
+                rows = to_numpy(xp.flatnonzero(bad))
+                raise ValueError(f"append: {name} holds NaN or inf in {rows.size} of {total} tokens (first rows: "
+                                 f"{rows[:8].tolist()}); nothing was appended (check_finite=False stores them)")
+
+    def _token_meta(self, seqs: np.ndarray, n0: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Host int32 ``(T, 4)`` {slot, position, slot generation, into the ring} of ``counts[i]`` tokens appended
+        to each ``seqs[i]`` holding ``n0[i]``: the append kernel's per-token words. The last ring_slots tokens of
+        each sequence go to the ring too: the window after the append, and the tokens a truncate may bring back
+        into it."""
+        owner, pos = _ranges(n0, counts)
+        seq = seqs[owner]
+        in_ring = pos >= n0[owner] + counts[owner] - self._S
+        return np.stack([seq, pos, self._slot_gen[seq], in_ring], axis=1).astype(np.int32)
+
+    def _commit(self, layer: int, seqs: np.ndarray, n1: np.ndarray, flushed: int) -> None:
+        """``layer`` of each ``seqs[i]`` holds ``n1[i]`` tokens now, ``flushed`` more blocks of them full pages."""
         self._lens[layer, seqs] = n1
-        self._flushes += int((p1 - self._full_pages(n0)).sum())
+        self._flushes += flushed
         self._version += 1
+
+    def _flushed(self, n0: np.ndarray, n1: np.ndarray) -> int:
+        """Blocks that become full pages in a layer when sequences of ``n0`` tokens grow to ``n1``."""
+        return int((self._full_pages(n1) - self._full_pages(n0)).sum())
 
     def advance(self, seq_ids: np.ndarray | slice, new_tokens: int, new_full_pages: int) -> None:
         """Count ``new_tokens`` more tokens in every layer of each listed sequence, whose data a launcher
@@ -908,17 +1032,19 @@ class PagedPQCache:
                 (self._block_table, np.int32(self._max_blocks), dev, np.int32(B), ids))
         store.launch(stream.ptr)
 
-    def _store_tokens(self, layer: int, seq: np.ndarray, pos: np.ndarray, in_ring: np.ndarray, k: Any,
-                      v: Any) -> None:
-        """Token row ``j`` of ``k`` / ``v`` is position ``pos[j]`` of sequence ``seq[j]``: write its codes
-        into its block and, where ``in_ring[j]``, its exact rows into ring slot ``pos[j] % ring_slots`` (an
-        exact cache: its rows into its block)."""
+    def _store_tokens(self, layer: int, meta: np.ndarray, device_meta: Any, k: Any, v: Any) -> None:
+        """Token row ``j`` of ``k`` / ``v`` is position ``meta[j, 1]`` of sequence ``meta[j, 0]``: write its codes
+        into its block and, where ``meta[j, 3]``, its exact rows into ring slot ``position % ring_slots`` (an
+        exact cache: its rows into its block). ``device_meta``: ``meta`` on the cache's side."""
         if self.is_gpu:
-            meta = np.stack([seq, pos, self._slot_gen[seq], in_ring], axis=1).astype(np.int32)
+            launch = self._append_launches.get(layer)
             append = self.append_kernel(layer)
-            append.kernel(append.grid(meta.shape[0]), (APPEND_THREADS,),
-                          append.args(k, v, self._xp.asarray(meta), self._append_status, meta.shape[0]))
+            if launch is None:
+                launch = self._append_launches[layer] = append.bind(self._append_status)
+            append.point(launch, k.data.ptr, v.data.ptr, device_meta.data.ptr, meta.shape[0])
+            launch.launch(self._stream.ptr)  # every device operation of the cache runs on its stream
             return
+        seq, pos, in_ring = meta[:, 0], meta[:, 1].astype(np.int64), meta[:, 3].astype(bool)
         P, S = self._P, self._S
         self._non_finite_seen |= not (np.isfinite(k).all() and np.isfinite(v).all())
         row = pos % P
@@ -1222,3 +1348,57 @@ class PagedPQCache:
                 f"{what}: sequences {seqs[over].tolist()} would hold {n[over].tolist()} tokens, "
                 f"more than max_seq_len = {self._max_seq_len}"
             )
+
+
+class AppendPlan:
+    """Several new tokens per sequence, planned once for several layers (:meth:`PagedPQCache.plan_append`).
+
+    A prefill chunk or a verification step appends the same positions to every layer: the plan holds their
+    metadata on the device and their blocks reserved, so that :meth:`append` per layer is one launch of the
+    append kernel (encode, page store and ring copy, flushes included). Attributes (host, read-only):
+    ``seq_ids`` (int64 ``(B,)``), ``lengths`` (new tokens per sequence), ``start`` / ``end`` (tokens each
+    sequence holds before / after), ``tokens`` (``lengths.sum()``), ``layers`` (planned) and ``layers_left``
+    (not appended yet).
+
+    Example (a chunk of ``c`` tokens per sequence, then its attention, layer by layer)::
+
+        plan = cache.plan_append(seq_ids, c)
+        for layer in range(num_layers):
+            plan.append(layer, k[layer], v[layer])      # (B * c, nh_k, d), sequence-major
+            out = prefill.run(layer, q[layer])           # BatchPrefillWrapper planned for the same tokens
+    """
+
+    def __init__(self, cache: PagedPQCache, seq_ids: np.ndarray, lengths: np.ndarray, start: np.ndarray,
+                 end: np.ndarray, flushed: int, layers: list[int], generations: np.ndarray, meta: np.ndarray,
+                 device_meta: Any):
+        self._cache = cache
+        self.seq_ids, self.lengths, self.start, self.end = seq_ids, lengths, start, end
+        self.flushed = flushed  # blocks that become full pages in each layer
+        self.version = cache.version  # the cache's version when the plan last looked: unchanged, nothing to check
+        self.tokens = int(lengths.sum())
+        self.layers = tuple(layers)
+        self.layers_left = set(layers)
+        self.generations = generations
+        self.meta, self.device_meta = meta, device_meta
+        for a in (seq_ids, lengths, start, end, generations, meta):
+            a.flags.writeable = False
+
+    def append(self, layer: int, k: Any, v: Any) -> None:
+        """Write the planned tokens of ``layer``: ``k``, ``v`` ``(tokens, nh_k, head_dim)``, the tokens of
+        ``seq_ids[0]`` first (as :meth:`PagedPQCache.append` takes them). C-contiguous CuPy arrays of the cache
+        dtype are used as they are; other input is converted as by :meth:`PagedPQCache.append`.
+
+        No host check of the values: a NaN or inf token is stored and flagged on the device, and
+        ``cache.stats()["non_finite_appended"]`` reports it, as for one-token appends
+        (``cache.append(..., check_finite=True)`` refuses such tokens instead, at one device sync per call).
+
+        Raises:
+            MillionError: ``layer`` was appended already or is not planned, or the cache changed since the plan
+                (a listed sequence was freed, truncated or appended otherwise in this layer); nothing written.
+            ValueError / TypeError: ``k`` or ``v`` of another shape or dtype; nothing written.
+        """
+        self._cache._append_planned(self, layer, k, v)
+
+    def __repr__(self) -> str:
+        return (f"AppendPlan(sequences={self.seq_ids.shape[0]}, tokens={self.tokens}, layers={len(self.layers)}, "
+                f"left={len(self.layers_left)})")

@@ -164,9 +164,11 @@ class BoundLaunch:
         """Argument ``index`` (a pointer or an integer) becomes ``value`` for the following launches."""
         self._values[index].value = value
 
-    def set_grid(self, grid_x: int) -> None:
-        """The grid's x dimension for the following launches."""
+    def set_grid(self, grid_x: int, grid_y: int | None = None) -> None:
+        """The grid's x dimension (and y, when given) for the following launches."""
         self._grid_x = int(grid_x)
+        if grid_y is not None:
+            self._grid_y = int(grid_y)
 
     def launch(self, stream_ptr: int) -> None:
         """Launch on the stream with handle ``stream_ptr`` (raises CuPy's CUDADriverError on failure)."""

@@ -87,6 +87,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import kernels, reference
+from .cache import AppendPlan
 from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, device_sm_count,
                      device_smem_limit, paged_layer_storage, require_native_attention, softmax_scale)
 from .errors import MillionError, UnsupportedConfiguration
@@ -658,8 +659,13 @@ class BatchPrefillWrapper:
     >>> wrapper = BatchPrefillWrapper(cache, num_heads=32)
     >>> wrapper.plan(seq_ids, qo_indptr)              # before the appends of the new tokens
     >>> for layer in range(cache.num_layers):
-    ...     cache.append(layer, seq_ids, k, v, lengths=np.diff(qo_indptr))
+    ...     wrapper.append(layer, k, v)               # k, v (qo_indptr[-1], num_kv_heads, head_dim)
     ...     out = wrapper.run(layer, q)               # q, out (qo_indptr[-1], num_heads, head_dim)
+
+    ``wrapper.append`` is ``cache.append(layer, seq_ids, k, v, lengths=np.diff(qo_indptr))`` planned once for
+    every layer (:meth:`~million_cupy.cache.PagedPQCache.plan_append`): one launch per layer and no device sync,
+    where ``cache.append`` redoes the index math per call and, for several tokens per sequence, checks the
+    values for NaN / inf at one device sync (``append`` flags them on the device instead).
 
     Args:
         cache: the cache (``device="cuda"``; on a CPU cache use :func:`prefill_attention`).
@@ -706,11 +712,13 @@ class BatchPrefillWrapper:
         self._graph_regime = (False, False)  # and its regime (on tensor cores, dense)
         self._graph_plans: list[AttentionPlan] = []  # LUT plans left to captured runs (their buffers stay alive)
         self._layers: set[int] = set()
+        self._appended = False  # the current plan's new tokens were in the cache when it was made
+        self._append_plan: AppendPlan | None = None  # the cache's plan of its appends (append())
         self._q_shape = (0, num_heads, cache.head_dim)
         self._warned: set[str] = set()  # the slow paths warned about (_warn_once)
         self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "dense_plans": 0,
                        "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0, "shared_memory_fallbacks": 0,
-                       "stale_graph_plans": 0}
+                       "stale_graph_plans": 0, "appends": 0}
 
     @property
     def scale(self) -> float:
@@ -749,16 +757,8 @@ class BatchPrefillWrapper:
         seq = cache.check_ids(seq_ids, "plan")
         ind = _indptr(qo_indptr, seq.shape[0])
         counts = np.diff(ind)
-        planned = list(range(cache.num_layers)) if layers is None else [cache.check_layer(x) for x in layers]
-        if not planned:
-            raise ValueError("plan: layers is empty")
-        lens = cache.lengths[planned][:, seq]
-        unequal = np.flatnonzero((lens != lens[0]).any(axis=0))
-        if unequal.size:
-            b = int(unequal[0])
-            raise ValueError(f"plan: sequence {int(seq[b])} holds {lens[:, b].tolist()} tokens in layers {planned}; "
-                             f"plan layers that hold equal lengths (layers=[...])")
-        n = lens[0] + (0 if appended else counts)
+        planned, held = cache.equal_lengths(seq, layers, "plan")
+        n = held + (0 if appended else counts)
         if (counts > n).any():
             b = int(np.flatnonzero(counts > n)[0])
             raise ValueError(f"plan: sequence {int(seq[b])} has {int(counts[b])} new tokens but will hold only "
@@ -816,6 +816,7 @@ class BatchPrefillWrapper:
                             f"{why_lut}, so they run the per-token LUT path, whose cost grows with the query count")
         self._on_tensor_cores, self._dense = on_tensor_cores, dense
         self._seq, self._n, self._counts, self._layers = seq, n, counts, set(planned)
+        self._appended, self._append_plan = appended, None
         self._q_shape = (N, self.num_heads, cache.head_dim)
         self._stats["plans"] += 1
         self._stats["query_tokens"] += N
@@ -866,6 +867,39 @@ class BatchPrefillWrapper:
             warnings.warn(f"BatchPrefillWrapper: {message}", RuntimeWarning, stacklevel=stacklevel)
             self._warned.add(kind)
 
+    def append(self, layer: int, k: Any, v: Any) -> None:
+        """Append the planned new tokens of ``layer`` to the cache: ``k``, ``v`` ``(qo_indptr[-1], num_kv_heads,
+        head_dim)`` in the order of ``q``'s rows (the cache dtype; C-contiguous CuPy arrays are used as they are).
+
+        For a plan made with ``appended=False``. The first call after a plan reserves the new tokens' pages for
+        every planned layer and uploads their positions once (:meth:`~million_cupy.cache.PagedPQCache.plan_append`);
+        each call is then one kernel launch, with no device sync. NaN / inf tokens are stored and flagged on the
+        device (``cache.stats()["non_finite_appended"]``), as on the decode path.
+
+        Raises:
+            MillionError: no plan, a plan made with ``appended=True``, ``layer`` not planned or appended already,
+                or the cache's lengths no longer those the plan found; nothing written.
+            PagePoolExhausted: (first call) no pages for the new tokens; nothing written.
+            ValueError / TypeError: ``k`` or ``v`` of another shape or dtype; nothing written.
+        """
+        if self._seq is None:
+            raise MillionError("append() before plan(): call plan(seq_ids, qo_indptr) first")
+        if self._appended:
+            raise MillionError("append: this plan was made with appended=True, so the cache holds its new tokens "
+                               "already; plan with appended=False to append them through the wrapper")
+        if self._append_plan is None:
+            layers = sorted(self._layers)
+            held = self.cache.lengths[layers][:, self._seq]
+            expected = self._n - self._counts
+            if not (held == expected).all():
+                layer_at, b = (int(j[0]) for j in np.nonzero(held != expected))
+                raise MillionError(f"append: the plan expects sequence {int(self._seq[b])} to hold {int(expected[b])} "
+                                   f"tokens before its new ones in layer {layers[layer_at]}, it holds "
+                                   f"{int(held[layer_at, b])} (tokens appended otherwise since plan); plan again")
+            self._append_plan = self.cache.plan_append(self._seq, self._counts, layers=layers)
+        self._append_plan.append(layer, k, v)
+        self._stats["appends"] += 1
+
     def run(self, layer: int, q: Any, *, out: Any = None, lse: Any = None, return_lse: bool = False):
         """Attention of the planned query tokens ``q`` ``(N, num_heads, head_dim)`` (CSR order, the cache dtype)
         over ``layer``. Returns ``out`` (``(N, num_heads, head_dim)``), or ``(out, lse)`` with ``return_lse`` or a
@@ -905,7 +939,7 @@ class BatchPrefillWrapper:
         once), ``shared_memory_fallbacks`` (plans whose tensor-core regime did not fit the device's shared memory
         and took the dense regime or the LUT path instead, :func:`fitting_regime`; warned once),
         ``stale_graph_plans`` (plans of other new-token counts than a run captured in a CUDA graph, which keeps
-        replaying its own plan; warned once)."""
+        replaying its own plan; warned once), ``appends`` (layers whose new tokens :meth:`append` wrote)."""
         return dict(self._stats)
 
 

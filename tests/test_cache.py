@@ -1077,3 +1077,103 @@ def test_an_exact_cache_truncates_by_any_amount(rng, device):
     a.truncate(sa, 37)
     append_all(b, sb, x[:37], [37])
     assert_same_sequence(a, sa, b, sb)
+
+
+# ------------------------------------------------------------------------------------- planned appends
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_rollback", [0, 8])
+def test_a_planned_append_stores_what_append_stores(rng, device, max_rollback):
+    # Ragged counts (none, one, a chunk crossing flushes, more than the ring holds) over histories of 0 to 47
+    # tokens, layers appended in any order: every layer equals a cache given the same tokens by append().
+    books = make_codebooks(rng, 3)
+    a = make_cache(rng, device, num_layers=3, codebooks=books, max_rollback=max_rollback)
+    b = make_cache(rng, device, num_layers=3, codebooks=books, max_rollback=max_rollback)
+    history = [0, 5, 47, 16]
+    seqs_a = [a.add_sequence() for _ in history]
+    seqs_b = [b.add_sequence() for _ in history]
+    x = tokens(rng, sum(history), a)
+    for layer in range(3):
+        a.append(layer, seqs_a, on(a, x), on(a, x), history)
+        b.append(layer, seqs_b, on(b, x), on(b, x), history)
+    for counts in ([3, 0, 2, 1], [1, 1, 1, 1], [70, 9, 17, 0], [0, 0, 0, 0]):
+        total = sum(counts)
+        k = [tokens(rng, total, a) for _ in range(3)]
+        v = [tokens(rng, total, a) for _ in range(3)]
+        plan = a.plan_append(seqs_a, counts)
+        assert plan.tokens == total and plan.layers == (0, 1, 2) and plan.layers_left == {0, 1, 2}
+        np.testing.assert_array_equal(plan.end - plan.start, counts)
+        for layer in (2, 0, 1):
+            plan.append(layer, on(a, k[layer]), on(a, v[layer]))
+            b.append(layer, seqs_b, on(b, k[layer]), on(b, v[layer]), counts)
+            assert a.seq_lens(layer, seqs_a).tolist() == b.seq_lens(layer, seqs_b).tolist()
+        assert not plan.layers_left
+        for sa, sb in zip(seqs_a, seqs_b):
+            assert_same_sequence(a, sa, b, sb)
+            for layer in range(3):
+                assert_same_contents(contents(a, layer, sa), contents(b, layer, sb))
+    stats_a, stats_b = a.stats(), b.stats()
+    for key in ("used", "flushes", "tokens", "residual_bytes_in_use", "non_finite_appended"):
+        assert stats_a[key] == stats_b[key], key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_planned_append_refusals_change_nothing(rng, device):
+    from million_cupy.errors import MillionError  # noqa: PLC0415
+
+    cache = make_cache(rng, device, max_seq_len=200, max_pages=12)
+    a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    x = tokens(rng, 25, cache)
+    for layer in range(2):
+        cache.append(layer, [a, b], on(cache, x), on(cache, x), [20, 5])
+    cache.append(0, [c], on(cache, x[:3]), on(cache, x[:3]), [3])  # c: 3 tokens in layer 0, none in layer 1
+    seven = on(cache, tokens(rng, 7, cache))
+    plan = cache.plan_append([a, b], [3, 4])
+    wrong = [
+        ("shape", ValueError, "shape", lambda: plan.append(0, seven[:6], seven[:6])),
+        ("dtype", TypeError, "dtype", lambda: plan.append(0, seven.astype(np.int32), seven)),
+        ("layer range", IndexError, "layer", lambda: plan.append(2, seven, seven)),
+        ("unequal layers", ValueError, "equal lengths", lambda: cache.plan_append([a, c], 1)),
+        ("no layers", ValueError, "distinct layers", lambda: cache.plan_append([a], 1, layers=[])),
+        ("repeated layers", ValueError, "distinct layers", lambda: cache.plan_append([a], 1, layers=[1, 1])),
+        ("max_seq_len", ValueError, "max_seq_len", lambda: cache.plan_append([a], 190)),
+        ("repeated ids", ValueError, "distinct", lambda: cache.plan_append([a, a], 1)),
+        ("pool", PagePoolExhausted, "nothing changed", lambda: cache.plan_append([a, b], [100, 100])),
+    ]
+    for name, error, message, call in wrong:
+        before = snapshot(cache, [a, b, c])
+        with pytest.raises(error, match=message):
+            call()
+        assert_unchanged(before, cache, [a, b, c])
+    plan.append(0, seven, seven)
+    assert cache.seq_lens(0, [a, b]).tolist() == [23, 9] and cache.seq_lens(1, [a, b]).tolist() == [20, 5]
+    before = snapshot(cache, [a, b, c])
+    with pytest.raises(MillionError, match="appended already"):
+        plan.append(0, seven, seven)
+    assert_unchanged(before, cache, [a, b, c])
+    only_one = cache.plan_append([c], 1, layers=[0])
+    with pytest.raises(MillionError, match="not in the plan"):
+        only_one.append(1, seven[:1], seven[:1])
+    cache.append(1, [b], seven[:4], seven[:4], [4])  # layer 1 of b moved on without the plan
+    before = snapshot(cache, [a, b, c])
+    with pytest.raises(MillionError, match="expects sequence 1 to hold 5 tokens, it holds 9"):
+        plan.append(1, seven, seven)
+    assert_unchanged(before, cache, [a, b, c])
+    cache.free(c)
+    before = snapshot(cache, [a, b])
+    with pytest.raises(MillionError, match="freed or replaced"):
+        only_one.append(0, seven[:1], seven[:1])
+    assert_unchanged(before, cache, [a, b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_planned_append_stores_and_flags_non_finite_tokens(rng, device):
+    cache = make_cache(rng, device)
+    s = cache.add_sequence()
+    x = tokens(rng, 40, cache)
+    x[7, 1, 3] = np.nan
+    plan = cache.plan_append([s], 40)
+    plan.append(0, on(cache, x), on(cache, x))
+    plan.append(1, on(cache, x), on(cache, x))
+    assert cache.seq_len(s, 1) == 40 and cache.stats()["non_finite_appended"]

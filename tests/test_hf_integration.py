@@ -224,6 +224,7 @@ def test_gpu_kernels_match_simulation(tiny, rng, dtype, second_prompt):
     assert stats["non_finite_appended"] is False
     if second_prompt:
         assert stats["extend"]["query_tokens"] == 3 * 40
+        assert stats["extend"]["appends"] == 2 * stats["extend"]["plans"] > 0  # planned appends, every layer
     else:
         assert stats["step"]["plans"] == 280 - 60 - 1
 

@@ -31,6 +31,7 @@ LAZY = {
     "ModelCodebooks": "million_cupy.codebook",
     "PageAllocator": "million_cupy.allocator",
     "PagedPQCache": "million_cupy.cache",
+    "AppendPlan": "million_cupy.cache",
     "BatchDecodeWrapper": "million_cupy.decode",
     "DecodeStep": "million_cupy.step",
     "BatchPrefillWrapper": "million_cupy.prefill",

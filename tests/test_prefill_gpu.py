@@ -408,3 +408,62 @@ def test_a_regime_that_does_not_fit_the_devices_shared_memory_takes_one_that_doe
     with pytest.raises(UnsupportedConfiguration, match=f"backend='tensor_cores': .* this device allows {limit}"):
         forced.plan(seqs, ind, layers=[1])
     assert forced.regime == "" and forced.stats()["plans"] == 0
+
+
+@pytest.mark.parametrize("backend, counts", [("lut", [3, 1, 2, 0]), ("tensor_cores", [5, 4, 1, 2]),
+                                             ("dense", [70, 3, 0, 40])])
+def test_the_wrappers_append_writes_what_cache_append_writes(rng, backend, counts):
+    # Two caches with the same contents; one appends through the wrapper's plan (one launch per layer), the other
+    # through cache.append. Contents, lengths and the attention after them agree bit for bit, and the wrapper's
+    # output matches the float64 reference.
+    import cupy as cp
+
+    planned, direct = _caches(rng, devices=("cuda", "cuda"), layers=3)
+    history = [40, 0, 33, 17]
+    seqs = [[c.add_sequence() for _ in history] for c in (planned, direct)]
+    _prefill(rng, (planned, direct), seqs[0], history)
+    ind = np.concatenate([[0], np.cumsum(counts)])
+    nh = 4 * planned.num_kv_heads
+    wrappers = [BatchPrefillWrapper(c, nh, backend=backend) for c in (planned, direct)]
+    for w, s in zip(wrappers, seqs):
+        w.plan(s, ind)
+    N = int(ind[-1])
+    for layer in range(planned.num_layers):
+        k, v = (cp.asarray(_tokens(rng, N, planned)).astype(cp.float16) for _ in range(2))
+        q = cp.asarray(rng.standard_normal((N, nh, 128)).astype(np.float32)).astype(cp.float16)
+        wrappers[0].append(layer, k, v)
+        direct.append(layer, seqs[1], k, v, lengths=counts)
+        outs = [w.run(layer, q, out=_poison((N, nh, 128), "float16")) for w in wrappers]
+        np.testing.assert_array_equal(to_numpy(outs[0]), to_numpy(outs[1]))
+        ks, vs = zip(*(planned.dequantize(layer, s) for s in seqs[0]))
+        ref_o, _ = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind)
+        assert reference.relative_error(to_numpy(outs[0]).astype(np.float64), ref_o) <= TOL["float16"]
+        for a, b in zip(seqs[0], seqs[1]):
+            for x, y in zip(planned.dequantize(layer, a), direct.dequantize(layer, b)):
+                np.testing.assert_array_equal(x, y)
+    with pytest.raises(MillionError, match="appended already"):
+        wrappers[0].append(0, k, v)
+    assert planned.stats()["flushes"] == direct.stats()["flushes"]
+
+
+def test_the_wrappers_append_refuses_what_its_plan_does_not_cover(rng):
+    import cupy as cp
+
+    (cache,) = _caches(rng, devices=("cuda",))
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [20, 9])
+    wrapper = BatchPrefillWrapper(cache, 8)
+    k = cp.zeros((3, 2, 128), dtype=cp.float16)
+    with pytest.raises(MillionError, match="before plan"):
+        wrapper.append(0, k, k)
+    wrapper.plan(seqs, [0, 2, 3], appended=True)  # the cache does not hold them: run() would say so
+    with pytest.raises(MillionError, match="appended=True"):
+        wrapper.append(0, k, k)
+    wrapper.plan(seqs, [0, 2, 3])
+    cache.append(1, seqs, k, k, lengths=[2, 1])  # layer 1 took the tokens without the wrapper
+    with pytest.raises(MillionError, match="before its new ones in layer 1"):
+        wrapper.append(0, k, k)
+    assert cache.seq_lens(0, seqs).tolist() == [20, 9]
+    wrapper.plan(seqs, [0, 2, 3], layers=[0])
+    wrapper.append(0, k, k)
+    assert cache.seq_lens(0, seqs).tolist() == [22, 10]

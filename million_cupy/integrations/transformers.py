@@ -193,7 +193,7 @@ class PQCache(Cache):
                 if self._extend is None:
                     self._extend = BatchPrefillWrapper(self.storage, self.num_heads)
                 self._extend.plan(self.seq_ids, np.arange(B + 1) * T)
-            self._append_rows(layer_idx, key_states, value_states)
+            self._append_rows(layer_idx, key_states, value_states, planned=bool(history and self._gpu))
             if layer_idx == 0:
                 self._counts["extend_tokens" if history else "prefill_tokens"] += B * T
         else:
@@ -284,13 +284,18 @@ class PQCache(Cache):
         self.seq_ids = np.array([self.storage.add_sequence() for _ in range(B)], dtype=np.int64)
         self._gpu = gpu
 
-    def _append_rows(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """T new tokens per sequence ``(B, nh_k, T, d)`` into the storage in one append (flushes included)."""
+    def _append_rows(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, *, planned: bool) -> None:
+        """T new tokens per sequence ``(B, nh_k, T, d)`` into the storage in one append (flushes included).
+        ``planned``: through the extend wrapper's plan of this forward (one launch, no device sync; NaN / inf
+        tokens are flagged in ``stats()``), else ``PagedPQCache.append`` (a prompt: refuses NaN / inf)."""
         B, _, T, _ = k.shape
         rows = (B * T, self.num_kv_heads, self.head_dim)
         k_rows = self._array(k.transpose(1, 2).reshape(rows))
         v_rows = self._array(v.transpose(1, 2).reshape(rows))
-        self.storage.append(layer_idx, self.seq_ids, k_rows, v_rows, lengths=np.full(B, T))
+        if planned:
+            self._extend.append(layer_idx, k_rows, v_rows)
+        else:
+            self.storage.append(layer_idx, self.seq_ids, k_rows, v_rows, lengths=np.full(B, T))
 
     def _append_one(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self._gpu:
