@@ -869,21 +869,13 @@ class PagedPQCache:
                                    f"hold {int(plan.start[b])} tokens, it holds {int(held[b])} (the cache changed "
                                    f"since plan_append); plan again")
         total = plan.tokens
-        k = self._planned_rows(k, "k", total)
-        v = self._planned_rows(v, "v", total)
+        k = self._check_tokens(k, "k", total)
+        v = self._check_tokens(v, "v", total)
         if total:
             self._store_tokens(layer, plan.meta, plan.device_meta, k, v)
         self._commit(layer, seqs, plan.end, plan.flushed)
         plan.version = self._version
         plan.layers_left.discard(layer)
-
-    def _planned_rows(self, x: Any, name: str, total: int) -> Any:
-        """:meth:`_check_tokens`, without its conversions for C-contiguous aligned CuPy rows of the cache dtype
-        (a planned append's usual input, on its per-layer path)."""
-        if (self.is_gpu and type(x) is self._xp.ndarray and x.shape == (total, self._nh_k, self._d)
-                and x.dtype == self._dtype and x.flags.c_contiguous and x.data.ptr % 16 == 0):
-            return x
-        return self._check_tokens(x, name, total)
 
     def _refuse_non_finite(self, k: Any, v: Any, total: int) -> None:
         """ValueError naming the rows of ``k`` / ``v`` that hold NaN or inf (GPU: one device sync when there are
@@ -1330,6 +1322,9 @@ class PagedPQCache:
 
     def _check_tokens(self, x: Any, name: str, total: int) -> Any:
         """``x`` as a C-contiguous ``(total, nh_k, d)`` array of the cache dtype on the cache's side."""
+        if (self.is_gpu and type(x) is self._xp.ndarray and x.shape == (total, self._nh_k, self._d)
+                and x.dtype == self._dtype and x.flags.c_contiguous and x.data.ptr % 16 == 0):
+            return x  # already what the kernel reads: no conversion to look for (every layer's append)
         arr = as_array(
             x, name, ndim=3, shape=(total, self._nh_k, self._d), dtypes=INPUT_DTYPES,
             on_gpu=None if self.is_gpu else False,
