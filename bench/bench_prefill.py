@@ -19,9 +19,11 @@ chunk records), one layer. Records (suite "prefill"), GPU time with calls queued
   warm-up pass, and host time per chunk), against SDPA over the exact prompt in one call (``sdpa_exact_us``) and
   chunk by chunk over the exact history (``sdpa_chunked_us``, the sum of the chunks' calls), with both caches'
   bytes; ``append``: through the wrapper's plan (``planned``) or ``cache.append`` per call;
-* ``verify_step``: a speculative verification step over ``--layers`` layers (default 32) at 8 x 32K, q = 2 to 16
-  drafts per sequence: one plan, then per layer the drafts' append and attention; wall, host and GPU time per
-  step for each ``append`` way, against the attention alone (``attention_us``) and as many one-token decodes.
+* ``verify_step``: a speculative verification step over ``--layers`` layers (default 32) at 8 x 32K (or
+  ``--context``), q = 2 to 16 drafts per sequence: one plan, then per layer the drafts' append and attention; wall,
+  host and GPU time per step for each ``append`` way (``planned``, ``cache.append``, and ``graph``: the whole step
+  captured in one CUDA graph, then a plan and one replay per step), against the attention alone
+  (``attention_us``) and as many one-token decodes.
 
 Each record names the regime BatchPrefillWrapper took (``path``: ``lut`` or ``tensor_core``).
 
@@ -226,52 +228,81 @@ def bench_chunked_prompt(cp, torch, M, prompt, chunk) -> list[dict]:
 def bench_verify_step(cp, M, batch, context, counts, layers, steps=20) -> list[dict]:
     """A speculative verification step of ``layers`` layers: one plan, then per layer the drafts' append and their
     attention, as a serving loop runs it (the history grows by the drafts every step). Per step: wall time
-    (``median_us``, synchronised at its end), the host time of its calls (``host_us``), against the same step's
-    attention alone with the drafts already appended (``attention_us``) and ``layers`` one-token decodes
-    (``decode_us``), for each way of appending (``append``)."""
+    (``median_us``, synchronised at its end), the host time of its calls (``host_us``) and the GPU time between
+    events around it (``gpu_us``), against the same step's attention alone with the drafts already appended
+    (``attention_us``) and ``layers`` one-token decodes (``decode_us``), for each way of appending (``append``):
+    ``planned`` (wrapper.append), ``cache.append``, and ``graph`` (the whole step, appends and runs, captured once
+    in a CUDA graph; each step is then ``plan`` and one replay). Everything runs on the cache's non-blocking
+    stream, which a capture needs."""
     from million_cupy import BatchDecodeWrapper, BatchPrefillWrapper
 
     records = []
     warmup = 3
-    grown = sum(2 * (warmup + steps) * c for c in counts)  # the two append ways grow the histories
-    cache, seqs = build_cache(cp, batch, context, M, layers=layers, spare_tokens=grown)
-    decode = BatchDecodeWrapper(cache, num_heads=NH)
-    decode.plan(seqs, new_tokens=0)
-    q1, o1 = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
-    one = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
-    stream = cp.cuda.get_current_stream()
+    modes = ("planned", "cache.append", "graph", "attention only")
+    # the three append ways grow the histories; the graph's wrapper takes two more steps (compile, capture)
+    grown = sum((3 * (warmup + steps) + 2) * c for c in counts)  # (more than q = 16's two ways need)
+    stream = cp.cuda.Stream(non_blocking=True)
+    cache, seqs = build_cache(cp, batch, context, M, layers=layers, spare_tokens=grown, stream=stream)
+    with stream:
+        decode = BatchDecodeWrapper(cache, num_heads=NH, stream=stream)
+        decode.plan(seqs, new_tokens=0)
+        q1, o1 = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
+        one = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     for c in counts:
         ind = np.arange(batch + 1) * c
-        q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
-        k = cp.random.default_rng(7).standard_normal((batch * c, NH_K, D), dtype=cp.float32).astype(cp.float16)
-        prefill = BatchPrefillWrapper(cache, NH)
+        with stream:
+            q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
+            k = cp.random.default_rng(7).standard_normal((batch * c, NH_K, D), dtype=cp.float32).astype(cp.float16)
+        prefill = BatchPrefillWrapper(cache, NH, stream=stream)
+        graphed = BatchPrefillWrapper(cache, NH, stream=stream)
+        capturable = c * NH // NH_K <= 32  # verify_attention or the LUT path; longer chunks refuse a capture
+
+        def layers_of(wrapper, mode):
+            for layer in range(layers):
+                if mode != "attention only":
+                    _append_with(mode, cache, wrapper, layer, seqs, k, k, [c] * batch)
+                wrapper.run(layer, q, out=o)
+
+        with stream:
+            for _ in range(2 if capturable else 0):  # compiles outside the capture, then captures the whole step
+                graphed.plan(seqs, ind)
+                if graphed.stats()["plans"] == 1:
+                    layers_of(graphed, "planned")
+                else:
+                    stream.begin_capture()
+                    layers_of(graphed, "planned")
+                    graph = stream.end_capture()
+                    graph.launch(stream)
 
         def step(mode):
             h = time.perf_counter()
-            start.record()
-            prefill.plan(seqs, ind, appended=mode == "attention only")
-            for layer in range(layers):
-                if mode != "attention only":
-                    _append_with(mode, cache, prefill, layer, seqs, k, k, [c] * batch)
-                prefill.run(layer, q, out=o)
+            start.record(stream)
+            if mode == "graph":
+                graphed.plan(seqs, ind)  # counts the appends: the replay writes them
+                graph.launch(stream)
+            else:
+                prefill.plan(seqs, ind, appended=mode == "attention only")
+                layers_of(prefill, mode)
             host = time.perf_counter() - h
-            stop.record()
+            stop.record(stream)
             stop.synchronize()
             return (time.perf_counter() - h) * 1e6, host * 1e6, cp.cuda.get_elapsed_time(start, stop) * 1e3
 
         timings = {}
-        for mode in ("planned", "cache.append", "attention only"):
-            for _ in range(warmup):
-                step(mode)
-            stream.synchronize()
-            timings[mode] = np.median(np.asarray([step(mode) for _ in range(steps)]), axis=0)
+        with stream:
+            for mode in modes if capturable else [m for m in modes if m != "graph"]:
+                for _ in range(warmup):
+                    step(mode)
+                stream.synchronize()
+                timings[mode] = np.median(np.asarray([step(mode) for _ in range(steps)]), axis=0)
         for mode, (wall, host, gpu) in timings.items():
             records.append({"suite": "prefill", "method": "verify_step", "batch": batch, "context": context, "M": M,
                             "queries_per_seq": c, "layers": layers, "append": mode, "median_us": float(wall),
                             "host_us": float(host), "gpu_us": float(gpu),
                             "attention_us": float(timings["attention only"][0]), "decode_us": one * layers,
                             "vs_attention": float(wall / timings["attention only"][0]), "path": _path(prefill)})
+        assert graphed.stats()["graph_append_plans"] == (warmup + steps if capturable else 0)
     return records
 
 
@@ -279,8 +310,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<gpu>.json)")
     p.add_argument("--quick", action="store_true", help="smaller shapes: 2 x 8K, a 512-token chunk over 8K")
-    p.add_argument("--context", type=int, nargs="+", help="verify records: history lengths (default 32768; 8192 "
-                   "with --quick)")
+    p.add_argument("--context", type=int, nargs="+", help="verify and verify_step records: history lengths "
+                   "(default 32768; 8192 with --quick)")
     p.add_argument("--queries", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
                    help="verify records: new tokens per sequence (default 2 4 8 16 32 64)")
     p.add_argument("--layers", type=int, default=32, help="verify_step records: layers per step (default 32)")
@@ -310,8 +341,9 @@ def main(argv=None) -> int:
         if "chunked_prompt" in args.only:
             records += bench_chunked_prompt(cp, torch, M, ctx, 512 if args.quick else 2048)
         if "verify_step" in args.only:
-            records += bench_verify_step(cp, M, 2 if args.quick else 8, ctx, [c for c in args.queries if c <= 16],
-                                         args.layers)
+            for context in args.context or [ctx]:
+                records += bench_verify_step(cp, M, 2 if args.quick else 8, context,
+                                             [c for c in args.queries if c <= 16], args.layers)
         cp.get_default_memory_pool().free_all_blocks()
     gpu = harness.gpu_name().split()[-1].lower()
     out = args.out or Path(__file__).resolve().parent / "results" / f"prefill_{gpu}.json"

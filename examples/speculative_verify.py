@@ -5,9 +5,9 @@ causally to the whole compressed history and to each other (``BatchPrefillWrappe
 layer one ``append`` of the drafts and one ``run``). Then the rejected drafts are dropped in place (``PagedPQCache.truncate``; a cache built with
 ``max_rollback`` = the drafts keeps that many tokens more in its exact ring, so that the tokens a verdict brings
 back into the window are exact again): the cache then holds what it would had only the accepted tokens been
-appended (here a random number of them stands for the target model's verdict). On a GPU the first step's ``run``
-of each layer is captured in a CUDA graph and the later steps replay it: each plan rewrites the device metadata
-the graph reads, for longer histories. Each step's last layer is checked against the float64 reference over the
+appended (here a random number of them stands for the target model's verdict). On a GPU the second step is
+captured whole in one CUDA graph (every layer's append and run) and the later steps replay it: each plan rewrites
+the device metadata the graph reads, for longer histories, and counts the drafts it will append. Each step's last layer is checked against the float64 reference over the
 cache's own contents, and at the end every sequence against a cache that only ever got its accepted tokens.
 Without a GPU the same loop runs on a CPU cache through ``million_cupy.prefill_attention`` (the float64
 reference path).
@@ -63,9 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for layer, (k, v) in enumerate(prompt):
                 cache.append(layer, seqs, k, v, lengths=lens)
             wrapper = mc.BatchPrefillWrapper(cache, nh, stream=stream)
-            kept = verification_loop(cache, seqs, ind, args, tokens, graphed_attention(cp, stream, wrapper, ind), check)
+            kept = verification_loop(cache, seqs, ind, args, tokens, graphed_step(cp, stream, wrapper, ind), check)
             stream.synchronize()
-        check(wrapper.stats()["stale_graph_plans"] == 0, "one capture per layer served every step")
+        stats = wrapper.stats()
+        check(stats["stale_graph_plans"] == 0 and stats["graph_append_plans"] == max(args.steps - 2, 0),
+              "one captured step, appends included, served every later step")
     else:
         for layer, (k, v) in enumerate(prompt):
             cache.append(layer, seqs, k, v, lengths=lens)
@@ -125,30 +127,41 @@ def verification_loop(cache, seqs: list[int], ind: np.ndarray, args, tokens: Cal
     return kept
 
 
-def graphed_attention(cp, stream, wrapper, ind: np.ndarray) -> Attend:
-    """The drafts' attention on the GPU: the wrapper's first run per layer is captured in a CUDA graph, which the
-    later steps replay (reading their plans: longer histories)."""
+def graphed_step(cp, stream, wrapper, ind: np.ndarray) -> Attend:
+    """The drafts' verification on the GPU: the first step runs eagerly (it compiles the kernels), the second is
+    captured whole in one CUDA graph (every layer's append and run), and each later step is a plan, which counts
+    the drafts in the cache's lengths for the replay, and one replay of that graph."""
     cache = wrapper.cache
-    N, L, d = int(ind[-1]), cache.num_layers, cache.head_dim
-    q_in = [cp.empty((N, wrapper.num_heads, d), dtype=cp.float16) for _ in range(L)]  # what the graphs read
-    out = [cp.empty((N, wrapper.num_heads, d), dtype=cp.float16) for _ in range(L)]   # and write
-    graphs: list = [None] * L
+    N, L, nh, nh_k, d = int(ind[-1]), cache.num_layers, wrapper.num_heads, cache.num_kv_heads, cache.head_dim
+    # What the graph reads and writes: fixed arrays, filled before each step.
+    k_in, v_in = (cp.empty((L, N, nh_k, d), dtype=cp.float16) for _ in range(2))
+    q_in, out = (cp.empty((L, N, nh, d), dtype=cp.float16) for _ in range(2))
+    graph: list = []
+
+    def every_layer() -> None:
+        for layer in range(L):
+            wrapper.append(layer, k_in[layer], v_in[layer])  # the plan's drafts: one launch, no device sync
+            wrapper.run(layer, q_in[layer], out=out[layer])
 
     def attend(step: int, seqs: list, q: list, drafts: list) -> Any:
-        wrapper.plan(seqs, ind)
         for layer, (k, v) in enumerate(drafts):
-            wrapper.append(layer, k, v)  # the plan's drafts: one launch, no device sync
-            q_in[layer][...] = q[layer]
-            out[layer].fill(cp.nan)
-            if graphs[layer] is None:
-                wrapper.run(layer, q_in[layer], out=out[layer])  # compiles outside the capture
-                stream.begin_capture()
-                wrapper.run(layer, q_in[layer], out=out[layer])
-                graphs[layer] = stream.end_capture()
-            graphs[layer].launch(stream)
+            k_in[layer], v_in[layer], q_in[layer] = k, v, q[layer]
+        out.fill(cp.nan)
+        wrapper.plan(seqs, ind)
+        if step == 0:
+            every_layer()
+            how = "eager"
+        elif not graph:
+            stream.begin_capture()
+            every_layer()
+            graph.append(stream.end_capture())
+            graph[0].launch(stream)  # the capture counted the drafts and ran nothing
+            how = "captured whole, replayed"
+        else:
+            graph[0].launch(stream)
+            how = "replayed"
         stream.synchronize()
-        print(f"  step {step}: {'eager, captured, replayed' if step == 0 else 'replayed'} on the "
-              f"{wrapper.regime} path")
+        print(f"  step {step}: {how} on the {wrapper.regime} path")
         return out[L - 1]
 
     return attend

@@ -805,7 +805,7 @@ class PagedPQCache:
 
     def plan_append(self, seq_ids: Sequence[int] | np.ndarray,
                     lengths: Sequence[int] | np.ndarray | int | None = None, *,
-                    layers: Sequence[int] | None = None) -> "AppendPlan":
+                    layers: Sequence[int] | None = None, into: Any = None) -> "AppendPlan":
         """Plan appending ``lengths[i]`` tokens to each ``seq_ids[i]`` in every layer of ``layers``, for
         :meth:`AppendPlan.append` to write one layer at a time: a prefill chunk's or a verification step's new
         tokens, whose positions, ring slots and pages are the same in every layer.
@@ -816,9 +816,16 @@ class PagedPQCache:
         sync, per call). ``lengths``: one count per sequence, one for all, or None (1 each). ``layers``: the
         layers that will be appended (default all); they must hold equal lengths for the listed sequences.
 
+        ``into`` (GPU cache): a C-contiguous CuPy int32 array of at least ``4 * sum(lengths)`` elements that
+        receives the tokens' metadata (one copy on the cache's stream, after the work queued there) instead of a
+        new array. At a fixed address, it lets :meth:`AppendPlan.append` launches captured in a CUDA graph serve
+        later plans: plan into the same buffer, :meth:`AppendPlan.commit` the layers, replay the graph (a plan
+        without ``into`` refuses to be captured). :class:`~million_cupy.prefill.BatchPrefillWrapper` does this
+        for its own appends.
+
         Raises:
-            ValueError: unknown or repeated ids, bad counts or layers, layers of unequal lengths, or lengths past
-                ``max_seq_len``; nothing changed.
+            ValueError: unknown or repeated ids, bad counts or layers, layers of unequal lengths, lengths past
+                ``max_seq_len``, or an ``into`` that does not fit; nothing changed.
             PagePoolExhausted: no pages for the new tokens; nothing changed.
         """
         seqs = self.check_ids(seq_ids, "plan_append")
@@ -826,12 +833,36 @@ class PagedPQCache:
         planned, n0 = self.equal_lengths(seqs, layers, "plan_append")
         n1 = n0 + counts
         self._check_max_len(seqs, n1, "plan_append")
+        total = int(counts.sum())
+        if into is not None:
+            self._check_meta_buffer(into, total)
         with self._on_stream():
             self._grow(seqs, blocks(n1, self._P), "plan_append")
             meta = self._token_meta(seqs, n0, counts)
-            tokens = self._xp.asarray(meta) if self.is_gpu else meta
+            if not self.is_gpu:
+                tokens = meta
+            elif into is None:
+                tokens = self._xp.asarray(meta)
+            else:
+                tokens = into
+                if total:  # pageable memory: the driver stages it before returning, so `meta` may go
+                    self._xp.cuda.runtime.memcpyAsync(into.data.ptr, meta.ctypes.data, meta.nbytes, 1,
+                                                      self._stream.ptr)  # 1: host to device
         return AppendPlan(self, seqs, counts, n0, n1, self._flushed(n0, n1), planned, self._slot_gen[seqs].copy(),
-                          meta, tokens)
+                          meta, tokens, fixed=into is not None)
+
+    def _check_meta_buffer(self, into: Any, total: int) -> None:
+        """ValueError unless ``into`` can receive the metadata of ``total`` planned tokens (plan_append)."""
+        if not self.is_gpu:
+            raise ValueError("plan_append: into: a device buffer is for a GPU cache's plans; this cache is on the CPU")
+        cp = self._xp
+        if not (isinstance(into, cp.ndarray) and into.dtype == np.int32 and into.flags.c_contiguous
+                and into.size >= 4 * total):
+            what = (f"{type(into).__name__}" if not isinstance(into, cp.ndarray) else
+                    f"a CuPy array of dtype {into.dtype}, {into.size} elements"
+                    f"{'' if into.flags.c_contiguous else ', not C-contiguous'}")
+            raise ValueError(f"plan_append: into: expected a C-contiguous CuPy int32 array of at least "
+                             f"{4 * total} elements (4 per planned token), got {what}")
 
     def equal_lengths(self, seqs: np.ndarray, layers: Sequence[int] | None,
                       what: str) -> tuple[list[int], np.ndarray]:
@@ -853,29 +884,56 @@ class PagedPQCache:
     def _append_planned(self, plan: "AppendPlan", layer: int, k: Any, v: Any) -> None:
         """:meth:`AppendPlan.append`: check that ``layer`` still holds what the plan found, write, commit."""
         layer = self.check_layer(layer)
-        if layer not in plan.layers_left:
-            done = "was appended already" if layer in plan.layers else "is not in the plan"
-            raise MillionError(f"AppendPlan.append: layer {layer} {done} (planned layers {list(plan.layers)}, left "
-                               f"{sorted(plan.layers_left)}); call plan_append again for more tokens")
-        seqs = plan.seq_ids
-        if plan.version != self._version:  # something else changed the cache since the plan last looked
-            if not np.array_equal(self._slot_gen[seqs], plan.generations):
-                raise MillionError(f"AppendPlan.append: sequences of the plan ({seqs.tolist()[:16]}) were freed or "
-                                   f"replaced since plan_append; plan again")
-            held = self._lens[layer, seqs]
-            if not np.array_equal(held, plan.start):
-                b = int(np.flatnonzero(held != plan.start)[0])
-                raise MillionError(f"AppendPlan.append: layer {layer}: the plan expects sequence {int(seqs[b])} to "
-                                   f"hold {int(plan.start[b])} tokens, it holds {int(held[b])} (the cache changed "
-                                   f"since plan_append); plan again")
+        self._check_plan_current(plan, [layer], "append")
         total = plan.tokens
         k = self._check_tokens(k, "k", total)
         v = self._check_tokens(v, "v", total)
         if total:
+            if self.is_gpu and not plan.fixed and self._stream.is_capturing():
+                raise MillionError("AppendPlan.append: the cache's stream is being captured in a CUDA graph, and "
+                                   "this plan's metadata is a fresh array that later plans cannot reach; plan with "
+                                   "plan_append(..., into=buffer) to capture appends (nothing written)")
             self._store_tokens(layer, plan.meta, plan.device_meta, k, v)
-        self._commit(layer, seqs, plan.end, plan.flushed)
+        self._commit(layer, plan.seq_ids, plan.end, plan.flushed)
         plan.version = self._version
         plan.layers_left.discard(layer)
+
+    def _commit_planned(self, plan: "AppendPlan", layers: Sequence[int] | None) -> None:
+        """:meth:`AppendPlan.commit`: count the plan's tokens in ``layers`` (default: those left; checked as by
+        append) at once."""
+        if layers is None:
+            layers = sorted(plan.layers_left)
+        else:
+            layers = [self.check_layer(x) for x in layers]
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"AppendPlan.commit: layers: expected distinct layers, got {layers}")
+        if not layers:
+            return
+        self._check_plan_current(plan, layers, "commit")
+        self._commit(layers, plan.seq_ids, plan.end, plan.flushed)
+        plan.version = self._version
+        plan.layers_left.difference_update(layers)
+
+    def _check_plan_current(self, plan: "AppendPlan", layers: list[int], what: str) -> None:
+        """MillionError unless every one of ``layers`` is left to ``plan`` and still holds what the plan found."""
+        for x in layers:
+            if x not in plan.layers_left:
+                done = "was appended already" if x in plan.layers else "is not in the plan"
+                raise MillionError(f"AppendPlan.{what}: layer {x} {done} (planned layers {list(plan.layers)}, left "
+                                   f"{sorted(plan.layers_left)}); call plan_append again for more tokens")
+        if plan.version == self._version:  # nothing else changed the cache since the plan last looked
+            return
+        seqs = plan.seq_ids
+        if not np.array_equal(self._slot_gen[seqs], plan.generations):
+            raise MillionError(f"AppendPlan.{what}: sequences of the plan ({seqs.tolist()[:16]}) were freed or "
+                               f"replaced since plan_append; plan again")
+        held = self._lens[layers][:, seqs]
+        wrong = held != plan.start
+        if wrong.any():
+            at, b = (int(j[0]) for j in np.nonzero(wrong))
+            raise MillionError(f"AppendPlan.{what}: layer {layers[at]}: the plan expects sequence {int(seqs[b])} to "
+                               f"hold {int(plan.start[b])} tokens, it holds {int(held[at, b])} (the cache changed "
+                               f"since plan_append); plan again")
 
     def _refuse_non_finite(self, k: Any, v: Any, total: int) -> None:
         """ValueError naming the rows of ``k`` / ``v`` that hold NaN or inf (GPU: one device sync when there are
@@ -900,10 +958,15 @@ class PagedPQCache:
         in_ring = pos >= n0[owner] + counts[owner] - self._S
         return np.stack([seq, pos, self._slot_gen[seq], in_ring], axis=1).astype(np.int32)
 
-    def _commit(self, layer: int, seqs: np.ndarray, n1: np.ndarray, flushed: int) -> None:
-        """``layer`` of each ``seqs[i]`` holds ``n1[i]`` tokens now, ``flushed`` more blocks of them full pages."""
-        self._lens[layer, seqs] = n1
-        self._flushes += flushed
+    def _commit(self, layer: int | list[int], seqs: np.ndarray, n1: np.ndarray, flushed: int) -> None:
+        """``layer`` (or each of a list of layers) of each ``seqs[i]`` holds ``n1[i]`` tokens now, ``flushed`` more
+        blocks of them full pages per layer."""
+        if isinstance(layer, list):
+            self._lens[np.ix_(layer, seqs)] = n1
+            self._flushes += flushed * len(layer)
+        else:
+            self._lens[layer, seqs] = n1
+            self._flushes += flushed
         self._version += 1
 
     def _flushed(self, n0: np.ndarray, n1: np.ndarray) -> int:
@@ -1361,11 +1424,16 @@ class AppendPlan:
         for layer in range(num_layers):
             plan.append(layer, k[layer], v[layer])      # (B * c, nh_k, d), sequence-major
             out = prefill.run(layer, q[layer])           # BatchPrefillWrapper planned for the same tokens
+
+    CUDA graphs: appends of a plan made with ``plan_append(..., into=buffer)`` can be captured on the cache's
+    stream. Each later step then plans the same counts into the same buffer, calls :meth:`commit` (the replay
+    writes the tokens; the host counts them now) and replays the graph. ``fixed``: the plan was made with
+    ``into``.
     """
 
     def __init__(self, cache: PagedPQCache, seq_ids: np.ndarray, lengths: np.ndarray, start: np.ndarray,
                  end: np.ndarray, flushed: int, layers: list[int], generations: np.ndarray, meta: np.ndarray,
-                 device_meta: Any):
+                 device_meta: Any, *, fixed: bool = False):
         self._cache = cache
         self.seq_ids, self.lengths, self.start, self.end = seq_ids, lengths, start, end
         self.flushed = flushed  # blocks that become full pages in each layer
@@ -1375,6 +1443,7 @@ class AppendPlan:
         self.layers_left = set(layers)
         self.generations = generations
         self.meta, self.device_meta = meta, device_meta
+        self.fixed = fixed
         for a in (seq_ids, lengths, start, end, generations, meta):
             a.flags.writeable = False
 
@@ -1393,6 +1462,18 @@ class AppendPlan:
             ValueError / TypeError: ``k`` or ``v`` of another shape or dtype; nothing written.
         """
         self._cache._append_planned(self, layer, k, v)
+
+    def commit(self, layers: Sequence[int] | None = None) -> None:
+        """Count the planned tokens as appended in ``layers`` (default: every layer left) without writing them:
+        for appends that a CUDA graph replays, captured from :meth:`append` calls of an earlier plan made into the
+        same ``into`` buffer with the same counts. Replay the graph before the cache is read otherwise (attention
+        over these layers would read tokens not written yet).
+
+        Raises:
+            MillionError: a layer was appended or committed already or is not planned, or the cache changed since
+                the plan; nothing counted.
+        """
+        self._cache._commit_planned(self, layers)
 
     def __repr__(self) -> str:
         return (f"AppendPlan(sequences={self.seq_ids.shape[0]}, tokens={self.tokens}, layers={len(self.layers)}, "

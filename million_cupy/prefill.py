@@ -74,6 +74,12 @@ than its units need (padding items return at once), and later plans schedule the
 and alive (the graph replays its own plan), takes new ones, and is counted in ``stats()["stale_graph_plans"]``
 and warned about once: capture again for the new counts. Replay on the wrapper's stream, with the arrays
 captured.
+
+A whole verification step can be captured, its appends too (``BatchPrefillWrapper.append``), when the wrapper
+runs on the cache's stream: ``plan`` uploads the new tokens' positions into a buffer at a fixed address, and after
+a capture of the appends, each plan of the captured counts also counts the new tokens in the cache's lengths at
+once, as :class:`~million_cupy.step.DecodeStep` does, since the replay that follows writes them. Each step is then
+``plan`` and one ``cudaGraphLaunch``.
 """
 
 from __future__ import annotations
@@ -710,15 +716,20 @@ class BatchPrefillWrapper:
         self._counts: np.ndarray | None = None  # each sequence's new tokens
         self._graph_counts: np.ndarray | None = None  # the new tokens of the plan a captured run() launched
         self._graph_regime = (False, False)  # and its regime (on tensor cores, dense)
-        self._graph_plans: list[AttentionPlan] = []  # LUT plans left to captured runs (their buffers stay alive)
+        self._graph_plans: list[Any] = []  # LUT plans and append buffers left to captured graphs (kept alive)
         self._layers: set[int] = set()
         self._appended = False  # the current plan's new tokens were in the cache when it was made
         self._append_plan: AppendPlan | None = None  # the cache's plan of its appends (append())
+        # The append plans' token metadata (plan_append into=), at a fixed address while the counts' total fits
+        # (a graph that captured appends keeps the counts, so never outgrows the buffer it reads).
+        self._append_buffer: Any = None
+        self._graph_appends: set[int] | None = None  # layers whose appends a CUDA graph captured
+        self._replays_appends = False  # the current plan counted its appends for a replay of that graph
         self._q_shape = (0, num_heads, cache.head_dim)
         self._warned: set[str] = set()  # the slow paths warned about (_warn_once)
         self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "dense_plans": 0,
                        "short_queries_on_tensor_cores": 0, "long_chunk_queries": 0, "shared_memory_fallbacks": 0,
-                       "stale_graph_plans": 0, "appends": 0}
+                       "stale_graph_plans": 0, "appends": 0, "graph_append_plans": 0}
 
     @property
     def scale(self) -> float:
@@ -749,15 +760,33 @@ class BatchPrefillWrapper:
         """Schedule attention of ``qo_indptr[b+1] - qo_indptr[b]`` new tokens of each ``seq_ids[b]``.
 
         ``appended=False`` (default): the new tokens will be appended to every planned layer before
-        ``run(layer)``; ``True``: the planned layers already hold them. ``layers``: the layers ``run`` will be
-        called for (default all; they must hold equal lengths). Raises ValueError for unknown or repeated ids,
-        bad offsets, more new tokens than a sequence holds, or layers of unequal lengths.
+        ``run(layer)`` (:meth:`append`, for which the plan reserves their pages and uploads their positions now);
+        ``True``: the planned layers already hold them. ``layers``: the layers ``run`` will be called for (default
+        all; they must hold equal lengths).
+
+        After a CUDA graph captured this wrapper's appends (see :meth:`append`), a plan of the same new-token
+        counts also counts the new tokens in the planned layers' lengths at once: the graph's replay, which must
+        follow, writes them.
+
+        Raises:
+            ValueError: unknown or repeated ids, bad offsets, more new tokens than a sequence holds, or layers of
+                unequal lengths.
+            PagePoolExhausted: (``appended=False``) no pages for the new tokens.
+            MillionError: after a graph captured the appends, ``appended=True`` or other layers than it captured.
+            In each case the previous plan stays.
         """
         cache = self.cache
         seq = cache.check_ids(seq_ids, "plan")
         ind = _indptr(qo_indptr, seq.shape[0])
         counts = np.diff(ind)
         planned, held = cache.equal_lengths(seq, layers, "plan")
+        replay = self._graph_appends is not None and np.array_equal(counts, self._graph_counts)
+        if replay and (appended or set(planned) != self._graph_appends):
+            raise MillionError(
+                f"plan: a CUDA graph captured this wrapper's appends of layers {sorted(self._graph_appends)} for "
+                f"these new-token counts, so its plans of them count the appends for the graph's replay; plan with "
+                f"appended=False and layers={sorted(self._graph_appends)} (got appended={appended}, layers="
+                f"{planned}), or use another wrapper for other steps")
         n = held + (0 if appended else counts)
         if (counts > n).any():
             b = int(np.flatnonzero(counts > n)[0])
@@ -769,8 +798,7 @@ class BatchPrefillWrapper:
                              f"than max_seq_len = {cache.max_seq_len}")
         N = int(ind[-1])
         group = self.num_heads // cache.num_kv_heads
-        if self._graph_counts is not None and not np.array_equal(counts, self._graph_counts):
-            self._leave_to_graph()
+        leaving = self._graph_counts is not None and not np.array_equal(counts, self._graph_counts)
         if self.backend == "auto":
             long = int(counts[counts > LUT_QUERIES_MAX].sum())
             on_tensor_cores = takes_tensor_cores(counts, group, cache.head_dim, cache.M, cache.dtype, n)
@@ -784,10 +812,22 @@ class BatchPrefillWrapper:
             on_tensor_cores, dense = self._fit_shared_memory(dense, int(counts.max(initial=0)) * group)
             if not on_tensor_cores:
                 why_lut = "no tensor-core kernel for them fits this device's shared memory"
-        if self._graph_counts is not None:
+        if self._graph_counts is not None and not leaving:
             # A captured run replays plans of these counts: they keep its regime, which the rule may change as
             # the histories grow (FRAGMENT_PAIR_TOKENS_MIN), so that the graph reads each of them.
             on_tensor_cores, dense = self._graph_regime
+        appends = buffer = None
+        if not appended:
+            buffer = self._append_buffer
+            if buffer is None or buffer.size < 4 * N or (leaving and self._graph_appends is not None):
+                with cache.stream:  # a graph that captured appends keeps its buffer (_leave_to_graph)
+                    buffer = cupy().empty(4 * capacity_for(max(N, 1)), dtype=np.int32)
+            # Reserves the new tokens' pages (PagePoolExhausted leaves the previous plan), uploads their metadata.
+            appends = cache.plan_append(seq, counts, layers=planned, into=buffer)
+        if leaving:
+            self._leave_to_graph()
+        if buffer is not None:
+            self._append_buffer = buffer
         if on_tensor_cores:
             if self._tc is None:
                 self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
@@ -814,9 +854,12 @@ class BatchPrefillWrapper:
         if long:
             self._warn_once("long", f"{long} query tokens belong to chunks longer than {LUT_QUERIES_MAX} per sequence; "
                             f"{why_lut}, so they run the per-token LUT path, whose cost grows with the query count")
+        if replay:  # the graph's replay writes them
+            appends.commit()
+            self._stats["graph_append_plans"] += 1
         self._on_tensor_cores, self._dense = on_tensor_cores, dense
         self._seq, self._n, self._counts, self._layers = seq, n, counts, set(planned)
-        self._appended, self._append_plan = appended, None
+        self._appended, self._append_plan, self._replays_appends = appended, appends, replay
         self._q_shape = (N, self.num_heads, cache.head_dim)
         self._stats["plans"] += 1
         self._stats["query_tokens"] += N
@@ -832,6 +875,9 @@ class BatchPrefillWrapper:
         if self._attn is not None:
             self._graph_plans.append(self._attn)
             self._attn = None
+        if self._graph_appends is not None:
+            self._graph_plans.append(self._append_buffer)
+            self._append_buffer = self._graph_appends = None
         self._warn_once("graph", "a run of this wrapper was captured in a CUDA graph for other new-token counts "
                         "per sequence (qo_indptr); that graph keeps replaying its own plan, not this one: capture "
                         "again for these counts (or keep one wrapper per captured shape)", stacklevel=4)
@@ -871,15 +917,33 @@ class BatchPrefillWrapper:
         """Append the planned new tokens of ``layer`` to the cache: ``k``, ``v`` ``(qo_indptr[-1], num_kv_heads,
         head_dim)`` in the order of ``q``'s rows (the cache dtype; C-contiguous CuPy arrays are used as they are).
 
-        For a plan made with ``appended=False``. The first call after a plan reserves the new tokens' pages for
-        every planned layer and uploads their positions once (:meth:`~million_cupy.cache.PagedPQCache.plan_append`);
-        each call is then one kernel launch, with no device sync. NaN / inf tokens are stored and flagged on the
-        device (``cache.stats()["non_finite_appended"]``), as on the decode path.
+        For a plan made with ``appended=False``, which reserved the new tokens' pages for every planned layer and
+        uploaded their positions once (:meth:`~million_cupy.cache.PagedPQCache.plan_append`): each call is one
+        kernel launch, with no device sync. NaN / inf tokens are stored and flagged on the device
+        (``cache.stats()["non_finite_appended"]``), as on the decode path.
+
+        CUDA graphs: on the cache's stream (``BatchPrefillWrapper(cache, nh, stream=cache.stream)``), a whole
+        verification step can be captured, appends and runs of every layer, then replayed for later plans of the
+        same new-token counts (as :class:`~million_cupy.step.DecodeStep`'s steps)::
+
+            wrapper.plan(seq_ids, qo_indptr)               # step 0
+            stream.begin_capture()                         # stream = cache.stream
+            for layer in range(L):
+                wrapper.append(layer, k[layer], v[layer])  # fixed CuPy buffers
+                wrapper.run(layer, q[layer], out=o[layer])
+            graph = stream.end_capture()
+            graph.launch(stream)                           # step 0 (capture counted its appends, ran nothing)
+            for _ in range(steps):
+                cache.truncate(...)                        # rejected drafts, if any
+                wrapper.plan(seq_ids, qo_indptr)           # counts the appends: the replay writes them
+                graph.launch(stream)
+
+        Such plans' appends belong to the graph: ``append`` then raises (use another wrapper for eager steps).
 
         Raises:
-            MillionError: no plan, a plan made with ``appended=True``, ``layer`` not planned or appended already,
-                or the cache's lengths no longer those the plan found; nothing written.
-            PagePoolExhausted: (first call) no pages for the new tokens; nothing written.
+            MillionError: no plan, a plan made with ``appended=True`` or whose appends a graph replays, ``layer``
+                not planned or appended already, the cache's lengths no longer those the plan found, or a capture
+                on another stream than the cache's; nothing written.
             ValueError / TypeError: ``k`` or ``v`` of another shape or dtype; nothing written.
         """
         if self._seq is None:
@@ -887,17 +951,18 @@ class BatchPrefillWrapper:
         if self._appended:
             raise MillionError("append: this plan was made with appended=True, so the cache holds its new tokens "
                                "already; plan with appended=False to append them through the wrapper")
-        if self._append_plan is None:
-            layers = sorted(self._layers)
-            held = self.cache.lengths[layers][:, self._seq]
-            expected = self._n - self._counts
-            if not (held == expected).all():
-                layer_at, b = (int(j[0]) for j in np.nonzero(held != expected))
-                raise MillionError(f"append: the plan expects sequence {int(self._seq[b])} to hold {int(expected[b])} "
-                                   f"tokens before its new ones in layer {layers[layer_at]}, it holds "
-                                   f"{int(held[layer_at, b])} (tokens appended otherwise since plan); plan again")
-            self._append_plan = self.cache.plan_append(self._seq, self._counts, layers=layers)
+        if self._replays_appends:
+            raise MillionError("append: a CUDA graph captured this wrapper's appends, and plan() counted this "
+                               "step's for its replay: launch the graph (or use another wrapper for eager steps)")
+        stream = self.cache.stream
+        capturing = stream.is_capturing()
+        if capturing and as_stream(self._stream).ptr != stream.ptr:
+            raise MillionError("append: captured appends run on the cache's stream, and this wrapper launches its "
+                               "runs on another; build it with BatchPrefillWrapper(cache, ..., stream=cache.stream)")
         self._append_plan.append(layer, k, v)
+        if capturing:  # later plans of these counts count the appends for the graph's replay (plan)
+            self._graph_appends = (self._graph_appends or set()) | {int(layer)}
+            self._graph_counts, self._graph_regime = self._counts, (self._on_tensor_cores, self._dense)
         self._stats["appends"] += 1
 
     def run(self, layer: int, q: Any, *, out: Any = None, lse: Any = None, return_lse: bool = False):
@@ -939,7 +1004,9 @@ class BatchPrefillWrapper:
         once), ``shared_memory_fallbacks`` (plans whose tensor-core regime did not fit the device's shared memory
         and took the dense regime or the LUT path instead, :func:`fitting_regime`; warned once),
         ``stale_graph_plans`` (plans of other new-token counts than a run captured in a CUDA graph, which keeps
-        replaying its own plan; warned once), ``appends`` (layers whose new tokens :meth:`append` wrote)."""
+        replaying its own plan; warned once), ``appends`` (layers whose new tokens :meth:`append` wrote),
+        ``graph_append_plans`` (plans that counted their appends for the replay of a CUDA graph that captured
+        them)."""
         return dict(self._stats)
 
 

@@ -1177,3 +1177,70 @@ def test_a_planned_append_stores_and_flags_non_finite_tokens(rng, device):
     plan.append(0, on(cache, x), on(cache, x))
     plan.append(1, on(cache, x), on(cache, x))
     assert cache.seq_len(s, 1) == 40 and cache.stats()["non_finite_appended"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_planned_commit_counts_the_tokens_and_a_fixed_buffer_is_checked(rng, device):
+    # commit() counts a plan's tokens in the layers a replayed CUDA graph writes (here nothing does), with the
+    # checks of append(); `into` must be a device int32 buffer large enough, and a plan made into one appends
+    # what cache.append stores.
+    from million_cupy.errors import MillionError  # noqa: PLC0415
+
+    books = make_codebooks(rng, 3)
+    cache = make_cache(rng, device, num_layers=3, codebooks=books)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    plan = cache.plan_append([a, b], [3, 20])
+    flushes = cache.stats()["flushes"]
+    plan.commit([1])
+    assert cache.lengths[:, [a, b]].tolist() == [[0, 0], [3, 20], [0, 0]] and plan.layers_left == {0, 2}
+    assert cache.stats()["flushes"] == flushes + plan.flushed
+    before = snapshot(cache, [a, b])
+    for call, message in ((lambda: plan.commit([1]), "layer 1 was appended already"),
+                          (lambda: plan.append(1, on(cache, tokens(rng, 23, cache)), on(cache, tokens(rng, 23, cache))),
+                           "appended already"),
+                          (lambda: plan.commit([0, 0]), "distinct layers")):
+        with pytest.raises((MillionError, ValueError), match=message):
+            call()
+        assert_unchanged(before, cache, [a, b])
+    plan.commit()
+    assert cache.lengths[:, [a, b]].tolist() == [[3, 20]] * 3 and not plan.layers_left
+    plan.commit()  # nothing left: nothing to do
+    other = cache.plan_append([a], 2, layers=[0, 2])
+    with pytest.raises(MillionError, match="is not in the plan"):
+        other.commit([1])
+    cache.truncate([a], 2)
+    with pytest.raises(MillionError, match="expects sequence 0 to hold 3 tokens, it holds 2"):
+        other.commit()
+    assert cache.lengths[:, a].tolist() == [2, 2, 2]
+
+    x = tokens(rng, 9, cache)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="GPU cache"):
+            cache.plan_append([a], 9, into=np.zeros(64, dtype=np.int32))
+        return
+    import cupy as cp  # noqa: PLC0415
+
+    before = snapshot(cache, [a, b])
+    for bad, got in ((cp.zeros(35, dtype=cp.int32), "dtype int32, 35 elements"),
+                     (cp.zeros(64, dtype=cp.int64), "dtype int64, 64 elements"),
+                     (cp.zeros((64, 2), dtype=cp.int32)[:, 0], "not C-contiguous"),
+                     (np.zeros(64, dtype=np.int32), "got ndarray")):
+        with pytest.raises(ValueError, match=f"at least 36 elements .*{got}"):
+            cache.plan_append([a], 9, into=bad)
+        assert_unchanged(before, cache, [a, b])
+    twin = make_cache(rng, device, num_layers=3, codebooks=books)
+    fresh = make_cache(rng, device, num_layers=3, codebooks=books)
+    fa, fb = fresh.add_sequence(), fresh.add_sequence()
+    ta, tb = twin.add_sequence(), twin.add_sequence()
+    buffer = cp.full(64, -7, dtype=cp.int32)
+    fixed = fresh.plan_append([fa, fb], [4, 5], into=buffer)
+    assert fixed.fixed and fixed.device_meta is buffer
+    np.testing.assert_array_equal(cp.asnumpy(buffer[: 4 * 9]).reshape(9, 4), fixed.meta)
+    assert (cp.asnumpy(buffer[36:]) == -7).all()
+    for layer in range(3):
+        fixed.append(layer, on(fresh, x), on(fresh, x))
+        twin.append(layer, [ta, tb], on(twin, x), on(twin, x), [4, 5])
+    for sa, sb in ((fa, ta), (fb, tb)):
+        assert_same_sequence(fresh, sa, twin, sb)
+        for layer in range(3):
+            assert_same_contents(contents(fresh, layer, sa), contents(twin, layer, sb))

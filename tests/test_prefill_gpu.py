@@ -4,7 +4,8 @@ Every regime: the LUT path (few new tokens per sequence), verify_attention (a fe
 prefill_attention (a longer chunk in the batch), with ragged query counts, chunks that cross a flush boundary in
 the same call, a first prompt (no history), split long histories, GQA 1 / 4 / 8, M 16 / 32 / 64, pages of 16 / 32
 / 64, float16 and bfloat16, outputs poisoned before the kernels run; a configuration without the tensor-core path
-is counted and warned; a verification loop replays one captured run, and chunks refuse a capturing stream.
+is counted and warned; a verification loop replays one captured run, and chunks refuse a capturing stream; a whole
+verification step, appends included, replays from one CUDA graph.
 """
 
 from __future__ import annotations
@@ -461,9 +462,118 @@ def test_the_wrappers_append_refuses_what_its_plan_does_not_cover(rng):
         wrapper.append(0, k, k)
     wrapper.plan(seqs, [0, 2, 3])
     cache.append(1, seqs, k, k, lengths=[2, 1])  # layer 1 took the tokens without the wrapper
-    with pytest.raises(MillionError, match="before its new ones in layer 1"):
-        wrapper.append(0, k, k)
-    assert cache.seq_lens(0, seqs).tolist() == [20, 9]
-    wrapper.plan(seqs, [0, 2, 3], layers=[0])
-    wrapper.append(0, k, k)
+    with pytest.raises(MillionError, match="layer 1: the plan expects sequence 0 to hold 20 tokens, it holds 22"):
+        wrapper.append(1, k, k)
+    assert cache.seq_lens(1, seqs).tolist() == [22, 10]
+    wrapper.append(0, k, k)  # layer 0 still holds what the plan found
     assert cache.seq_lens(0, seqs).tolist() == [22, 10]
+
+
+@pytest.mark.parametrize("gqa, drafts, backend, regime", [(4, 4, "auto", "tensor_cores"), (4, 8, "auto", "tensor_cores"),
+                                                          (4, 2, "lut", "lut")])
+def test_a_captured_verification_step_appends_and_attends_for_every_later_plan(rng, gqa, drafts, backend, regime):
+    """A whole verification step (every layer's append and run) captured in one CUDA graph, then for each later
+    step: the rejected drafts truncated, plan (which counts the appends for the replay), replay. Per step the
+    cache's contents equal a twin cache's fed the same tokens through cache.append (bit for bit: codes, rings,
+    flushes), and every layer's output matches the float64 reference (poisoned before each replay). The histories
+    cross flushes and TC_MIN_CHUNK (splits within the captured grid). Then the misuses: eager append after such a
+    plan, plans the graph cannot replay, a capture on another stream or of a plan without a fixed buffer; each
+    raises and leaves the cache as it was; a plan of other counts leaves the graph its buffers and runs eagerly."""
+    import cupy as cp
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    graphed, twin = _caches(rng, devices=("cuda", "cuda"), max_pages=2048, stream=stream, max_rollback=8)
+    L, d = graphed.num_layers, graphed.head_dim
+    history = [700, 40, 300]
+    seqs = [[c.add_sequence() for _ in history] for c in (graphed, twin)]
+    _prefill(rng, (graphed, twin), seqs[0], history)
+    nh, B = gqa * graphed.num_kv_heads, len(history)
+    ind = np.arange(B + 1) * drafts
+    N = int(ind[-1])
+    wrapper = BatchPrefillWrapper(graphed, nh, backend=backend, stream=stream)
+    k = cp.empty((L, N, graphed.num_kv_heads, d), dtype=cp.float16)
+    v, q, out = cp.empty_like(k), cp.empty((L, N, nh, d), dtype=cp.float16), cp.empty((L, N, nh, d), dtype=cp.float16)
+
+    def step():
+        for layer in range(L):
+            wrapper.append(layer, k[layer], v[layer])
+            wrapper.run(layer, q[layer], out=out[layer])
+
+    graph = None
+    for i in range(6):
+        with stream:
+            if i:  # accept 1, all and none of the drafts
+                kept = [n - drafts + a for n, a in zip(graphed.seq_lens(0, seqs[0]), [1, drafts, 0])]
+                for c, s in zip((graphed, twin), seqs):
+                    c.truncate(s, kept)
+            if i == 3:  # a long accepted prompt: histories past TC_MIN_CHUNK, split into several items
+                _prefill(rng, (graphed, twin), seqs[0], [2000, 1200, 16])
+            k[...] = cp.asarray(rng.standard_normal(k.shape).astype(np.float16))
+            v[...] = cp.asarray(rng.standard_normal(v.shape).astype(np.float16))
+            q[...] = cp.asarray(rng.standard_normal(q.shape).astype(np.float16))
+            out.fill(cp.nan)
+            wrapper.plan(seqs[0], ind)
+            assert wrapper.regime == regime
+            if i == 0:
+                step()  # eager: compiles every kernel outside the capture
+            elif i == 1:
+                stream.begin_capture()
+                step()
+                graph = stream.end_capture()
+            if i:
+                graph.launch(stream)  # step 1 too: capture counted the appends but ran nothing
+            for layer in range(L):
+                twin.append(layer, seqs[1], k[layer], v[layer], lengths=[drafts] * B)
+        stream.synchronize()
+        for layer in range(L):
+            for a, b in zip(*seqs):
+                for x, y in zip(graphed.dequantize(layer, a), twin.dequantize(layer, b)):
+                    np.testing.assert_array_equal(x, y)
+            ks, vs = zip(*(graphed.dequantize(layer, s) for s in seqs[0]))
+            ref_o, _ = reference.causal_attention(to_numpy(q[layer]).astype(np.float64), list(ks), list(vs), ind)
+            assert reference.relative_error(to_numpy(out[layer]).astype(np.float64), ref_o) <= TOL["float16"], (i, layer)
+        assert (graphed.lengths[:, seqs[0]] == twin.lengths[:, seqs[1]]).all()
+    assert graphed.stats()["flushes"] == twin.stats()["flushes"]
+    stats = wrapper.stats()
+    assert stats["graph_append_plans"] == 4 and stats["appends"] == 2 * L and stats["stale_graph_plans"] == 0
+
+    with stream:
+        held = graphed.lengths.copy()
+        wrapper.plan(seqs[0], ind)  # counted for a replay
+        with pytest.raises(MillionError, match="launch the graph"):
+            wrapper.append(0, k[0], v[0])
+        graph.launch(stream)
+        held += np.isin(np.arange(graphed.max_seqs), seqs[0]) * drafts
+        assert (graphed.lengths == held).all()
+        with pytest.raises(MillionError, match="captured this wrapper's appends of layers \\[0, 1\\]"):
+            wrapper.plan(seqs[0], ind, appended=True)
+        with pytest.raises(MillionError, match="layers=\\[0, 1\\]"):
+            wrapper.plan(seqs[0], ind, layers=[0])
+        assert (graphed.lengths == held).all()
+
+        other = BatchPrefillWrapper(graphed, nh, backend=backend, stream=cp.cuda.Stream(non_blocking=True))
+        other.plan(seqs[0], ind)
+        plan = graphed.plan_append(seqs[0], drafts)
+        stream.begin_capture()
+        try:
+            with pytest.raises(MillionError, match="stream=cache.stream"):
+                other.append(0, k[0], v[0])
+            with pytest.raises(MillionError, match="into=buffer"):
+                plan.append(0, k[0], v[0])
+        finally:
+            stream.end_capture()
+        assert (graphed.lengths == held).all()
+
+        fewer = np.array([0, 1, 1 + drafts, 2 + drafts])  # other counts: the graph keeps its buffers
+        with pytest.warns(RuntimeWarning, match="other new-token counts"):
+            wrapper.plan(seqs[0], fewer)
+        assert wrapper.stats()["stale_graph_plans"] == 1
+        for layer in range(L):  # eager again
+            kk, vv = (cp.asarray(_tokens(rng, int(fewer[-1]), graphed)).astype(cp.float16) for _ in range(2))
+            wrapper.append(layer, kk, vv)
+            qq = cp.asarray(rng.standard_normal((int(fewer[-1]), nh, d)).astype(np.float16))
+            o = wrapper.run(layer, qq, out=_poison((int(fewer[-1]), nh, d), "float16"))
+            ks, vs = zip(*(graphed.dequantize(layer, s) for s in seqs[0]))
+            ref_o, _ = reference.causal_attention(to_numpy(qq).astype(np.float64), list(ks), list(vs), fewer)
+            assert reference.relative_error(to_numpy(o).astype(np.float64), ref_o) <= TOL["float16"]
+    stream.synchronize()
