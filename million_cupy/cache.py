@@ -886,13 +886,22 @@ class PagedPQCache:
         layer = self.check_layer(layer)
         self._check_plan_current(plan, [layer], "append")
         total = plan.tokens
-        k = self._check_tokens(k, "k", total)
-        v = self._check_tokens(v, "v", total)
-        if total:
-            if self.is_gpu and not plan.fixed and self._stream.is_capturing():
+        if self.is_gpu and total and self._stream.is_capturing():
+            # A graph replays the launch on these very addresses: a converted copy would be freed under it.
+            if not plan.fixed:
                 raise MillionError("AppendPlan.append: the cache's stream is being captured in a CUDA graph, and "
                                    "this plan's metadata is a fresh array that later plans cannot reach; plan with "
                                    "plan_append(..., into=buffer) to capture appends (nothing written)")
+            for x, name in ((k, "k"), (v, "v")):
+                if not self._exact_rows(x, total):
+                    layout = "" if getattr(x, "flags", None) is None or x.flags.c_contiguous else ", not C-contiguous"
+                    got = f"{type(x).__name__} of shape {getattr(x, 'shape', None)}, {getattr(x, 'dtype', None)}{layout}"
+                    raise MillionError(f"AppendPlan.append: a captured append reads {name} where it is, so it takes "
+                                       f"a C-contiguous CuPy array of shape {(total, self._nh_k, self._d)} and dtype "
+                                       f"{self._dtype_name}, 16-byte aligned; got {got} (nothing written)")
+        k = self._check_tokens(k, "k", total)
+        v = self._check_tokens(v, "v", total)
+        if total:
             self._store_tokens(layer, plan.meta, plan.device_meta, k, v)
         self._commit(layer, plan.seq_ids, plan.end, plan.flushed)
         plan.version = self._version
@@ -1383,10 +1392,15 @@ class PagedPQCache:
             raise ValueError(f"{name}: expected non-negative counts, got {arr[arr < 0].tolist()}")
         return arr
 
+    def _exact_rows(self, x: Any, total: int) -> bool:
+        """Whether ``x`` is already what the GPU append kernel reads for ``total`` tokens: a C-contiguous CuPy
+        ``(total, nh_k, d)`` array of the cache dtype, 16-byte aligned."""
+        return (self.is_gpu and type(x) is self._xp.ndarray and x.shape == (total, self._nh_k, self._d)
+                and x.dtype == self._dtype and x.flags.c_contiguous and x.data.ptr % 16 == 0)
+
     def _check_tokens(self, x: Any, name: str, total: int) -> Any:
         """``x`` as a C-contiguous ``(total, nh_k, d)`` array of the cache dtype on the cache's side."""
-        if (self.is_gpu and type(x) is self._xp.ndarray and x.shape == (total, self._nh_k, self._d)
-                and x.dtype == self._dtype and x.flags.c_contiguous and x.data.ptr % 16 == 0):
+        if self._exact_rows(x, total):
             return x  # already what the kernel reads: no conversion to look for (every layer's append)
         arr = as_array(
             x, name, ndim=3, shape=(total, self._nh_k, self._d), dtypes=INPUT_DTYPES,

@@ -554,12 +554,16 @@ def test_a_captured_verification_step_appends_and_attends_for_every_later_plan(r
         other = BatchPrefillWrapper(graphed, nh, backend=backend, stream=cp.cuda.Stream(non_blocking=True))
         other.plan(seqs[0], ind)
         plan = graphed.plan_append(seqs[0], drafts)
+        fixed = graphed.plan_append(seqs[0], drafts, into=cp.empty(4 * N, dtype=cp.int32))
+        k32 = k[0].astype(cp.float32)
         stream.begin_capture()
         try:
             with pytest.raises(MillionError, match="stream=cache.stream"):
                 other.append(0, k[0], v[0])
             with pytest.raises(MillionError, match="into=buffer"):
                 plan.append(0, k[0], v[0])
+            with pytest.raises(MillionError, match="reads k where it is.*got ndarray of shape .*float32"):
+                fixed.append(0, k32, v[0])  # a conversion's copy would be freed under the graph
         finally:
             stream.end_capture()
         assert (graphed.lengths == held).all()
