@@ -886,7 +886,8 @@ class PagedPQCache:
         layer = self.check_layer(layer)
         self._check_plan_current(plan, [layer], "append")
         total = plan.tokens
-        if self.is_gpu and total and self._stream.is_capturing():
+        capturing = bool(self.is_gpu and total and self._stream.is_capturing())
+        if capturing:
             # A graph replays the launch on these very addresses: a converted copy would be freed under it.
             if not plan.fixed:
                 raise MillionError("AppendPlan.append: the cache's stream is being captured in a CUDA graph, and "
@@ -906,6 +907,8 @@ class PagedPQCache:
         self._commit(layer, plan.seq_ids, plan.end, plan.flushed)
         plan.version = self._version
         plan.layers_left.discard(layer)
+        if capturing:
+            plan.captured_layers.add(layer)
 
     def _commit_planned(self, plan: "AppendPlan", layers: Sequence[int] | None) -> None:
         """:meth:`AppendPlan.commit`: count the plan's tokens in ``layers`` (default: those left; checked as by
@@ -1442,7 +1445,7 @@ class AppendPlan:
     CUDA graphs: appends of a plan made with ``plan_append(..., into=buffer)`` can be captured on the cache's
     stream. Each later step then plans the same counts into the same buffer, calls :meth:`commit` (the replay
     writes the tokens; the host counts them now) and replays the graph. ``fixed``: the plan was made with
-    ``into``.
+    ``into``; ``captured_layers``: the layers whose append was captured (a set).
     """
 
     def __init__(self, cache: PagedPQCache, seq_ids: np.ndarray, lengths: np.ndarray, start: np.ndarray,
@@ -1458,6 +1461,7 @@ class AppendPlan:
         self.generations = generations
         self.meta, self.device_meta = meta, device_meta
         self.fixed = fixed
+        self.captured_layers: set[int] = set()
         for a in (seq_ids, lengths, start, end, generations, meta):
             a.flags.writeable = False
 

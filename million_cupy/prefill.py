@@ -725,6 +725,7 @@ class BatchPrefillWrapper:
         self._append_buffer: Any = None
         self._graph_appends: set[int] | None = None  # layers whose appends a CUDA graph captured
         self._replays_appends = False  # the current plan counted its appends for a replay of that graph
+        self._on_cache_stream = False  # the current plan's runs launch on the cache's stream (capturable appends)
         self._q_shape = (0, num_heads, cache.head_dim)
         self._warned: set[str] = set()  # the slow paths warned about (_warn_once)
         self._stats = {"plans": 0, "runs": 0, "query_tokens": 0, "tensor_core_plans": 0, "dense_plans": 0,
@@ -860,6 +861,7 @@ class BatchPrefillWrapper:
         self._on_tensor_cores, self._dense = on_tensor_cores, dense
         self._seq, self._n, self._counts, self._layers = seq, n, counts, set(planned)
         self._appended, self._append_plan, self._replays_appends = appended, appends, replay
+        self._on_cache_stream = as_stream(self._stream).ptr == cache.stream.ptr  # (append) the runs' stream
         self._q_shape = (N, self.num_heads, cache.head_dim)
         self._stats["plans"] += 1
         self._stats["query_tokens"] += N
@@ -954,14 +956,13 @@ class BatchPrefillWrapper:
         if self._replays_appends:
             raise MillionError("append: a CUDA graph captured this wrapper's appends, and plan() counted this "
                                "step's for its replay: launch the graph (or use another wrapper for eager steps)")
-        stream = self.cache.stream
-        capturing = stream.is_capturing()
-        if capturing and as_stream(self._stream).ptr != stream.ptr:
+        plan = self._append_plan
+        if not self._on_cache_stream and self.cache.stream.is_capturing():
             raise MillionError("append: captured appends run on the cache's stream, and this wrapper launches its "
                                "runs on another; build it with BatchPrefillWrapper(cache, ..., stream=cache.stream)")
-        self._append_plan.append(layer, k, v)
-        if capturing:  # later plans of these counts count the appends for the graph's replay (plan)
-            self._graph_appends = (self._graph_appends or set()) | {int(layer)}
+        plan.append(layer, k, v)
+        if plan.captured_layers:  # later plans of these counts count the appends for the graph's replay (plan)
+            self._graph_appends = (self._graph_appends or set()) | plan.captured_layers
             self._graph_counts, self._graph_regime = self._counts, (self._on_tensor_cores, self._dense)
         self._stats["appends"] += 1
 
