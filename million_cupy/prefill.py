@@ -356,20 +356,40 @@ def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_h
     ``units`` ``(U, 4)`` {sequence index, kv head, first row, first item} and ``items`` ``(W, 4)`` {unit, token
     begin, token end, splits of the unit}.
     """
+    seq, unseen, head = _units_of(np.asarray(counts, dtype=np.int64).tobytes(), group, num_kv_heads, rows_per_tile)
+    tokens = n[seq] - unseen                                   # what the unit's last row attends to
+    chunk = split_length(tokens, sm_count, max_items)
+    splits = -(-tokens // chunk)
+    first = np.cumsum(splits) - splits
+    units = np.empty((seq.shape[0], 4), dtype=np.int32)
+    units[:, :3] = head
+    units[:, 3] = first
+    owner = np.repeat(np.arange(seq.shape[0]), splits)
+    begin = (np.arange(owner.shape[0]) - first[owner]) * chunk
+    items = np.empty((owner.shape[0], 4), dtype=np.int32)
+    items[:, 0] = owner
+    items[:, 1] = begin
+    items[:, 2] = np.minimum(begin + chunk, tokens[owner])
+    items[:, 3] = splits[owner]
+    return units, items
+
+
+@functools.lru_cache(maxsize=16)
+def _units_of(counts_bytes: bytes, group: int, num_kv_heads: int, rows_per_tile: int) -> tuple[np.ndarray, ...]:
+    """The units of :func:`tensor_core_schedule` for new-token counts ``np.frombuffer(counts_bytes, np.int64)``,
+    which do not depend on the histories: each unit's sequence index, the tokens its last row does not see of
+    its sequence's (new tokens after that row's), and its {sequence index, kv head, first row} as int32 (read-only).
+    Cached: a verification loop plans the same counts every step."""
+    counts = np.frombuffer(counts_bytes, dtype=np.int64)
     tiles = -(-counts * group // rows_per_tile)                # row tiles per sequence (per kv head)
     seq, kvh, tile = _per_head_parts(tiles, num_kv_heads)
     row0 = tile * rows_per_tile
     last_token = np.minimum(counts[seq] - 1, (row0 + rows_per_tile - 1) // group)
-    tokens = n[seq] - counts[seq] + last_token + 1             # what the unit's last row attends to
-    chunk = split_length(tokens, sm_count, max_items)
-    splits = -(-tokens // chunk)
-    first = np.cumsum(splits) - splits
-    units = np.stack([seq, kvh, row0, first], axis=1).astype(np.int32)
-    owner = np.repeat(np.arange(seq.shape[0]), splits)
-    k = np.arange(owner.shape[0]) - first[owner]
-    begin = k * chunk
-    items = np.stack([owner, begin, np.minimum(begin + chunk, tokens[owner]), splits[owner]], axis=1).astype(np.int32)
-    return units, items
+    unseen = counts[seq] - last_token - 1
+    head = np.stack([seq, kvh, row0], axis=1).astype(np.int32)
+    for a in (seq, unseen, head):
+        a.flags.writeable = False
+    return seq, unseen, head
 
 
 class WorkListBuffers:

@@ -24,11 +24,23 @@ def _cache(rng, P=16, R=32, nh_k=2, d=64, M=16):
 
 @pytest.mark.parametrize("rows_per_tile", [16, 32, TC_ROWS])
 @pytest.mark.parametrize("sm_count", [1, 8, 132])
-def test_tensor_core_schedule_covers_every_row_and_causal_token_once(sm_count, rows_per_tile):
+def test_tensor_core_schedule_covers_every_row_and_causal_token_once(rng, sm_count, rows_per_tile):
     counts = np.array([200, 1, 40, 0, 17])  # a sequence may have no new token
     n = np.array([500, 3000, 40, 9, 17 + 64])
-    group, nh_k = 4, 2
+    units, items = _check_schedule(counts, n, 4, 2, sm_count, rows_per_tile)
+    if units.shape[0] < sm_count and sm_count > 1:  # the units leave SMs idle: the long history is split
+        assert items.shape[0] > units.shape[0]
+    for _ in range(10):  # the count-dependent units are cached: the same counts over other histories
+        counts = rng.integers(0, 40, int(rng.integers(1, 9)))
+        group, nh_k = int(rng.choice([1, 4, 8])), int(rng.choice([1, 2, 8]))
+        for _ in range(3):
+            _check_schedule(counts, counts + rng.integers(0, 20000, counts.shape[0]), group, nh_k, sm_count,
+                            rows_per_tile)
+
+
+def _check_schedule(counts, n, group, nh_k, sm_count, rows_per_tile):
     units, items = tensor_core_schedule(counts, n, group, nh_k, sm_count, rows_per_tile)
+    B = counts.shape[0]
     # Every (sequence, kv head, row) is in exactly one unit; a unit's items cover [0, tokens its last row sees).
     seen = {}
     for u, (b, kvh, row0, first) in enumerate(units):
@@ -41,9 +53,8 @@ def test_tensor_core_schedule_covers_every_row_and_causal_token_once(sm_count, r
         assert mine[-1, 2] == n[b] - counts[b] + last_row // group + 1
         for r in range(row0, min(counts[b] * group, row0 + rows_per_tile)):
             seen[(b, kvh, r)] = seen.get((b, kvh, r), 0) + 1
-    assert seen == {(b, h, r): 1 for b in range(5) for h in range(nh_k) for r in range(counts[b] * group)}
-    if units.shape[0] < sm_count and sm_count > 1:  # the units leave SMs idle: the long history is split
-        assert items.shape[0] > units.shape[0]
+    assert seen == {(b, h, r): 1 for b in range(B) for h in range(nh_k) for r in range(counts[b] * group)}
+    return units, items
 
 
 def test_split_length_fills_whole_waves():
