@@ -1,12 +1,13 @@
-"""Decode attention over a paged PQ cache from inside an ONNX Runtime session (million_cupy.ort).
+"""Prompts and decode steps over a paged PQ cache from inside ONNX Runtime sessions (million_cupy.ort).
 
-Builds one ONNX graph per layer with :func:`million_cupy.ort.build_decoder_graph`
-(``q, k, v, seq_ids -> ai.onnx.contrib::PagedPQAttention -> out``), registers a
-:class:`million_cupy.PagedPQCache` under the name the graphs' nodes carry, prefills it, and runs a few
-decode steps through the ONNX Runtime sessions: each node appends its step's K / V to its layer of
-the cache and returns the attention output. A twin cache fed the same tokens through the library
-directly (``BatchDecodeWrapper`` on a GPU cache, ``million_cupy.decode`` on a CPU cache) checks every
-output.
+Registers a :class:`million_cupy.PagedPQCache` under a name, builds two ONNX graphs per layer that name it
+(:func:`million_cupy.ort.build_prefill_graph`: ``q, k, v, seq_ids, qo_indptr ->
+ai.onnx.contrib::PagedPQPrefillAttention -> out``; :func:`million_cupy.ort.build_decoder_graph`: ``q, k, v,
+seq_ids -> ai.onnx.contrib::PagedPQAttention -> out``), feeds the prompts through the first in ragged chunks
+(each sequence's next ``--chunk`` tokens, none once its prompt is in), then runs a few decode steps through the
+second. Each node appends its tokens' K / V to its layer of the cache and returns their causal attention. A twin
+cache fed the same tokens through the library directly (``prefill_attention``, then ``BatchDecodeWrapper`` on a
+GPU cache or ``million_cupy.decode`` on a CPU cache) checks every output.
 
 The cache is a GPU cache when a GPU is usable (the op then copies q / k / v host -> device and the
 output device -> host on every call: ONNX Runtime's Python ops work on NumPy arrays; see
@@ -42,6 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = model_parser(__doc__, head_dim=64, M=32, prompt_len=150,
                      prompt_help="longest prompt (sequence b gets prompt-len - 9*b)")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=64, help="prompt tokens per sequence and prefill call")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float16", help="graph input / output dtype")
@@ -49,6 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prompt_len - 9 * (args.batch - 1) < 1:
         p.error("--prompt-len must leave every sequence at least one token")
+    if args.chunk < 1:
+        p.error("--chunk must be at least 1")
     return args
 
 
@@ -62,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gpu = gpu_available() and not args.cpu
     device = "cuda" if gpu else "cpu"
+    if gpu:
+        import cupy as cp  # noqa: PLC0415 - only where a GPU is usable
     rng = np.random.default_rng(args.seed)
     L, nh, nh_k, d, B = args.layers, args.heads, args.kv_heads, args.head_dim, args.batch
     dtype = np.dtype(args.dtype)
@@ -78,19 +84,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     via_ort, direct = caches
     seqs = [via_ort.add_sequence() for _ in range(B)]
     assert seqs == [direct.add_sequence() for _ in range(B)]
-    for layer in range(L):
-        k = rng.standard_normal((sum(lens), nh_k, d)).astype(np.float16)
-        v = rng.standard_normal((sum(lens), nh_k, d)).astype(np.float16)
-        for c in caches:
-            c.append(layer, seqs, k, v, lengths=lens)
 
     mort.register_cache("example", via_ort)
+    prompt_sessions = [mort.make_session(mort.build_prefill_graph(nh, nh_k, d, "example", layer, args.dtype))
+                       for layer in range(L)]
     sessions = [mort.make_session(mort.build_decoder_graph(nh, nh_k, d, "example", layer, args.dtype))
                 for layer in range(L)]
-    print(f"{'GPU' if gpu else 'CPU'} cache: {L} layers, {nh} / {nh_k} heads, d = {d}, M = {args.M}; prompts {lens}; "
-          f"graphs: {args.dtype} in / out, op {mort.DOMAIN}::{mort.OP_TYPE}")
+    print(f"{'GPU' if gpu else 'CPU'} cache: {L} layers, {nh} / {nh_k} heads, d = {d}, M = {args.M}; prompts {lens} "
+          f"in chunks of {args.chunk}; graphs: {args.dtype} in / out, ops {mort.DOMAIN}::{mort.PREFILL_OP_TYPE} and "
+          f"::{mort.OP_TYPE}")
+
+    def compare(out: np.ndarray, want: np.ndarray) -> float:
+        # The ops compute in float32 and the graphs cast their output to the graph dtype: same rounding here.
+        return float(np.abs(out.astype(np.float32) - want.astype(dtype).astype(np.float32)).max())
+
+    worst, t_prompt, chunk = 0.0, 0.0, 0
+    while True:
+        done = np.asarray(via_ort.seq_lens(0, seqs))
+        counts = np.minimum(args.chunk, np.asarray(lens) - done)
+        if not counts.any():
+            break
+        ind = np.concatenate([[0], np.cumsum(counts)])
+        chunk_worst = 0.0
+        for layer, sess in enumerate(prompt_sessions):
+            N = int(ind[-1])
+            q = rng.standard_normal((N, nh, d)).astype(dtype)
+            k = rng.standard_normal((N, nh_k, d)).astype(dtype)
+            v = rng.standard_normal((N, nh_k, d)).astype(dtype)
+            t = time.perf_counter()
+            (out,) = sess.run(None, {"q": q, "k": k, "v": v, "seq_ids": np.asarray(seqs, dtype=np.int64),
+                                     "qo_indptr": ind.astype(np.int64)})
+            t_prompt += time.perf_counter() - t
+            direct.append(layer, seqs, k, v, lengths=counts)
+            if gpu:
+                want = mc.prefill_attention(direct, layer, seqs, cp.asarray(q.astype(np.float16)), ind).get()
+            else:
+                want = mc.prefill_attention(direct, layer, seqs, q.astype(np.float32), ind)
+            chunk_worst = max(chunk_worst, compare(out, want))
+        worst = max(worst, chunk_worst)
+        print(f"  prompt chunk {chunk}: new tokens {counts.tolist()}, max |ORT - library| = {chunk_worst:.3g}")
+        chunk += 1
+
     wrapper = mc.BatchDecodeWrapper(direct, nh) if gpu else None
-    worst, t_ort = 0.0, 0.0
+    t_ort = 0.0
     for step in range(args.steps):
         if wrapper is not None:
             wrapper.plan(seqs, new_tokens=1)
@@ -107,15 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 want = wrapper.run(layer, q.astype(np.float16)).get()
             else:
                 want = mc.decode(direct, layer, seqs, q.astype(np.float32))
-            # The op computes in float32 and the graph casts its output to the graph dtype: same rounding here.
-            diff = out.astype(np.float32) - want.astype(dtype).astype(np.float32)
-            step_worst = max(step_worst, float(np.abs(diff).max()))
+            step_worst = max(step_worst, compare(out, want))
         worst = max(worst, step_worst)
         print(f"  step {step}: sequence lengths {via_ort.seq_lens(0, seqs).tolist()}, "
               f"max |ORT - library| = {step_worst:.3g}")
     mort.unregister_cache("example")
     calls = args.steps * L
-    print(f"{calls} op calls, {1e3 * t_ort / calls:.2f} ms per call (session.run, including the first call's setup)")
+    print(f"{chunk * L} prefill op calls, {1e3 * t_prompt / max(chunk * L, 1):.2f} ms per call; {calls} decode op "
+          f"calls, {1e3 * t_ort / max(calls, 1):.2f} ms per call (session.run, including the first call's setup)")
     # CPU: the same float64 reference on the same cache contents, so equal; GPU: the same kernel, so equal
     # up to the order of the split-K merge (kept deterministic by the kernel; a small margin anyway).
     tol = 2e-3 if gpu else 1e-6

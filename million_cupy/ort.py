@@ -1,6 +1,6 @@
-"""ONNX Runtime custom op: paged PQ decode attention inside an ONNX graph (onnxruntime-extensions).
+"""ONNX Runtime custom ops: paged PQ attention inside an ONNX graph (onnxruntime-extensions).
 
-The op ``PagedPQAttention`` takes one decode step of one layer,
+Two ops, each over one layer of a registered cache. ``PagedPQAttention`` takes one decode step,
 
     inputs   q (B, nh, d) float32, k (B, nh_k, d) float32, v (B, nh_k, d) float32, seq_ids (B,) int64
     attrs    cache (string): the name a :class:`~million_cupy.cache.PagedPQCache` was registered under
@@ -12,19 +12,34 @@ attention of ``q`` over everything those sequences now hold in that layer (paged
 exact residual window). On a GPU cache it runs the native kernels (:class:`~million_cupy.decode.BatchDecodeWrapper`);
 on a CPU cache it computes the float64 reference (:func:`million_cupy.decode`), returned as float32.
 
-Use it through the helpers: :func:`build_decoder_graph` builds a one-node model
-(``q, k, v, seq_ids -> PagedPQAttention -> out``), :func:`make_session` registers the op and the
+``PagedPQPrefillAttention`` takes several new tokens per sequence (a prompt or a chunk of one, a new turn of a
+chat, speculative drafts),
+
+    inputs   q (N, nh, d) float32, k (N, nh_k, d) float32, v (N, nh_k, d) float32, seq_ids (B,) int64,
+             qo_indptr (B + 1,) int64: sequence seq_ids[b]'s new tokens are rows qo_indptr[b]:qo_indptr[b+1]
+             (FlashInfer's CSR offsets; a sequence may have none, the batch at least one)
+    attrs    cache, layer: as above
+    output   (N, nh, d) float32
+
+appends each sequence's new tokens (their flushes into pages included), then returns their causal attention:
+new token j of a sequence attends to everything the sequence held before the call and to its new tokens up to
+j. On a GPU cache it runs :func:`million_cupy.prefill_attention` (a
+:class:`~million_cupy.prefill.BatchPrefillWrapper` planned per call, so each call takes the regime its counts
+call for: drafts on tensor cores, long chunks through the dense regime); on a CPU cache the float64 reference.
+
+Use them through the helpers: :func:`build_decoder_graph` / :func:`build_prefill_graph` build a one-node model
+(``q, k, v, seq_ids[, qo_indptr] -> op -> out``), :func:`make_session` registers the ops and the
 onnxruntime-extensions library and returns an ``onnxruntime.InferenceSession``.
 
 What the onnxruntime-extensions Python-op API imposes (onnxruntime-extensions 0.15):
 
 * **Domain.** Python ops all live in the extensions' own domain, ``ai.onnx.contrib``
   (``onnxruntime_extensions.default_opset_domain()``); the API has no way to choose another, so the
-  op is ``ai.onnx.contrib::PagedPQAttention``, not ``ai.million_cupy::PagedPQAttention``.
-  :data:`DOMAIN` holds the name.
+  ops are ``ai.onnx.contrib::PagedPQAttention`` and ``ai.onnx.contrib::PagedPQPrefillAttention``, not
+  ``ai.million_cupy::...``. :data:`DOMAIN` holds the name.
 * **Dtypes.** The Python-op bridge accepts float32 but not float16 (a float16 Python op aborts the
-  process: "Type float16 not supported by python customops api"). The op is therefore float32
-  only; ``build_decoder_graph(..., dtype="float16")`` wraps it in ONNX ``Cast`` nodes (float16
+  process: "Type float16 not supported by python customops api"). The ops are therefore float32
+  only; ``build_decoder_graph(..., dtype="float16")`` (and ``build_prefill_graph``) wrap them in ONNX ``Cast`` nodes (float16
   inputs -> float32 -> op -> float16 output). The cache converts appended tokens to its own
   dtype, and on the GPU ``q`` is converted to the cache dtype before the kernel, as
   ``BatchDecodeWrapper.run`` requires.
@@ -36,11 +51,13 @@ What the onnxruntime-extensions Python-op API imposes (onnxruntime-extensions 0.
 * **Copies per op call** (why this is an integration path, not the fast path; the fast path is
   :class:`~million_cupy.decode.BatchDecodeWrapper` with DLPack arrays, no copies):
 
-  - ORT -> op: the extension copies each input tensor (q, k, v, seq_ids) into a new NumPy array.
+  - ORT -> op: the extension copies each input tensor (q, k, v, seq_ids[, qo_indptr]) into a new NumPy array.
   - GPU cache: k and v are converted to the cache dtype on the host and copied host -> device
     (one copy each, inside ``PagedPQCache.append``); q likewise (one copy); the sequence ids stay
     on the host (the cache's bookkeeping is host-side). The first layer of each step plans it
-    (``BatchDecodeWrapper.plan``: a few small host -> device copies of O(B) scheduling metadata).
+    (``BatchDecodeWrapper.plan``: a few small host -> device copies of O(B) scheduling metadata); the
+    prefill op plans every call (one ``BatchPrefillWrapper.plan``, ~0.1 ms of host work), and its appends of more
+    than one token per sequence are checked for NaN / inf on the device (one synchronisation).
     The output is converted to float32 on the device and copied device -> host (one copy, which
     waits for the kernel: one stream synchronisation per op call).
   - CPU cache: no device copies; the reference dequantizes the sequences' caches (O(tokens) work
@@ -52,7 +69,8 @@ What the onnxruntime-extensions Python-op API imposes (onnxruntime-extensions 0.
 Decode steps on a GPU cache. ``BatchDecodeWrapper.plan`` wants every layer of the batch at the same
 length, so the op plans when it sees the first layer of a step (all layers equal) and reuses that
 plan for the step's other layers (each must be called exactly once per step, in any order).
-A cache used by ops must not be appended to behind their back in the middle of a step.
+A cache used by ops must not be appended to behind their back in the middle of a step. The prefill op has
+no such constraint: each call plans its own layer, so the layers of a prompt may be fed in any order.
 
 Nothing here is thread-safe: run one session at a time per registered cache (the cache itself is
 not thread-safe either), and one checked ``run()`` at a time per process for error reporting.
@@ -78,18 +96,23 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = [
     "OP_TYPE",
+    "PREFILL_OP_TYPE",
     "DOMAIN",
     "GRAPH_DTYPES",
     "register_cache",
     "unregister_cache",
     "registered_caches",
     "build_decoder_graph",
+    "build_prefill_graph",
     "make_session",
     "paged_pq_attention",
+    "paged_pq_prefill_attention",
 ]
 
-#: The custom op's type name.
+#: The decode op's type name (one new token per sequence).
 OP_TYPE = "PagedPQAttention"
+#: The several-new-tokens op's type name (prompts, chunks, new turns, drafts).
+PREFILL_OP_TYPE = "PagedPQPrefillAttention"
 #: The op's domain: fixed by onnxruntime-extensions for Python ops (its ``default_opset_domain()``).
 DOMAIN = "ai.onnx.contrib"
 #: Graph dtypes :func:`build_decoder_graph` accepts (the op itself computes in float32, see module doc).
@@ -131,7 +154,7 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_cache(name: str, cache: PagedPQCache) -> None:
-    """Make ``cache`` reachable from ``PagedPQAttention`` nodes whose ``cache`` attribute is ``name``.
+    """Make ``cache`` reachable from the ops' nodes (both kinds) whose ``cache`` attribute is ``name``.
 
     Registering a name again replaces its cache (and forgets any plan made for the old one). The
     registry holds a strong reference until :func:`unregister_cache`.
@@ -157,11 +180,11 @@ def registered_caches() -> dict[str, PagedPQCache]:
     return {name: entry.cache for name, entry in _REGISTRY.items()}
 
 
-def _lookup(name: str) -> _Entry:
+def _lookup(name: str, op_type: str) -> _Entry:
     entry = _REGISTRY.get(name)
     if entry is None:
         raise ValueError(
-            f"{OP_TYPE}: no cache registered under {name!r} (call million_cupy.ort.register_cache first); "
+            f"{op_type}: no cache registered under {name!r} (call million_cupy.ort.register_cache first); "
             f"registered: {sorted(_REGISTRY)}"
         )
     return entry
@@ -172,9 +195,13 @@ def _lookup(name: str) -> _Entry:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_step(cache: PagedPQCache, layer: int, q: Any, k: Any, v: Any, seq_ids: Any) -> tuple[np.ndarray, ...]:
-    """Host arrays of one step, or a TypeError / ValueError / IndexError saying what was expected."""
-    where = f"{OP_TYPE}(layer={layer})"
+def _check_call(cache: PagedPQCache, layer: int, q: Any, k: Any, v: Any, seq_ids: Any,
+                qo_indptr: Any = None) -> tuple[Any, ...]:
+    """Host arrays of one op call, or a TypeError / ValueError / IndexError saying what was expected:
+    ``(q, k, v, ids, offsets)``. q ``(N, nh, d)``, k / v ``(N, nh_k, d)``; the decode op (``qo_indptr`` None) takes
+    one id per row of q (offsets None), the prefill op ``B`` ids and ``B + 1`` offsets ending at ``N``."""
+    prefill = qo_indptr is not None
+    where = f"{PREFILL_OP_TYPE if prefill else OP_TYPE}(layer={layer})"
     if not 0 <= layer < cache.num_layers:
         raise IndexError(f"{where}: expected 0 <= layer < {cache.num_layers} (the cache's layers), got {layer}")
     arrays = []
@@ -186,10 +213,11 @@ def _check_step(cache: PagedPQCache, layer: int, q: Any, k: Any, v: Any, seq_ids
             raise ValueError(f"{where}: {name}: expected 3 dimensions, got shape {a.shape}")
         arrays.append(a)
     q, k, v = arrays
-    B, nh, d = q.shape
+    N, nh, d = q.shape
     nh_k = cache.num_kv_heads
-    if B < 1:
-        raise ValueError(f"{where}: q: expected a batch of at least one sequence, got shape {q.shape}")
+    if N < 1:
+        what = "new token" if prefill else "sequence in the batch"
+        raise ValueError(f"{where}: q: expected at least one {what}, got shape {q.shape}")
     if d != cache.head_dim:
         raise ValueError(f"{where}: q: expected head dim {cache.head_dim} (the cache's), got shape {q.shape}")
     if nh % nh_k:
@@ -198,19 +226,33 @@ def _check_step(cache: PagedPQCache, layer: int, q: Any, k: Any, v: Any, seq_ids
             f"got shape {q.shape}"
         )
     for name, a in (("k", k), ("v", v)):
-        if a.shape != (B, nh_k, d):
-            raise ValueError(f"{where}: {name}: expected shape ({B}, {nh_k}, {d}), got {a.shape}")
+        if a.shape != (N, nh_k, d):
+            raise ValueError(f"{where}: {name}: expected shape ({N}, {nh_k}, {d}), got {a.shape}")
     ids = np.asarray(seq_ids)
-    if ids.dtype.kind not in "iu" or ids.shape != (B,):
-        raise ValueError(f"{where}: seq_ids: expected {B} integer ids (one per row of q), got {ids.dtype} {ids.shape}")
+    offsets = None
+    if prefill:
+        if ids.dtype.kind not in "iu" or ids.ndim != 1 or ids.shape[0] < 1:
+            raise ValueError(f"{where}: seq_ids: expected a 1-D array of at least one integer id, got {ids.dtype} "
+                             f"{ids.shape}")
+        from .prefill import check_qo_indptr  # noqa: PLC0415 - keeps `import million_cupy.ort` light
+
+        try:
+            offsets = check_qo_indptr(qo_indptr, ids.shape[0])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+        if offsets[-1] != N:
+            raise ValueError(f"{where}: qo_indptr: expected the last offset to be q's {N} rows (every row a new "
+                             f"token of one sequence), got {offsets.tolist()[:16]}")
+    elif ids.dtype.kind not in "iu" or ids.shape != (N,):
+        raise ValueError(f"{where}: seq_ids: expected {N} integer ids (one per row of q), got {ids.dtype} {ids.shape}")
     ids = ids.astype(np.int64)
-    if np.unique(ids).shape[0] != B:
+    if np.unique(ids).shape[0] != ids.shape[0]:
         raise ValueError(f"{where}: seq_ids: expected distinct ids, got {ids.tolist()}")
     try:
         cache.seq_lens(layer, ids)  # ValueError for ids that are out of range or not live
     except ValueError as exc:
         raise ValueError(f"{where}: seq_ids: {exc}") from exc
-    return q, k, v, ids
+    return q, k, v, ids, offsets
 
 
 def _plan_step(entry: _Entry, layer: int, ids: np.ndarray, nh: int) -> None:
@@ -243,10 +285,10 @@ def paged_pq_attention(q: Any, k: Any, v: Any, seq_ids: Any, *, cache: str, laye
     ``seq_ids`` (B,), then returns float32 (B, nh, d) attention of ``q`` over those sequences. Every
     check runs before the cache changes.
     """
-    entry = _lookup(cache)
+    entry = _lookup(cache, OP_TYPE)
     c = entry.cache
     layer = int(layer)
-    q, k, v, ids = _check_step(c, layer, q, k, v, seq_ids)
+    q, k, v, ids, _ = _check_call(c, layer, q, k, v, seq_ids)
     if not c.is_gpu:
         from . import decode  # noqa: PLC0415
 
@@ -265,6 +307,37 @@ def paged_pq_attention(q: Any, k: Any, v: Any, seq_ids: Any, *, cache: str, laye
         return out.astype(cp.float32).get()
 
 
+def paged_pq_prefill_attention(q: Any, k: Any, v: Any, seq_ids: Any, qo_indptr: Any, *, cache: str,
+                               layer: int) -> np.ndarray:
+    """What one ``PagedPQPrefillAttention`` node computes, on host (NumPy) arrays; raises on bad input.
+
+    Appends sequence ``seq_ids[b]``'s new tokens, rows ``qo_indptr[b]:qo_indptr[b+1]`` of ``k`` / ``v``
+    ``(N, nh_k, d)``, to layer ``layer`` of the cache registered as ``cache``, then returns the float32
+    ``(N, nh, d)`` causal attention of ``q``'s rows: each new token over its sequence's earlier tokens and the
+    new ones up to itself. Every check (``cache.append``'s too: pool pages, ``max_seq_len``, NaN / inf rows)
+    runs before the cache changes.
+    """
+    from .prefill import prefill_attention  # noqa: PLC0415
+
+    entry = _lookup(cache, PREFILL_OP_TYPE)
+    c = entry.cache
+    layer = int(layer)
+    q, k, v, ids, offsets = _check_call(c, layer, q, k, v, seq_ids, qo_indptr)
+    if not c.is_gpu:
+        c.append(layer, ids, k, v, lengths=np.diff(offsets))
+        out = prefill_attention(c, layer, ids, q.astype(np.float32, copy=False), offsets)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    from .interop import cupy, resolve_dtype  # noqa: PLC0415
+
+    cp = cupy()
+    with c.stream:  # append, plan uploads, kernels and copy-out ordered on the cache's stream
+        c.append(layer, ids, k, v, lengths=np.diff(offsets))
+        q_dev = cp.asarray(np.ascontiguousarray(q.astype(resolve_dtype(c.dtype), copy=False)))
+        out = prefill_attention(c, layer, ids, q_dev, offsets, stream=c.stream)
+        return out.astype(cp.float32).get()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The ONNX Runtime side: op registration, error hand-off, graphs and sessions
 # ---------------------------------------------------------------------------------------------------
@@ -275,46 +348,55 @@ _checked_runs = 0  # > 0 while a session from make_session() is inside run()
 _pending: list[BaseException] = []
 
 
-def _op_body(q: np.ndarray, k: np.ndarray, v: np.ndarray, seq_ids: np.ndarray, **attrs: Any) -> np.ndarray:
-    # Called by onnxruntime-extensions from inside ORT: an exception escaping here would abort the
-    # process, so failures are handed to the session wrapper (or a warning) and a NaN output returned.
-    try:
-        return paged_pq_attention(q, k, v, seq_ids, cache=attrs.get("cache", ""), layer=attrs.get("layer", -1))
-    except Exception as exc:  # noqa: BLE001 - see above
-        with _lock:
-            checked = _checked_runs > 0
-            if checked:
-                _pending.append(exc)
-        if not checked:
-            try:
-                warnings.warn(
-                    f"{OP_TYPE} failed and returned NaN ({type(exc).__name__}: {exc}); sessions from "
-                    f"million_cupy.ort.make_session raise such errors instead",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            except Exception:  # noqa: BLE001 - warnings turned into errors must not escape either
-                pass
+def _guarded(op_type: str, compute: Any) -> Any:
+    """The Python op body of ``op_type``: ``compute(*inputs, cache=..., layer=...)``, whose failures are handed to
+    the session wrapper (or warned about) with a NaN output instead of raising."""
+
+    def body(q: np.ndarray, *inputs: np.ndarray, **attrs: Any) -> np.ndarray:
+        # Called by onnxruntime-extensions from inside ORT: an exception escaping here would abort the process.
         try:
-            shape = np.shape(q)
-            return np.full(shape if len(shape) == 3 else (0, 0, 0), np.nan, dtype=np.float32)
-        except Exception:  # noqa: BLE001
-            return np.zeros((0, 0, 0), dtype=np.float32)
+            return compute(q, *inputs, cache=attrs.get("cache", ""), layer=attrs.get("layer", -1))
+        except Exception as exc:  # noqa: BLE001 - see above
+            with _lock:
+                checked = _checked_runs > 0
+                if checked:
+                    _pending.append(exc)
+            if not checked:
+                try:
+                    warnings.warn(
+                        f"{op_type} failed and returned NaN ({type(exc).__name__}: {exc}); sessions from "
+                        f"million_cupy.ort.make_session raise such errors instead",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                except Exception:  # noqa: BLE001 - warnings turned into errors must not escape either
+                    pass
+            try:
+                shape = np.shape(q)
+                return np.full(shape if len(shape) == 3 else (0, 0, 0), np.nan, dtype=np.float32)
+            except Exception:  # noqa: BLE001
+                return np.zeros((0, 0, 0), dtype=np.float32)
+
+    body.__name__ = f"{op_type}_body"
+    return body
 
 
 def _ensure_op_registered() -> Any:
-    """Register the Python op with onnxruntime-extensions once per process; returns the extensions module."""
+    """Register the Python ops with onnxruntime-extensions once per process; returns the extensions module."""
     global _registered
     ext = _require("onnxruntime_extensions")
     with _lock:
         if not _registered:
             PyOp = ext.PyOp
-            ext.onnx_op(
-                op_type=OP_TYPE,
-                inputs=[PyOp.dt_float, PyOp.dt_float, PyOp.dt_float, PyOp.dt_int64],
-                outputs=[PyOp.dt_float],
-                attrs={"cache": PyOp.dt_string, "layer": PyOp.dt_int64},
-            )(_op_body)
+            floats = [PyOp.dt_float] * 3
+            for op_type, ids, compute in ((OP_TYPE, [PyOp.dt_int64], paged_pq_attention),
+                                          (PREFILL_OP_TYPE, [PyOp.dt_int64] * 2, paged_pq_prefill_attention)):
+                ext.onnx_op(
+                    op_type=op_type,
+                    inputs=floats + ids,
+                    outputs=[PyOp.dt_float],
+                    attrs={"cache": PyOp.dt_string, "layer": PyOp.dt_int64},
+                )(_guarded(op_type, compute))
             _registered = True
     domain = ext.default_opset_domain()
     if domain != DOMAIN:  # pragma: no cover - only if a future onnxruntime-extensions moves it
@@ -341,7 +423,8 @@ def _checked_session_class() -> type:
     ort = _require("onnxruntime")
 
     class CheckedInferenceSession(ort.InferenceSession):
-        """InferenceSession that raises what a ``PagedPQAttention`` node failed with (instead of NaN output)."""
+        """InferenceSession that raises what a ``PagedPQAttention`` / ``PagedPQPrefillAttention`` node failed with
+        (instead of NaN output)."""
 
         def _checked(self, call, *args, **kwargs):
             global _checked_runs
@@ -388,6 +471,31 @@ def build_decoder_graph(nh: int, nh_k: int, d: int, cache_name: str, layer: int,
     Returns an ``onnx.ModelProto`` (opset 17 + the op's domain, IR version 8), checked with
     ``onnx.checker``.
     """
+    return _one_node_graph(OP_TYPE, nh, nh_k, d, cache_name, layer, dtype)
+
+
+def build_prefill_graph(nh: int, nh_k: int, d: int, cache_name: str, layer: int, dtype: str = "float32") -> Any:
+    """A one-layer ONNX model of several new tokens per sequence: ``q, k, v, seq_ids, qo_indptr ->
+    PagedPQPrefillAttention -> out`` (a prompt or a chunk of one, a new turn, speculative drafts).
+
+    Inputs ``q`` (tokens, nh, d), ``k`` / ``v`` (tokens, nh_k, d) in ``dtype`` ("float32" or "float16"),
+    ``seq_ids`` (batch,) int64 and ``qo_indptr`` (batch + 1,) int64, sequence ``seq_ids[b]``'s new tokens being
+    rows ``qo_indptr[b]:qo_indptr[b+1]``; output ``out`` (tokens, nh, d) in ``dtype``. Attributes, casts and
+    checks as in :func:`build_decoder_graph`.
+
+    Example (a CPU cache; ``pip install 'million-cupy[ort-cpu]'``)::
+
+        mort.register_cache("llm", cache)
+        sess = mort.make_session(mort.build_prefill_graph(nh, nh_k, d, "llm", layer=0))
+        (out,) = sess.run(None, {"q": q, "k": k, "v": v,                     # (N, nh / nh_k, d) float32
+                                 "seq_ids": np.array([s0, s1], np.int64),
+                                 "qo_indptr": np.array([0, 300, 304], np.int64)})  # a prompt, 4 drafts
+    """
+    return _one_node_graph(PREFILL_OP_TYPE, nh, nh_k, d, cache_name, layer, dtype)
+
+
+def _one_node_graph(op_type: str, nh: int, nh_k: int, d: int, cache_name: str, layer: int, dtype: str) -> Any:
+    """The model of :func:`build_decoder_graph` (``OP_TYPE``) or :func:`build_prefill_graph` (``PREFILL_OP_TYPE``)."""
     for name, value in (("nh", nh), ("nh_k", nh_k), ("d", d)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -414,29 +522,33 @@ def build_decoder_graph(nh: int, nh_k: int, d: int, cache_name: str, layer: int,
     onnx = _require("onnx")
     helper, TensorProto = onnx.helper, onnx.TensorProto
     elem = _tensor_type(dtype)
-    batch = "batch"
+    prefill = op_type == PREFILL_OP_TYPE
+    rows = "tokens" if prefill else "batch"  # symbolic: the op checks them against each other
     inputs = [
-        helper.make_tensor_value_info("q", elem, [batch, nh, d]),
-        helper.make_tensor_value_info("k", elem, [batch, nh_k, d]),
-        helper.make_tensor_value_info("v", elem, [batch, nh_k, d]),
-        helper.make_tensor_value_info("seq_ids", TensorProto.INT64, [batch]),
+        helper.make_tensor_value_info("q", elem, [rows, nh, d]),
+        helper.make_tensor_value_info("k", elem, [rows, nh_k, d]),
+        helper.make_tensor_value_info("v", elem, [rows, nh_k, d]),
+        helper.make_tensor_value_info("seq_ids", TensorProto.INT64, ["batch"]),
     ]
-    outputs = [helper.make_tensor_value_info("out", elem, [batch, nh, d])]
+    if prefill:
+        inputs.append(helper.make_tensor_value_info("qo_indptr", TensorProto.INT64, ["batch_plus_1"]))
+    outputs = [helper.make_tensor_value_info("out", elem, [rows, nh, d])]
     nodes = []
     op_in = ["q", "k", "v"]
     if dtype != "float32":
         nodes += [helper.make_node("Cast", [x], [f"{x}_f32"], to=TensorProto.FLOAT, name=f"cast_{x}") for x in op_in]
         op_in = [f"{x}_f32" for x in op_in]
     op_out = "out" if dtype == "float32" else "out_f32"
+    kind = "prefill" if prefill else "decode"
     nodes.append(
         helper.make_node(
-            OP_TYPE, [*op_in, "seq_ids"], [op_out], domain=DOMAIN, name=f"paged_pq_attention_l{layer}",
-            cache=cache_name, layer=layer,
+            op_type, [*op_in, *(i.name for i in inputs[3:])], [op_out], domain=DOMAIN,
+            name=f"paged_pq_{'prefill_' if prefill else ''}attention_l{layer}", cache=cache_name, layer=layer,
         )
     )
     if dtype != "float32":
         nodes.append(helper.make_node("Cast", [op_out], ["out"], to=elem, name="cast_out"))
-    graph = helper.make_graph(nodes, f"million_cupy_decode_l{layer}", inputs, outputs)
+    graph = helper.make_graph(nodes, f"million_cupy_{kind}_l{layer}", inputs, outputs)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, 1)],
@@ -453,10 +565,11 @@ def make_session(
     providers: Sequence[Any] | None = None,
     session_options: Any = None,
 ) -> Any:
-    """An ``onnxruntime.InferenceSession`` for ``graph`` with ``PagedPQAttention`` available.
+    """An ``onnxruntime.InferenceSession`` for ``graph`` with ``PagedPQAttention`` and ``PagedPQPrefillAttention``
+    available.
 
     ``graph`` is an ``onnx.ModelProto`` (as :func:`build_decoder_graph` returns), serialized model
-    bytes, or a path to a ``.onnx`` file. Registers the Python op (once per process) and the
+    bytes, or a path to a ``.onnx`` file. Registers the Python ops (once per process) and the
     onnxruntime-extensions library on ``session_options`` (a new ``SessionOptions`` if None; options
     passed again are not registered twice, but do not pass options on which you registered the
     library yourself: ONNX Runtime then fails with conflicting kernels).

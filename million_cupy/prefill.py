@@ -652,8 +652,9 @@ class TensorCorePlan:
                     buffers.units, buffers.items, part_o, part_lse, nh, nh_k, self._scale_log2), shared_mem=smem)
 
 
-def _indptr(qo_indptr: Any, B: int) -> np.ndarray:
-    """Host int64 CSR offsets of ``B`` sequences' query tokens, checked."""
+def check_qo_indptr(qo_indptr: Any, B: int) -> np.ndarray:
+    """``qo_indptr`` as host int64 CSR offsets of ``B`` sequences' new tokens: ``B + 1`` non-decreasing integers
+    from 0, the last at least 1 (else ValueError naming what came)."""
     ind = np.asarray(to_numpy(qo_indptr) if is_gpu_array(qo_indptr) else qo_indptr)
     if ind.ndim != 1 or ind.shape[0] != B + 1 or (ind.size and ind.dtype.kind not in "iu"):
         raise ValueError(f"qo_indptr: expected {B + 1} integer offsets (one more than the sequences), got "
@@ -798,7 +799,7 @@ class BatchPrefillWrapper:
         """
         cache = self.cache
         seq = cache.check_ids(seq_ids, "plan")
-        ind = _indptr(qo_indptr, seq.shape[0])
+        ind = check_qo_indptr(qo_indptr, seq.shape[0])
         counts = np.diff(ind)
         planned, held = cache.equal_lengths(seq, layers, "plan")
         replay = self._graph_appends is not None and np.array_equal(counts, self._graph_counts)
@@ -1069,7 +1070,7 @@ def prefill_attention(cache, layer: int, seq_ids: Sequence[int], q: Any, qo_indp
     q_arr = as_array(q, "q", ndim=3, dtypes=("float16", "bfloat16", "float32", "float64"), on_gpu=False)
     seq = cache.check_ids(seq_ids, "prefill_attention")
     layer = cache.check_layer(layer)
-    ind = _indptr(qo_indptr, seq.shape[0])
+    ind = check_qo_indptr(qo_indptr, seq.shape[0])
     if q_arr.shape[0] != ind[-1] or q_arr.shape[2] != cache.head_dim or q_arr.shape[1] % cache.num_kv_heads:
         raise ValueError(f"q: expected shape ({int(ind[-1])}, num_heads, {cache.head_dim}) with num_heads a multiple "
                          f"of num_kv_heads = {cache.num_kv_heads}, got {tuple(q_arr.shape)}")

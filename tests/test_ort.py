@@ -147,6 +147,158 @@ def test_graph_shape_and_domain():
     assert dims == ["batch", 8, 128]
 
 
+# New tokens per call and sequence for the prefill op: a 40-token chunk crosses the 32-token window (pages
+# flushed in the call), a sequence with no new tokens rides along, and the last call is one token each.
+CHUNKS = ((40, 7, 0), (0, 30, 5), (3, 1, 64), (1, 1, 1))
+
+
+def _chunk_inputs(rng: np.random.Generator, counts, dtype=np.float32):
+    N = int(sum(counts))
+    return (rng.standard_normal((N, NH, D)).astype(dtype), rng.standard_normal((N, NH_K, D)).astype(dtype),
+            rng.standard_normal((N, NH_K, D)).astype(dtype))
+
+
+def _prefill_feed(q, k, v, ids, counts):
+    return {"q": q, "k": k, "v": v, "seq_ids": np.asarray(ids, dtype=np.int64),
+            "qo_indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_prefill_calls_match_library_and_reference(rng, registry, dtype):
+    """Prompts fed in ragged chunks through PagedPQPrefillAttention: each call's output equals
+    prefill_attention on a twin cache fed through the library, and the float64 causal reference over what the
+    ORT-fed cache holds; both caches end up with the same tokens."""
+    np_dtype = np.dtype(dtype)
+    books = _books(rng)
+    via_ort, direct = _cache(books), _cache(books)
+    ids = [via_ort.add_sequence() for _ in CHUNKS[0]]
+    assert ids == [direct.add_sequence() for _ in CHUNKS[0]]
+    registry(f"prefill-{dtype}", via_ort)
+    sessions = [mo.make_session(mo.build_prefill_graph(NH, NH_K, D, f"prefill-{dtype}", layer, dtype))
+                for layer in range(L)]
+    for counts in CHUNKS:
+        ind = np.concatenate([[0], np.cumsum(counts)])
+        for layer in reversed(range(L)):  # any layer order: each call plans its own layer
+            q, k, v = _chunk_inputs(rng, counts, np_dtype)
+            (got,) = sessions[layer].run(None, _prefill_feed(q, k, v, ids, counts))
+            assert got.dtype == np_dtype and got.shape == q.shape
+            direct.append(layer, ids, k, v, lengths=list(counts))
+            want = mc.prefill_attention(direct, layer, ids, q.astype(np.float32), ind)
+            np.testing.assert_array_equal(got, want.astype(np_dtype))
+            kv = [via_ort.dequantize(layer, s) for s in ids]
+            ref, _ = reference.causal_attention(q.astype(np.float64), [a for a, _ in kv], [b for _, b in kv], ind)
+            tol = 1e-3 if dtype == "float16" else 1e-6
+            np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol, atol=tol)
+            if max(counts) == 1:  # one token each: what the decode op computes
+                np.testing.assert_allclose(got.astype(np.float64), mc.decode(direct, layer, ids, q.astype(np.float32)),
+                                           rtol=tol, atol=tol)
+    totals = np.sum(CHUNKS, axis=0)
+    for layer in range(L):
+        np.testing.assert_array_equal(via_ort.seq_lens(layer, ids), totals)
+        for s in ids:
+            for a, b in zip(via_ort.dequantize(layer, s), direct.dequantize(layer, s)):
+                np.testing.assert_array_equal(a, b)
+    assert via_ort.stats()["flushes"] > 0  # chunks crossed the residual window: pages were written
+
+    # A decode step through the other op continues the same sequences.
+    q, k, v = _step_inputs(rng, np_dtype)
+    q, k, v = (np.concatenate([x, x[:1]]) for x in (q, k, v))  # three sequences
+    (out,) = mo.make_session(mo.build_decoder_graph(NH, NH_K, D, f"prefill-{dtype}", 0, dtype)).run(
+        None, _feed(q, k, v, ids))
+    assert np.isfinite(out).all() and via_ort.seq_lens(0, ids).tolist() == (totals + 1).tolist()
+
+
+def test_paged_pq_prefill_attention_is_the_op_body(rng, registry):
+    books = _books(rng)
+    a, b = _cache(books), _cache(books)
+    ids = _prefill([a, b], rng)
+    registry("pbody-a", a)
+    registry("pbody-b", b)
+    counts = (3, 17)
+    q, k, v = _chunk_inputs(rng, counts)
+    feed = _prefill_feed(q, k, v, ids, counts)
+    (got,) = mo.make_session(mo.build_prefill_graph(NH, NH_K, D, "pbody-a", 1)).run(None, feed)
+    want = mo.paged_pq_prefill_attention(q, k, v, feed["seq_ids"], feed["qo_indptr"], cache="pbody-b", layer=1)
+    assert want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_prefill_graph_shape_and_domain():
+    onnx = pytest.importorskip("onnx")
+    model = mo.build_prefill_graph(8, 2, 128, "not-registered-yet", 3, "float16")
+    graph = model.graph
+    assert [i.name for i in graph.input] == ["q", "k", "v", "seq_ids", "qo_indptr"]
+    (op,) = [n for n in graph.node if n.op_type == mo.PREFILL_OP_TYPE]
+    assert op.domain == mo.DOMAIN and op.name == "paged_pq_prefill_attention_l3"
+    assert list(op.input) == ["q_f32", "k_f32", "v_f32", "seq_ids", "qo_indptr"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
+    assert attrs == {"cache": b"not-registered-yet", "layer": 3}
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert [dims(i) for i in graph.input] == [["tokens", 8, 128], ["tokens", 2, 128], ["tokens", 2, 128],
+                                              ["batch"], ["batch_plus_1"]]
+    assert dims(graph.output[0]) == ["tokens", 8, 128]
+    with pytest.raises(ValueError, match=r"nh: expected a multiple of nh_k = 4"):
+        mo.build_prefill_graph(6, 4, 128, "x", 0)
+
+
+def test_prefill_op_errors_raise_and_leave_the_cache_unchanged(rng, registry):
+    cache = _cache(_books(rng))
+    ids = _prefill([cache], rng)
+    counts = (2, 3)
+    q, k, v = _chunk_inputs(rng, counts)
+    ghost = mo.make_session(mo.build_prefill_graph(NH, NH_K, D, "ghost", 0))
+    with pytest.raises(ValueError, match=r"PagedPQPrefillAttention: no cache registered under 'ghost'"):
+        ghost.run(None, _prefill_feed(q, k, v, ids, counts))
+    registry("perrs", cache)
+    sess = mo.make_session(mo.build_prefill_graph(NH, NH_K, D, "perrs", 0))
+    before = _lens(cache, ids)
+
+    def fails(feed, exc, match):
+        with pytest.raises(exc, match=match):
+            sess.run(None, feed)
+        assert _lens(cache, ids) == before
+
+    good = _prefill_feed(q, k, v, ids, counts)
+    where = r"PagedPQPrefillAttention\(layer=0\): "
+    fails(good | {"qo_indptr": np.array([0, 5], np.int64)}, ValueError,
+          where + r"qo_indptr: expected 3 integer offsets \(one more than the sequences\), got int64 of shape \(2,\)")
+    fails(good | {"qo_indptr": np.array([0, 4, 2], np.int64)}, ValueError,
+          where + r"qo_indptr: expected non-decreasing offsets from 0 .*got \[0, 4, 2\]")
+    fails(good | {"qo_indptr": np.array([0, 2, 4], np.int64)}, ValueError,
+          where + r"qo_indptr: expected the last offset to be q's 5 rows .*got \[0, 2, 4\]")
+    fails(good | {"k": k[:4]}, ValueError, where + r"k: expected shape \(5, 2, 64\), got \(4, 2, 64\)")
+    fails(good | {"seq_ids": np.array([ids[0], ids[0]], np.int64)}, ValueError,
+          where + r"seq_ids: expected distinct ids, got \[0, 0\]")
+    fails(good | {"seq_ids": np.array([], np.int64), "qo_indptr": np.array([0], np.int64)}, ValueError,
+          where + r"seq_ids: expected a 1-D array of at least one integer id, got int64 \(0,\)")
+    bad = k.copy()
+    bad[3, 1, 7] = np.nan
+    fails(good | {"k": bad}, ValueError, r"NaN|non-finite|inf")
+    long = (2, 256)  # past max_seq_len = 256 for the second sequence
+    fails(_prefill_feed(*_chunk_inputs(rng, long), ids, long), ValueError, r"max_seq_len")
+    (out,) = sess.run(None, good)  # and the session still works afterwards
+    assert np.isfinite(out).all() and _lens(cache, ids)[0] == [n + c for n, c in zip(before[0], counts)]
+
+
+def test_prefill_op_in_a_plain_session_gets_nan_and_a_warning(rng):
+    import onnxruntime as ort
+    from onnxruntime_extensions import get_library_path
+
+    mo.make_session(mo.build_prefill_graph(NH, NH_K, D, "nobody", 0))  # registers the Python ops
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(get_library_path())
+    plain = ort.InferenceSession(mo.build_prefill_graph(NH, NH_K, D, "nobody", 0).SerializeToString(), so,
+                                 providers=["CPUExecutionProvider"])
+    counts = (1, 2)
+    q, k, v = _chunk_inputs(rng, counts)
+    with pytest.warns(RuntimeWarning, match=r"PagedPQPrefillAttention failed and returned NaN \(ValueError: .*'nobody'"):
+        (out,) = plain.run(None, _prefill_feed(q, k, v, [0, 1], counts))
+    assert out.shape == q.shape and np.isnan(out).all()
+
+
 # --------------------------------------------------------------------------------------- bad inputs
 
 
@@ -328,3 +480,31 @@ def test_gpu_cache_decode_steps_match_wrapper(rng, registry):
     sessions[0].run(None, _feed(q, k, v, ids))
     with pytest.raises(ValueError, match=r"every layer must be appended once per decode step"):
         sessions[0].run(None, _feed(q, k, v, ids))
+
+
+@pytest.mark.gpu
+def test_gpu_cache_prefill_calls_match_the_library(rng, registry):
+    """The prefill op on a GPU cache (native kernels through prefill_attention) equals the library on a twin cache
+    and the float64 causal reference, over chunks that flush pages and a sequence with no new tokens."""
+    cp = pytest.importorskip("cupy")
+    books = _books(rng)
+    via_ort, direct = _cache(books, "cuda"), _cache(books, "cuda")
+    ids = [via_ort.add_sequence() for _ in CHUNKS[0]]
+    assert ids == [direct.add_sequence() for _ in CHUNKS[0]]
+    registry("prefill-gpu", via_ort)
+    sessions = [mo.make_session(mo.build_prefill_graph(NH, NH_K, D, "prefill-gpu", layer)) for layer in range(L)]
+    for counts in CHUNKS:
+        ind = np.concatenate([[0], np.cumsum(counts)])
+        for layer in reversed(range(L)):
+            q, k, v = _chunk_inputs(rng, counts)
+            (got,) = sessions[layer].run(None, _prefill_feed(q, k, v, ids, counts))
+            direct.append(layer, ids, k, v, lengths=list(counts))
+            want = mc.prefill_attention(direct, layer, ids, cp.asarray(q.astype(np.float16)), ind)
+            np.testing.assert_allclose(got, want.astype(cp.float32).get(), rtol=0, atol=2e-3)
+            kv = [via_ort.dequantize(layer, s) for s in ids]
+            ref, _ = reference.causal_attention(q.astype(np.float64), [cp.asnumpy(a) for a, _ in kv],
+                                                [cp.asnumpy(b) for _, b in kv], ind)
+            rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            assert rel < 5e-3, rel  # fp16 cache, q and output
+    np.testing.assert_array_equal(via_ort.seq_lens(0, ids), np.sum(CHUNKS, axis=0))
+    assert via_ort.stats()["flushes"] > 0
