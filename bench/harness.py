@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: CUDA-event timing, environment capture, the results JSON schema.
 
-Results files (bench/results/*.json) have top-level ``gpu``, ``date``, ``command``, ``versions`` and
+Results files (bench/results/*.json) have top-level ``gpu``, ``date``, ``command``, ``launch`` (``ordinary``, or
+``programmatic`` under MILLION_CUPY_PDL=1), ``versions`` and
 ``records`` (a list of dicts with at least ``suite`` and ``method``; timing records carry ``median_us``
 (GPU time per call with calls queued back to back), ``call_us`` (one call including its host launch),
 and ``p10_us`` / ``p90_us`` spread).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import shlex
 import sys
@@ -123,10 +125,15 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 def write_results(path: str | Path, records: list[dict], extra: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Programmatic dependent launch is switched by the environment (million_cupy.kernels.PDL_ENV): part of the
+    # command, and of the run's identity.
+    pdl = os.environ.get("MILLION_CUPY_PDL")
     doc = {
         "gpu": gpu_name(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "command": (f"MILLION_CUPY_PDL={shlex.quote(pdl)} " if pdl is not None else "")
+                   + " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "launch": "programmatic" if pdl == "1" else "ordinary",
         "versions": versions(),
         **(extra or {}),
         "records": records,

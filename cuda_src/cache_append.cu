@@ -130,6 +130,7 @@ append_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ 
               const int* __restrict__ block_table, int max_blocks, const int4* __restrict__ tok,
               const int* __restrict__ slot_gen, unsigned char* __restrict__ status, int n_tok, int nh_k, int M, int Hc,
               int R, int page_shift, int warp_search) {
+  wait_for_previous_grid();
     __shared__ __align__(16) float s_centroids[PQ_NUM_CENTROIDS * DSUB];
     __shared__ float s_norms[PQ_NUM_CENTROIDS];
 
@@ -216,6 +217,7 @@ append_exact_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restr
                     T* __restrict__ v_pages, long long page_stride, const int* __restrict__ block_table,
                     int max_blocks, const int4* __restrict__ tok, const int* __restrict__ slot_gen,
                     unsigned char* __restrict__ status, int n_tok, int nh_k, int D, int page_shift) {
+  wait_for_previous_grid();
     constexpr int EPV = 16 / sizeof(T);  // elements per 16-byte vector
     const bool is_v = blockIdx.x != 0;
     const T* x = is_v ? v : k;
@@ -251,6 +253,7 @@ append_exact_tokens(const T* __restrict__ k, const T* __restrict__ v, T* __restr
 
 __global__ void gather_page_table(const int* __restrict__ block_table, int max_blocks,
                                   const int* __restrict__ meta, int B, int* __restrict__ indices) {
+  wait_for_previous_grid();
     const int b = blockIdx.x;
     const long long row = static_cast<long long>(meta[b]) * max_blocks;
     const int start = meta[B + b];
@@ -260,6 +263,7 @@ __global__ void gather_page_table(const int* __restrict__ block_table, int max_b
 
 __global__ void store_block_ids(int* __restrict__ block_table, int max_blocks, const int* __restrict__ meta, int B,
                                 const int* __restrict__ ids) {
+  wait_for_previous_grid();
     const int b = blockIdx.x;
     const long long row = static_cast<long long>(meta[b]) * max_blocks + meta[B + b];
     const int start = meta[2 * B + b];

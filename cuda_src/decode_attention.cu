@@ -142,6 +142,7 @@ __global__ void __launch_bounds__(NT, 1) decode_attention(
     T* __restrict__ out,                      // (B, nh, D)
     float* __restrict__ lse_out,              // (B, nh) natural log, or nullptr
     int nh, int nh_k, float scale_log2) {
+  wait_for_previous_grid();
   using S = DecodeSmem<MODE, D, M, G>;
   constexpr bool PQ = S::PQ;
   constexpr int DSUB = D / M;

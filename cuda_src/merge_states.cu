@@ -18,6 +18,7 @@ namespace parallel {
 template <typename T>
 __global__ void merge_rank_states(const unsigned char* __restrict__ packed, long long stride, int size, int rows,
                                   int d, T* __restrict__ out, float* __restrict__ lse_out) {
+  wait_for_previous_grid();
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)rows * d) return;
   const int row = (int)(i / d);
@@ -47,6 +48,7 @@ __global__ void merge_rank_states(const unsigned char* __restrict__ packed, long
 template <typename T>
 __global__ void assemble_rank_heads(const unsigned char* __restrict__ packed, long long stride, int size, int batch,
                                     int per, int d, T* __restrict__ out, float* __restrict__ lse_out) {
+  wait_for_previous_grid();
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int heads = size * per;
   if (i >= (long long)batch * heads * d) return;

@@ -19,6 +19,19 @@
 // 8-bit codes: every codebook has exactly 256 centroids per subspace.
 constexpr int PQ_NUM_CENTROIDS = 256;
 
+// Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-stream-serialization attribute
+// (kernels.BoundLaunch, MILLION_CUPY_PDL=1) is scheduled while the previous kernel of its stream is still running,
+// so that its launch and block dispatch overlap that kernel's tail; every kernel here therefore opens with this
+// call, before any memory access: it waits until the previous grid has completed and its writes are visible,
+// then lets the next kernel be scheduled in turn (only after the wait, so that a kernel launched early never
+// overlaps the grid before the previous one). Without the attribute, or below sm_90, both are no-ops.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -22,6 +22,7 @@ template <int DSUB, typename T>
 __global__ void __launch_bounds__(PQ_ENCODE_THREADS)
 pq_encode(const T* __restrict__ x, const float* __restrict__ centroids, unsigned char* __restrict__ codes,
           long long n_rows, int M, int num_heads) {
+    wait_for_previous_grid();
     __shared__ __align__(16) float s_centroids[PQ_NUM_CENTROIDS * DSUB];
     __shared__ float s_norms[PQ_NUM_CENTROIDS];
 

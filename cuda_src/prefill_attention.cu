@@ -301,6 +301,7 @@ __global__ void __launch_bounds__(NT, 1) prefill_attention(
     float* __restrict__ part_o,                 // (W, 16 * RT, D)
     float* __restrict__ part_lse,               // (W, 16 * RT) log2
     int nh, int nh_k, float scale_log2) {
+  wait_for_previous_grid();
   using S = PrefillSmem<D>;
   static_assert(RT == 1 || RT == 2 || RT == 4 || RT == 8, "RT");
   constexpr int BM = 16 * RT;       // query rows per CTA
@@ -807,6 +808,7 @@ __global__ void __launch_bounds__(NT, 1) verify_attention(
     const int4* __restrict__ seq_meta, const long long* __restrict__ page_row, const int* __restrict__ res_row,
     const int4* __restrict__ units, const int4* __restrict__ items, float* __restrict__ part_o,
     float* __restrict__ part_lse, int* __restrict__ unit_counter, int nh, int nh_k, float scale_log2) {
+  wait_for_previous_grid();
   using S = VerifySmem<D, RT>;
   constexpr int DSUB = D / M;
   static_assert(DSUB == 2 || DSUB == 4, "DSUB");
@@ -1356,6 +1358,7 @@ __global__ void __launch_bounds__(NT, 1) dequantize_history(
     const int* __restrict__ hist_row,           // (B): the sequence's first workspace row
     T* __restrict__ ws_k, T* __restrict__ ws_v, // (nh_k, ws_rows, D)
     int ws_rows, int nh_k) {
+  wait_for_previous_grid();
   using S = DequantizeSmem<D>;
   using Tasks = PqTileTasks<D, M>;
   constexpr int DSUB = Tasks::DSUB, ROT = Tasks::ROT, K_TASKS = Tasks::K_TASKS, V_TASKS = Tasks::V_TASKS;
@@ -1494,6 +1497,7 @@ __global__ void __launch_bounds__(DENSE_NT, 2) dense_prefill_attention(
     float* __restrict__ part_o,                 // (W, 128, D)
     float* __restrict__ part_lse,               // (W, 128) log2
     int nh, int nh_k, float scale_log2) {
+  wait_for_previous_grid();
   using S = DenseSmem<D>;
   constexpr int ROW = S::ROW;
   static_assert(D % 32 == 0 && D <= 128, "D");
@@ -1707,6 +1711,7 @@ __global__ void __launch_bounds__(NT) prefill_merge(
     const int4* __restrict__ units, const int4* __restrict__ items, const int4* __restrict__ seq_meta,
     const float* __restrict__ part_o, const float* __restrict__ part_lse,
     T* __restrict__ out, float* __restrict__ lse_out, int nh, int nh_k) {
+  wait_for_previous_grid();
   const int4 unit = units[blockIdx.x];
   if (items[unit.w].w <= 1) return;
   merge_unit<D, T, RT>(unit, items, seq_meta, part_o, part_lse, out, lse_out, nh, nh_k);

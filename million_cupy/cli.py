@@ -122,6 +122,18 @@ def _kernel_cache_description() -> str:
     )
 
 
+def _launch_description() -> str:
+    from .interop import gpu_available  # noqa: PLC0415
+    from .kernels import PDL_ENV, programmatic_launches  # noqa: PLC0415
+
+    asked = os.environ.get(PDL_ENV) == "1"
+    if not asked:
+        return f"ordinary (set {PDL_ENV}=1 for programmatic dependent launch on sm_90+)"
+    if not gpu_available():
+        return f"{PDL_ENV}=1: programmatic dependent launch on sm_90+ (no GPU here)"
+    return "programmatic dependent launch" if programmatic_launches() else f"ordinary ({PDL_ENV}=1, but below sm_90)"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     rows = [
         ("million-cupy", __version__),
@@ -133,6 +145,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("numba-cuda", _guard(lambda: _dist_version("numba-cuda"))),
         ("CuPy", _guard(lambda: _dist_version("cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x", "cupy"))),
         ("NVRTC", _guard(_nvrtc_description)),
+        ("launches", _guard(_launch_description)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -132,6 +132,67 @@ def _kernel_param(arg: Any) -> ctypes._SimpleCData:
     raise TypeError(f"kernel argument: expected a CuPy array or a NumPy scalar, got {type(arg).__name__}")
 
 
+#: The environment variable that turns on programmatic dependent launch for bound launches (``1``).
+PDL_ENV = "MILLION_CUPY_PDL"
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h, CUlaunchAttributeID
+
+
+class _LaunchAttribute(ctypes.Structure):
+    # cuda.h's CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union (here its first int).
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    # cuda.h's CUlaunchConfig.
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+_pdl_devices: dict[int, bool] = {}
+
+
+def programmatic_launches() -> bool:
+    """Whether bound launches of this library's kernels on the current device use programmatic dependent launch:
+    ``MILLION_CUPY_PDL=1`` and a device of compute capability 9.0 or newer (Hopper, Blackwell).
+
+    Such a launch lets the kernel be scheduled while the previous kernel of its stream is still running; every
+    kernel in ``cuda_src/`` opens by waiting for that kernel (``wait_for_previous_grid``), so the overlap hides
+    launch latency and block dispatch, never an ordering. Off by default. With the variable set on an older
+    device, launches stay ordinary and a warning says so once.
+    """
+    if os.environ.get(PDL_ENV, "") != "1":
+        return False
+    cp = cupy()
+    device = cp.cuda.runtime.getDevice()
+    on = _pdl_devices.get(device)
+    if on is None:
+        major = int(cp.cuda.Device(device).compute_capability) // 10
+        on = _pdl_devices[device] = major >= 9
+        if not on:
+            import warnings  # noqa: PLC0415 - only on this path
+
+            warnings.warn(f"{PDL_ENV}=1: programmatic dependent launch needs compute capability 9.0 or newer; "
+                          f"device {device} is {major}.x, so its launches stay ordinary", RuntimeWarning, stacklevel=3)
+    return on
+
+
+@functools.lru_cache(maxsize=1)
+def _launch_kernel_ex() -> Any:
+    """The driver's ``cuLaunchKernelEx`` (CUDA 11.8+), through ctypes: CuPy's driver binding has no launch
+    attributes."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError) as exc:
+        raise UnsupportedConfiguration(f"{PDL_ENV}=1: the CUDA driver has no cuLaunchKernelEx (driver 520 / CUDA "
+                                       f"11.8 or newer needed; unset {PDL_ENV}): {exc}") from exc
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 class BoundLaunch:
     """A kernel launch whose parameter block is built once.
 
@@ -141,8 +202,11 @@ class BoundLaunch:
     per launch on an H200 host, against 6.1 us for the same call through ctypes). The arrays given at
     construction are kept alive.
 
-    ``kernel`` is a CuPy ``RawKernel``, or the ``CUfunction`` handle (an int) of a kernel compiled elsewhere
-    (the page allocator's numba-cuda kernel), whose arguments are then given as NumPy scalars.
+    ``kernel`` is a CuPy ``RawKernel`` of this library's sources, or the ``CUfunction`` handle (an int) of a
+    kernel compiled elsewhere (the page allocator's numba-cuda kernel), whose arguments are then given as NumPy
+    scalars. Where :func:`programmatic_launches` holds when the launch is built, a RawKernel launches through
+    ``cuLaunchKernelEx`` with programmatic stream serialization (such a kernel opens with
+    ``wait_for_previous_grid``; one compiled elsewhere does not, so it always launches the ordinary way).
     """
 
     def __init__(self, kernel, grid: int | tuple[int, int], block: int, smem: int, args: Sequence[Any]) -> None:
@@ -159,6 +223,19 @@ class BoundLaunch:
         self._params = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
         self._params_at = ctypes.addressof(self._params)
         self._launch_kernel = cupy().cuda.driver.launchKernel  # looked up once: launch() is the hot path
+        self._config: _LaunchConfig | None = None
+        if not isinstance(kernel, int) and programmatic_launches():
+            self._launch_ex = _launch_kernel_ex()
+            self._attribute = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            self._config = _LaunchConfig(gridDimX=self._grid_x, gridDimY=self._grid_y, gridDimZ=1, blockDimX=block,
+                                         blockDimY=1, blockDimZ=1, sharedMemBytes=smem,
+                                         attrs=ctypes.pointer(self._attribute), numAttrs=1)
+            self._config_at = ctypes.addressof(self._config)
+
+    @property
+    def programmatic(self) -> bool:
+        """Whether this launch uses programmatic dependent launch (see :func:`programmatic_launches`)."""
+        return self._config is not None
 
     def set_arg(self, index: int, value: int) -> None:
         """Argument ``index`` (a pointer or an integer) becomes ``value`` for the following launches."""
@@ -169,11 +246,19 @@ class BoundLaunch:
         self._grid_x = int(grid_x)
         if grid_y is not None:
             self._grid_y = int(grid_y)
+        if self._config is not None:
+            self._config.gridDimX, self._config.gridDimY = self._grid_x, self._grid_y
 
     def launch(self, stream_ptr: int) -> None:
         """Launch on the stream with handle ``stream_ptr`` (raises CuPy's CUDADriverError on failure)."""
-        self._launch_kernel(self._func, self._grid_x, self._grid_y, 1, self._block, 1, 1, self._smem, stream_ptr,
-                            self._params_at, 0)
+        if self._config is None:
+            self._launch_kernel(self._func, self._grid_x, self._grid_y, 1, self._block, 1, 1, self._smem, stream_ptr,
+                                self._params_at, 0)
+            return
+        self._config.hStream = stream_ptr
+        status = self._launch_ex(self._config_at, self._func, self._params_at, None)
+        if status:
+            raise cupy().cuda.driver.CUDADriverError(status)
 
 
 def compiled() -> list[dict]:

@@ -469,17 +469,29 @@ def test_the_wrappers_append_refuses_what_its_plan_does_not_cover(rng):
     assert cache.seq_lens(0, seqs).tolist() == [22, 10]
 
 
-@pytest.mark.parametrize("gqa, drafts, backend, regime", [(4, 4, "auto", "tensor_cores"), (4, 8, "auto", "tensor_cores"),
-                                                          (4, 2, "lut", "lut")])
-def test_a_captured_verification_step_appends_and_attends_for_every_later_plan(rng, gqa, drafts, backend, regime):
+@pytest.mark.parametrize("gqa, drafts, backend, regime, launch", [
+    (4, 4, "auto", "tensor_cores", "ordinary"), (4, 8, "auto", "tensor_cores", "ordinary"),
+    (4, 2, "lut", "lut", "ordinary"),
+    (4, 8, "auto", "tensor_cores", "programmatic"), (4, 2, "lut", "lut", "programmatic"),  # MILLION_CUPY_PDL=1
+])
+def test_a_captured_verification_step_appends_and_attends_for_every_later_plan(rng, monkeypatch, gqa, drafts, backend,
+                                                                              regime, launch):
     """A whole verification step (every layer's append and run) captured in one CUDA graph, then for each later
     step: the rejected drafts truncated, plan (which counts the appends for the replay), replay. Per step the
     cache's contents equal a twin cache's fed the same tokens through cache.append (bit for bit: codes, rings,
     flushes), and every layer's output matches the float64 reference (poisoned before each replay). The histories
     cross flushes and TC_MIN_CHUNK (splits within the captured grid). Then the misuses: eager append after such a
     plan, plans the graph cannot replay, a capture on another stream or of a plan without a fixed buffer; each
-    raises and leaves the cache as it was; a plan of other counts leaves the graph its buffers and runs eagerly."""
+    raises and leaves the cache as it was; a plan of other counts leaves the graph its buffers and runs eagerly.
+    ``programmatic``: every bound launch with programmatic dependent launch (sm_90+), graphed and twin alike."""
     import cupy as cp
+
+    from million_cupy import kernels
+
+    if launch == "programmatic":
+        if int(cp.cuda.Device().compute_capability) < 90:
+            pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
+        monkeypatch.setenv(kernels.PDL_ENV, "1")
 
     stream = cp.cuda.Stream(non_blocking=True)
     graphed, twin = _caches(rng, devices=("cuda", "cuda"), max_pages=2048, stream=stream, max_rollback=8)

@@ -215,8 +215,8 @@ def _three_sequences(rng, a, b, steps: int):
 def _graph_replays_eager(rng, eager, graphed, steps: int, stream, *, one_call: bool = False):
     """Three sequences (5, 31 and 70 tokens) decoded for ``steps`` steps of two layers: eagerly on ``eager``, and on
     ``graphed`` by one captured step replayed with its inputs copied into fixed buffers first (``one_call``: each
-    layer captured as ``run(..., k=, v=)``). The outputs must be equal bit for bit. Returns the sequences and the
-    replayed DecodeStep."""
+    layer captured as ``run(..., k=, v=)``). The outputs must be equal bit for bit. Returns the sequences, the
+    replayed DecodeStep and the outputs (host copy, ``(steps, 2, 3, 8, 128)``)."""
     import cupy as cp
 
     from million_cupy import DecodeStep
@@ -263,8 +263,9 @@ def _graph_replays_eager(rng, eager, graphed, steps: int, stream, *, one_call: b
         stream.synchronize()
     s_eager.check()
     s_graph.check()
-    np.testing.assert_array_equal(cp.asnumpy(out_graph), cp.asnumpy(out_eager))
-    return seqs, s_graph
+    out = cp.asnumpy(out_eager)
+    np.testing.assert_array_equal(cp.asnumpy(out_graph), out)
+    return seqs, s_graph, out
 
 
 def test_decode_steps_around_verified_and_truncated_drafts(rng):
@@ -313,13 +314,46 @@ def test_graph_replay_equals_eager_token_for_token(rng):
 
     stream = cp.cuda.Stream(non_blocking=True)
     eager, graphed = _caches(rng, devices=("cuda", "cuda"), stream=stream, max_pages=1024)
-    seqs, s_graph = _graph_replays_eager(rng, eager, graphed, 200, stream)
+    seqs, s_graph, _ = _graph_replays_eager(rng, eager, graphed, 200, stream)
     from test_cache import assert_same_contents, contents  # noqa: PLC0415
 
     for layer in range(2):
         for s in seqs:
             assert_same_contents(contents(graphed, layer, s), contents(eager, layer, s))
     assert s_graph.stats()["schedules"] < 10  # one schedule serves many steps
+
+
+def test_programmatic_launches_give_the_same_steps_bit_for_bit(rng, monkeypatch):
+    """MILLION_CUPY_PDL=1 (programmatic dependent launch, sm_90+): the step's bound launches go through
+    cuLaunchKernelEx with programmatic stream serialization, eager and captured in a graph (200 steps of two
+    layers, every sequence flushing many times); outputs and cache contents equal those of ordinary launches
+    bit for bit."""
+    import cupy as cp
+
+    from million_cupy import kernels
+    from test_cache import assert_same_contents, contents  # noqa: PLC0415
+
+    if int(cp.cuda.Device().compute_capability) < 90:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
+    seed = int(rng.integers(1 << 31))
+    launched: list[int] = []
+    runs = {}
+    for mode in ("ordinary", "programmatic"):
+        if mode == "programmatic":
+            monkeypatch.setenv(kernels.PDL_ENV, "1")
+            launch_ex = kernels._launch_kernel_ex()
+            monkeypatch.setattr(kernels, "_launch_kernel_ex",
+                                lambda: lambda *a: launched.append(1) or launch_ex(*a))
+        assert kernels.programmatic_launches() == (mode == "programmatic")
+        stream = cp.cuda.Stream(non_blocking=True)
+        eager, graphed = _caches(np.random.default_rng(seed), devices=("cuda", "cuda"), stream=stream,
+                                 max_pages=1024)
+        seqs, _, out = _graph_replays_eager(np.random.default_rng(seed + 1), eager, graphed, 200, stream)
+        runs[mode] = out, [contents(c, layer, s) for c in (eager, graphed) for layer in range(2) for s in seqs]
+    assert len(launched) > 200 * 2  # appends and attention of every eager layer, and the capture's
+    np.testing.assert_array_equal(runs["programmatic"][0], runs["ordinary"][0])
+    for got, want in zip(runs["programmatic"][1], runs["ordinary"][1]):
+        assert_same_contents(got, want)
 
 
 def test_one_call_layers_replay_their_graphs_token_for_token(rng):
@@ -658,7 +692,7 @@ def test_exact_cache_graph_replay_equals_eager_and_refuses_prefill(rng):
 
     stream = cp.cuda.Stream(non_blocking=True)
     eager, graphed = _exact_caches(devices=("cuda", "cuda"), stream=stream)
-    seqs, _ = _graph_replays_eager(rng, eager, graphed, 120, stream)
+    seqs, _, _ = _graph_replays_eager(rng, eager, graphed, 120, stream)
     for layer in range(2):
         for s in seqs:
             for got, want in zip(graphed.dequantize(layer, s), eager.dequantize(layer, s)):
