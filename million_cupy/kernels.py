@@ -232,11 +232,6 @@ class BoundLaunch:
                                          attrs=ctypes.pointer(self._attribute), numAttrs=1)
             self._config_at = ctypes.addressof(self._config)
 
-    @property
-    def programmatic(self) -> bool:
-        """Whether this launch uses programmatic dependent launch (see :func:`programmatic_launches`)."""
-        return self._config is not None
-
     def set_arg(self, index: int, value: int) -> None:
         """Argument ``index`` (a pointer or an integer) becomes ``value`` for the following launches."""
         self._values[index].value = value
