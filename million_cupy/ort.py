@@ -323,8 +323,9 @@ def paged_pq_prefill_attention(q: Any, k: Any, v: Any, seq_ids: Any, qo_indptr: 
     c = entry.cache
     layer = int(layer)
     q, k, v, ids, offsets = _check_call(c, layer, q, k, v, seq_ids, qo_indptr)
+    counts = np.diff(offsets)
     if not c.is_gpu:
-        c.append(layer, ids, k, v, lengths=np.diff(offsets))
+        c.append(layer, ids, k, v, lengths=counts)
         out = prefill_attention(c, layer, ids, q.astype(np.float32, copy=False), offsets)
         return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -332,7 +333,7 @@ def paged_pq_prefill_attention(q: Any, k: Any, v: Any, seq_ids: Any, qo_indptr: 
 
     cp = cupy()
     with c.stream:  # append, plan uploads, kernels and copy-out ordered on the cache's stream
-        c.append(layer, ids, k, v, lengths=np.diff(offsets))
+        c.append(layer, ids, k, v, lengths=counts)
         q_dev = cp.asarray(np.ascontiguousarray(q.astype(resolve_dtype(c.dtype), copy=False)))
         out = prefill_attention(c, layer, ids, q_dev, offsets, stream=c.stream)
         return out.astype(cp.float32).get()
