@@ -12,7 +12,10 @@ markdown table per suite (the source file, GPU and date above each), and PNG plo
   (method ``fp16`` / ``pq_codes``), each bar computed from the geometry where no record gives it (the
   title says which); plus reserved bytes per stored token per trace where the trace records exist;
 * ``pool_utilization.png``: paged vs contiguous utilization per trace, from "memory" records;
-* ``e2e_throughput.png``: tokens/s per method, from suite "e2e" records (bench/bench_e2e.py).
+* ``e2e_throughput.png``: tokens/s per method, from suite "e2e" records (bench/bench_e2e.py);
+* ``decode_step.png``: the 32-layer decode step's p50 per method, from suite "step" records (bench/bench_step.py);
+* ``several_tokens.png``: speculative verification over the one-token decode against drafts per sequence, and a
+  long chunk against SDPA, with issue 16's targets, from suite "prefill" records (bench/bench_prefill.py).
 
 The accuracy plot (``accuracy.png``, written by bench/accuracy.py) is linked when present. A suite
 without records is skipped with a note in the report; nothing here needs a GPU.
@@ -31,6 +34,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Geometry of the memory suite's layer shape (bench/bench_memory.py), used where records lack a value.
@@ -284,6 +288,89 @@ def plot_step(suites, out: Path):
     return "decode_step.png", "p50 of 256 steps per method (graph-replayed and eager) and batch x context"
 
 
+#: Issue 16's targets for speculative verification at 8 x 32K: time over the one-token decode, by drafts per sequence.
+VERIFY_TARGETS = {4: 1.5, 8: 2.0}
+#: Its target for a 2K-token chunk over a 32K-token history: time over PyTorch SDPA (flash, fp16).
+CHUNK_TARGET = 1.3
+
+
+def _newest(runs, score):
+    """The run (name, doc, records) with the highest ``(score(records), date)``, or None."""
+    runs = [run for run in runs if score(run[2])]
+    return max(runs, key=lambda run: (score(run[2]), str(run[1].get("date", "")))) if runs else None
+
+
+def plot_prefill(suites, out: Path):
+    """Several new tokens per sequence (bench/bench_prefill.py): verification time over the one-token decode
+    against drafts per sequence, per backend and M, from the newest run with at least four draft counts (fewer
+    only where no run has four); and a chunk over a long history against SDPA, from the newest run that has
+    chunk records with an SDPA time. The issue's targets are drawn as red marks."""
+    runs = suites.get("prefill", [])
+
+    def verify_counts(recs):
+        return min(4, len({r.get("queries_per_seq") for r in recs if r.get("method") == "verify"
+                           and r.get("backend") in (None, "auto") and r.get("median_us")}))
+
+    verify_run = _newest(runs, verify_counts)
+    chunk_run = _newest(runs, lambda recs: any(r.get("method") == "chunk" and r.get("vs_sdpa")
+                                               and r.get("backend") in (None, "auto") for r in recs))
+    if verify_run is None and chunk_run is None:
+        return None, "no suite 'prefill' records: several_tokens.png skipped (run `million-cupy bench prefill`)"
+    Ms = sorted({r["M"] for r in verify_run[2] if r.get("method") == "verify"}, reverse=True) if verify_run else []
+    fig, axes = plt.subplots(1, len(Ms) + (chunk_run is not None), figsize=(4.6 * (len(Ms) + 1), 4.2), squeeze=False)
+    notes = []
+    for ax, M in zip(axes[0], Ms):
+        recs = [r for r in verify_run[2] if r.get("M") == M]
+        one = next((r["median_us"] for r in recs if r.get("method") == "decode_one_token"), None)
+        if not one:
+            ax.set_title(f"M = {M}: no one-token decode in {verify_run[0]}", fontsize=9)
+            continue
+        backends = sorted({r.get("backend") or "auto" for r in recs if r.get("method") == "verify"},
+                          key=lambda b: (b != "auto", b))
+        for i, backend in enumerate(backends):
+            pts = sorted((r["queries_per_seq"], r["median_us"] / one) for r in recs if r.get("method") == "verify"
+                         and (r.get("backend") or "auto") == backend)
+            ax.plot(*zip(*pts), marker="o", color=f"C{i}", lw=2.2 if backend == "auto" else 1.0, label=backend)
+        for q, target in VERIFY_TARGETS.items():
+            ax.plot([q], [target], marker="_", markersize=22, mew=2.5, color="red",
+                    label="target" if q == min(VERIFY_TARGETS) else None)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ticks = [t for t in (1, 1.5, 2, 3, 4, 8, 16, 32) if t <= 1.2 * ax.get_ylim()[1]]
+        ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.set_xlabel("drafts per sequence (new tokens)")
+        ax.set_ylabel("time / one-token decode")
+        b, c = recs[0].get("batch"), recs[0].get("context")
+        ax.set_title(f"verification, M = {M}, {b} x {c:,}\none-token decode {one:.0f} µs", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if verify_run:
+        notes.append(f"verification from `{verify_run[0]}`")
+    if chunk_run is not None:
+        ax = axes[0][-1]
+        recs = sorted((r for r in chunk_run[2] if r.get("method") == "chunk" and r.get("vs_sdpa")
+                       and r.get("backend") in (None, "auto")), key=lambda r: (r.get("M", 0), r.get("batch", 1)))
+        labels = [f"batch {r.get('batch', 1)}\nM = {r.get('M')}" for r in recs]
+        ax.bar(range(len(recs)), [r["vs_sdpa"] for r in recs], color="C0")
+        for i, r in enumerate(recs):
+            ax.text(i, r["vs_sdpa"], f"{r['vs_sdpa']:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax.axhline(CHUNK_TARGET, color="red", ls="--", lw=1.2, label=f"target {CHUNK_TARGET}x")
+        ax.set_xticks(range(len(recs)), labels, fontsize=8)
+        ax.set_ylim(0, 1.2 * max(CHUNK_TARGET, *(r["vs_sdpa"] for r in recs)))
+        ax.set_ylabel("time / PyTorch SDPA (flash, fp16)")
+        r0 = recs[0]
+        ax.set_title(f"a {r0.get('queries_per_seq', 0):,}-token chunk over {r0.get('context', 0):,} tokens "
+                     f"({r0.get('path', '?')} path)", fontsize=9)
+        ax.legend(fontsize=7)
+        notes.append(f"chunks from `{chunk_run[0]}`")
+    fig.suptitle("Several new tokens per sequence over the PQ cache (nh 32, nh_k 8, d 128)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "several_tokens.png", dpi=120)
+    plt.close(fig)
+    return "several_tokens.png", "; ".join(notes) + "; red marks: the issue's targets"
+
+
 # ------------------------------------------------------------------------------------------------
 
 KNOWN_SUITES = ("decode", "million", "step", "e2e", "memory", "allocator", "encode", "train", "accuracy")
@@ -297,7 +384,7 @@ def build_report(results: Path, out: Path) -> Path:
              f"Generated by `bench/report.py` from {len(docs)} results file(s) in `{results.name}/`: "
              + (", ".join(f"`{n}`" for n, _ in docs) or "none") + ".", ""]
     lines += ["## Plots", ""]
-    for fn in (plot_decode, plot_step, plot_memory, plot_pool, plot_e2e):
+    for fn in (plot_decode, plot_step, plot_prefill, plot_memory, plot_pool, plot_e2e):
         try:
             png, note = fn(suites, out)
         except Exception as exc:  # noqa: BLE001 - one bad plot must not lose the report

@@ -12,7 +12,7 @@ from million_cupy.interop import gpu_available
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-PNGS = ("decode_latency.png", "memory_per_token.png", "pool_utilization.png")
+PNGS = ("decode_latency.png", "memory_per_token.png", "pool_utilization.png", "several_tokens.png")
 
 pytest.importorskip("matplotlib")
 
@@ -71,6 +71,44 @@ def test_step_plot_takes_the_newest_full_run_not_a_superseded_one(tmp_path):
     report._grouped_bars = lambda ax, n, series: picked.extend(v for _, values in series for v in values)
     png, _ = report.plot_step(report.by_suite(report.load(tmp_path)), tmp_path)
     assert png == "decode_step.png" and picked == [0.1, 0.1, 0.1]
+
+
+def test_prefill_plot_takes_the_newest_wide_verify_run_and_the_newest_chunk_run(tmp_path):
+    """plot_prefill draws verification from the newest run with four draft counts (a newer two-count probe and an
+    older run are passed over), each backend over that run's one-token decode, and chunks from the newest run that
+    has chunk records with an SDPA time; with no prefill record it skips and says so."""
+    import json
+
+    import matplotlib.axes
+
+    def run(name, date, counts, scale, chunks=()):
+        records = [{"suite": "prefill", "method": "decode_one_token", "M": M, "batch": 8, "context": 32768,
+                    "queries_per_seq": 1, "median_us": 100.0} for M in (64, 32)]
+        records += [{"suite": "prefill", "method": "verify", "M": M, "batch": 8, "context": 32768,
+                     "queries_per_seq": q, "backend": backend, "median_us": 100.0 * scale * q}
+                    for M in (64, 32) for q in counts for backend in ("auto", "lut")]
+        records += [{"suite": "prefill", "method": "chunk", "M": 64, "batch": b, "context": 32768, "queries_per_seq": 2048,
+                     "backend": "auto", "median_us": 1.0, "vs_sdpa": v, "path": "dense"} for b, v in chunks]
+        (tmp_path / name).write_text(json.dumps({"date": date, "records": records}))
+
+    report = _load("report")
+    assert report.plot_prefill(report.by_suite(report.load(tmp_path)), tmp_path)[0] is None
+    run("old_wide.json", "2026-12-01", (2, 4, 8, 16), 3.0, chunks=[(1, 9.0)])
+    run("wide.json", "2026-12-02", (2, 4, 8, 16), 1.0)
+    run("probe.json", "2026-12-03", (4, 8), 2.0, chunks=[(1, 1.2), (4, 1.1)])
+    lines, bars = [], []
+    original_plot, original_bar = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.bar
+    matplotlib.axes.Axes.plot = lambda ax, *a, **k: (lines.append((k.get("label"), a)), original_plot(ax, *a, **k))[1]
+    matplotlib.axes.Axes.bar = lambda ax, x, h, *a, **k: (bars.append(list(h)), original_bar(ax, x, h, *a, **k))[1]
+    try:
+        png, note = report.plot_prefill(report.by_suite(report.load(tmp_path)), tmp_path)
+    finally:
+        matplotlib.axes.Axes.plot, matplotlib.axes.Axes.bar = original_plot, original_bar
+    assert png == "several_tokens.png" and (tmp_path / png).stat().st_size > 0
+    assert "`wide.json`" in note and "`probe.json`" in note
+    auto = [a for label, a in lines if label == "auto"]
+    assert len(auto) == 2 and all(list(a[0]) == [2, 4, 8, 16] and list(a[1]) == [2.0, 4.0, 8.0, 16.0] for a in auto)
+    assert bars == [[1.2, 1.1]]
 
 
 def test_cli_lists_new_suites():
