@@ -1,5 +1,6 @@
 """PagedPQCache: flush rule and split invariance, layout contract, paging, fork / free / reserve,
-validation (errors leave the cache untouched), stats, page tables, CPU-vs-GPU agreement.
+validation (errors leave the cache untouched), stats, page tables, CPU-vs-GPU agreement, truncation, planned
+appends, and random sequences of all of these against a model of what the cache must hold (CacheModel).
 
 Codebooks are built by hand from random centroids so that nothing depends on k-means. Tests that
 take ``device`` run on the CPU reference path and, marked ``gpu``, on CuPy arrays.
@@ -1244,3 +1245,160 @@ def test_a_planned_commit_counts_the_tokens_and_a_fixed_buffer_is_checked(rng, d
         assert_same_sequence(fresh, sa, twin, sb)
         for layer in range(3):
             assert_same_contents(contents(fresh, layer, sa), contents(twin, layer, sb))
+
+
+# ------------------------------------------------------------------------------------------ randomized model
+
+
+class CacheModel:
+    """What a PQ cache must hold, kept independently of it: per live sequence and layer the exact K and V rows and
+    their reconstructions through the layer's codebooks (what a row reads back as once in a full page), and the most
+    tokens each layer held since the sequence started (what bounds a truncate, see PagedPQCache.truncate)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.rows: dict[int, list[list[np.ndarray]]] = {}  # [k, v, k reconstructed, v reconstructed] per layer
+        self.high: dict[int, np.ndarray] = {}
+
+    def start(self, seq, like=None):
+        L, shape = self.cache.num_layers, (0, self.cache.num_kv_heads, self.cache.head_dim)
+        self.rows[seq] = [[a.copy() for a in self.rows[like][l]] if like is not None else
+                          [np.zeros(shape, np.float32) for _ in range(4)] for l in range(L)]
+        self.high[seq] = self.high[like].copy() if like is not None else np.zeros(L, np.int64)
+
+    def lengths(self, seq):
+        return np.array([rows[0].shape[0] for rows in self.rows[seq]])
+
+    def append(self, layer, seq, k, v):
+        books = (self.cache.codebooks.key_codebooks(layer), self.cache.codebooks.value_codebooks(layer))
+        new = [k, v, *(book.decode(book.encode(x)).astype(np.float32) for (book,), x in zip(books, (k, v)))]
+        self.rows[seq][layer] = [np.concatenate([old, x]) for old, x in zip(self.rows[seq][layer], new)]
+        self.high[seq][layer] = max(self.high[seq][layer], self.rows[seq][layer][0].shape[0])
+
+    def truncate(self, seq, length):
+        self.rows[seq] = [[a[:length] for a in rows] for rows in self.rows[seq]]
+
+    def expected(self, layer, seq):
+        """(k, v) as dequantize gives them: tokens in full pages through their codebooks, the window exact."""
+        k, v, k_pq, v_pq = self.rows[seq][layer]
+        paged = int(self.cache.full_pages(k.shape[0])) * self.cache.page_size
+        return [np.concatenate([pq[:paged], x[paged:]]) for x, pq in ((k, k_pq), (v, v_pq))]
+
+    def check(self, what, seqs=None):
+        """The cache against the model: the contents of ``seqs`` (default: every live sequence), and the pages."""
+        cache = self.cache
+        live = sorted(self.rows)
+        assert cache.stats()["sequences"] == len(live), what
+        for seq in live if seqs is None else sorted(set(seqs) & set(live)):
+            for layer in range(cache.num_layers):
+                assert cache.seq_len(seq, layer) == self.rows[seq][layer][0].shape[0], (what, seq, layer)
+                got = cache.dequantize(layer, seq)
+                for g, e, kind in zip(got, self.expected(layer, seq), "kv"):
+                    np.testing.assert_array_equal(g, e, err_msg=f"{what}: sequence {seq}, layer {layer}, {kind}")
+        # Every page in use is reachable from a live sequence's blocks; nothing leaked.
+        blocks = cache.allocated_blocks(live) if live else np.zeros(0, np.int64)
+        table = to_numpy(cache.block_table)
+        pages = {int(p) for s, n in zip(live, blocks) for p in table[s, :n]}
+        assert -1 not in pages and cache.stats()["used"] == len(pages), what
+
+
+def run_storm(seed, max_rollback, max_pages, seen):
+    """120 random operations on a small cache, checked against CacheModel after each; counts in ``seen`` the
+    refusals by kind and the truncates that copied blocks a fork shared."""
+    rng = np.random.default_rng(1000 + seed)
+    cache = make_cache(rng, num_layers=2, nh_k=2, d=64, M=16, page_size=16, residual=32, max_rollback=max_rollback,
+                       max_seqs=6, max_pages=max_pages, max_seq_len=400, dtype="float32")
+
+    def truncate(seq, target):
+        allocs = cache.stats()["allocs"]
+        cache.truncate(seq, target)
+        model.truncate(seq, target)
+        if cache.stats()["allocs"] > allocs:  # only copies of shared blocks allocate in a truncate
+            seen["truncate copied shared blocks"] = seen.get("truncate copied shared blocks", 0) + 1
+
+    model = CacheModel(cache)
+    counts = {"append": 0, "planned": 0, "fork": 0, "truncate": 0, "branch": 0, "free": 0}
+    for step in range(120):
+        live = sorted(model.rows)
+        op = rng.choice(["add", "append", "planned", "fork", "truncate", "branch", "free"],
+                        p=[.06, .3, .14, .08, .14, .12, .16])
+        what = f"step {step}: {op}"
+        if op == "add" or not live:
+            if len(live) < cache.max_seqs:
+                model.start(cache.add_sequence())
+            continue
+        seqs = rng.choice(live, size=int(rng.integers(1, len(live) + 1)), replace=False)
+        if op == "planned":  # a plan takes sequences whose layers hold equal lengths
+            seqs = np.array([s for s in seqs if len(set(model.lengths(s))) == 1], np.int64)
+            if not seqs.size:
+                continue
+        room = [cache.max_seq_len - int(model.lengths(s).max()) for s in seqs]
+        new = [int(min(r, rng.choice([0, 1, 3, 17, 40]))) for r in room]
+        at = np.cumsum([0] + new)
+        try:
+            if op == "append":  # mostly a whole step (every layer in turn), at times one layer only
+                layers = range(cache.num_layers) if rng.random() < 0.6 else [int(rng.integers(cache.num_layers))]
+                for layer in layers:
+                    x = tokens(rng, 2 * sum(new), cache)
+                    k, v = x[: sum(new)], x[sum(new):]
+                    cache.append(layer, seqs, k, v, lengths=new)
+                    for i, s in enumerate(seqs):
+                        model.append(layer, int(s), k[at[i]:at[i + 1]], v[at[i]:at[i + 1]])
+            elif op == "planned":
+                plan = cache.plan_append(seqs, new)
+                for layer in range(cache.num_layers):
+                    x = tokens(rng, 2 * sum(new), cache)
+                    plan.append(layer, x[: sum(new)], x[sum(new):])
+                    for i, s in enumerate(seqs):
+                        model.append(layer, int(s), x[at[i]:at[i + 1]], x[sum(new) + at[i]:sum(new) + at[i + 1]])
+            elif op == "fork":
+                src = int(seqs[0])
+                model.start(cache.fork(src), like=src)
+            elif op == "branch":  # a fork, then the source drops up to max_rollback tokens and takes others
+                src = int(seqs[0])
+                child = cache.fork(src)
+                model.start(child, like=src)
+                seqs = [src, child]
+                truncate(src, max(0, int(model.lengths(src).max()) - int(rng.integers(1, max_rollback + 1))))
+                for layer in range(cache.num_layers):
+                    x = tokens(rng, 2 * new[0], cache)
+                    cache.append(layer, [src], x[: new[0]], x[new[0]:], lengths=new[:1])
+                    model.append(layer, src, x[: new[0]], x[new[0]:])
+            elif op == "truncate":
+                s = int(seqs[0])
+                cur = model.lengths(s)
+                target = int(rng.integers(max(0, cur.max() - 2 * max_rollback - 8), cur.max() + 1))
+                served = all(target >= max(h, c) - cache.max_rollback for h, c in zip(model.high[s], cur) if c > target)
+                try:
+                    truncate(s, target)
+                except ValueError:
+                    assert not served, f"{what}: truncate({s}, {target}) within max_rollback of {model.high[s]} refused"
+                    raise
+            else:
+                s = int(seqs[0])
+                cache.free(s)
+                del model.rows[s], model.high[s]
+            counts[op] += 1
+        except (PagePoolExhausted, SequenceSlotsExhausted, ValueError) as exc:
+            seen[f"{op}: {type(exc).__name__}"] = seen.get(f"{op}: {type(exc).__name__}", 0) + 1
+        model.check(what, None if step % 10 == 9 else [int(s) for s in seqs])
+    assert min(counts.values()) > 0, counts  # every kind of operation ran
+    for s in sorted(model.rows):
+        cache.free(s)
+    assert cache.stats()["used"] == 0 and cache.stats()["sequences"] == 0
+
+
+def test_randomized_operations_match_a_model_of_the_cache():
+    """Random adds, ragged appends (whole steps, single layers, planned), forks, truncates and frees on small pools,
+    against a model of exact rows: after every operation each layer of each sequence dequantizes to exactly what the
+    model says; refused operations (pool or slots exhausted, a truncate the ring cannot serve) change nothing; a
+    truncate within max_rollback of the most a layer held always works; the pages in use are exactly the pages the
+    live sequences' blocks hold, and none is left once every sequence is freed. Four runs (a short and a long
+    rollback, a tight and a roomier pool), which between them must meet each kind of refusal and truncate into
+    blocks a fork shares."""
+    seen: dict[str, int] = {}
+    for seed, (max_rollback, max_pages) in enumerate([(8, 36), (8, 64), (40, 36), (40, 64)]):
+        run_storm(seed, max_rollback, max_pages, seen)
+    for kind in ("append: PagePoolExhausted", "fork: SequenceSlotsExhausted", "truncate: ValueError",
+                 "truncate copied shared blocks"):
+        assert kind in seen, seen
