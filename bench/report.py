@@ -317,7 +317,8 @@ def plot_prefill(suites, out: Path):
     if verify_run is None and chunk_run is None:
         return None, "no suite 'prefill' records: several_tokens.png skipped (run `million-cupy bench prefill`)"
     Ms = sorted({r["M"] for r in verify_run[2] if r.get("method") == "verify"}, reverse=True) if verify_run else []
-    fig, axes = plt.subplots(1, len(Ms) + (chunk_run is not None), figsize=(4.6 * (len(Ms) + 1), 4.2), squeeze=False)
+    panels = len(Ms) + (chunk_run is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(max(5.5, 4.6 * panels), 4.2), squeeze=False)
     notes = []
     for ax, M in zip(axes[0], Ms):
         recs = [r for r in verify_run[2] if r.get("M") == M]
