@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import million_cupy as mc
 from million_cupy import reference
 from million_cupy.cache import PagedPQCache, pack_pages, permute_k_rows, unpack_pages
 from million_cupy.codebook import Codebook, ModelCodebooks
@@ -1270,7 +1271,8 @@ class CacheModel:
             M, _, dsub = cent.shape
             codes = rng.integers(0, 256, (n, self.cache.num_kv_heads, M))
             rows = cent[np.arange(M), codes].reshape(n, self.cache.num_kv_heads, M * dsub)
-            out.append((rows + 1e-3 * rng.standard_normal(rows.shape)).astype(np.float32))
+            rows = rows + 1e-3 * rng.standard_normal(rows.shape)
+            out.append(rows.astype(self.cache.array_dtype).astype(np.float32))  # what the cache dtype holds
         return out
 
     def start(self, seq, like=None):
@@ -1296,6 +1298,22 @@ class CacheModel:
         k, v, k_pq, v_pq = self.rows[seq][layer]
         paged = int(self.cache.full_pages(k.shape[0])) * self.cache.page_size
         return [np.concatenate([pq[:paged], x[paged:]]) for x, pq in ((k, k_pq), (v, v_pq))]
+
+    def attention(self, layer, seqs, q, counts):
+        """float64 causal attention of ``q`` ``(sum(counts), nh, d)``: row ``j`` of sequence ``seqs[b]``'s
+        ``counts[b]`` new tokens (its last) over the first ``n - counts[b] + j + 1`` of its dequantized tokens."""
+        nh, d = q.shape[1], q.shape[2]
+        kv_head = np.arange(nh) // (nh // self.cache.num_kv_heads)
+        out, row = np.empty(q.shape), 0
+        for seq, c in zip(seqs, counts):
+            k, v = (x.astype(np.float64)[:, kv_head] for x in self.expected(layer, seq))  # (n, nh, d)
+            for j in range(c):
+                end = k.shape[0] - c + j + 1
+                scores = np.einsum("thd,hd->ht", k[:end], q[row].astype(np.float64)) / np.sqrt(d)
+                w = np.exp(scores - scores.max(axis=1, keepdims=True))
+                out[row] = np.einsum("ht,thd->hd", w, v[:end]) / w.sum(axis=1)[:, None]
+                row += 1
+        return out
 
     def check(self, what, seqs=None):
         """The cache against the model: the contents of ``seqs`` (default: every live sequence), and the pages."""
@@ -1323,7 +1341,7 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
     rng = np.random.default_rng(1000 + seed)
     books = make_codebooks(rng, num_layers=2, M=16, d=64)
     cache = make_cache(rng, device, num_layers=2, nh_k=2, d=64, M=16, codebooks=books, page_size=16, residual=32,
-                       max_rollback=max_rollback, max_seqs=6, max_pages=max_pages, max_seq_len=400, dtype="float32")
+                       max_rollback=max_rollback, max_seqs=6, max_pages=max_pages, max_seq_len=400, dtype="float16")
 
     def truncate(seq, target):
         allocs = cache.stats()["allocs"]
@@ -1397,10 +1415,36 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
         except (PagePoolExhausted, SequenceSlotsExhausted, ValueError) as exc:
             seen[f"{op}: {type(exc).__name__}"] = seen.get(f"{op}: {type(exc).__name__}", 0) + 1
         model.check(what, None if step % 10 == 9 else [int(s) for s in seqs])
+        if step % 4 == 3:
+            attend(cache, model, rng, what, seen)
     assert min(counts.values()) > 0, counts  # every kind of operation ran
     for s in sorted(model.rows):
         cache.free(s)
     assert cache.stats()["used"] == 0 and cache.stats()["sequences"] == 0
+
+
+def attend(cache, model, rng, what, seen, num_heads=4):
+    """Attention through the library over a random subset of the live sequences against CacheModel.attention:
+    one token each (mc.decode) or several each, causal (mc.prefill_attention; on a GPU cache their counts pick
+    the LUT path, verify_attention with one or two row tiles, or the chunk kernels)."""
+    layer = int(rng.integers(cache.num_layers))
+    live = [s for s in sorted(model.rows) if model.lengths(s)[layer] > 0]
+    if not live:
+        return
+    seqs = [int(s) for s in rng.choice(live, size=int(rng.integers(1, len(live) + 1)), replace=False)]
+    held = [int(model.lengths(s)[layer]) for s in seqs]
+    several = rng.random() < 0.6
+    counts = [int(rng.integers(1, min(n, int(rng.choice([4, 8, 16, 40]))) + 1)) if several else 1 for n in held]
+    q_dtype = cache.array_dtype if cache.is_gpu else np.float32  # the GPU kernels take the cache dtype
+    q = rng.standard_normal((sum(counts), num_heads, cache.head_dim)).astype(q_dtype)
+    if several:
+        got = mc.prefill_attention(cache, layer, seqs, on(cache, q), np.cumsum([0] + counts))
+    else:
+        got = mc.decode(cache, layer, seqs, on(cache, q))
+    error = reference.relative_error(to_numpy(got), model.attention(layer, seqs, q, counts))
+    # the GPU kernels' float16 tolerance of tests/test_decode_gpu.py; the CPU cache computes in float64
+    assert error <= (2e-3 if cache.is_gpu else 1e-6), f"{what}: attention over {seqs} {counts}: relative error {error}"
+    seen["attention: several tokens" if several else "attention: one token"] = 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1409,7 +1453,8 @@ def test_randomized_operations_match_a_model_of_the_cache(device):
     against a model of exact rows: after every operation each layer of each sequence dequantizes to exactly what the
     model says; refused operations (pool or slots exhausted, a truncate the ring cannot serve) change nothing; a
     truncate within max_rollback of the most a layer held always works; the pages in use are exactly the pages the
-    live sequences' blocks hold, and none is left once every sequence is freed. Four runs (a short and a long
+    live sequences' blocks hold, and none is left once every sequence is freed; attention over random subsets of the
+    sequences, one new token each or several (causal), matches float64 attention over the model. Four runs (a short and a long
     rollback, a tight and a roomier pool), which between them must meet each kind of refusal and truncate into
     blocks a fork shares. On a GPU cache every write is the append kernel's (tokens near centroids, so that its fp32
     encoding and the float64 reference agree)."""
@@ -1417,5 +1462,5 @@ def test_randomized_operations_match_a_model_of_the_cache(device):
     for seed, (max_rollback, max_pages) in enumerate([(8, 36), (8, 64), (40, 36), (40, 64)]):
         run_storm(device, seed, max_rollback, max_pages, seen)
     for kind in ("append: PagePoolExhausted", "fork: SequenceSlotsExhausted", "truncate: ValueError",
-                 "truncate copied shared blocks"):
+                 "truncate copied shared blocks", "attention: one token", "attention: several tokens"):
         assert kind in seen, seen
