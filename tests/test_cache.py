@@ -14,6 +14,7 @@ import pytest
 import million_cupy as mc
 from million_cupy import reference
 from million_cupy.cache import PagedPQCache, pack_pages, permute_k_rows, unpack_pages
+from million_cupy.prefill import BatchPrefillWrapper
 from million_cupy.codebook import Codebook, ModelCodebooks
 from million_cupy.errors import PagePoolExhausted, SequenceSlotsExhausted, UnsupportedConfiguration
 from million_cupy.interop import cupy, resolve_dtype, to_numpy
@@ -1351,10 +1352,10 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
             seen["truncate copied shared blocks"] = seen.get("truncate copied shared blocks", 0) + 1
 
     model = CacheModel(cache, books)
-    counts = {"append": 0, "planned": 0, "fork": 0, "truncate": 0, "branch": 0, "free": 0}
+    counts = {"append": 0, "verify": 0, "fork": 0, "truncate": 0, "branch": 0, "free": 0}
     for step in range(120):
         live = sorted(model.rows)
-        op = rng.choice(["add", "append", "planned", "fork", "truncate", "branch", "free"],
+        op = rng.choice(["add", "append", "verify", "fork", "truncate", "branch", "free"],
                         p=[.06, .3, .14, .08, .14, .12, .16])
         what = f"step {step}: {op}"
         if op == "add" or not live:
@@ -1362,7 +1363,7 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
                 model.start(cache.add_sequence())
             continue
         seqs = rng.choice(live, size=int(rng.integers(1, len(live) + 1)), replace=False)
-        if op == "planned":  # a plan takes sequences whose layers hold equal lengths
+        if op == "verify":  # a plan takes sequences whose layers hold equal lengths
             seqs = np.array([s for s in seqs if len(set(model.lengths(s))) == 1], np.int64)
             if not seqs.size:
                 continue
@@ -1377,13 +1378,26 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
                     cache.append(layer, seqs, on(cache, k), on(cache, v), lengths=new)
                     for i, s in enumerate(seqs):
                         model.append(layer, int(s), k[at[i]:at[i + 1]], v[at[i]:at[i + 1]])
-            elif op == "planned":
-                plan = cache.plan_append(seqs, new)
+            elif op == "verify":  # a verification step: per layer, the new tokens' append, then their attention
+                new = [max(1, min(c, 8)) if r else 0 for c, r in zip(new, room)]  # drafts: 1-8 per sequence
+                at = np.cumsum([0] + new)
+                if cache.is_gpu:  # the wrapper's own appends (plan reserves the pages)
+                    wrapper = BatchPrefillWrapper(cache, 4)
+                    wrapper.plan(seqs, at)
+                else:
+                    plan = cache.plan_append(seqs, new)
                 for layer in range(cache.num_layers):
                     k, v = model.tokens(rng, layer, sum(new))
-                    plan.append(layer, on(cache, k), on(cache, v))
+                    q = queries(rng, cache, sum(new))
+                    if cache.is_gpu:
+                        wrapper.append(layer, on(cache, k), on(cache, v))
+                        got = wrapper.run(layer, on(cache, q))
+                    else:
+                        plan.append(layer, k, v)
+                        got = mc.prefill_attention(cache, layer, seqs, q, at)
                     for i, s in enumerate(seqs):
                         model.append(layer, int(s), k[at[i]:at[i + 1]], v[at[i]:at[i + 1]])
+                    check_attention(cache, model, layer, [int(s) for s in seqs], q, new, got, what)
             elif op == "fork":
                 src = int(seqs[0])
                 model.start(cache.fork(src), like=src)
@@ -1423,7 +1437,20 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
     assert cache.stats()["used"] == 0 and cache.stats()["sequences"] == 0
 
 
-def attend(cache, model, rng, what, seen, num_heads=4):
+def queries(rng, cache, n, num_heads=4):
+    """``n`` random query rows ``(n, num_heads, d)``: the cache dtype on a GPU (what its kernels take), float32 on
+    the CPU (whose float64 reference then matches the model to rounding)."""
+    return rng.standard_normal((n, num_heads, cache.head_dim)).astype(cache.array_dtype if cache.is_gpu else np.float32)
+
+
+def check_attention(cache, model, layer, seqs, q, counts, got, what):
+    """The library's attention ``got`` against float64 attention over the model, within the GPU kernels' float16
+    tolerance of tests/test_decode_gpu.py (the CPU cache computes in float64)."""
+    error = reference.relative_error(to_numpy(got), model.attention(layer, seqs, q, counts))
+    assert error <= (2e-3 if cache.is_gpu else 1e-6), f"{what}: layer {layer}, {seqs} {counts}: relative error {error}"
+
+
+def attend(cache, model, rng, what, seen):
     """Attention through the library over a random subset of the live sequences against CacheModel.attention:
     one token each (mc.decode) or several each, causal (mc.prefill_attention; on a GPU cache their counts pick
     the LUT path, verify_attention with one or two row tiles, or the chunk kernels)."""
@@ -1435,29 +1462,28 @@ def attend(cache, model, rng, what, seen, num_heads=4):
     held = [int(model.lengths(s)[layer]) for s in seqs]
     several = rng.random() < 0.6
     counts = [int(rng.integers(1, min(n, int(rng.choice([4, 8, 16, 40]))) + 1)) if several else 1 for n in held]
-    q_dtype = cache.array_dtype if cache.is_gpu else np.float32  # the GPU kernels take the cache dtype
-    q = rng.standard_normal((sum(counts), num_heads, cache.head_dim)).astype(q_dtype)
+    q = queries(rng, cache, sum(counts))
     if several:
         got = mc.prefill_attention(cache, layer, seqs, on(cache, q), np.cumsum([0] + counts))
     else:
         got = mc.decode(cache, layer, seqs, on(cache, q))
-    error = reference.relative_error(to_numpy(got), model.attention(layer, seqs, q, counts))
-    # the GPU kernels' float16 tolerance of tests/test_decode_gpu.py; the CPU cache computes in float64
-    assert error <= (2e-3 if cache.is_gpu else 1e-6), f"{what}: attention over {seqs} {counts}: relative error {error}"
+    check_attention(cache, model, layer, seqs, q, counts, got, what)
     seen["attention: several tokens" if several else "attention: one token"] = 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_randomized_operations_match_a_model_of_the_cache(device):
-    """Random adds, ragged appends (whole steps, single layers, planned), forks, truncates and frees on small pools,
-    against a model of exact rows: after every operation each layer of each sequence dequantizes to exactly what the
-    model says; refused operations (pool or slots exhausted, a truncate the ring cannot serve) change nothing; a
-    truncate within max_rollback of the most a layer held always works; the pages in use are exactly the pages the
-    live sequences' blocks hold, and none is left once every sequence is freed; attention over random subsets of the
-    sequences, one new token each or several (causal), matches float64 attention over the model. Four runs (a short and a long
+    """Random adds, ragged appends (whole steps, single layers), verification steps (planned appends of 1-8 drafts
+    per sequence, each layer's attention of them right after its append; on a GPU cache BatchPrefillWrapper's own
+    append and run), forks, truncates, fork-then-truncate branches and frees on small pools, against a model of
+    exact rows: after every operation each layer of each sequence dequantizes to exactly what the model says;
+    refused operations (pool or slots exhausted, a truncate the ring cannot serve) change nothing; a truncate within
+    max_rollback of the most a layer held always works; the pages in use are exactly those the live sequences'
+    blocks hold, and none is left once every sequence is freed; attention (one new token each, or several, causal)
+    over random subsets of the sequences matches float64 attention over the model. Four runs (a short and a long
     rollback, a tight and a roomier pool), which between them must meet each kind of refusal and truncate into
-    blocks a fork shares. On a GPU cache every write is the append kernel's (tokens near centroids, so that its fp32
-    encoding and the float64 reference agree)."""
+    blocks a fork shares. On a GPU cache the append kernel writes every token (tokens near centroids, so that its
+    fp32 encoding and the float64 reference agree) and the counts pick every attention regime."""
     seen: dict[str, int] = {}
     for seed, (max_rollback, max_pages) in enumerate([(8, 36), (8, 64), (40, 36), (40, 64)]):
         run_storm(device, seed, max_rollback, max_pages, seen)
