@@ -15,6 +15,7 @@ import million_cupy as mc
 from million_cupy import reference
 from million_cupy.cache import PagedPQCache, pack_pages, permute_k_rows, unpack_pages
 from million_cupy.prefill import BatchPrefillWrapper
+from million_cupy.step import DecodeStep
 from million_cupy.codebook import Codebook, ModelCodebooks
 from million_cupy.errors import PagePoolExhausted, SequenceSlotsExhausted, UnsupportedConfiguration
 from million_cupy.interop import cupy, resolve_dtype, to_numpy
@@ -1342,7 +1343,7 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
     rng = np.random.default_rng(1000 + seed)
     books = make_codebooks(rng, num_layers=2, M=16, d=64)
     cache = make_cache(rng, device, num_layers=2, nh_k=2, d=64, M=16, codebooks=books, page_size=16, residual=32,
-                       max_rollback=max_rollback, max_seqs=6, max_pages=max_pages, max_seq_len=400, dtype="float16")
+                       max_rollback=max_rollback, max_seqs=8, max_pages=max_pages, max_seq_len=400, dtype="float16")
 
     def truncate(seq, target):
         allocs = cache.stats()["allocs"]
@@ -1352,23 +1353,24 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
             seen["truncate copied shared blocks"] = seen.get("truncate copied shared blocks", 0) + 1
 
     model = CacheModel(cache, books)
-    counts = {"append": 0, "verify": 0, "fork": 0, "truncate": 0, "branch": 0, "free": 0}
+    counts = {"append": 0, "verify": 0, "decode": 0, "fork": 0, "truncate": 0, "branch": 0, "free": 0}
+    step = None  # a GPU cache's DecodeStep, kept across the run's decode steps (its reservations, its schedules)
     for step in range(120):
         live = sorted(model.rows)
-        op = rng.choice(["add", "append", "verify", "fork", "truncate", "branch", "free"],
-                        p=[.06, .3, .14, .08, .14, .12, .16])
+        op = rng.choice(["add", "append", "verify", "decode", "fork", "truncate", "branch", "free"],
+                        p=[.06, .24, .12, .08, .08, .14, .12, .16])
         what = f"step {step}: {op}"
         if op == "add" or not live:
             if len(live) < cache.max_seqs:
                 model.start(cache.add_sequence())
             continue
         seqs = rng.choice(live, size=int(rng.integers(1, len(live) + 1)), replace=False)
-        if op == "verify":  # a plan takes sequences whose layers hold equal lengths
+        if op in ("verify", "decode"):  # a step plans sequences whose layers hold equal lengths
             seqs = np.array([s for s in seqs if len(set(model.lengths(s))) == 1], np.int64)
             if not seqs.size:
                 continue
         room = [cache.max_seq_len - int(model.lengths(s).max()) for s in seqs]
-        new = [int(min(r, rng.choice([0, 1, 3, 17, 40]))) for r in room]
+        new = [int(min(r, rng.choice([0, 1, 3, 17, 40, 64]))) for r in room]
         at = np.cumsum([0] + new)
         try:
             if op == "append":  # mostly a whole step (every layer in turn), at times one layer only
@@ -1398,6 +1400,23 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
                     for i, s in enumerate(seqs):
                         model.append(layer, int(s), k[at[i]:at[i + 1]], v[at[i]:at[i + 1]])
                     check_attention(cache, model, layer, [int(s) for s in seqs], q, new, got, what)
+            elif op == "decode":  # one to three decode steps: per layer one token's append, then its attention
+                for _ in range(int(rng.integers(1, 4))):
+                    if cache.is_gpu:
+                        step = step or DecodeStep(cache, 4, horizon=16)
+                        step.plan(seqs)
+                    for layer in range(cache.num_layers):
+                        k, v = model.tokens(rng, layer, len(seqs))
+                        q = queries(rng, cache, len(seqs))
+                        if cache.is_gpu:
+                            step.append(layer, *(on(cache, x.astype(cache.array_dtype)) for x in (k, v)))
+                            got = step.run(layer, on(cache, q))
+                        else:
+                            cache.append(layer, seqs, k, v)
+                            got = mc.decode(cache, layer, seqs, q)
+                        for i, s in enumerate(seqs):
+                            model.append(layer, int(s), k[i:i + 1], v[i:i + 1])
+                        check_attention(cache, model, layer, [int(s) for s in seqs], q, [1] * len(seqs), got, what)
             elif op == "fork":
                 src = int(seqs[0])
                 model.start(cache.fork(src), like=src)
@@ -1475,7 +1494,7 @@ def attend(cache, model, rng, what, seen):
 def test_randomized_operations_match_a_model_of_the_cache(device):
     """Random adds, ragged appends (whole steps, single layers), verification steps (planned appends of 1-8 drafts
     per sequence, each layer's attention of them right after its append; on a GPU cache BatchPrefillWrapper's own
-    append and run), forks, truncates, fork-then-truncate branches and frees on small pools, against a model of
+    append and run), decode steps (one token per sequence; on a GPU cache a DecodeStep kept across the run), forks, truncates, fork-then-truncate branches and frees on small pools, against a model of
     exact rows: after every operation each layer of each sequence dequantizes to exactly what the model says;
     refused operations (pool or slots exhausted, a truncate the ring cannot serve) change nothing; a truncate within
     max_rollback of the most a layer held always works; the pages in use are exactly those the live sequences'
@@ -1485,8 +1504,10 @@ def test_randomized_operations_match_a_model_of_the_cache(device):
     blocks a fork shares. On a GPU cache the append kernel writes every token (tokens near centroids, so that its
     fp32 encoding and the float64 reference agree) and the counts pick every attention regime."""
     seen: dict[str, int] = {}
-    for seed, (max_rollback, max_pages) in enumerate([(8, 36), (8, 64), (40, 36), (40, 64)]):
+    for seed, (max_rollback, max_pages) in enumerate([(8, 24), (8, 64), (40, 24), (40, 64)]):
         run_storm(device, seed, max_rollback, max_pages, seen)
-    for kind in ("append: PagePoolExhausted", "fork: SequenceSlotsExhausted", "truncate: ValueError",
-                 "truncate copied shared blocks", "attention: one token", "attention: several tokens"):
+    kinds = {kind.split(": ")[-1] for kind in seen}
+    for kind in ("PagePoolExhausted", "SequenceSlotsExhausted", "truncate copied shared blocks"):
+        assert kind in kinds, seen
+    for kind in ("truncate: ValueError", "attention: one token", "attention: several tokens"):
         assert kind in seen, seen
