@@ -78,7 +78,7 @@ class _Package(_types.ModuleType):
         if name == "decode" and type(value) is _types.ModuleType:
             value.__class__ = _DecodeModule
             # inspect.signature / help() of million_cupy.decode describe the function it calls.
-            value.__signature__ = _inspect.signature(value.decode)
+            value.__signature__ = _inspect.signature(value.decode)  # type: ignore[attr-defined]
             value.__doc__ = f"million_cupy.decode{value.__signature__}\n\n{value.decode.__doc__}\n\n{value.__doc__}"
         super().__setattr__(name, value)
 

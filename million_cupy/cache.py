@@ -1214,9 +1214,10 @@ class PagedPQCache:
         if not self.quantized:
             with self._on_stream():
                 ids = self._block_table[seq, : -(-n // self._P)]
-                return tuple(  # (blocks, nh_k, P, d) -> token order
+                k, v = (  # (blocks, nh_k, P, d) -> token order
                     to_numpy(pages[ids].transpose(0, 2, 1, 3).reshape(-1, self._nh_k, self._d)[:n]).astype(np.float32)
                     for pages in (self.k_pages(layer), self.v_pages(layer)))
+                return k, v
         pages = int(self._full_pages(n))
         paged = pages * self._P
         slots = np.arange(paged, n) % self._S

@@ -298,16 +298,17 @@ def _write_npz(path: PathLike, header: dict, arrays: dict[str, np.ndarray]) -> N
     blob = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
     # An open file object stops np.savez from appending ".npz" to the caller's path.
     with open(path, "wb") as f:
-        np.savez(f, header=blob, **arrays)
+        np.savez(f, header=blob, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **arrays as its own keywords
 
 
-def _read_npz(path: PathLike, magic: str, names: Sequence[str], fields: Sequence[str]) -> tuple[dict, dict]:
+def _read_npz(path: PathLike, magic: str, names: Sequence[str],
+              fields: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Header and arrays of a codebook file, or CodebookFormatError saying what is wrong."""
     want = f"a {magic} file (format_version {FORMAT_VERSION})"
     try:
         with np.load(path, allow_pickle=False) as z:
-            header = json.loads(z["header"].tobytes().decode("utf-8")) if "header" in z.files else None
-            _check_header(path, header, magic, fields)
+            header = _check_header(
+                path, json.loads(z["header"].tobytes().decode("utf-8")) if "header" in z.files else None, magic, fields)
             missing = [k for k in names if k not in z.files]
             if missing:
                 raise CodebookFormatError(f"{path}: expected {want} with entries {['header', *names]}, missing {missing}")
@@ -321,7 +322,8 @@ def _read_npz(path: PathLike, magic: str, names: Sequence[str], fields: Sequence
     return header, arrays
 
 
-def _check_header(path: PathLike, header: Any, magic: str, fields: Sequence[str]) -> None:
+def _check_header(path: PathLike, header: Any, magic: str, fields: Sequence[str]) -> dict[str, Any]:
+    """``header`` if it is a codebook file's header with ``magic`` and integer ``fields``, else CodebookFormatError."""
     if not isinstance(header, dict) or header.get("magic") != magic:
         got = header.get("magic") if isinstance(header, dict) else "no JSON header object"
         raise CodebookFormatError(f"{path}: expected magic {magic!r}, got {got!r}")
@@ -332,6 +334,7 @@ def _check_header(path: PathLike, header: Any, magic: str, fields: Sequence[str]
     bad = [f for f in fields if f != "dtype" and not isinstance(header.get(f), int)]
     if bad or not isinstance(header.get("dtype"), str):
         raise CodebookFormatError(f"{path}: expected integer header fields {list(fields)} and a dtype name, got {header}")
+    return header
 
 
 def _check_array(path: PathLike, name: str, arr: np.ndarray, shape: tuple[int, ...], dtype: str) -> None:
@@ -684,7 +687,7 @@ class ModelCodebooks:
                 f"k_samples, v_samples: expected one array per layer in each, got {len(k_samples)} and {len(v_samples)}"
             )
         _check_nbits(nbits)
-        layers = []
+        layers: list[tuple[Any, Any]] = []  # each layer's (K, V) samples, NumPy or CuPy
         for l, (ks, vs) in enumerate(zip(k_samples, v_samples)):
             ka = as_array(ks, f"k_samples[{l}]", ndim=3, dtypes=SAMPLE_DTYPES)
             va = as_array(vs, f"v_samples[{l}]", ndim=3, dtypes=SAMPLE_DTYPES)

@@ -616,7 +616,7 @@ class BatchDecodeWrapper:
                        "generic_path_runs": 0}
 
     # -- planning ----------------------------------------------------------------------------------
-    def plan(self, seq_ids: Sequence[int], new_tokens: int = 1, *, num_heads: int | None = None,
+    def plan(self, seq_ids: Sequence[int] | np.ndarray, new_tokens: int = 1, *, num_heads: int | None = None,
              scale: float | None = None, layers: Sequence[int] | None = None) -> None:
         """Schedule a decode step for ``seq_ids``.
 
@@ -789,7 +789,7 @@ def _outputs(out, lse, return_lse: bool, shape: tuple[int, int, int], dtype):
 _decode_wrappers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def decode(cache, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
+def decode(cache, layer: int, seq_ids: Sequence[int] | np.ndarray, q: Any, *, scale: float | None = None,
            return_lse: bool = False, out: Any = None, lse: Any = None, stream: Any = None):
     """Attention of one query token per sequence over ``cache`` layer ``layer`` (plan + run in one call).
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,8 @@ class _KVStream:
 
 def run(cfg: DemoConfig | None = None, *, gpu: bool | None = None, progress: bool = True) -> dict:
     """Run the demo and return its measurements (also printed)."""
-    from . import BatchDecodeWrapper, ModelCodebooks, PagedPQCache, decode
+    from . import BatchDecodeWrapper, ModelCodebooks, PagedPQCache
+    from .decode import decode
     from .interop import cupy, resolve_dtype
 
     gpu = gpu_available() if gpu is None else gpu
@@ -96,21 +98,22 @@ def run(cfg: DemoConfig | None = None, *, gpu: bool | None = None, progress: boo
                          device="cuda" if gpu else "cpu")
     seqs = [cache.add_sequence() for _ in range(cfg.batch)]
     # Exact K/V of every token, kept only to measure the error against fp16 attention.
-    exact_k = [[None] * cfg.batch for _ in range(cfg.layers)]
-    exact_v = [[None] * cfg.batch for _ in range(cfg.layers)]
+    exact_k: list[list[list[Any]]] = [[[] for _ in range(cfg.batch)] for _ in range(cfg.layers)]
+    exact_v: list[list[list[Any]]] = [[[] for _ in range(cfg.batch)] for _ in range(cfg.layers)]
     t0 = time.perf_counter()
     for layer, s in enumerate(streams):
         k, v = s.kv(cfg.prompt * cfg.batch)
         k, v = k.astype(dt), v.astype(dt)
         cache.append(layer, seqs, k, v, lengths=[cfg.prompt] * cfg.batch)
         for b in range(cfg.batch):
-            exact_k[layer][b] = [k[b * cfg.prompt:(b + 1) * cfg.prompt]]
-            exact_v[layer][b] = [v[b * cfg.prompt:(b + 1) * cfg.prompt]]
+            exact_k[layer][b].append(k[b * cfg.prompt:(b + 1) * cfg.prompt])
+            exact_v[layer][b].append(v[b * cfg.prompt:(b + 1) * cfg.prompt])
     _sync(xp)
     t_prefill = time.perf_counter() - t0
 
     wrapper = BatchDecodeWrapper(cache, num_heads=cfg.heads) if gpu else None
-    step_times, last = [], None
+    step_times: list[float] = []
+    last: list[tuple[Any, Any]] = []  # the last step's (q, out) per layer
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         if wrapper is not None:

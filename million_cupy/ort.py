@@ -421,7 +421,7 @@ def _checked_session_class() -> type:
     global _session_class
     if _session_class is not None:
         return _session_class
-    ort = _require("onnxruntime")
+    ort: Any = _require("onnxruntime")
 
     class CheckedInferenceSession(ort.InferenceSession):
         """InferenceSession that raises what a ``PagedPQAttention`` / ``PagedPQPrefillAttention`` node failed with

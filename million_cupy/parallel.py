@@ -347,6 +347,8 @@ def _rows(lengths: Any, seq_ids: np.ndarray, n_rows: int) -> np.ndarray:
 class _Parallel:
     """What both caches share: SPMD sequence ids and lengths, the partial-state exchange."""
 
+    local: PagedPQCache  # this rank's cache (each kind builds its own)
+
     def __init__(self, comm: Communicator, num_layers: int, max_seqs: int, codebooks: Any) -> None:
         if not isinstance(codebooks, ModelCodebooks):
             # An exact cache (codebooks=None) has no partial-state path across ranks here.
@@ -481,7 +483,7 @@ class SequenceParallelCache(_Parallel):
         """This rank's share of sequences of global lengths ``lens``."""
         return np.clip(lens - self.comm.rank * self.tokens_per_shard, 0, self.tokens_per_shard)
 
-    def append(self, layer: int, seq_ids: Sequence[int], k: Any, v: Any, lengths: Any = None) -> None:
+    def append(self, layer: int, seq_ids: Sequence[int] | np.ndarray, k: Any, v: Any, lengths: Any = None) -> None:
         """Append ``lengths[b]`` (default 1) tokens to each ``seq_ids[b]``: rows of ``k`` / ``v``
         ``(sum(lengths), nh_k, head_dim)`` in sequence order, on every rank. Each rank stores the rows whose
         positions fall in its segment. Raises PagePoolExhausted on every rank, before any rank writes, when one
@@ -519,7 +521,7 @@ class SequenceParallelCache(_Parallel):
                                   lengths=(take_hi - take_lo)[mine])
         self._lens[layer, seqs] += counts
 
-    def decode(self, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
+    def decode(self, layer: int, seq_ids: Sequence[int] | np.ndarray, q: Any, *, scale: float | None = None,
                return_lse: bool = False):
         """Attention of ``q`` ``(B, nh, head_dim)``, one query per sequence, over every rank's segments; the same
         ``out`` (and ``lse``) on every rank."""
@@ -585,7 +587,7 @@ class HeadParallelCache(_Parallel):
         self.local.free(int(self._local_id[seq]))
         self._forget(seq)
 
-    def append(self, layer: int, seq_ids: Sequence[int], k: Any, v: Any, lengths: Any = None) -> None:
+    def append(self, layer: int, seq_ids: Sequence[int] | np.ndarray, k: Any, v: Any, lengths: Any = None) -> None:
         """As :meth:`SequenceParallelCache.append`; each rank stores its heads of every row."""
         seqs = self._ids(seq_ids, "append")
         counts = _rows(lengths, seqs, int(k.shape[0]))
@@ -600,7 +602,7 @@ class HeadParallelCache(_Parallel):
             self.local.append(layer, self._local_id[seqs], k[:, self._heads], v[:, self._heads], lengths=counts)
         self._lens[layer, seqs] += counts
 
-    def decode(self, layer: int, seq_ids: Sequence[int], q: Any, *, scale: float | None = None,
+    def decode(self, layer: int, seq_ids: Sequence[int] | np.ndarray, q: Any, *, scale: float | None = None,
                return_lse: bool = False):
         """As :meth:`SequenceParallelCache.decode`: each rank attends with its query heads, one all-gather
         assembles every head."""

@@ -463,7 +463,7 @@ class TensorCorePlan:
         self._stale: list[WorkListBuffers] = []  # buffers a stale graph may still read
         self._leave_buffers = False  # drop_capture: the next plan leaves the buffers to the captured launch
         self._launches: dict[tuple, kernels.BoundLaunch] = {}  # (layer, dtype, row tiles): bound to the buffers
-        self._dense_meta = None  # the dense regime's spans and history rows
+        self._dense_meta: Any = None  # the dense regime's spans and history rows (a device array)
         self._ws_k = self._ws_v = None  # the dense regime's workspace, grown as plans need
         self.work_items = self.units = self.spans = 0
         self.ws_rows = 0
@@ -1043,7 +1043,7 @@ def check_scale(scale: float | None) -> None:
 _wrappers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def prefill_attention(cache, layer: int, seq_ids: Sequence[int], q: Any, qo_indptr: Any, *,
+def prefill_attention(cache, layer: int, seq_ids: Sequence[int] | np.ndarray, q: Any, qo_indptr: Any, *,
                       scale: float | None = None, return_lse: bool = False, out: Any = None, stream: Any = None):
     """Causal attention of new tokens already appended to ``cache`` (plan + run in one call).
 

@@ -29,7 +29,7 @@ def _f64(x: Any) -> np.ndarray:
 def _check_centroids(centroids: np.ndarray) -> tuple[int, int, int]:
     if centroids.ndim != 3:
         raise ValueError(f"centroids: expected shape (M, C, dsub), got {centroids.shape}")
-    return centroids.shape  # type: ignore[return-value]
+    return centroids.shape
 
 
 def pq_encode(x: Any, centroids: Any) -> np.ndarray:
