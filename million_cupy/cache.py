@@ -974,7 +974,7 @@ class PagedPQCache:
         """``layer`` (or each of a list of layers) of each ``seqs[i]`` holds ``n1[i]`` tokens now, ``flushed`` more
         blocks of them full pages per layer."""
         if isinstance(layer, list):
-            self._lens[np.ix_(layer, seqs)] = n1
+            self._lens[np.ix_(np.asarray(layer), seqs)] = n1
             self._flushes += flushed * len(layer)
         else:
             self._lens[layer, seqs] = n1
