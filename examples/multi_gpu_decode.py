@@ -54,6 +54,7 @@ def rank_main(comm, args: argparse.Namespace) -> dict:
     book = lambda: Codebook(rng.standard_normal((args.M, 256, D // args.M), dtype=cp.float32))  # noqa: E731
     books = ModelCodebooks([book() for _ in range(args.layers)], [book() for _ in range(args.layers)])
     common = dict(page_size=64, residual=128, max_seqs=args.batch, device="cuda")
+    cache: SequenceParallelCache | HeadParallelCache
     if args.mode == "sequence":
         per = -(-args.tokens // comm.size // 64) * 64
         cache = SequenceParallelCache(comm, args.layers, NH_K, D, books, tokens_per_shard=per,

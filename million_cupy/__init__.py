@@ -6,13 +6,14 @@ imported eagerly, everything else on first attribute access (PEP 562).
 ``million_cupy.decode`` is both the submodule ``million_cupy/decode.py`` and its ``decode()``
 function: the submodule is made callable, so ``million_cupy.decode(...)`` calls
 ``million_cupy.decode.decode(...)`` and ``million_cupy.decode.BatchDecodeWrapper`` still works,
-whichever of the two was reached first.
+whichever of the two was reached first. Type checkers see the function.
 """
 
 import importlib as _importlib
 import inspect as _inspect
 import sys as _sys
 import types as _types
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .errors import (
     CodebookFormatError,
@@ -48,6 +49,17 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "reference": ("reference", None),
     "kernels": ("kernels", None),
 }
+
+if _TYPE_CHECKING:  # what type checkers see of the lazy names: their definitions (tests/test_package.py: as _LAZY)
+    from . import kernels, reference
+    from .allocator import PageAllocator
+    from .cache import AppendPlan, PagedPQCache
+    from .codebook import Codebook, ModelCodebooks
+    from .decode import (BatchDecodeWrapper, contiguous_pq_decode, decode, merge_states, paged_exact_decode,
+                         paged_pq_decode)
+    from .parallel import HeadParallelCache, SequenceParallelCache
+    from .prefill import BatchPrefillWrapper, prefill_attention
+    from .step import DecodeStep
 
 __all__ = [
     "__version__",

@@ -290,10 +290,10 @@ def paged_pq_attention(q: Any, k: Any, v: Any, seq_ids: Any, *, cache: str, laye
     layer = int(layer)
     q, k, v, ids, _ = _check_call(c, layer, q, k, v, seq_ids)
     if not c.is_gpu:
-        from . import decode  # noqa: PLC0415
+        from .decode import decode  # noqa: PLC0415
 
         c.append(layer, ids, k, v)
-        return np.ascontiguousarray(decode.decode(c, layer, ids, q.astype(np.float32, copy=False)), dtype=np.float32)
+        return np.ascontiguousarray(decode(c, layer, ids, q.astype(np.float32, copy=False)), dtype=np.float32)
 
     from .interop import cupy, resolve_dtype  # noqa: PLC0415
 

@@ -112,6 +112,22 @@ def test_public_names():
         assert issubclass(vars(million_cupy)[name], errors.MillionError)
 
 
+def test_type_checkers_see_every_lazy_name_where_it_is_defined():
+    """The ``if _TYPE_CHECKING:`` imports of million_cupy/__init__.py (what type checkers read) name exactly the
+    lazy names, each from the module it resolves from at run time."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(million_cupy))
+    (block,) = [n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "_TYPE_CHECKING"]
+    seen = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.dump(node)
+        for alias in node.names:
+            seen[alias.asname or alias.name] = f"million_cupy.{node.module}" if node.module else None
+    assert seen == {**LAZY, "decode": "million_cupy.decode", "reference": None, "kernels": None}
+
+
 def test_unknown_attribute_raises_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         million_cupy.no_such_name  # noqa: B018
