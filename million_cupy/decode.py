@@ -379,6 +379,7 @@ class AttentionPlan:
         self._step_dev_at = self._dev_at + 4 * first
         self._sched_key: np.ndarray | None = None  # the seq ids the schedule was made for
         self._sched_main: np.ndarray | None = None
+        check_scale(scale)
         self._scale = (1.0 / math.sqrt(d)) if scale is None else float(scale)
         self._layer_fixed: dict[int, tuple] = {}
         self._launches: dict[tuple[int, Any], kernels.BoundLaunch] = {}  # (layer, numpy dtype)
@@ -635,6 +636,7 @@ class BatchDecodeWrapper:
             raise ValueError(f"plan: num_heads={nh} must be a multiple of num_kv_heads={cache.num_kv_heads}")
         if new_tokens < 0:
             raise ValueError(f"plan: new_tokens must be >= 0, got {new_tokens}")
+        check_scale(scale)  # before the reservation below: a bad scale changes nothing
         seq = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
         if seq.size == 0:
             raise ValueError("plan: seq_ids is empty")
@@ -738,8 +740,17 @@ def _check_query_heads(q, B: int, cache) -> None:
                          f"num_kv_heads = {cache.num_kv_heads}, got {tuple(q.shape)}")
 
 
+def check_scale(scale: float | None) -> None:
+    """Raise ValueError unless ``scale`` is None or a positive finite softmax scale."""
+    if scale is not None and not (isinstance(scale, (int, float, np.floating, np.integer)) and
+                                  math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a positive finite softmax scale or None, got {scale!r}")
+
+
 def softmax_scale(cache, scale: float | None) -> float:
-    """The softmax scale of attention over ``cache``: ``scale``, or ``1 / sqrt(head_dim)`` when None."""
+    """The softmax scale of attention over ``cache``: ``scale``, or ``1 / sqrt(head_dim)`` when None (ValueError
+    unless a positive finite number)."""
+    check_scale(scale)
     return (1.0 / math.sqrt(cache.head_dim)) if scale is None else float(scale)
 
 
@@ -839,6 +850,7 @@ def decode(cache, layer: int, seq_ids: Sequence[int] | np.ndarray, q: Any, *, sc
     if (lens == 0).any():
         raise ValueError(f"decode: sequences {seq[lens == 0].tolist()} hold no tokens in layer {layer}; "
                          f"attention over no keys is undefined")
+    check_scale(scale)
     ks, vs = zip(*(cache.dequantize(layer, int(s)) for s in seq))
     o, l = reference.decode_attention(q_arr.astype(np.float64), list(ks), list(vs), scale=scale)
     o = o.astype(q_arr.dtype)
@@ -1078,6 +1090,7 @@ def _centroid_pair(k_centroids, v_centroids, m: int, d: int, nh_k: int):
 def _run_standalone(mode, q, d, m, page, lens, rlens, scale, return_lse, out, stream, *, codebooks, k_codes,
                     v_codes, exact, page_stride, head_stride, page_table, page_row, res_row, ring_cap, nh_k):
     cp = cupy()
+    check_scale(scale)
     B, nh, _ = q.shape
     dev = _device()
     g = choose_group(mode, d, m, nh // nh_k, dev.smem_limit)

@@ -94,7 +94,7 @@ import numpy as np
 
 from . import kernels, reference
 from .cache import AppendPlan
-from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, device_sm_count,
+from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, check_scale, device_sm_count,
                      device_smem_limit, paged_layer_storage, require_native_attention, softmax_scale)
 from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
@@ -1030,13 +1030,6 @@ class BatchPrefillWrapper:
         ``graph_append_plans`` (plans that counted their appends for the replay of a CUDA graph that captured
         them)."""
         return dict(self._stats)
-
-
-def check_scale(scale: float | None) -> None:
-    """Raise ValueError unless ``scale`` is None or a positive finite softmax scale."""
-    if scale is not None and not (isinstance(scale, (int, float, np.floating, np.integer)) and
-                                  math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a positive finite softmax scale or None, got {scale!r}")
 
 
 # One wrapper per (cache, stream, num_heads) for prefill_attention().

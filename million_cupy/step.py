@@ -65,8 +65,8 @@ import numpy as np
 from . import kernels
 from .cache import (APPEND_STATUS_NO_PAGE, APPEND_STATUS_NON_FINITE, APPEND_STATUS_STALE_SLOT, APPEND_THREADS,
                     PagedPQCache)
-from .decode import (SCHEDULE_HORIZON, AttentionPlan, attention_arrays, capacity_for, require_native_attention,
-                     softmax_scale)
+from .decode import (SCHEDULE_HORIZON, AttentionPlan, attention_arrays, capacity_for, check_scale,
+                     require_native_attention, softmax_scale)
 from .errors import MillionError
 from .layout import full_pages
 from .interop import as_array, cupy
@@ -158,6 +158,7 @@ class DecodeStep:
         self.num_heads = num_heads
         self.horizon = int(horizon)
         self._max_batch = max_batch
+        check_scale(scale)
         self._scale = scale
         self.stream = cache.stream
         self._attn: AttentionPlan | None = None

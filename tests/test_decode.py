@@ -145,6 +145,33 @@ def test_cpu_decode_validates_q(rng):
         decode(cache, 0, [s], np.zeros((2, 4, 64), np.float16))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("scale", [-0.125, 0.0, float("nan"), float("inf"), "0.125"])
+def test_decode_refuses_a_scale_that_is_not_positive_and_finite(rng, device, scale):
+    """As prefill_attention does: decode(), a wrapper's plan and a DecodeStep (GPU) name the scale and reserve no
+    page for it."""
+    cache = _cache(rng, device)
+    s = cache.add_sequence()
+    _fill(rng, cache, [s], [10], 0)
+    q = np.zeros((1, 4, 64), np.float16)
+    if cache.is_gpu:
+        import cupy as cp
+
+        q = cp.asarray(q)
+    used = cache.stats()["used"]
+    expected = "scale: expected a positive finite softmax scale or None, got"
+    with pytest.raises(ValueError, match=expected):
+        decode(cache, 0, [s], q, scale=scale)
+    if cache.is_gpu:
+        from million_cupy import BatchDecodeWrapper, DecodeStep
+
+        with pytest.raises(ValueError, match=expected):
+            BatchDecodeWrapper(cache, num_heads=4).plan([s], new_tokens=200, scale=scale, layers=[0])
+        with pytest.raises(ValueError, match=expected):
+            DecodeStep(cache, 4, scale=scale)
+    assert cache.stats()["used"] == used and cache.seq_len(s, 0) == 10
+
+
 # ------------------------------------------------------------------------------------------- GPU path
 
 
