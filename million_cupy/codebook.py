@@ -366,8 +366,13 @@ class Codebook:
                 f"centroids: expected C = {NUM_CENTROIDS} centroids per subspace ({NBITS}-bit codes), got C = {C}"
             )
         _check_geometry(M, M * dsub, "centroids")
+        xp = array_module(c)
+        bad = int((~xp.isfinite(c.astype(xp.float32)).all(axis=2)).sum())  # one device sync on the GPU
+        if bad:
+            raise ValueError(f"centroids: expected finite values, got NaN or inf in {bad} of {M * C} centroids "
+                             f"(M = {M} subspaces x C = {C}); encoding against them would pick arbitrary codes")
         # A private copy: the cached float32 view must never go stale under caller mutation.
-        self._centroids = array_module(c).array(c, copy=True, order="C")
+        self._centroids = xp.array(c, copy=True, order="C")
         self._f32 = None
 
     def __repr__(self) -> str:

@@ -129,6 +129,11 @@ def test_bad_centroid_arrays():
         Codebook(np.zeros((16, C, 4), np.float64))
     with pytest.raises(ValueError, match="3 dimensions"):
         Codebook(np.zeros((C, 4), np.float32))
+    for dtype in (np.float32, np.float16):
+        bad = np.zeros((16, C, 4), dtype)
+        bad[3, 7, 1], bad[5, 0, 0] = np.nan, np.inf
+        with pytest.raises(ValueError, match=r"expected finite values, got NaN or inf in 2 of 4096 centroids"):
+            Codebook(bad)
 
 
 def test_train_validation(rng):
