@@ -56,6 +56,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -222,8 +223,8 @@ def run_seed(args, seed: int, specs: list[dict], log) -> dict[str, dict]:
     ref = attention(q, k, v)
     held_out = kvgen.training_sample(args.train_tokens, *shape, seed, num_queries=args.queries)
     k_train, v_train = held_out["k"].astype(np.float16), held_out["v"].astype(np.float16)
-    results = {}
-    tokenwise = {}  # PQ and per-token codes of every token: a _fp16sinks variant reuses them
+    results: dict[str, dict[str, Any]] = {}
+    tokenwise: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # PQ and per-token codes: a _fp16sinks variant reuses them
     for spec in specs:
         t0 = time.perf_counter()
         S = spec["fp16_tokens"]
@@ -283,12 +284,12 @@ def verdict(records: list[dict], head_dim: int) -> str:
     sentences = []
     for fp16_tokens in sorted({r["config"]["fp16_tokens"] for r in records}):
         same = [r for r in records if r["config"]["fp16_tokens"] == fp16_tokens]
-        pq = [r for r in same if r["config"]["scheme"] == "pq" and r["config"]["M"] == head_dim // 2]
+        pqs = [r for r in same if r["config"]["scheme"] == "pq" and r["config"]["M"] == head_dim // 2]
         uniform = [r for r in same if r["config"]["scheme"] != "pq"]
         int4 = [r for r in uniform if r["config"]["bits"] == 4]
-        if not pq or not int4:
+        if not pqs or not int4:
             continue
-        pq = pq[0]
+        pq = pqs[0]
         err = lambda r: f"{r['rel_err_mean']:.4f} +- {r['rel_err_std']:.4f}"  # noqa: E731
         best = min(int4, key=lambda r: r["rel_err_mean"])
         beaten = [r["method"] for r in int4 if pq["rel_err_mean"] < r["rel_err_mean"]]
@@ -340,7 +341,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {}
+    colors: dict[str, str] = {}
     for family in sorted({r["family"] for r in records}):  # a quantizer next to its fp16-sinks variant
         rs = sorted((r for r in records if r["family"] == family), key=lambda r: r["bits_per_value"])
         base = family.removesuffix("+fp16sinks")

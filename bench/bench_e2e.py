@@ -122,7 +122,10 @@ class StepTimer:
     """CUDA events around each whole step, plus a synchronize after it."""
 
     def __init__(self, cp) -> None:
-        self.cp, self.ms, self.wall_ms = cp, [], []
+        self.cp = cp
+        self.ms: list[float] = []
+        self.wall_ms: list[float] = []
+        self.breakdown: dict[str, float] = {}  # GPU time of the captured step's parts, where a run measures them
 
     def run(self, step, warmup: int, steps: int) -> "StepTimer":
         """Time ``warmup + steps`` calls of ``step``, keeping the last ``steps``."""
@@ -361,7 +364,7 @@ RUNNERS = {"pq_cache": run_pq, "fp16_cache": run_fp16, "pq_cache_graph": run_pq_
 
 def summarize(timer: StepTimer, batch: int) -> dict:
     ms = np.asarray(timer.ms)
-    extra = {k: float(v) for k, v in getattr(timer, "breakdown", {}).items()}
+    extra = {k: float(v) for k, v in timer.breakdown.items()}
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
     return {
         "tokens_per_s": float(batch * len(ms) / (ms.sum() * 1e-3)),

@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,7 +158,7 @@ def gpu_slug(name: str) -> str:
 
 def format_table(records: list[dict]) -> str:
     cols = ("trace", "method", "utilization", "pool_util", "bytes/token", "reserved GiB")
-    rows = {}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:
         row = rows.setdefault((r["trace"], r["method"]), {"trace": r["trace"], "method": r["method"]})
         if r["metric"] == "utilization":
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
         records += recs
         print(f"{kind}: {len(lengths)} sequences, {int(lengths.sum())} tokens, filled in {fill_s:.1f} s", flush=True)
 
-    extra = {"shapes": {**shapes, "page_size": PAGE, "residual": RESIDUAL}}
+    extra: dict[str, Any] = {"shapes": {**shapes, "page_size": PAGE, "residual": RESIDUAL}}
     if not gpu:
         extra["gpu"] = "cpu (reference path)"  # whatever GPU the machine has played no part
     harness.write_results(out, records, extra)

@@ -69,6 +69,7 @@ def rank_bench(comm, cfg: dict) -> dict:
     stream = cp.cuda.get_current_stream()  # launch's stream for this rank
     books = _codebooks(cp, M, layers)  # seeded: the same codebooks on every rank
     common = dict(page_size=P, residual=R, max_seqs=batch, dtype="float16", device="cuda")
+    cache: PagedPQCache | SequenceParallelCache | HeadParallelCache
     if mode == "single_gpu":
         cache = PagedPQCache(layers, NH_K, D, books, max_pages=batch * (tokens // P + 3), max_seq_len=tokens,
                              **common)
@@ -101,7 +102,7 @@ def rank_bench(comm, cfg: dict) -> dict:
 
     record = {"rank": comm.rank, "fill_s": fill_s}
     record["step"], record["step_host"] = _timed_steps(cp, stream, step, cfg["steps"])
-    if mode != "single_gpu":
+    if not isinstance(cache, PagedPQCache):
         # The same ranks' local decode alone (what a step costs without the exchange and the merge).
         ids = [cache.local_id(s) for s in seqs]
         if mode == "sequence_parallel":

@@ -71,7 +71,7 @@ def time_gpu(fn: Callable[[], object], *, queued: int = 20, repeats: int = 15, w
         fn()
     cp.cuda.get_current_stream().synchronize()
     start, stop = cp.cuda.Event(), cp.cuda.Event()
-    per = []
+    per: list[float] = []
     for _ in range(repeats):
         start.record()
         for _ in range(queued):
@@ -79,7 +79,7 @@ def time_gpu(fn: Callable[[], object], *, queued: int = 20, repeats: int = 15, w
         stop.record()
         stop.synchronize()
         per.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / queued)
-    calls = []
+    calls: list[float] = []
     for _ in range(max(repeats, 30)):
         cp.cuda.get_current_stream().synchronize()
         start.record()
@@ -87,7 +87,6 @@ def time_gpu(fn: Callable[[], object], *, queued: int = 20, repeats: int = 15, w
         stop.record()
         stop.synchronize()
         calls.append(cp.cuda.get_elapsed_time(start, stop) * 1e3)
-    per = np.asarray(per)
     return {
         "median_us": float(np.median(per)),
         "p10_us": float(np.percentile(per, 10)),

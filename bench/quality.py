@@ -88,6 +88,7 @@ class Quantizer:
         if self.books is not None:
             kq, vq = accuracy.pq_roundtrip(kx, self.books, 0, layer), accuracy.pq_roundtrip(vx, self.books, 1, layer)
         else:
+            assert self.kivi_bits is not None  # not exact and no codebooks: a KIVI method
             kq, vq = accuracy.kivi(kx, vx, self.kivi_bits, KIVI_GROUP)
         return back(xp.ascontiguousarray(kq, dtype=xp.float32)), back(xp.ascontiguousarray(vq, dtype=xp.float32))
 
