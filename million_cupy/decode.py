@@ -637,9 +637,12 @@ class BatchDecodeWrapper:
         if new_tokens < 0:
             raise ValueError(f"plan: new_tokens must be >= 0, got {new_tokens}")
         check_scale(scale)  # before the reservation below: a bad scale changes nothing
-        seq = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        seq = np.asarray(seq_ids).reshape(-1)
         if seq.size == 0:
             raise ValueError("plan: seq_ids is empty")
+        if seq.dtype.kind not in "iu":  # not a cast: 1.5 is no sequence id
+            raise TypeError(f"plan: expected integer sequence ids, got dtype {seq.dtype}")
+        seq = seq.astype(np.int64, copy=False)
         planned = list(range(cache.num_layers)) if layers is None else [int(x) for x in layers]
         bad = [x for x in planned if not 0 <= x < cache.num_layers]
         if bad or not planned:

@@ -172,6 +172,19 @@ def test_decode_refuses_a_scale_that_is_not_positive_and_finite(rng, device, sca
     assert cache.stats()["used"] == used and cache.seq_len(s, 0) == 10
 
 
+@pytest.mark.gpu
+def test_a_wrapper_plan_refuses_ids_that_are_not_integers(rng):
+    from million_cupy import BatchDecodeWrapper
+
+    cache = _cache(rng, "cuda")
+    s = cache.add_sequence()
+    _fill(rng, cache, [s], [10], 0)
+    used = cache.stats()["used"]
+    with pytest.raises(TypeError, match="plan: expected integer sequence ids, got dtype float64"):
+        BatchDecodeWrapper(cache, num_heads=4).plan([float(s) + 0.5], new_tokens=200, layers=[0])
+    assert cache.stats()["used"] == used
+
+
 # ------------------------------------------------------------------------------------------- GPU path
 
 
