@@ -636,7 +636,7 @@ class BatchDecodeWrapper:
             raise ValueError(f"plan: num_heads={nh} must be a multiple of num_kv_heads={cache.num_kv_heads}")
         if new_tokens < 0:
             raise ValueError(f"plan: new_tokens must be >= 0, got {new_tokens}")
-        check_scale(scale)  # before the reservation below: a bad scale changes nothing
+        softmax = softmax_scale(cache, scale)  # checked before the reservation below: a bad scale changes nothing
         seq = np.asarray(seq_ids).reshape(-1)
         if seq.size == 0:
             raise ValueError("plan: seq_ids is empty")
@@ -648,7 +648,7 @@ class BatchDecodeWrapper:
         if bad or not planned:
             raise ValueError(f"plan: layers must be a non-empty subset of [0, {cache.num_layers}), got {planned}")
         attn = self._attn
-        same_heads = attn is not None and attn.num_heads == nh and attn.scale == softmax_scale(cache, scale)
+        same_heads = attn is not None and attn.num_heads == nh and attn.scale == softmax
         if new_tokens == 0 and same_heads and self._reuse(seq, planned):
             return
         # Expected per-layer lengths when run(layer) is called.
