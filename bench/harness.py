@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: CUDA-event timing, environment capture, the results JSON schema.
 
-Results files (bench/results/*.json) have top-level ``gpu``, ``date``, ``command``, ``launch`` (``ordinary``, or
-``programmatic`` under MILLION_CUPY_PDL=1), ``versions`` and
+Results files (bench/results/*.json) have top-level ``gpu``, ``date``, ``command``, ``launch`` (``programmatic``: programmatic
+dependent launch, the default on sm_90+; ``ordinary``: under MILLION_CUPY_PDL=0, older GPUs, no GPU), ``versions`` and
 ``records`` (a list of dicts with at least ``suite`` and ``method``; timing records carry ``median_us``
 (GPU time per call with calls queued back to back), ``call_us`` (one call including its host launch),
 and ``p10_us`` / ``p90_us`` spread).
@@ -42,6 +42,19 @@ def gpu_name() -> str:
         return name.decode() if isinstance(name, bytes) else str(name)
     except Exception as exc:  # noqa: BLE001
         return f"no GPU ({type(exc).__name__})"
+
+
+def launch_mode() -> str:
+    """``programmatic`` where the library's bound launches use programmatic dependent launch on this device,
+    else ``ordinary`` (``MILLION_CUPY_PDL=0``, a device below sm_90, no GPU)."""
+    from million_cupy.kernels import programmatic_launches, programmatic_launches_requested
+
+    if not programmatic_launches_requested():
+        return "ordinary"
+    try:
+        return "programmatic" if programmatic_launches() else "ordinary"
+    except Exception:  # noqa: BLE001 - no GPU: nothing launched
+        return "ordinary"
 
 
 def versions() -> dict:
@@ -124,15 +137,15 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 def write_results(path: str | Path, records: list[dict], extra: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Programmatic dependent launch is switched by the environment (million_cupy.kernels.PDL_ENV): part of the
-    # command, and of the run's identity.
+    # Programmatic dependent launch is switched by the environment (million_cupy.kernels.PDL_ENV) and the device:
+    # part of the command, and of the run's identity.
     pdl = os.environ.get("MILLION_CUPY_PDL")
     doc = {
         "gpu": gpu_name(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": (f"MILLION_CUPY_PDL={shlex.quote(pdl)} " if pdl is not None else "")
                    + " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
-        "launch": "programmatic" if pdl == "1" else "ordinary",
+        "launch": launch_mode(),
         "versions": versions(),
         **(extra or {}),
         "records": records,

@@ -124,14 +124,15 @@ def _kernel_cache_description() -> str:
 
 def _launch_description() -> str:
     from .interop import gpu_available  # noqa: PLC0415
-    from .kernels import PDL_ENV, programmatic_launches  # noqa: PLC0415
+    from .kernels import PDL_ENV, programmatic_launches, programmatic_launches_requested  # noqa: PLC0415
 
-    asked = os.environ.get(PDL_ENV) == "1"
-    if not asked:
-        return f"ordinary (set {PDL_ENV}=1 for programmatic dependent launch on sm_90+)"
+    if not programmatic_launches_requested():
+        return f"ordinary ({PDL_ENV}=0)"
     if not gpu_available():
-        return f"{PDL_ENV}=1: programmatic dependent launch on sm_90+ (no GPU here)"
-    return "programmatic dependent launch" if programmatic_launches() else f"ordinary ({PDL_ENV}=1, but below sm_90)"
+        return f"programmatic dependent launch on sm_90+, ordinary below (no GPU here; {PDL_ENV}=0 turns it off)"
+    if programmatic_launches():
+        return f"programmatic dependent launch ({PDL_ENV}=0 turns it off)"
+    return "ordinary (programmatic dependent launch needs sm_90+)"
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -132,7 +132,8 @@ def _kernel_param(arg: Any) -> ctypes._SimpleCData:
     raise TypeError(f"kernel argument: expected a CuPy array or a NumPy scalar, got {type(arg).__name__}")
 
 
-#: The environment variable that turns on programmatic dependent launch for bound launches (``1``).
+#: The environment variable that switches programmatic dependent launch for bound launches: ``0`` turns it off;
+#: unset or ``1``, it is on where the device supports it (compute capability 9.0 or newer).
 PDL_ENV = "MILLION_CUPY_PDL"
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h, CUlaunchAttributeID
 
@@ -154,16 +155,31 @@ class _LaunchConfig(ctypes.Structure):
 _pdl_devices: dict[int, bool] = {}
 
 
+def programmatic_launches_requested() -> bool:
+    """Whether the environment asks for programmatic dependent launch: ``MILLION_CUPY_PDL`` unset or ``1`` (the
+    default), not ``0``.
+
+    Raises:
+        ValueError: the variable holds something else.
+    """
+    value = os.environ.get(PDL_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV}: expected 0 (ordinary launches) or 1 (programmatic dependent launch on sm_90+, "
+                         f"the default), got {value!r}")
+    return value == "1"
+
+
 def programmatic_launches() -> bool:
     """Whether bound launches of this library's kernels on the current device use programmatic dependent launch:
-    ``MILLION_CUPY_PDL=1`` and a device of compute capability 9.0 or newer (Hopper, Blackwell).
+    on by default on devices of compute capability 9.0 or newer (Hopper, Blackwell); ``MILLION_CUPY_PDL=0``
+    turns it off.
 
     Such a launch lets the kernel be scheduled while the previous kernel of its stream is still running; every
     kernel in ``cuda_src/`` opens by waiting for that kernel (``wait_for_previous_grid``), so the overlap hides
-    launch latency and block dispatch, never an ordering. Off by default. With the variable set on an older
-    device, launches stay ordinary and a warning says so once.
+    launch latency and block dispatch, never an ordering (results are the same bit for bit). Older devices
+    launch ordinarily; with ``MILLION_CUPY_PDL=1`` set explicitly there, a warning says so once.
     """
-    if os.environ.get(PDL_ENV, "") != "1":
+    if not programmatic_launches_requested():
         return False
     cp = cupy()
     device = cp.cuda.runtime.getDevice()
@@ -171,7 +187,7 @@ def programmatic_launches() -> bool:
     if on is None:
         major = int(cp.cuda.Device(device).compute_capability) // 10
         on = _pdl_devices[device] = major >= 9
-        if not on:
+        if not on and os.environ.get(PDL_ENV) == "1":
             import warnings  # noqa: PLC0415 - only on this path
 
             warnings.warn(f"{PDL_ENV}=1: programmatic dependent launch needs compute capability 9.0 or newer; "
@@ -186,8 +202,9 @@ def _launch_kernel_ex() -> Any:
     try:
         fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
     except (OSError, AttributeError) as exc:
-        raise UnsupportedConfiguration(f"{PDL_ENV}=1: the CUDA driver has no cuLaunchKernelEx (driver 520 / CUDA "
-                                       f"11.8 or newer needed; unset {PDL_ENV}): {exc}") from exc
+        raise UnsupportedConfiguration(f"programmatic dependent launch: the CUDA driver has no cuLaunchKernelEx "
+                                       f"(driver 520 / CUDA 11.8 or newer needed; set {PDL_ENV}=0 for ordinary "
+                                       f"launches): {exc}") from exc
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn

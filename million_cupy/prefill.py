@@ -501,7 +501,7 @@ class TensorCorePlan:
         if dense:
             spans, hist_row, ws_rows = history_spans(n, cache.num_kv_heads)
             # May raise (no room on the device) before any of this plan's state is written: the last plan stays.
-            self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)
+            self.reserve_workspace(n, stream)
         if self._leave_buffers:  # to a captured launch (drop_capture); past the last point where plan may raise
             self._stale.append(buffers)
             buffers = self._buffers = None
@@ -543,8 +543,13 @@ class TensorCorePlan:
         ``prefill_merge`` launch; such plans can be captured in a CUDA graph."""
         return not self.dense and gathers_fragments(self.cache.head_dim, self.cache.M, self.row_tiles)
 
-    def _reserve_workspace(self, size: int, stream) -> None:
-        """The dense regime's K and V workspaces, ``size`` elements each at least (grown, never shrunk)."""
+    def reserve_workspace(self, n: np.ndarray, stream) -> None:
+        """The dense regime's K and V workspaces for sequences holding ``n`` tokens (grown, never shrunk).
+
+        Raises:
+            MillionError: the device has no room for them; nothing changed.
+        """
+        size = self.cache.num_kv_heads * history_spans(n, self.cache.num_kv_heads)[2] * self.cache.head_dim
         if self._ws_k is not None and self._ws_k.size >= size:
             return
         cp = cupy()
@@ -838,6 +843,10 @@ class BatchPrefillWrapper:
             # A captured run replays plans of these counts: they keep its regime, which the rule may change as
             # the histories grow (FRAGMENT_PAIR_TOKENS_MIN), so that the graph reads each of them.
             on_tensor_cores, dense = self._graph_regime
+        if on_tensor_cores and self._tc is None:
+            self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
+        if dense:  # its workspace first: a device without room for it raises before any page is reserved
+            self._tc.reserve_workspace(n, as_stream(self._stream))
         appends = buffer = None
         if not appended:
             buffer = self._append_buffer
@@ -851,8 +860,6 @@ class BatchPrefillWrapper:
         if buffer is not None:
             self._append_buffer = buffer
         if on_tensor_cores:
-            if self._tc is None:
-                self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
             self._tc.plan(seq, ind, n, as_stream(self._stream), dense=dense)
             self._stats["tensor_core_plans"] += 1
             self._stats["dense_plans"] += int(dense)

@@ -1354,7 +1354,7 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
 
     model = CacheModel(cache, books)
     counts = {"append": 0, "verify": 0, "decode": 0, "fork": 0, "truncate": 0, "branch": 0, "free": 0}
-    step = None  # a GPU cache's DecodeStep, kept across the run's decode steps (its reservations, its schedules)
+    decode_step = None  # a GPU cache's DecodeStep, kept across the run's decode steps (its reservations, its schedules)
     for step in range(120):
         live = sorted(model.rows)
         op = rng.choice(["add", "append", "verify", "decode", "fork", "truncate", "branch", "free"],
@@ -1403,14 +1403,14 @@ def run_storm(device, seed, max_rollback, max_pages, seen):
             elif op == "decode":  # one to three decode steps: per layer one token's append, then its attention
                 for _ in range(int(rng.integers(1, 4))):
                     if cache.is_gpu:
-                        step = step or DecodeStep(cache, 4, horizon=16)
-                        step.plan(seqs)
+                        decode_step = decode_step or DecodeStep(cache, 4, horizon=16)
+                        decode_step.plan(seqs)
                     for layer in range(cache.num_layers):
                         k, v = model.tokens(rng, layer, len(seqs))
                         q = queries(rng, cache, len(seqs))
                         if cache.is_gpu:
-                            step.append(layer, *(on(cache, x.astype(cache.array_dtype)) for x in (k, v)))
-                            got = step.run(layer, on(cache, q))
+                            decode_step.append(layer, *(on(cache, x.astype(cache.array_dtype)) for x in (k, v)))
+                            got = decode_step.run(layer, on(cache, q))
                         else:
                             cache.append(layer, seqs, k, v)
                             got = mc.decode(cache, layer, seqs, q)

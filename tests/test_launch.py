@@ -1,10 +1,10 @@
-"""Programmatic dependent launch (kernels.BoundLaunch, MILLION_CUPY_PDL=1), what can be checked without a GPU.
+"""Programmatic dependent launch (kernels.BoundLaunch; on by default on sm_90+, MILLION_CUPY_PDL=0 off), what can be checked without a GPU.
 
 A kernel launched with programmatic stream serialization may start while the previous kernel of its stream is
 still running, so every kernel in ``cuda_src/`` must open with ``wait_for_previous_grid()`` and touch no memory
 before it: checked in the sources, and in the sm_90 machine code (the wait, ACQBULK, before the first global
 memory instruction of every kernel; one variant per source, built offline with NVRTC). The launch structures
-must have cuda.h's layout, and the switch is off unless the environment turns it on. The launches themselves
+must have cuda.h's layout, and the switch is on unless the environment turns it off. The launches themselves
 are checked on the GPU (tests/test_step_gpu.py, test_programmatic_launches_give_the_same_steps_bit_for_bit).
 """
 
@@ -99,10 +99,19 @@ def test_launch_structures_have_cuda_h_layout():
     assert (config.hStream.offset, config.attrs.offset, config.numAttrs.offset) == (32, 40, 48)
 
 
-@pytest.mark.parametrize("value", [None, "0", "", "yes"])
-def test_programmatic_launches_are_off_unless_asked_for(monkeypatch, value):
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+def test_programmatic_launches_are_on_unless_turned_off(monkeypatch, value, on):
     if value is None:
         monkeypatch.delenv(kernels.PDL_ENV, raising=False)
     else:
         monkeypatch.setenv(kernels.PDL_ENV, value)
-    assert kernels.programmatic_launches() is False
+    assert kernels.programmatic_launches_requested() is on
+    if not on:  # decided without looking for a device
+        assert kernels.programmatic_launches() is False
+
+
+@pytest.mark.parametrize("value", ["", "yes", "true", "2"])
+def test_an_unknown_pdl_switch_is_refused_with_what_it_takes(monkeypatch, value):
+    monkeypatch.setenv(kernels.PDL_ENV, value)
+    with pytest.raises(ValueError, match=f"MILLION_CUPY_PDL: expected 0 .* or 1 .*, got {value!r}"):
+        kernels.programmatic_launches()

@@ -491,7 +491,7 @@ def test_a_captured_verification_step_appends_and_attends_for_every_later_plan(r
     if launch == "programmatic":
         if int(cp.cuda.Device().compute_capability) < 90:
             pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
-        monkeypatch.setenv(kernels.PDL_ENV, "1")
+    monkeypatch.setenv(kernels.PDL_ENV, "1" if launch == "programmatic" else "0")
 
     stream = cp.cuda.Stream(non_blocking=True)
     graphed, twin = _caches(rng, devices=("cuda", "cuda"), max_pages=2048, stream=stream, max_rollback=8)
