@@ -226,12 +226,17 @@ def takes_dense(counts: np.ndarray, group: int) -> bool:
     return int(counts.max()) * group >= DENSE_ROWS_MIN
 
 
+def _padded_histories(n: np.ndarray) -> np.ndarray:
+    """The dense regime's workspace rows per sequence holding ``n`` tokens: whole tiles (int64)."""
+    return -(-n.astype(np.int64) // TC_TILE) * TC_TILE
+
+
 def history_spans(n: np.ndarray, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The dense regime's workspace layout and its dequantization's work list, for sequences holding ``n``
     tokens: each sequence's tokens padded to whole tiles, its rows starting at ``hist_row[b]`` in every kv
     head's ``ws_rows`` rows; spans (int32 ``(S, 4)``: sequence index, kv head, token begin, token end) of at
     most DEQUANTIZE_SPAN tokens cover every padded history once. Returns ``(spans, hist_row, ws_rows)``."""
-    padded = -(-n.astype(np.int64) // TC_TILE) * TC_TILE
+    padded = _padded_histories(n)
     hist_row = np.cumsum(padded) - padded
     seq, kvh, part = _per_head_parts(-(-padded // DEQUANTIZE_SPAN), num_kv_heads)
     begin = part * DEQUANTIZE_SPAN
@@ -501,7 +506,7 @@ class TensorCorePlan:
         if dense:
             spans, hist_row, ws_rows = history_spans(n, cache.num_kv_heads)
             # May raise (no room on the device) before any of this plan's state is written: the last plan stays.
-            self.reserve_workspace(n, stream)
+            self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)
         if self._leave_buffers:  # to a captured launch (drop_capture); past the last point where plan may raise
             self._stale.append(buffers)
             buffers = self._buffers = None
@@ -544,12 +549,17 @@ class TensorCorePlan:
         return not self.dense and gathers_fragments(self.cache.head_dim, self.cache.M, self.row_tiles)
 
     def reserve_workspace(self, n: np.ndarray, stream) -> None:
-        """The dense regime's K and V workspaces for sequences holding ``n`` tokens (grown, never shrunk).
+        """The dense regime's K and V workspaces for sequences holding ``n`` tokens (grown, never shrunk): a
+        caller that must not fail after this point reserves them first, and :meth:`plan` then finds them.
 
         Raises:
             MillionError: the device has no room for them; nothing changed.
         """
-        size = self.cache.num_kv_heads * history_spans(n, self.cache.num_kv_heads)[2] * self.cache.head_dim
+        rows = int(_padded_histories(n).sum())
+        self._reserve_workspace(self.cache.num_kv_heads * rows * self.cache.head_dim, stream)
+
+    def _reserve_workspace(self, size: int, stream) -> None:
+        """The K and V workspaces, ``size`` elements each at least (grown, never shrunk)."""
         if self._ws_k is not None and self._ws_k.size >= size:
             return
         cp = cupy()
