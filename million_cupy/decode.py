@@ -659,10 +659,11 @@ class BatchDecodeWrapper:
         if any(not np.array_equal(cache.lengths[x, seq] + new_tokens, n) for x in planned[1:]):
             raise ValueError("plan: the planned layers hold different lengths for these sequences; append every "
                              "layer first, or plan the layers separately (layers=[...])")
+        if not same_heads or attn.capacity < seq.shape[0]:  # before any page is reserved: may not fit the device
+            attn = AttentionPlan(cache, nh, capacity_for(seq.shape[0]), scale=scale)
         if new_tokens:
             cache.reserve(seq, new_tokens)
-        if not same_heads or attn.capacity < seq.shape[0]:
-            attn = self._attn = AttentionPlan(cache, nh, capacity_for(seq.shape[0]), scale=scale)
+        self._attn = attn
         P = cache.page_size
         main = cache.full_pages(n) * P
         if not attn.covers(seq, main):

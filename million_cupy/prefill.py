@@ -84,6 +84,7 @@ once, as :class:`~million_cupy.step.DecodeStep` does, since the replay that foll
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -226,17 +227,12 @@ def takes_dense(counts: np.ndarray, group: int) -> bool:
     return int(counts.max()) * group >= DENSE_ROWS_MIN
 
 
-def _padded_histories(n: np.ndarray) -> np.ndarray:
-    """The dense regime's workspace rows per sequence holding ``n`` tokens: whole tiles (int64)."""
-    return -(-n.astype(np.int64) // TC_TILE) * TC_TILE
-
-
 def history_spans(n: np.ndarray, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The dense regime's workspace layout and its dequantization's work list, for sequences holding ``n``
     tokens: each sequence's tokens padded to whole tiles, its rows starting at ``hist_row[b]`` in every kv
     head's ``ws_rows`` rows; spans (int32 ``(S, 4)``: sequence index, kv head, token begin, token end) of at
     most DEQUANTIZE_SPAN tokens cover every padded history once. Returns ``(spans, hist_row, ws_rows)``."""
-    padded = _padded_histories(n)
+    padded = -(-n.astype(np.int64) // TC_TILE) * TC_TILE
     hist_row = np.cumsum(padded) - padded
     seq, kvh, part = _per_head_parts(-(-padded // DEQUANTIZE_SPAN), num_kv_heads)
     begin = part * DEQUANTIZE_SPAN
@@ -447,6 +443,28 @@ class WorkListBuffers:
         cupy().cuda.runtime.memcpyAsync(self.device.data.ptr, self.host.ctypes.data, self.host.nbytes, 1, stream.ptr)
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorCoreSchedule:
+    """A tensor-core plan made and allocated but not yet in effect (:meth:`TensorCorePlan.prepare`): the batch
+    (slots ``seq``, CSR ``ind``, ``n`` tokens and ``main`` of them in pages after the append), its work list, and
+    the buffers it will be written into (new ones, or the plan's own)."""
+
+    seq: np.ndarray
+    ind: np.ndarray
+    n: np.ndarray
+    main: np.ndarray
+    units: np.ndarray
+    items: np.ndarray
+    row_tiles: int
+    splits: bool
+    dense: bool
+    sm: int
+    buffers: WorkListBuffers
+    dense_meta: Any  # the dense regime's spans and history rows (a device array), else None
+    spans: int
+    ws_rows: int
+
+
 class TensorCorePlan:
     """The tensor-core paths' metadata for one batch of new tokens over a GPU cache, and their launches: the
     on-chip kernels (verify_attention, prefill_attention) or the dense regime (dequantize_history into a
@@ -482,12 +500,20 @@ class TensorCorePlan:
         """Bytes of the dense regime's workspace held now (0 until a dense plan)."""
         return 0 if self._ws_k is None else 2 * self._ws_k.nbytes
 
-    def plan(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream, *, dense: bool = False) -> None:
+    def prepare(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream, *, dense: bool = False,
+                dropping_capture: bool = False) -> TensorCoreSchedule:
         """Schedule sequences ``seq`` (slots) with the CSR query offsets ``ind``, holding ``n`` tokens each after the
-        append; one upload of the metadata on ``stream``. ``dense``: the dense regime (its workspace holds
-        ``2 x num_kv_heads x sum(n) x head_dim`` values of the cache dtype, tokens padded to whole tiles).
-        After a launch was captured in a CUDA graph (and until :meth:`drop_capture`), the schedule fits that
-        launch's grid; the caller keeps the captured batch and new-token counts, so the kernel and buffers fit."""
+        append, and allocate what the schedule needs; :meth:`commit` then makes it the plan. ``dense``: the dense
+        regime (its workspace holds ``2 x num_kv_heads x sum(n) x head_dim`` values of the cache dtype, tokens
+        padded to whole tiles). After a launch was captured in a CUDA graph (and until :meth:`drop_capture`), the
+        schedule fits that launch's grid; the caller keeps the captured batch and new-token counts, so the kernel
+        and buffers fit. ``dropping_capture``: the caller will call :meth:`drop_capture` before :meth:`commit`, so
+        the schedule takes new buffers of its own.
+
+        Raises:
+            MillionError: the device has no room for the workspace or the work-list buffers. The current plan
+                stays (a workspace is only ever grown, and a grown one serves it too).
+        """
         cp = cupy()
         cache = self.cache
         counts = np.diff(ind)
@@ -496,38 +522,57 @@ class TensorCorePlan:
         rows = 16 * row_tiles
         sm = (DENSE_CTAS_PER_SM if dense else 1) * device_sm_count()
         verify = not dense and gathers_fragments(cache.head_dim, cache.M, row_tiles)
-        buffers = self._buffers
-        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, sm, rows, self._captured_grid)
+        captured = None if dropping_capture else self._captured_grid
+        units, items = tensor_core_schedule(counts, n, self.group, cache.num_kv_heads, sm, rows, captured)
         B, U, W = seq.shape[0], units.shape[0], items.shape[0]
         splits = bool((items[:, 3] > 1).any())
         # verify_attention's plans always hold split states (16 x VERIFY_ROW_TILES[-1] rows): a captured launch
         # may split where the eager one did not.
         part_rows = 16 * VERIFY_ROW_TILES[-1] if verify else (rows if splits else 0)
-        if dense:
-            spans, hist_row, ws_rows = history_spans(n, cache.num_kv_heads)
-            # May raise (no room on the device) before any of this plan's state is written: the last plan stays.
-            self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)
-        if self._leave_buffers:  # to a captured launch (drop_capture); past the last point where plan may raise
-            self._stale.append(buffers)
-            buffers = self._buffers = None
-            self._leave_buffers = False
-        if buffers is None or not buffers.fits(B, U, W, part_rows):
-            old = (0, 0, 0, 0) if buffers is None else (buffers.max_sequences, buffers.max_units, buffers.max_items,
-                                                        buffers.part_rows)
-            units_cap = max(capacity_for(U), old[1])
-            items_cap = max(W, self.graph_grid(units_cap, sm), old[2])
-            buffers = self._buffers = WorkListBuffers(max(capacity_for(B), old[0]), units_cap, items_cap,
-                                                      max(part_rows, old[3]), cache.head_dim, stream)
+        dense_meta, spans = None, np.zeros((0, 4), dtype=np.int32)
+        ws_rows = 0
+        # A captured launch keeps its buffers (drop_capture)
+        leaving = self._leave_buffers or (dropping_capture and self._captured_grid is not None)
+        buffers = None if leaving else self._buffers
+        try:
+            if dense:
+                spans, hist_row, ws_rows = history_spans(n, cache.num_kv_heads)
+                self._reserve_workspace(cache.num_kv_heads * ws_rows * cache.head_dim, stream)
+                with stream:
+                    dense_meta = cp.asarray(np.concatenate([spans.reshape(-1), hist_row]).astype(np.int32))
+            if buffers is None or not buffers.fits(B, U, W, part_rows):
+                sizes = (0, 0, 0, 0) if buffers is None else (buffers.max_sequences, buffers.max_units,
+                                                              buffers.max_items, buffers.part_rows)
+                units_cap = max(capacity_for(U), sizes[1])
+                items_cap = max(W, self.graph_grid(units_cap, sm), sizes[2])
+                buffers = WorkListBuffers(max(capacity_for(B), sizes[0]), units_cap, items_cap,
+                                          max(part_rows, sizes[3]), cache.head_dim, stream)
+        except cp.cuda.memory.OutOfMemoryError as exc:
+            raise MillionError(f"plan: the device has no room for the tensor-core plan's metadata ({exc}); plan "
+                               f"fewer sequences") from exc
+        return TensorCoreSchedule(seq, ind, n, main, units, items, row_tiles, splits, dense, sm, buffers,
+                                  dense_meta, int(spans.shape[0]), ws_rows)
+
+    def commit(self, s: TensorCoreSchedule, stream) -> None:
+        """Make ``s`` (the last :meth:`prepare`'s) the plan: one upload of its metadata on ``stream``; raises
+        nothing."""
+        cache = self.cache
+        if s.buffers is not self._buffers:
+            if self._leave_buffers:  # to a captured launch (drop_capture)
+                self._stale.append(self._buffers)
+                self._leave_buffers = False
+            self._buffers = s.buffers
             self._launches = {}
-        buffers.write((seq * cache.max_blocks_per_seq).astype(np.int64),
-                      np.stack([ind[:-1], counts, n, main], axis=1).astype(np.int32), seq.astype(np.int32),
-                      units, items, stream)
-        if dense:
-            with stream:
-                self._dense_meta = cp.asarray(np.concatenate([spans.reshape(-1), hist_row]).astype(np.int32))
-            self.spans, self.ws_rows = spans.shape[0], ws_rows
-        self.units, self.work_items, self.dense, self.row_tiles, self.splits = U, W, dense, row_tiles, splits
-        self._sm = sm
+        counts = np.diff(s.ind)
+        s.buffers.write((s.seq * cache.max_blocks_per_seq).astype(np.int64),
+                        np.stack([s.ind[:-1], counts, s.n, s.main], axis=1).astype(np.int32), s.seq.astype(np.int32),
+                        s.units, s.items, stream)
+        if s.dense:
+            self._dense_meta = s.dense_meta
+            self.spans, self.ws_rows = s.spans, s.ws_rows
+        self.units, self.work_items, self.dense, self.row_tiles, self.splits = (
+            s.units.shape[0], s.items.shape[0], s.dense, s.row_tiles, s.splits)
+        self._sm = s.sm
 
     @staticmethod
     def graph_grid(units: int, sm: int) -> int:
@@ -547,16 +592,6 @@ class TensorCorePlan:
         """Whether the planned kernel merges a unit's splits itself (verify_attention) rather than through a
         ``prefill_merge`` launch; such plans can be captured in a CUDA graph."""
         return not self.dense and gathers_fragments(self.cache.head_dim, self.cache.M, self.row_tiles)
-
-    def reserve_workspace(self, n: np.ndarray, stream) -> None:
-        """The dense regime's K and V workspaces for sequences holding ``n`` tokens (grown, never shrunk): a
-        caller that must not fail after this point reserves them first, and :meth:`plan` then finds them.
-
-        Raises:
-            MillionError: the device has no room for them; nothing changed.
-        """
-        rows = int(_padded_histories(n).sum())
-        self._reserve_workspace(self.cache.num_kv_heads * rows * self.cache.head_dim, stream)
 
     def _reserve_workspace(self, size: int, stream) -> None:
         """The K and V workspaces, ``size`` elements each at least (grown, never shrunk)."""
@@ -853,10 +888,16 @@ class BatchPrefillWrapper:
             # A captured run replays plans of these counts: they keep its regime, which the rule may change as
             # the histories grow (FRAGMENT_PAIR_TOKENS_MIN), so that the graph reads each of them.
             on_tensor_cores, dense = self._graph_regime
-        if on_tensor_cores and self._tc is None:
-            self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
-        if dense:  # its workspace first: a device without room for it raises before any page is reserved
-            self._tc.reserve_workspace(n, as_stream(self._stream))
+        # What may not fit the device is allocated before any page is reserved, and takes effect after: a plan
+        # that raises leaves the last one.
+        stream = as_stream(self._stream)
+        attn, schedule = (None if leaving else self._attn), None
+        if on_tensor_cores:
+            if self._tc is None:
+                self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
+            schedule = self._tc.prepare(seq, ind, n, stream, dense=dense, dropping_capture=leaving)
+        elif attn is None or attn.capacity < N:
+            attn = AttentionPlan(cache, self.num_heads, capacity_for(N), scale=self._scale)
         appends = buffer = None
         if not appended:
             buffer = self._append_buffer
@@ -870,7 +911,7 @@ class BatchPrefillWrapper:
         if buffer is not None:
             self._append_buffer = buffer
         if on_tensor_cores:
-            self._tc.plan(seq, ind, n, as_stream(self._stream), dense=dense)
+            self._tc.commit(schedule, stream)
             self._stats["tensor_core_plans"] += 1
             self._stats["dense_plans"] += int(dense)
             short = int(counts[counts <= LUT_QUERIES_MAX].sum()) if long else 0
@@ -883,13 +924,11 @@ class BatchPrefillWrapper:
                                 f"own for the LUT path)")
         else:
             owner, main, res = causal_lengths(n, counts, cache.page_size, cache.residual)
-            attn = self._attn
-            if attn is None or attn.capacity < N:
-                attn = self._attn = AttentionPlan(cache, self.num_heads, capacity_for(N), scale=self._scale)
+            self._attn = attn
             items = seq[owner]  # each query token is a work item over its sequence's pages and ring
             if not attn.covers(items, main):
                 attn.schedule(items, main)
-            attn.update(items, main.astype(np.int32), res.astype(np.int32), as_stream(self._stream))
+            attn.update(items, main.astype(np.int32), res.astype(np.int32), stream)
         if long:
             self._warn_once("long", f"{long} query tokens belong to chunks longer than {LUT_QUERIES_MAX} per sequence; "
                             f"{why_lut}, so they run the per-token LUT path, whose cost grows with the query count")

@@ -342,15 +342,16 @@ class DecodeStep:
         self._check_room(seq, end)
         if not new_tokens and (end == 0).any():
             raise ValueError(f"plan: sequences {seq[end == 0].tolist()} hold no tokens; nothing to attend to")
-        attn = self._attention_for(seq.shape[0])
+        B = seq.shape[0]
+        grown = self._grown_attention(B)  # allocated before any page is reserved, in use after
         limit = np.minimum(cache.allocated_blocks(seq) * P, cache.max_seq_len)
         if new_tokens and (end > limit).any():
             # Pages for `horizon` more tokens in one allocator call (PagePoolExhausted: nothing changed).
             limit = cache.ensure_capacity(seq, np.minimum(n + self.horizon, cache.max_seq_len))
             self._stats["reserves"] += 1
+        attn = self._attention_for(B, grown)
         # The append kernel's words and the token counts are views of the plan's step words (one staging copy per
         # plan); the positions are both the append's and the state's, so advancing one advances both.
-        B = seq.shape[0]
         tok = self._tok = attn.step_extra[: 4 * B].reshape(B, 4)
         tok[:, 0] = seq
         tok[:, 2] = cache.slot_generations(seq)
@@ -384,15 +385,23 @@ class DecodeStep:
             )
         return lens[0]
 
-    def _attention_for(self, B: int) -> AttentionPlan:
-        attn = self._attn
-        if attn is None or attn.capacity < B:
-            capacity = max(capacity_for(B), self._max_batch or 0)
+    def _grown_attention(self, B: int) -> AttentionPlan | None:
+        """A new AttentionPlan (allocated, not yet in use) when a batch of ``B`` outgrows the current one, else
+        None."""
+        if self._attn is not None and self._attn.capacity >= B:
+            return None
+        capacity = max(capacity_for(B), self._max_batch or 0)
+        return AttentionPlan(self.cache, self.num_heads, capacity, scale=self._scale, extra_words=4 * capacity)
+
+    def _attention_for(self, B: int, grown: AttentionPlan | None) -> AttentionPlan:
+        """The plan for a batch of ``B``: ``grown`` (from :meth:`_grown_attention`) put in use, or the current
+        one, with the append launches bound for ``B``."""
+        if grown is not None:
             self.stream.synchronize()  # rare: no queued copy or launch still reads the old plan's buffers
-            attn = self._attn = AttentionPlan(self.cache, self.num_heads, capacity, scale=self._scale,
-                                              extra_words=4 * capacity)
-            self._runs = [attn.launch(layer, self._np_dtype) for layer in range(self.cache.num_layers)]
+            self._attn = grown
+            self._runs = [grown.launch(layer, self._np_dtype) for layer in range(self.cache.num_layers)]
             self._appends_for = -1
+        attn = self._attn
         if self._appends_for != B:
             self._bind_appends(attn, B)
         return attn

@@ -143,6 +143,39 @@ def test_a_dense_plan_without_room_for_its_workspace_keeps_the_last_plan(rng, mo
     _check_layer(rng, cache, wrapper, 1, seqs, ind, nh, "float16")  # the first plan still runs
 
 
+@pytest.mark.parametrize("backend", ["lut", "tensor_cores"])
+def test_a_plan_without_room_for_its_metadata_reserves_no_page(rng, monkeypatch, backend):
+    """A plan that needs larger device buffers than it holds (more query tokens; new work-list buffers) on a
+    device without room raises before it reserves the new tokens' pages: the pool and the lengths are as they
+    were, and the last plan still runs."""
+    import cupy as cp
+
+    from million_cupy import prefill
+
+    (cache,) = _caches(rng, devices=("cuda",), max_pages=1024)
+    seqs, ind, nh, wrapper = _planned(rng, cache, history=[100, 40], counts=[3, 2], gqa=4, backend=backend)
+    _check_layer(rng, cache, wrapper, 0, seqs, ind, nh, "float16")
+    before, lengths = cache.stats(), cache.lengths.copy()
+
+    def no_room(*args, **kwargs):
+        raise cp.cuda.memory.OutOfMemoryError(1 << 40, 1 << 30)
+
+    monkeypatch.setattr(cp, "zeros", no_room)
+    monkeypatch.setattr(cp, "empty", no_room)
+    if backend == "lut":  # 80 query tokens outgrow the plan for 5
+        expected: type[Exception] = cp.cuda.memory.OutOfMemoryError
+    else:  # any plan needing new work-list buffers
+        monkeypatch.setattr(prefill.WorkListBuffers, "fits", lambda self, *sizes: False)
+        expected = MillionError
+    with pytest.raises(expected):
+        wrapper.plan(seqs, [0, 40, 80], layers=[1])
+    monkeypatch.undo()
+    assert cache.stats()["used"] == before["used"] and cache.stats()["allocs"] == before["allocs"]
+    np.testing.assert_array_equal(cache.lengths, lengths)
+    assert wrapper.stats()["plans"] == 1
+    _check_layer(rng, cache, wrapper, 1, seqs, ind, nh, "float16")  # the first plan still runs
+
+
 def test_the_auto_rule_takes_the_dense_regime_for_many_rows(rng):
     (cache,) = _caches(rng, devices=("cuda",), max_pages=1024)
     gqa = 4

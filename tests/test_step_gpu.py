@@ -540,6 +540,65 @@ def test_a_non_finite_token_is_reported_at_the_next_plan(rng):
     assert cache.seq_len(a) == 23 and cache.seq_len(b) == 33  # three planned steps: the NaN token is stored
 
 
+def test_a_larger_batch_without_pages_leaves_the_step_planned(rng):
+    """A plan of a larger batch grows the step's metadata, then finds no pages: it raises PagePoolExhausted
+    with the previous batch's plan still in use, so that batch's next step attends over the right tokens."""
+    import cupy as cp
+
+    from million_cupy import DecodeStep
+
+    (cache,) = _caches(rng, devices=("cuda",), max_pages=12)
+    a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    _prefill(rng, (cache,), [a, b, c], [60, 60, 64])  # 12 blocks of 16: a and b have room for 4 tokens, c none
+    step = DecodeStep(cache, 8, horizon=16)
+    used = cache.stats()["used"]
+
+    def one_step(seqs):
+        step.plan(seqs)
+        B = len(seqs)
+        for layer in range(2):
+            k = cp.asarray(rng.standard_normal((B, 2, 128)).astype(np.float16))
+            q = cp.asarray(rng.standard_normal((B, 8, 128)).astype(np.float16))
+            step.append(layer, k, k)
+            _check_attention(cache, layer, seqs, q, step.run(layer, q), None, "float16")
+
+    one_step([a, b])
+    with pytest.raises(PagePoolExhausted):
+        step.plan([a, b, c])  # a batch of 3 outgrows the plan for 2; c needs a page
+    assert cache.stats()["used"] == used and [cache.seq_len(s) for s in (a, b, c)] == [61, 61, 64]
+    one_step([a, b])
+    step.check()
+    assert [cache.seq_len(s) for s in (a, b)] == [62, 62]
+
+
+def test_a_decode_plan_without_room_for_its_metadata_reserves_no_page(rng, monkeypatch):
+    """BatchDecodeWrapper.plan allocates a larger batch's metadata before it reserves the new tokens' pages:
+    a device without room raises with the pool and the lengths as they were, and the last plan still runs."""
+    import cupy as cp
+
+    from million_cupy import BatchDecodeWrapper
+
+    (cache,) = _caches(rng, devices=("cuda",))
+    seqs = [cache.add_sequence() for _ in range(3)]
+    _prefill(rng, (cache,), seqs, [40, 33, 16])
+    wrapper = BatchDecodeWrapper(cache, num_heads=8)
+    wrapper.plan(seqs[:2], new_tokens=0)
+    before, lengths = cache.stats(), cache.lengths.copy()
+
+    def no_room(*args, **kwargs):
+        raise cp.cuda.memory.OutOfMemoryError(1 << 40, 1 << 30)
+
+    monkeypatch.setattr(cp, "zeros", no_room)
+    monkeypatch.setattr(cp, "empty", no_room)
+    with pytest.raises(cp.cuda.memory.OutOfMemoryError):
+        wrapper.plan(seqs, new_tokens=1)  # 3 sequences outgrow the plan for 2
+    monkeypatch.undo()
+    assert cache.stats()["used"] == before["used"] and cache.stats()["allocs"] == before["allocs"]
+    np.testing.assert_array_equal(cache.lengths, lengths)
+    q = cp.asarray(rng.standard_normal((2, 8, 128)).astype(np.float16))
+    _check_attention(cache, 0, seqs[:2], q, wrapper.run(0, q), None, "float16")
+
+
 def test_pool_exhaustion_in_a_run_of_steps_loses_nothing(rng):
     import cupy as cp
 
