@@ -73,6 +73,7 @@ from .layout import (  # re-exported: these names were public here before layout
     K_CHUNK_BYTES, PAGE_SIZES, V_BLOCK_TOKENS, blocks, full_pages, k_chunk, pack_pages, permute_k_rows,
     stored_v_shape, unpack_pages,
 )
+from .layout import kernel_codebooks
 
 __all__ = ["PagedPQCache", "AppendPlan", "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape",
            "full_pages", "CACHE_DTYPES", "PAGE_SIZES", "APPEND_SOURCE", "append_kernel_name", "APPEND_THREADS",
@@ -337,6 +338,17 @@ class PagedPQCache:
             # A slot's generation changes whenever it starts or stops holding a sequence; kernels launched
             # from a step's metadata compare it so that a replay after the batch changed writes nothing.
             self._slot_gen_dev = xp.zeros(max_seqs, dtype=np.int32)
+        self._kernel_books: list[tuple[Any, Any]] = []
+        if gpu and quantized:
+            # The codebooks in every layout a kernel reads, made here and finished before the constructor returns
+            # (the codebooks may come from kernels on any stream, k-means on the GPU among them): a kernel on any
+            # stream, in a CUDA graph, or started early by programmatic dependent launch never reads them
+            # half-written, and every plan and step of this cache shares one copy.
+            cp.cuda.Device().synchronize()
+            with self._stream:
+                self._kernel_books = [kernel_codebooks(codebooks.key_centroids(x), codebooks.value_centroids(x))
+                                      for x in range(num_layers)]
+            self._stream.synchronize()
 
         # Host bookkeeping: the device never has to be asked what the cache holds.
         # (layers, slots), stored slot-major: a decode step adds to every layer of a run of slots, one
@@ -567,6 +579,21 @@ class PagedPQCache:
         """Float32 ``(Hc, M, 256, dsub)`` value centroids of ``layer`` on the cache's side."""
         self._require_quantized("value_centroids")
         return self._codebooks.value_centroids(layer)
+
+    def kernel_codebooks(self, layer: int) -> tuple[Any, Any]:
+        """``(k, v)``: the key and value centroids of ``layer`` as the attention kernels read them, float16
+        ``(Hc, 256, M, dsub)`` (:func:`~million_cupy.layout.kernel_codebooks`); made when a GPU cache is built,
+        complete then, and shared by every launcher of the cache.
+
+        Raises:
+            UnsupportedConfiguration: an exact cache (no codebooks).
+            MillionError: a CPU cache.
+        """
+        self._require_quantized("kernel_codebooks")
+        if not self.is_gpu:
+            raise MillionError("kernel_codebooks: a CPU cache has no kernel layouts (the CPU path reads "
+                               "key_centroids / value_centroids)")
+        return self._kernel_books[self.check_layer(layer)]
 
     # ---------------------------------------------------------------------------- sequences
 

@@ -38,7 +38,7 @@ import numpy as np
 from . import kernels, reference
 from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, require_gpu, to_numpy
-from .layout import PAGE_SIZES, pack_pages, permute_k_rows, stored_v_shape
+from .layout import PAGE_SIZES, kernel_codebooks, pack_pages, permute_k_rows, stored_v_shape
 
 SOURCE = "decode_attention.cu"
 MODE_PAGED_PQ, MODE_CONTIG_PQ, MODE_PAGED_EXACT = 0, 1, 2
@@ -250,21 +250,6 @@ def make_schedule(main_len: np.ndarray, num_heads: int, group: int, align: int, 
         work[last, 2] = lens[b[last]]
     unit_items = np.stack([first, counts.astype(np.int32)], axis=1).astype(np.int32)
     return _Schedule(work=work, unit_items=unit_items, group=group)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Codebooks in the kernels' format
-# ---------------------------------------------------------------------------------------------------
-
-
-def kernel_codebooks(k_centroids, v_centroids):
-    """(Hc, M, C, dsub) centroids → the kernels' [c][m] layouts, both float16: every CTA reads the K codebook
-    to build its lookup table (whose entries are fp16 anyway), and at short contexts those reads are a
-    large part of the step."""
-    cp = cupy()
-    k = cp.ascontiguousarray(cp.asarray(k_centroids, dtype=cp.float32).transpose(0, 2, 1, 3).astype(cp.float16))
-    v = cp.ascontiguousarray(cp.asarray(v_centroids, dtype=cp.float32).transpose(0, 2, 1, 3).astype(cp.float16))
-    return k, v
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,8 +518,8 @@ class AttentionPlan:
 
 class PagedLayerStorage(NamedTuple):
     """What a kernel reading one layer of a GPU PagedPQCache takes, in the kernels' argument order: both
-    codebooks in the kernels' fp16 ``[c][m]`` layout (:func:`kernel_codebooks`) and the elements between kv
-    heads' codebooks (0: shared), the layer's K and V code sections of the pool, its exact tokens (the
+    codebooks in the kernels' fp16 ``[c][m]`` layout (``PagedPQCache.kernel_codebooks``) and the elements
+    between kv heads' codebooks (0: shared), the layer's K and V code sections of the pool, its exact tokens (the
     residual rings), the bytes per page and per kv head of a page (``P * M``), the block table and
     ``log2(page_size)``. An exact cache's: placeholders for codebooks and codes, its K and V page sections as
     the exact tokens, and page / head strides in elements (``MODE_PAGED_EXACT``)."""
@@ -553,8 +538,8 @@ class PagedLayerStorage(NamedTuple):
 
 
 def paged_layer_storage(cache, layer: int) -> PagedLayerStorage:
-    """The storage of ``layer`` of a GPU cache as the paged kernels read it (codebooks converted: keep the
-    result for the layer's launches)."""
+    """The storage of ``layer`` of a GPU cache as the paged kernels read it (views and the cache's kernel
+    codebooks; keep the result for the layer's launches)."""
     shift = np.int32(cache.page_size.bit_length() - 1)
     if not cache.quantized:
         cp = cupy()
@@ -564,7 +549,7 @@ def paged_layer_storage(cache, layer: int) -> PagedLayerStorage:
         return PagedLayerStorage(none16, none16, np.int64(0), none8, none8, cache.k_pages(layer),
                                  cache.v_pages(layer), np.int64(cache.page_nbytes // item),
                                  np.int64(cache.page_size * cache.head_dim), cache.block_table, shift)
-    kc, vc = kernel_codebooks(cache.key_centroids(layer), cache.value_centroids(layer))
+    kc, vc = cache.kernel_codebooks(layer)
     flat = cache.pool.reshape(-1)
     return PagedLayerStorage(
         kc, vc, np.int64(kc.shape[1] * kc.shape[2] * kc.shape[3] if kc.shape[0] > 1 else 0),

@@ -1,4 +1,5 @@
-"""The paged cache's layout contract: the flush rule, block counts and the in-page code layout.
+"""The paged cache's layout contract: the flush rule, block counts, the in-page code layout and the kernels'
+codebook layout.
 
 Pure functions over NumPy or CuPy arrays, shared by the cache that writes pages
 (:mod:`million_cupy.cache`), the kernels' launchers that read them (:mod:`million_cupy.decode`,
@@ -25,7 +26,7 @@ import numpy as np
 from .interop import cupy, is_gpu_array
 
 __all__ = ["PAGE_SIZES", "K_CHUNK_BYTES", "V_BLOCK_TOKENS", "full_pages", "blocks", "k_chunk",
-           "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape"]
+           "permute_k_rows", "pack_pages", "unpack_pages", "stored_v_shape", "kernel_codebooks"]
 
 #: Supported page sizes (tokens per page): powers of two, so the decode kernels index pages by shifts.
 PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -119,3 +120,13 @@ def unpack_pages(k_pages: Any, v_pages: Any) -> tuple[Any, Any]:
     k = xp.swapaxes(k_pages, -3, -2).reshape(*lead, P, M)
     v = xp.swapaxes(v_pages, -2, -1).reshape(*lead, P, M)
     return permute_k_rows(k, xp.arange(P)), v
+
+
+def kernel_codebooks(k_centroids, v_centroids):
+    """(Hc, M, C, dsub) centroids → the kernels' [c][m] layouts, both float16: every CTA reads the K codebook
+    to build its lookup table (whose entries are fp16 anyway), and at short contexts those reads are a
+    large part of the step."""
+    cp = cupy()
+    k = cp.ascontiguousarray(cp.asarray(k_centroids, dtype=cp.float32).transpose(0, 2, 1, 3).astype(cp.float16))
+    v = cp.ascontiguousarray(cp.asarray(v_centroids, dtype=cp.float32).transpose(0, 2, 1, 3).astype(cp.float16))
+    return k, v

@@ -641,7 +641,7 @@ class TensorCorePlan:
                        np.uint64(0) if lse is None else lse, np.int32(self.num_heads), np.int32(cache.num_kv_heads)))
 
     def _layer_storage(self, layer: int) -> PagedLayerStorage:
-        """What the kernels read of ``layer`` (its codebooks converted once)."""
+        """What the kernels read of ``layer`` (made once)."""
         storage = self._storage.get(layer)
         if storage is None:
             storage = self._storage[layer] = paged_layer_storage(self.cache, layer)

@@ -343,6 +343,34 @@ def test_pool_bytes_follow_the_documented_layout(rng, device, M):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads", [1, 2])
+def test_kernel_codebooks_are_made_with_the_cache_and_shared(rng, device, heads):
+    """A GPU cache holds its codebooks in the kernels' float16 [c][m] layout from construction, and every
+    launcher reads that one copy; a CPU cache or an exact one has none, and says so."""
+    from million_cupy.decode import paged_layer_storage
+    from million_cupy.errors import MillionError
+
+    cache = make_cache(rng, device, heads=heads)
+    if device == "cpu":
+        with pytest.raises(MillionError, match="CPU cache"):
+            cache.kernel_codebooks(0)
+        exact = PagedPQCache(2, 2, 64, None, page_size=16, max_seqs=2, max_seq_len=64, device="cpu")
+        with pytest.raises(UnsupportedConfiguration, match="kernel_codebooks: this cache is exact"):
+            exact.kernel_codebooks(0)
+        return
+    for layer in range(cache.num_layers):
+        k, v = cache.kernel_codebooks(layer)
+        for got, centroids in ((k, cache.key_centroids(layer)), (v, cache.value_centroids(layer))):
+            assert got.dtype == np.float16 and got.flags.c_contiguous
+            want = to_numpy(centroids).transpose(0, 2, 1, 3).astype(np.float16)  # (Hc, 256, M, dsub)
+            np.testing.assert_array_equal(to_numpy(got), want)
+        storage = paged_layer_storage(cache, layer)
+        assert storage.k_centroids is k and storage.v_centroids is v
+    with pytest.raises(IndexError, match="layer: expected 0 <= layer < 2, got 2"):
+        cache.kernel_codebooks(cache.num_layers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("M", [8, 32, 64])
 def test_permute_k_rows_is_the_documented_involution(rng, device, M):
     side = (lambda x: cupy().asarray(x)) if device == "cuda" else (lambda x: x)
