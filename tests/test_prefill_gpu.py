@@ -176,6 +176,55 @@ def test_a_plan_without_room_for_its_metadata_reserves_no_page(rng, monkeypatch,
     _check_layer(rng, cache, wrapper, 1, seqs, ind, nh, "float16")  # the first plan still runs
 
 
+_SPIN = r"""extern "C" __global__ void spin(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {}
+}"""
+
+
+@pytest.mark.parametrize("launcher", ["prefill", "decode"])
+def test_a_first_run_reads_codebooks_finished_when_the_cache_was_built(rng, launcher):
+    """A launcher's first run on its own stream while CuPy's current stream is still busy (a kernel spinning for
+    ~0.1 s): the kernels read the codebooks the cache made and waited for when it was built, so the output
+    matches the reference. (Converted at the first run on the current stream, they would still be unwritten.)"""
+    import cupy as cp
+
+    from million_cupy import BatchDecodeWrapper
+
+    stream, busy = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    (cache,) = _caches(rng, devices=("cuda",), stream=stream, max_pages=1024)
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [300, 77])
+    nh, d = 4 * cache.num_kv_heads, cache.head_dim
+    counts = [4, 3] if launcher == "prefill" else [1, 1]
+    ind = np.concatenate([[0], np.cumsum(counts)])
+    if launcher == "prefill":
+        wrapper = BatchPrefillWrapper(cache, nh, backend="tensor_cores", stream=stream)
+        wrapper.plan(seqs, ind)
+        k, v = _device_array(_tokens(rng, ind[-1], cache)), _device_array(_tokens(rng, ind[-1], cache))
+        cp.cuda.Device().synchronize()  # made on the current stream, appended on the cache's
+        cache.append(0, seqs, k.astype(cache.array_dtype), v.astype(cache.array_dtype), lengths=counts)
+    else:
+        wrapper = BatchDecodeWrapper(cache, num_heads=nh, stream=stream)
+        wrapper.plan(seqs, new_tokens=0)
+    q = cp.asarray(rng.standard_normal((int(ind[-1]), nh, d)).astype(np.float16))
+    out = _poison((int(ind[-1]), nh, d), "float16")
+    cp.cuda.Device().synchronize()
+    spin = cp.RawKernel(_SPIN, "spin")
+    with busy:
+        spin((1,), (1,), (np.int64(200_000_000),))
+        wrapper.run(0, q, out=out)
+    stream.synchronize()
+    busy.synchronize()
+    ks, vs = zip(*(cache.dequantize(0, s) for s in seqs))
+    if launcher == "prefill":
+        ref_o, _ = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind)
+    else:
+        ref_o, _ = reference.decode_attention(to_numpy(q).astype(np.float64), list(ks), list(vs))
+    o = to_numpy(out).astype(np.float64)
+    assert np.isfinite(o).all() and reference.relative_error(o, ref_o) <= TOL["float16"]
+
+
 def test_the_auto_rule_takes_the_dense_regime_for_many_rows(rng):
     (cache,) = _caches(rng, devices=("cuda",), max_pages=1024)
     gqa = 4
