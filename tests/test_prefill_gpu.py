@@ -201,9 +201,9 @@ def test_a_first_run_reads_codebooks_finished_when_the_cache_was_built(rng, laun
     if launcher == "prefill":
         wrapper = BatchPrefillWrapper(cache, nh, backend="tensor_cores", stream=stream)
         wrapper.plan(seqs, ind)
-        k, v = _device_array(_tokens(rng, ind[-1], cache)), _device_array(_tokens(rng, ind[-1], cache))
+        k, v = (_device_array(_tokens(rng, ind[-1], cache)).astype(cache.array_dtype) for _ in range(2))
         cp.cuda.Device().synchronize()  # made on the current stream, appended on the cache's
-        cache.append(0, seqs, k.astype(cache.array_dtype), v.astype(cache.array_dtype), lengths=counts)
+        cache.append(0, seqs, k, v, lengths=counts)
     else:
         wrapper = BatchDecodeWrapper(cache, num_heads=nh, stream=stream)
         wrapper.plan(seqs, new_tokens=0)
