@@ -176,3 +176,41 @@ def test_step_targets_reproduce_the_stored_run():
     slow_graph_plans = {(r["batch"], r["context"], r["M"]) for r in measured
                         if r["method"] == "paged_pq_graph" and r["plan_us"] > 60}
     assert {key for key, r in judged.items() if not r["graph_plan_le_60us"]} == slow_graph_plans
+
+
+def _one_line_patch(path: Path, rel: str) -> str:
+    """A unified diff that rewrites the first line of ``rel`` (relative to the repository root)."""
+    import difflib
+
+    lines = path.read_text().splitlines(keepends=True)
+    return "".join(difflib.unified_diff(lines, ["# patched\n", *lines[1:]], f"a/{rel}", f"b/{rel}"))
+
+
+def test_ab_patch_patches_a_copy_and_compares_the_rounds_medians(tmp_path):
+    ab = _load("ab_patch")
+    target = BENCH / "harness.py"
+    original = target.read_text()
+    patch = tmp_path / "one.diff"
+    patch.write_text(_one_line_patch(target, "bench/harness.py"))
+    tree = ab.patched_tree(patch, tmp_path / "b")
+    assert target.read_text() == original  # the tree itself is untouched
+    assert (tree / "bench" / "harness.py").read_text().startswith("# patched\n")
+    assert (tree / "cuda_src" / "prefill_attention.cu").is_file() and not (tree / "bench" / "results").exists()
+    stale = tmp_path / "stale.diff"  # made against the patched file: the line it replaces is not in the tree
+    (tree / "bench" / "harness.py").write_text("# patched twice\n" + original.split("\n", 1)[1])
+    stale.write_text(_one_line_patch(tree / "bench" / "harness.py", "bench/harness.py"))
+    assert stale.read_text().count("-# patched twice") == 1
+    with pytest.raises(SystemExit, match="stale.diff does not apply"):
+        ab.patched_tree(stale, tmp_path / "c")
+    rec = {"suite": "prefill", "method": "verify", "M": 32}
+    runs = {"A1": [rec | {"median_us": 10.0, "host_us": 3.0}], "B1": [rec | {"median_us": 9.0, "host_us": 5.0}],
+            "A2": [rec | {"median_us": 11.0, "host_us": 3.0}], "B2": [rec | {"median_us": 9.5, "host_us": 5.0}]}
+    (row,) = ab.summary(runs)
+    assert row["A1"] == 10.0 and row["B2"] == 9.5 and row["b_over_a"] == pytest.approx(9.25 / 10.5)
+    assert {k: row[k] for k in rec} == rec
+
+
+@pytest.mark.parametrize("patch", sorted((ROOT / "docs" / "patches").glob("*.diff")), ids=lambda p: p.name)
+def test_the_documented_patches_apply_to_the_tree(patch, tmp_path):
+    """docs/perf-notes.md names these patches as the next measurements: they must still apply."""
+    _load("ab_patch").patched_tree(patch, tmp_path / "b")
