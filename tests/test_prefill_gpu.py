@@ -19,7 +19,7 @@ from million_cupy import BatchPrefillWrapper, prefill_attention, reference
 from million_cupy.errors import MillionError, UnsupportedConfiguration
 from million_cupy.prefill import DENSE_ROWS_MIN
 from million_cupy.interop import to_numpy
-from test_step_gpu import TOL, _caches, _device_array, _poison, _prefill, _tokens
+from test_step_gpu import TOL, _caches, _check_attention, _device_array, _poison, _prefill, _tokens
 
 pytestmark = pytest.mark.gpu
 
@@ -216,11 +216,11 @@ def test_a_first_run_reads_codebooks_finished_when_the_cache_was_built(rng, laun
         wrapper.run(0, q, out=out)
     stream.synchronize()
     busy.synchronize()
+    if launcher == "decode":
+        _check_attention(cache, 0, seqs, q, out, None, "float16")
+        return
     ks, vs = zip(*(cache.dequantize(0, s) for s in seqs))
-    if launcher == "prefill":
-        ref_o, _ = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind)
-    else:
-        ref_o, _ = reference.decode_attention(to_numpy(q).astype(np.float64), list(ks), list(vs))
+    ref_o, _ = reference.causal_attention(to_numpy(q).astype(np.float64), list(ks), list(vs), ind)
     o = to_numpy(out).astype(np.float64)
     assert np.isfinite(o).all() and reference.relative_error(o, ref_o) <= TOL["float16"]
 
