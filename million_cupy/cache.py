@@ -272,13 +272,13 @@ class PagedPQCache:
             if not quantized:
                 raise ValueError("device: expected 'cuda' or 'cpu' for an exact cache (codebooks=None: no codebooks whose "
                                  "side to follow), got None")
-            device = "cuda" if codebooks.is_gpu else "cpu"
+            device = "cuda" if codebooks is not None and codebooks.is_gpu else "cpu"
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device: expected 'cuda', 'cpu' or None, got {device!r}")
         if device == "cuda" and not gpu_available():
             raise DeviceUnavailable("device='cuda': no CUDA device is usable through CuPy")
         gpu = device == "cuda"
-        if quantized and gpu != codebooks.is_gpu:
+        if codebooks is not None and gpu != codebooks.is_gpu:
             codebooks = codebooks.to_gpu() if gpu else codebooks.to_cpu()
 
         self._num_layers = num_layers
@@ -295,9 +295,9 @@ class PagedPQCache:
         self._dtype_name = dtype
         self._dtype = resolve_dtype(dtype)
         self._codebooks = codebooks
-        self._M = codebooks.M if quantized else None
+        self._M = None if codebooks is None else codebooks.M
         # Bytes of one token of one (layer, kind, kv head): its M codes, or its exact row.
-        self._token_nbytes = self._M if quantized else head_dim * self._dtype.itemsize
+        self._token_nbytes = head_dim * self._dtype.itemsize if self._M is None else self._M
         self._page_nbytes = num_layers * 2 * num_kv_heads * page_size * self._token_nbytes
         ring_tokens = self._S  # an exact cache reads its window from the pages
         num_pages = max_seqs * self._max_blocks if max_pages is None else _index(max_pages, "max_pages")
@@ -339,7 +339,7 @@ class PagedPQCache:
             # from a step's metadata compare it so that a replay after the batch changed writes nothing.
             self._slot_gen_dev = xp.zeros(max_seqs, dtype=np.int32)
         self._kernel_books: list[tuple[Any, Any]] = []
-        if gpu and quantized:
+        if gpu and codebooks is not None:
             # The codebooks in every layout a kernel reads, made here and finished before the constructor returns
             # (the codebooks may come from kernels on any stream, k-means on the GPU among them): a kernel on any
             # stream, in a CUDA graph, or started early by programmatic dependent launch never reads them
@@ -531,24 +531,24 @@ class PagedPQCache:
             rows, shape=(self._num_pages, self._nh_k, self._P, self._d),
             strides=(self._page_nbytes, self._P * self._d * item, self._d * item, item))
 
-    def _require_quantized(self, what: str) -> None:
-        if not self.quantized:
+    def _pq_codebooks(self, what: str) -> ModelCodebooks:
+        """The codebooks of a PQ cache; an exact cache raises, naming ``what`` needed them."""
+        if self._codebooks is None:
             raise UnsupportedConfiguration(f"{what}: this cache is exact (codebooks=None) and holds no PQ codes or "
                                            f"codebooks; its pages are k_pages / v_pages")
+        return self._codebooks
 
     def k_codes(self, layer: int) -> Any:
         """View ``(num_pages, nh_k, M // kc, P, kc)`` of the pool (``kc = min(M, 16)``): K codes of ``layer``
         as stored (see :func:`pack_pages`; :func:`unpack_pages` gives ``[token][m]`` codes)."""
-        self._require_quantized("k_codes")
-        P, M = self._P, self._M
+        P, M = self._P, self._pq_codebooks("k_codes").M
         kc = k_chunk(M)
         return self._codes_view(self.code_offset(layer, 0), (self._nh_k, M // kc, P, kc), (P * M, P * kc, kc, 1))
 
     def v_codes(self, layer: int) -> Any:
         """View ``(num_pages, nh_k, P // 16, M, 16)`` of the pool: V codes of ``layer`` as stored,
         transposed ``[m][token]`` in 16-token blocks (see :func:`pack_pages`)."""
-        self._require_quantized("v_codes")
-        P, M, T = self._P, self._M, V_BLOCK_TOKENS
+        P, M, T = self._P, self._pq_codebooks("v_codes").M, V_BLOCK_TOKENS
         return self._codes_view(self.code_offset(layer, 1), (self._nh_k, P // T, M, T), (P * M, M * T, T, 1))
 
     def _codes_view(self, offset: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
@@ -572,13 +572,11 @@ class PagedPQCache:
 
     def key_centroids(self, layer: int) -> Any:
         """Float32 ``(Hc, M, 256, dsub)`` key centroids of ``layer`` on the cache's side."""
-        self._require_quantized("key_centroids")
-        return self._codebooks.key_centroids(layer)
+        return self._pq_codebooks("key_centroids").key_centroids(layer)
 
     def value_centroids(self, layer: int) -> Any:
         """Float32 ``(Hc, M, 256, dsub)`` value centroids of ``layer`` on the cache's side."""
-        self._require_quantized("value_centroids")
-        return self._codebooks.value_centroids(layer)
+        return self._pq_codebooks("value_centroids").value_centroids(layer)
 
     def kernel_codebooks(self, layer: int) -> tuple[Any, Any]:
         """``(k, v)``: the key and value centroids of ``layer`` as the attention kernels read them, float16
@@ -589,7 +587,7 @@ class PagedPQCache:
             UnsupportedConfiguration: an exact cache (no codebooks).
             MillionError: a CPU cache.
         """
-        self._require_quantized("kernel_codebooks")
+        self._pq_codebooks("kernel_codebooks")
         if not self.is_gpu:
             raise MillionError("kernel_codebooks: a CPU cache has no kernel layouts (the CPU path reads "
                                "key_centroids / value_centroids)")
@@ -1143,7 +1141,7 @@ class PagedPQCache:
         self._non_finite_seen |= not (np.isfinite(k).all() and np.isfinite(v).all())
         row = pos % P
         pages = self._block_table[seq, pos // P]
-        if not self.quantized:
+        if self._M is None:  # an exact cache
             self.k_pages(layer)[pages, :, row] = k
             self.v_pages(layer)[pages, :, row] = v
             return
@@ -1166,7 +1164,8 @@ class PagedPQCache:
             if not self.is_gpu:
                 raise UnsupportedConfiguration("append_kernel: the append kernel needs a GPU cache (device='cuda')")
             layer = self.check_layer(layer)
-            if not self.quantized:
+            M = self._M
+            if M is None:  # an exact cache
                 self._append_kernels[layer] = self._exact_append_kernel(layer)
                 return self._append_kernels[layer]
             xp = self._xp
@@ -1174,13 +1173,13 @@ class PagedPQCache:
             flat = self._pool.reshape(-1)
             Hc = int(kc.shape[0])
             append = self._append_kernels[layer] = AppendKernel(
-                kernel=kernels.get_kernel(APPEND_SOURCE, append_kernel_name(self._d // self._M, self._dtype_name)),
-                grid_x=2 * Hc * self._M,
+                kernel=kernels.get_kernel(APPEND_SOURCE, append_kernel_name(self._d // M, self._dtype_name)),
+                grid_x=2 * Hc * M,
                 rows_per_token=self._nh_k // Hc,
                 storage=(self._ring_k[layer], self._ring_v[layer], flat[self.code_offset(layer, 0):],
                          flat[self.code_offset(layer, 1):], np.int64(self._page_nbytes), kc, vc, self._block_table,
                          np.int32(self._max_blocks)),
-                geometry=(np.int32(self._nh_k), np.int32(self._M), np.int32(Hc), np.int32(self._S),
+                geometry=(np.int32(self._nh_k), np.int32(M), np.int32(Hc), np.int32(self._S),
                           np.int32(self._P.bit_length() - 1)),
                 slot_gen=self._slot_gen_dev,
             )
@@ -1208,7 +1207,7 @@ class PagedPQCache:
         order and ``residual_lens[b]`` its residual token count; all int32, device arrays on the GPU
         path (one H2D copy of ``O(B)`` metadata and one gather launch from the block table).
         """
-        self._require_quantized("page_table")
+        self._pq_codebooks("page_table")
         layer = self.check_layer(layer)
         seqs = self.check_ids(seq_ids, "page_table", unique=False)
         B = seqs.shape[0]
@@ -1238,7 +1237,8 @@ class PagedPQCache:
         layer = self.check_layer(layer)
         seq = self.check_ids(seq, "dequantize")[0]
         n = int(self._lens[layer, seq])
-        if not self.quantized:
+        books = self._codebooks
+        if books is None:  # an exact cache
             with self._on_stream():
                 ids = self._block_table[seq, : -(-n // self._P)]
                 k, v = (  # (blocks, nh_k, P, d) -> token order
@@ -1251,13 +1251,13 @@ class PagedPQCache:
         with self._on_stream():
             ids = self._block_table[seq, :pages]
             k_codes, v_codes = (
-                c.transpose(0, 2, 1, 3).reshape(paged, self._nh_k, self._M)
+                c.transpose(0, 2, 1, 3).reshape(paged, self._nh_k, books.M)
                 for c in unpack_pages(self.k_codes(layer)[ids], self.v_codes(layer)[ids])
             )
             out = []
             for codebooks, codes, ring in (
-                (self._codebooks.key_codebooks(layer), k_codes, self._ring_k),
-                (self._codebooks.value_codebooks(layer), v_codes, self._ring_v),
+                (books.key_codebooks(layer), k_codes, self._ring_k),
+                (books.value_codebooks(layer), v_codes, self._ring_v),
             ):
                 residual = ring[layer, seq][:, self._to_device(slots)[0]].transpose(1, 0, 2)
                 out.append(
@@ -1320,10 +1320,11 @@ class PagedPQCache:
 
     def _non_finite_appended(self) -> bool:
         """Whether an unchecked append stored a NaN or inf token (the append kernel's flag; CPU: a host check)."""
-        if self._non_finite_seen or not self.is_gpu:
+        status = self._append_status  # None on the CPU path
+        if self._non_finite_seen or status is None:
             return self._non_finite_seen
         with self._on_stream():
-            return bool(int(self._append_status.get()[0]) & APPEND_STATUS_NON_FINITE)
+            return bool(int(status.get()[0]) & APPEND_STATUS_NON_FINITE)
 
     def __repr__(self) -> str:
         return (

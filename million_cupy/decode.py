@@ -644,7 +644,7 @@ class BatchDecodeWrapper:
         if any(not np.array_equal(cache.lengths[x, seq] + new_tokens, n) for x in planned[1:]):
             raise ValueError("plan: the planned layers hold different lengths for these sequences; append every "
                              "layer first, or plan the layers separately (layers=[...])")
-        if not same_heads or attn.capacity < seq.shape[0]:  # before any page is reserved: may not fit the device
+        if attn is None or not same_heads or attn.capacity < seq.shape[0]:  # before any page is reserved: may not fit the device
             attn = AttentionPlan(cache, nh, capacity_for(seq.shape[0]), scale=scale)
         if new_tokens:
             cache.reserve(seq, new_tokens)
@@ -689,20 +689,19 @@ class BatchDecodeWrapper:
         microseconds of host time per layer). The launch's arguments are bound once per plan capacity;
         a call sets only q, out and lse and launches.
         """
-        attn = self._attn
-        if attn is None:
+        attn, seq, planned_lens = self._attn, self._seq, self._n
+        if attn is None or seq is None or planned_lens is None:
             raise MillionError("run() before plan(): call plan(seq_ids, new_tokens) once per decode step")
         cache = self.cache
         if not 0 <= layer < cache.num_layers:
             raise IndexError(f"layer must be in [0, {cache.num_layers}), got {layer}")
         if layer not in self._layers:
             raise MillionError(f"layer {layer} is not in this plan (planned: {sorted(self._layers)})")
-        seq = self._seq
-        if check and not np.array_equal(cache.lengths[layer, seq], self._n):
+        if check and not np.array_equal(cache.lengths[layer, seq], planned_lens):
             got = cache.seq_lens(layer, seq)  # validates the ids: a sequence freed since plan() raises
-            bad = int(np.nonzero(got != self._n)[0][0])
+            bad = int(np.nonzero(got != planned_lens)[0][0])
             raise MillionError(
-                f"layer {layer}: plan expected sequence {int(seq[bad])} to hold {int(self._n[bad])} tokens, "
+                f"layer {layer}: plan expected sequence {int(seq[bad])} to hold {int(planned_lens[bad])} tokens, "
                 f"it holds {int(got[bad])} (append the step's tokens before run, or plan again)"
             )
         q, out, lse = attention_arrays(q, out, lse, return_lse, (seq.shape[0], attn.num_heads, cache.head_dim),

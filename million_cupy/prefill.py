@@ -558,7 +558,7 @@ class TensorCorePlan:
         nothing."""
         cache = self.cache
         if s.buffers is not self._buffers:
-            if self._leave_buffers:  # to a captured launch (drop_capture)
+            if self._leave_buffers and self._buffers is not None:  # to a captured launch (drop_capture)
                 self._stale.append(self._buffers)
                 self._leave_buffers = False
             self._buffers = s.buffers
@@ -625,20 +625,26 @@ class TensorCorePlan:
             launch.set_arg(1, out.data.ptr)
             launch.set_arg(2, 0 if lse is None else lse.data.ptr)
             if capturing:  # the buffers' items past this plan's are padding, which returns at once
-                grid = min(self._buffers.max_items, max(self.work_items, self.graph_grid(self.units, self._sm)))
+                grid = min(self._committed_buffers().max_items, max(self.work_items, self.graph_grid(self.units, self._sm)))
                 self._captured_grid = grid
             else:
                 grid = self.work_items
             launch.set_grid(grid)
             launch.launch(stream.ptr)
         if self.splits and not self.merges_in_kernel:  # prefill_attention's and the dense regime's splits
-            cache, buffers = self.cache, self._buffers
+            cache, buffers = self.cache, self._committed_buffers()
             merge = kernels.get_kernel(TC_SOURCE, f"mc::prefill::prefill_merge<{cache.head_dim}, "
                                                   f"{_TC_TYPES[dtype_name(q.dtype)]}, {self.row_tiles}>")
             with stream:
                 merge((self.units,), (TC_THREADS,),
                       (buffers.units, buffers.items, buffers.seq_meta, buffers.part_o, buffers.part_lse, out,
                        np.uint64(0) if lse is None else lse, np.int32(self.num_heads), np.int32(cache.num_kv_heads)))
+
+    def _committed_buffers(self) -> WorkListBuffers:
+        """The committed plan's buffers (the wrapper launches only after a :meth:`commit`)."""
+        if self._buffers is None:
+            raise MillionError("TensorCorePlan: a launch before any plan was committed")
+        return self._buffers
 
     def _layer_storage(self, layer: int) -> PagedLayerStorage:
         """What the kernels read of ``layer`` (made once)."""
@@ -650,7 +656,7 @@ class TensorCorePlan:
     def _bind_on_chip(self, layer: int, dtype) -> kernels.BoundLaunch:
         """The on-chip kernel's launch over ``layer`` for the current buffers (q, out and lse set per call:
         arguments 0 to 2), bound once: CuPy's generic launch converts its 27 arguments on every call."""
-        cache, buffers, rt = self.cache, self._buffers, self.row_tiles
+        cache, buffers, rt = self.cache, self._committed_buffers(), self.row_tiles
         d = cache.head_dim
         kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = \
             self._layer_storage(layer)
@@ -675,7 +681,7 @@ class TensorCorePlan:
     def _attend_dense(self, layer: int, q, out, lse, stream) -> None:
         """The dense regime's launches: dequantize_history into the workspace, dense_prefill_attention (its splits
         are merged by the caller)."""
-        cache, buffers = self.cache, self._buffers
+        cache, buffers = self.cache, self._committed_buffers()
         d, t = cache.head_dim, _TC_TYPES[dtype_name(q.dtype)]
         kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = \
             self._layer_storage(layer)
@@ -852,12 +858,16 @@ class BatchPrefillWrapper:
         ind = check_qo_indptr(qo_indptr, seq.shape[0])
         counts = np.diff(ind)
         planned, held = cache.equal_lengths(seq, layers, "plan")
-        replay = self._graph_appends is not None and np.array_equal(counts, self._graph_counts)
-        if replay and (appended or set(planned) != self._graph_appends):
+        # The layers whose appends a CUDA graph captured for these new-token counts: this plan counts them for its
+        # replay.
+        replayed = self._graph_appends if (self._graph_counts is not None
+                                           and np.array_equal(counts, self._graph_counts)) else None
+        replay = replayed is not None
+        if replayed is not None and (appended or set(planned) != replayed):
             raise MillionError(
-                f"plan: a CUDA graph captured this wrapper's appends of layers {sorted(self._graph_appends)} for "
+                f"plan: a CUDA graph captured this wrapper's appends of layers {sorted(replayed)} for "
                 f"these new-token counts, so its plans of them count the appends for the graph's replay; plan with "
-                f"appended=False and layers={sorted(self._graph_appends)} (got appended={appended}, layers="
+                f"appended=False and layers={sorted(replayed)} (got appended={appended}, layers="
                 f"{planned}), or use another wrapper for other steps")
         n = held + (0 if appended else counts)
         if (counts > n).any():
@@ -891,11 +901,11 @@ class BatchPrefillWrapper:
         # What may not fit the device is allocated before any page is reserved, and takes effect after: a plan
         # that raises leaves the last one.
         stream = as_stream(self._stream)
-        attn, schedule = (None if leaving else self._attn), None
+        attn, tc, schedule = (None if leaving else self._attn), self._tc, None
         if on_tensor_cores:
-            if self._tc is None:
-                self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
-            schedule = self._tc.prepare(seq, ind, n, stream, dense=dense, dropping_capture=leaving)
+            if tc is None:
+                tc = self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
+            schedule = tc.prepare(seq, ind, n, stream, dense=dense, dropping_capture=leaving)
         elif attn is None or attn.capacity < N:
             attn = AttentionPlan(cache, self.num_heads, capacity_for(N), scale=self._scale)
         appends = buffer = None
@@ -910,8 +920,8 @@ class BatchPrefillWrapper:
             self._leave_to_graph()
         if buffer is not None:
             self._append_buffer = buffer
-        if on_tensor_cores:
-            self._tc.commit(schedule, stream)
+        if tc is not None and schedule is not None:  # on tensor cores
+            tc.commit(schedule, stream)
             self._stats["tensor_core_plans"] += 1
             self._stats["dense_plans"] += int(dense)
             short = int(counts[counts <= LUT_QUERIES_MAX].sum()) if long else 0
@@ -923,6 +933,7 @@ class BatchPrefillWrapper:
                                 f"row tile over its whole history (plan short sequences in a wrapper of their "
                                 f"own for the LUT path)")
         else:
+            assert attn is not None  # made above for the LUT path
             owner, main, res = causal_lengths(n, counts, cache.page_size, cache.residual)
             self._attn = attn
             items = seq[owner]  # each query token is a work item over its sequence's pages and ring
@@ -932,7 +943,7 @@ class BatchPrefillWrapper:
         if long:
             self._warn_once("long", f"{long} query tokens belong to chunks longer than {LUT_QUERIES_MAX} per sequence; "
                             f"{why_lut}, so they run the per-token LUT path, whose cost grows with the query count")
-        if replay:  # the graph's replay writes them
+        if replay and appends is not None:  # the graph's replay writes them (a replayed plan has appends)
             appends.commit()
             self._stats["graph_append_plans"] += 1
         self._on_tensor_cores, self._dense = on_tensor_cores, dense
@@ -1027,13 +1038,13 @@ class BatchPrefillWrapper:
         """
         if self._seq is None:
             raise MillionError("append() before plan(): call plan(seq_ids, qo_indptr) first")
-        if self._appended:
+        plan = self._append_plan  # None exactly when the plan was made with appended=True
+        if self._appended or plan is None:
             raise MillionError("append: this plan was made with appended=True, so the cache holds its new tokens "
                                "already; plan with appended=False to append them through the wrapper")
         if self._replays_appends:
             raise MillionError("append: a CUDA graph captured this wrapper's appends, and plan() counted this "
                                "step's for its replay: launch the graph (or use another wrapper for eager steps)")
-        plan = self._append_plan
         if not self._on_cache_stream and self.cache.stream.is_capturing():
             raise MillionError("append: captured appends run on the cache's stream, and this wrapper launches its "
                                "runs on another; build it with BatchPrefillWrapper(cache, ..., stream=cache.stream)")
@@ -1048,24 +1059,27 @@ class BatchPrefillWrapper:
         over ``layer``. Returns ``out`` (``(N, num_heads, head_dim)``), or ``(out, lse)`` with ``return_lse`` or a
         given ``lse`` (float32 ``(N, num_heads)``, natural log). Raises MillionError when the layer does not
         hold the planned lengths (append the new tokens first)."""
-        if self._seq is None:
+        seq, planned_lens = self._seq, self._n
+        if seq is None or planned_lens is None:
             raise MillionError("run() before plan(): call plan(seq_ids, qo_indptr) first")
         cache = self.cache
         layer = cache.check_layer(layer)
         if layer not in self._layers:
             raise MillionError(f"layer {layer} is not in this plan (planned: {sorted(self._layers)})")
-        held = cache.lengths[layer, self._seq]
-        if not np.array_equal(held, self._n):
-            b = int(np.flatnonzero(held != self._n)[0])
-            raise MillionError(f"layer {layer}: the plan expects sequence {int(self._seq[b])} to hold "
-                               f"{int(self._n[b])} tokens, it holds {int(held[b])} (append the new tokens to this "
+        held = cache.lengths[layer, seq]
+        if not np.array_equal(held, planned_lens):
+            b = int(np.flatnonzero(held != planned_lens)[0])
+            raise MillionError(f"layer {layer}: the plan expects sequence {int(seq[b])} to hold "
+                               f"{int(planned_lens[b])} tokens, it holds {int(held[b])} (append the new tokens to this "
                                f"layer before run, or plan again)")
         q, out, lse = attention_arrays(q, out, lse, return_lse, self._q_shape, cache.array_dtype)
         stream = as_stream(self._stream)
         capturing = stream.is_capturing()
         if self._on_tensor_cores:
+            assert self._tc is not None  # a plan on tensor cores made it
             self._tc.attend(layer, q, out, lse, stream, capturing)
         else:
+            assert self._attn is not None  # a LUT plan made it
             self._attn.attend(layer, q, out, lse, stream.ptr)
         if capturing:  # the graph replays later plans of these counts, in this regime (plan)
             self._graph_counts, self._graph_regime = self._counts, (self._on_tensor_cores, self._dense)

@@ -256,29 +256,27 @@ class DecodeStep:
             )
         prev = self._seq
         # A list equal to the planned batch's (decode loops pass the same list) skips the array conversion.
-        seq = prev if type(seq_ids) is list and seq_ids == self._seq_list else \
+        seq = prev if prev is not None and type(seq_ids) is list and seq_ids == self._seq_list else \
             np.asarray(seq_ids, dtype=np.int64).reshape(-1)
         # The append kernels' flags (sticky: a launch still queued reports at a later plan).
         flags = self._status_word.value
         if flags:
             self._raise_device_flags(flags)
-        attn = self._attn
-        if (new_tokens and self._new and cache.version == self._version
-                and (seq is prev or (seq.shape == prev.shape and (seq == prev).all()))):
+        attn, lengths = self._attn, self._lengths
+        if (new_tokens and self._new and cache.version == self._version and attn is not None and lengths is not None
+                and prev is not None and (seq is prev or (seq.shape == prev.shape and (seq == prev).all()))):
             # The decode loop: the same batch one token further, no checks to redo.
-            if self._lengths.steps_left > 0:
-                self._next_token(attn)
+            if lengths.steps_left > 0:
+                self._next_token(attn, prev, lengths)
             else:  # about once per `horizon` steps; the next step makes the window's schedule
-                limit = self._reserve_window()
-                self._next_token(attn)
-                self._lengths.extend(limit)
+                limit = self._reserve_window(prev, lengths)
+                self._next_token(attn, prev, lengths)
+                lengths.extend(limit)
                 self._window = limit
             attn.publish_step(self.stream)  # the lengths and token words are its step words
         else:
-            self._plan_from_cache(seq, new_tokens)
-            attn = self._attn
+            attn, lengths = self._plan_from_cache(seq, new_tokens)
             attn.publish(seq, self.stream)  # with the schedule and the per-batch words
-        lengths = self._lengths
         if new_tokens:
             cache.advance(self._rows, new_tokens, lengths.flushed)
         self._new = new_tokens
@@ -289,7 +287,7 @@ class DecodeStep:
         self._stats["plans"] += 1
         self._stats["schedules"] = attn.schedules
 
-    def _next_token(self, attn: AttentionPlan) -> None:
+    def _next_token(self, attn: AttentionPlan, seq: np.ndarray, lengths: StepLengths) -> None:
         """The next step of the planned batch, from the previous step's state (StepLengths.advance).
 
         The step after a page reservation makes the schedule for the reserved window (``_window_cover``): the
@@ -297,14 +295,14 @@ class DecodeStep:
         benchmark hosts), then take a step each, once per ``horizon`` steps, instead of doubling one step. Any
         other step schedules only if a sequence outgrew the schedule (after a batch planned with pages reserved
         further ahead than a horizon)."""
-        lengths = self._lengths
         lengths.advance()
         window, self._window = self._window, None
-        if window is not None or (lengths.flushed and (lengths.main > attn.cover).any()):
+        cover = attn.cover
+        if window is not None or (lengths.flushed and (cover is None or (lengths.main > cover).any())):
             end = lengths.pos.astype(np.int64) + 1
             tokens = end + self.horizon if window is None else self._window_cover(end, window)
-            attn.schedule(self._seq, self.cache.full_pages(tokens) * self.cache.page_size)
-            attn.publish_schedule(self._seq, self.stream)
+            attn.schedule(seq, self.cache.full_pages(tokens) * self.cache.page_size)
+            attn.publish_schedule(seq, self.stream)
 
     def _window_cover(self, end: np.ndarray, limit: np.ndarray) -> np.ndarray:
         """Tokens a schedule made at a step ending at ``end`` tokens should serve when the reserved pages hold
@@ -312,14 +310,14 @@ class DecodeStep:
         the next window, one token past the limit, still runs on this schedule."""
         return np.minimum(limit, end + self.horizon) + self.cache.page_size
 
-    def _reserve_window(self) -> np.ndarray:
+    def _reserve_window(self, seq: np.ndarray, lengths: StepLengths) -> np.ndarray:
         """Pages for the planned batch's next ``horizon`` tokens, in one allocator call, before the step that
         needs the first of them changes anything (PagePoolExhausted and ValueError leave every state as it was).
         Returns each sequence's capacity in tokens."""
         cache = self.cache
-        n = self._lengths.pos.astype(np.int64) + 1  # tokens before this step's
-        self._check_room(self._seq, n + 1)
-        limit = cache.ensure_capacity(self._seq, np.minimum(n + self.horizon, cache.max_seq_len))
+        n = lengths.pos.astype(np.int64) + 1  # tokens before this step's
+        self._check_room(seq, n + 1)
+        limit = cache.ensure_capacity(seq, np.minimum(n + self.horizon, cache.max_seq_len))
         self._stats["reserves"] += 1
         return limit
 
@@ -330,14 +328,17 @@ class DecodeStep:
             raise ValueError(f"plan: sequences {seq[over].tolist()} would hold {end[over].tolist()} tokens, "
                              f"more than max_seq_len = {self.cache.max_seq_len}")
 
-    def _plan_from_cache(self, seq: np.ndarray, new_tokens: int) -> None:
+    def _plan_from_cache(self, seq: np.ndarray, new_tokens: int) -> tuple[AttentionPlan, StepLengths]:
         """A plan from the cache's lengths: the first of a batch, after the cache changed, or when the step
         needs more pages or a new schedule. Validates, reserves pages ``horizon`` tokens ahead and schedules."""
         cache = self.cache
         P, R = cache.page_size, cache.residual
-        same = (self._seq is not None and cache.version == self._version and seq.shape == self._seq.shape
-                and bool((seq == self._seq).all()))
-        n = self._lengths.pos.astype(np.int64) + self._new if same else self._validate(seq)
+        prev, held = self._seq, self._lengths
+        if (prev is not None and held is not None and cache.version == self._version and seq.shape == prev.shape
+                and bool((seq == prev).all())):
+            n = held.pos.astype(np.int64) + self._new  # the same batch: the cache changed only through this step
+        else:
+            n = self._validate(seq)
         end = n + new_tokens
         self._check_room(seq, end)
         if not new_tokens and (end == 0).any():
@@ -356,10 +357,10 @@ class DecodeStep:
         tok[:, 0] = seq
         tok[:, 2] = cache.slot_generations(seq)
         tok[:, 3] = 1
-        self._lengths = StepLengths(tok[:, 1], n, new_tokens, P, R, limit, main=attn.step_main[:B],
-                                    res=attn.step_res[:B])
+        lengths = self._lengths = StepLengths(tok[:, 1], n, new_tokens, P, R, limit, main=attn.step_main[:B],
+                                              res=attn.step_res[:B])
         self._window = None
-        if not attn.covers(seq, self._lengths.main):
+        if not attn.covers(seq, lengths.main):
             attn.schedule(seq, cache.full_pages(self._window_cover(end, limit) if new_tokens else end) * P)
         self._seq = seq
         self._seq_list = seq.tolist()
@@ -368,6 +369,7 @@ class DecodeStep:
         lo = int(seq[0])
         contiguous = bool((seq == np.arange(lo, lo + seq.shape[0])).all())
         self._rows = slice(lo, lo + seq.shape[0]) if contiguous else seq  # cheaper length updates
+        return attn, lengths
 
     def _validate(self, seq: np.ndarray) -> np.ndarray:
         """Host lengths of a batch seen for the first time (or after the cache changed), checked."""
@@ -402,6 +404,7 @@ class DecodeStep:
             self._runs = [grown.launch(layer, self._np_dtype) for layer in range(self.cache.num_layers)]
             self._appends_for = -1
         attn = self._attn
+        assert attn is not None  # _grown_attention makes one for the first plan
         if self._appends_for != B:
             self._bind_appends(attn, B)
         return attn

@@ -52,7 +52,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..cache import PagedPQCache
 from ..codebook import ModelCodebooks
 from ..decode import decode as pq_decode
-from ..errors import UnsupportedConfiguration
+from ..errors import MillionError, UnsupportedConfiguration
 from ..prefill import BatchPrefillWrapper, prefill_attention
 from ..step import DecodeStep
 
@@ -157,7 +157,7 @@ class PQCache(Cache):
                 f"{codebooks.num_layers} layers of d = {codebooks.d}")
         super().__init__(layers=[_PQLayer() for _ in range(self.num_layers)])
         self.codebooks = codebooks
-        self.max_seq_len = int(max_seq_len or getattr(config, "max_position_embeddings", 8192))
+        self.max_seq_len = int(max_seq_len) if max_seq_len else int(getattr(config, "max_position_embeddings", 8192))
         self.max_pages = max_pages
         self.page_size, self.residual = int(page_size), int(residual)
         self.max_rollback = int(max_rollback)
@@ -183,16 +183,17 @@ class PQCache(Cache):
                              f"{tuple(key_states.shape)}")
         if self.storage is None:
             self._create(B, key_states)
-        elif B != self.seq_ids.shape[0]:
-            raise ValueError(f"key_states: this PQCache holds a batch of {self.seq_ids.shape[0]} sequences, got "
+        storage, seq_ids = self._batch()
+        if B != seq_ids.shape[0]:
+            raise ValueError(f"key_states: this PQCache holds a batch of {seq_ids.shape[0]} sequences, got "
                              f"{B} (use one cache per batch)")
         layer = self.layers[layer_idx]
         history = layer.length
         if T > 1 or history == 0:
             if history and self._gpu and layer_idx == 0:  # one plan per forward, before its appends
                 if self._extend is None:
-                    self._extend = BatchPrefillWrapper(self.storage, self.num_heads)
-                self._extend.plan(self.seq_ids, np.arange(B + 1) * T)
+                    self._extend = BatchPrefillWrapper(storage, self.num_heads)
+                self._extend.plan(seq_ids, np.arange(B + 1) * T)
             self._append_rows(layer_idx, key_states, value_states, planned=bool(history and self._gpu))
             if layer_idx == 0:
                 self._counts["extend_tokens" if history else "prefill_tokens"] += B * T
@@ -224,20 +225,22 @@ class PQCache(Cache):
             max_length = max(length + max_length, 0)
         if max_length >= length or self.storage is None:
             return
+        storage, seq_ids = self._batch()
         try:
-            self.storage.truncate(self.seq_ids, max_length)  # every row, or none
+            storage.truncate(seq_ids, max_length)  # every row, or none
         except ValueError as exc:
             raise UnsupportedConfiguration(f"PQCache.crop({max_length}): {exc}; pass PQCache(..., max_rollback=N) with "
                                            f"N at least the tokens a round can drop") from None
         for layer in self.layers:
             layer.length = min(layer.length, max_length)
-        self._counts["cropped_tokens"] += self.seq_ids.shape[0] * (length - max_length)
+        self._counts["cropped_tokens"] += seq_ids.shape[0] * (length - max_length)
 
     def reset(self) -> None:
         """Free the batch's sequences (the pool is kept for the next batch)."""
         if self.storage is not None:
-            for seq in self.seq_ids:
-                self.storage.free(int(seq))
+            storage, seq_ids = self._batch()
+            for seq in seq_ids:
+                storage.free(int(seq))
         self.seq_ids = None
         self._step = None
         self._extend = None
@@ -260,6 +263,12 @@ class PQCache(Cache):
         return out
 
     # ------------------------------------------------------------------------------------- internals
+
+    def _batch(self) -> tuple[PagedPQCache, np.ndarray]:
+        """``(storage, seq_ids)``: the PQ storage and the batch's sequence ids, both made at the first forward."""
+        if self.storage is None or self.seq_ids is None:
+            raise MillionError("PQCache: no storage yet; the model's first forward through this cache creates it")
+        return self.storage, self.seq_ids
 
     def _create(self, B: int, like: torch.Tensor) -> None:
         gpu = like.is_cuda
@@ -293,22 +302,27 @@ class PQCache(Cache):
         k_rows = self._array(k.transpose(1, 2).reshape(rows))
         v_rows = self._array(v.transpose(1, 2).reshape(rows))
         if planned:
+            assert self._extend is not None  # update() planned this forward on it
             self._extend.append(layer_idx, k_rows, v_rows)
         else:
-            self.storage.append(layer_idx, self.seq_ids, k_rows, v_rows, lengths=np.full(B, T))
+            storage, seq_ids = self._batch()
+            storage.append(layer_idx, seq_ids, k_rows, v_rows, lengths=np.full(B, T))
 
     def _append_one(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        storage, seq_ids = self._batch()
         if not self._gpu:
-            self.storage.append(layer_idx, self.seq_ids, self._array(k[:, :, 0]), self._array(v[:, :, 0]))
+            storage.append(layer_idx, seq_ids, self._array(k[:, :, 0]), self._array(v[:, :, 0]))
             if layer_idx == 0:
                 self._counts["decode_steps"] += 1
             return
+        step = self._step
         if layer_idx == 0:  # one plan per decode step, for every layer
-            if self._step is None:
-                self._step = DecodeStep(self.storage, self.num_heads)
-            self._step.plan(self.seq_ids)
+            if step is None:
+                step = self._step = DecodeStep(storage, self.num_heads)
+            step.plan(seq_ids)
             self._counts["decode_steps"] += 1
-        self._step.append(layer_idx, self._array(k[:, :, 0]), self._array(v[:, :, 0]))
+        assert step is not None  # layer 0 made it
+        step.append(layer_idx, self._array(k[:, :, 0]), self._array(v[:, :, 0]))
 
     def _array(self, t: torch.Tensor) -> Any:
         """A torch tensor as the array the storage takes: CuPy by DLPack (no copy) or NumPy."""
@@ -325,10 +339,11 @@ class PQCache(Cache):
         B, nh, T, d = query.shape
         q = query.transpose(1, 2).reshape(B * T, nh, d).contiguous()  # sequence b's tokens in rows b*T .. b*T+T-1
         if not self._gpu:
-            o = prefill_attention(self.storage, layer_idx, self.seq_ids, self._array(q), np.arange(B + 1) * T,
-                                  scale=scaling)
+            storage, seq_ids = self._batch()
+            o = prefill_attention(storage, layer_idx, seq_ids, self._array(q), np.arange(B + 1) * T, scale=scaling)
             return torch.from_numpy(np.ascontiguousarray(o)).to(query.dtype).view(B, T, nh, d)
         out = torch.empty((B, T, nh, d), dtype=query.dtype, device=query.device)
+        assert self._extend is not None  # update() planned this forward on it
         self._extend.run(layer_idx, self._array(q), out=self._array(out.view(B * T, nh, d)))
         return out
 
@@ -337,9 +352,11 @@ class PQCache(Cache):
         B, nh, _, d = query.shape
         q = query[:, :, 0].contiguous()
         if not self._gpu:
-            o = pq_decode(self.storage, layer_idx, self.seq_ids, self._array(q), scale=scaling)
+            storage, seq_ids = self._batch()
+            o = pq_decode(storage, layer_idx, seq_ids, self._array(q), scale=scaling)
             return torch.from_numpy(np.ascontiguousarray(o)).to(query.dtype).view(B, 1, nh, d)
         out = torch.empty((B, 1, nh, d), dtype=query.dtype, device=query.device)
+        assert self._step is not None  # update() planned this step on it
         self._step.run(layer_idx, self._array(q), out=self._array(out.view(B, nh, d)))  # writes into `out`
         return out
 
