@@ -950,9 +950,12 @@ def test_an_exact_cache_refuses_what_only_codes_have(rng):
     with pytest.raises(TypeError, match="ModelCodebooks"):
         PagedPQCache(2, 2, 64, "codebooks", device="cpu")
     cache = make_exact_cache()
-    for call in (lambda: cache.k_codes(0), lambda: cache.v_codes(0), lambda: cache.key_centroids(0),
-                 lambda: cache.page_table(0, [])):
-        with pytest.raises(UnsupportedConfiguration, match="exact"):
+    assert cache.M is None and cache.codebooks is None
+    for name, call in (("k_codes", lambda: cache.k_codes(0)), ("v_codes", lambda: cache.v_codes(0)),
+                       ("key_centroids", lambda: cache.key_centroids(0)),
+                       ("value_centroids", lambda: cache.value_centroids(0)),
+                       ("page_table", lambda: cache.page_table(0, []))):
+        with pytest.raises(UnsupportedConfiguration, match=rf"^{name}: this cache is exact .* k_pages / v_pages"):
             call()
     with pytest.raises(UnsupportedConfiguration, match="PQ cache stores codes"):
         make_cache(rng).k_pages(0)
