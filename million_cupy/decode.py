@@ -644,7 +644,8 @@ class BatchDecodeWrapper:
         if any(not np.array_equal(cache.lengths[x, seq] + new_tokens, n) for x in planned[1:]):
             raise ValueError("plan: the planned layers hold different lengths for these sequences; append every "
                              "layer first, or plan the layers separately (layers=[...])")
-        if attn is None or not same_heads or attn.capacity < seq.shape[0]:  # before any page is reserved: may not fit the device
+        # Made before any page is reserved (it may not fit the device), put in use after.
+        if attn is None or not same_heads or attn.capacity < seq.shape[0]:
             attn = AttentionPlan(cache, nh, capacity_for(seq.shape[0]), scale=scale)
         if new_tokens:
             cache.reserve(seq, new_tokens)

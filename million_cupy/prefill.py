@@ -446,11 +446,12 @@ class WorkListBuffers:
 @dataclasses.dataclass(frozen=True)
 class TensorCoreSchedule:
     """A tensor-core plan made and allocated but not yet in effect (:meth:`TensorCorePlan.prepare`): the batch
-    (slots ``seq``, CSR ``ind``, ``n`` tokens and ``main`` of them in pages after the append), its work list, and
-    the buffers it will be written into (new ones, or the plan's own)."""
+    (slots ``seq``, CSR ``ind`` and the ``counts`` it spans, ``n`` tokens and ``main`` of them in pages after the
+    append), its work list, and the buffers it will be written into (new ones, or the plan's own)."""
 
     seq: np.ndarray
     ind: np.ndarray
+    counts: np.ndarray
     n: np.ndarray
     main: np.ndarray
     units: np.ndarray
@@ -550,7 +551,7 @@ class TensorCorePlan:
         except cp.cuda.memory.OutOfMemoryError as exc:
             raise MillionError(f"plan: the device has no room for the tensor-core plan's metadata ({exc}); plan "
                                f"fewer sequences") from exc
-        return TensorCoreSchedule(seq, ind, n, main, units, items, row_tiles, splits, dense, sm, buffers,
+        return TensorCoreSchedule(seq, ind, counts, n, main, units, items, row_tiles, splits, dense, sm, buffers,
                                   dense_meta, int(spans.shape[0]), ws_rows)
 
     def commit(self, s: TensorCoreSchedule, stream) -> None:
@@ -563,9 +564,8 @@ class TensorCorePlan:
                 self._leave_buffers = False
             self._buffers = s.buffers
             self._launches = {}
-        counts = np.diff(s.ind)
         s.buffers.write((s.seq * cache.max_blocks_per_seq).astype(np.int64),
-                        np.stack([s.ind[:-1], counts, s.n, s.main], axis=1).astype(np.int32), s.seq.astype(np.int32),
+                        np.stack([s.ind[:-1], s.counts, s.n, s.main], axis=1).astype(np.int32), s.seq.astype(np.int32),
                         s.units, s.items, stream)
         if s.dense:
             self._dense_meta = s.dense_meta
@@ -625,7 +625,8 @@ class TensorCorePlan:
             launch.set_arg(1, out.data.ptr)
             launch.set_arg(2, 0 if lse is None else lse.data.ptr)
             if capturing:  # the buffers' items past this plan's are padding, which returns at once
-                grid = min(self._committed_buffers().max_items, max(self.work_items, self.graph_grid(self.units, self._sm)))
+                grid = min(self._committed_buffers().max_items,
+                           max(self.work_items, self.graph_grid(self.units, self._sm)))
                 self._captured_grid = grid
             else:
                 grid = self.work_items
