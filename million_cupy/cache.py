@@ -898,10 +898,9 @@ class PagedPQCache:
         planned = list(range(self._num_layers)) if layers is None else [self.check_layer(x) for x in layers]
         if not planned or len(set(planned)) != len(planned):
             raise ValueError(f"{what}: layers: expected distinct layers, at least one, got {planned}")
-        lens = self._lens[planned][:, seqs]
-        unequal = np.flatnonzero((lens != lens[0]).any(axis=0))
-        if unequal.size:
-            b = int(unequal[0])
+        lens = self._lens[:, seqs] if layers is None else self._lens[planned][:, seqs]
+        if not (lens == lens[0]).all():
+            b = int(np.flatnonzero((lens != lens[0]).any(axis=0))[0])
             raise ValueError(f"{what}: sequence {int(seqs[b])} holds {lens[:, b].tolist()} tokens in layers "
                              f"{planned}; plan layers that hold equal lengths (layers=[...])")
         return planned, lens[0].copy()
