@@ -990,9 +990,12 @@ class PagedPQCache:
         each sequence go to the ring too: the window after the append, and the tokens a truncate may bring back
         into it."""
         owner, pos = _ranges(n0, counts)
-        seq = seqs[owner]
-        in_ring = pos >= n0[owner] + counts[owner] - self._S
-        return np.stack([seq, pos, self._slot_gen[seq], in_ring], axis=1).astype(np.int32)
+        meta = np.empty((pos.shape[0], 4), dtype=np.int32)
+        meta[:, 0] = seq = seqs[owner]
+        meta[:, 1] = pos
+        meta[:, 2] = self._slot_gen[seq]
+        np.greater_equal(pos, (n0 + counts - self._S)[owner], out=meta[:, 3], casting="unsafe")
+        return meta
 
     def _commit(self, layer: int | list[int], seqs: np.ndarray, n1: np.ndarray, flushed: int) -> None:
         """``layer`` (or each of a list of layers) of each ``seqs[i]`` holds ``n1[i]`` tokens now, ``flushed`` more
