@@ -312,8 +312,12 @@ def split_length(tokens: np.ndarray, sm_count: int, max_items: int | None = None
     by a bisection run for all wave counts at once (a wave of more gains at most 1 / waves), between bounds
     that meet for units of equal length. Cached by whole tiles: a verification loop's histories grow by a tile
     every few steps, and the search costs ~60 us of host time at 64 units."""
-    tiles = -(-tokens.astype(np.int64) // TC_TILE)
-    return _split_tiles(tiles.tobytes(), sm_count, max_items) * TC_TILE
+    return _split_tiles(_whole_tiles(tokens), sm_count, max_items) * TC_TILE
+
+
+def _whole_tiles(tokens: np.ndarray) -> bytes:
+    """The TC_TILE-token tiles covering each of ``tokens``, as int64 bytes: the key the schedule's caches share."""
+    return (-(-tokens.astype(np.int64) // TC_TILE)).tobytes()
 
 
 @functools.lru_cache(maxsize=16)
@@ -360,9 +364,8 @@ def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_h
     counts_bytes = np.asarray(counts, dtype=np.int64).tobytes()
     seq, unseen, _ = _units_of(counts_bytes, group, num_kv_heads, rows_per_tile)
     tokens = n[seq] - unseen                                   # what the unit's last row attends to
-    tiles = -(-tokens.astype(np.int64) // TC_TILE)
-    units, items, owner, chunk_end = _work_list(counts_bytes, group, num_kv_heads, rows_per_tile, tiles.tobytes(),
-                                                sm_count, max_items)
+    units, items, owner, chunk_end = _work_list(counts_bytes, group, num_kv_heads, rows_per_tile,
+                                                _whole_tiles(tokens), sm_count, max_items)
     items = items.copy()
     np.minimum(chunk_end, tokens[owner], out=items[:, 2])
     return units, items
@@ -530,10 +533,10 @@ class TensorCorePlan:
         """Schedule sequences ``seq`` (slots) with the CSR query offsets ``ind`` of ``counts`` new tokens each,
         holding ``n`` tokens each after the append, and allocate what the schedule needs; :meth:`commit` then makes
         it the plan. ``dense``: the dense regime (its workspace holds ``2 x num_kv_heads x sum(n) x head_dim`` values
-        of the cache dtype, tokens padded to whole tiles). After a launch was captured in a CUDA graph (and until :meth:`drop_capture`), the
-        schedule fits that launch's grid; the caller keeps the captured batch and new-token counts, so the kernel
-        and buffers fit. ``dropping_capture``: the caller will call :meth:`drop_capture` before :meth:`commit`, so
-        the schedule takes new buffers of its own.
+        of the cache dtype, tokens padded to whole tiles). After a launch was captured in a CUDA graph (and until
+        :meth:`drop_capture`), the schedule fits that launch's grid; the caller keeps the captured batch and
+        new-token counts, so the kernel and buffers fit. ``dropping_capture``: the caller will call
+        :meth:`drop_capture` before :meth:`commit`, so the schedule takes new buffers of its own.
 
         Raises:
             MillionError: the device has no room for the workspace or the work-list buffers. The current plan
