@@ -195,7 +195,10 @@ class PagedPQCache:
         num_layers, num_kv_heads, head_dim: model geometry; must match ``codebooks``.
         codebooks: :class:`~million_cupy.codebook.ModelCodebooks` with one codebook per layer
             (shared by the kv heads) or one per kv head; None: an exact cache (K and V stored unquantized
-            in ``dtype``, see the module's "Exact mode").
+            in ``dtype``, see the module's "Exact mode"). GPU codebooks must be ready in CuPy's current
+            stream order when the cache is built (those made on another stream: synchronize it first); the
+            cache waits for that stream and its own, never for the whole device, so it can be built while
+            another stream captures a CUDA graph.
         page_size: tokens per page ``P``: 16, 32, 64, 128 or 256.
         residual: the exact window ``R`` in tokens: a multiple of ``page_size``, at least ``page_size``; None:
             128 (PQ) or ``page_size`` (exact, the only window it takes).
@@ -340,11 +343,13 @@ class PagedPQCache:
             self._slot_gen_dev = xp.zeros(max_seqs, dtype=np.int32)
         self._kernel_books: list[tuple[Any, Any]] = []
         if gpu and codebooks is not None:
-            # The codebooks in every layout a kernel reads, made here and finished before the constructor returns
-            # (the codebooks may come from kernels on any stream, k-means on the GPU among them): a kernel on any
-            # stream, in a CUDA graph, or started early by programmatic dependent launch never reads them
-            # half-written, and every plan and step of this cache shares one copy.
-            cp.cuda.Device().synchronize()
+            # The codebooks in every layout a kernel reads, made here and finished before the constructor returns:
+            # a kernel on any stream, in a CUDA graph, or started early by programmatic dependent launch never
+            # reads them half-written, and every plan and step of this cache shares one copy. GPU codebooks are
+            # ready in CuPy's current stream order (CuPy's convention; Codebook.train runs there): the cache's
+            # stream waits for that stream, not for the whole device, so a cache can be built while another
+            # stream captures a CUDA graph (a device synchronize would invalidate that capture).
+            self._stream.wait_event(cp.cuda.get_current_stream().record())
             with self._stream:
                 self._kernel_books = [kernel_codebooks(codebooks.key_centroids(x), codebooks.value_centroids(x))
                                       for x in range(num_layers)]
@@ -898,10 +903,9 @@ class PagedPQCache:
         planned = list(range(self._num_layers)) if layers is None else [self.check_layer(x) for x in layers]
         if not planned or len(set(planned)) != len(planned):
             raise ValueError(f"{what}: layers: expected distinct layers, at least one, got {planned}")
-        lens = self._lens[planned][:, seqs]
-        unequal = np.flatnonzero((lens != lens[0]).any(axis=0))
-        if unequal.size:
-            b = int(unequal[0])
+        lens = self._lens[:, seqs] if layers is None else self._lens[planned][:, seqs]
+        if not (lens == lens[0]).all():
+            b = int(np.flatnonzero((lens != lens[0]).any(axis=0))[0])
             raise ValueError(f"{what}: sequence {int(seqs[b])} holds {lens[:, b].tolist()} tokens in layers "
                              f"{planned}; plan layers that hold equal lengths (layers=[...])")
         return planned, lens[0].copy()
@@ -991,9 +995,12 @@ class PagedPQCache:
         each sequence go to the ring too: the window after the append, and the tokens a truncate may bring back
         into it."""
         owner, pos = _ranges(n0, counts)
-        seq = seqs[owner]
-        in_ring = pos >= n0[owner] + counts[owner] - self._S
-        return np.stack([seq, pos, self._slot_gen[seq], in_ring], axis=1).astype(np.int32)
+        meta = np.empty((pos.shape[0], 4), dtype=np.int32)
+        meta[:, 0] = seq = seqs[owner]
+        meta[:, 1] = pos
+        meta[:, 2] = self._slot_gen[seq]
+        np.greater_equal(pos, (n0 + counts - self._S)[owner], out=meta[:, 3], casting="unsafe")
+        return meta
 
     def _commit(self, layer: int | list[int], seqs: np.ndarray, n1: np.ndarray, flushed: int) -> None:
         """``layer`` (or each of a list of layers) of each ``seqs[i]`` holds ``n1[i]`` tokens now, ``flushed`` more

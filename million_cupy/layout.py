@@ -40,7 +40,8 @@ def full_pages(n: Any, page_size: int, residual: int) -> np.ndarray:
     """``pages(n)`` of the flush rule, elementwise: the full PQ pages of a sequence holding ``n`` tokens;
     tokens ``[0, page_size * pages(n))`` are read from pages, the rest from the residual ring."""
     n = np.asarray(n, dtype=np.int64)
-    return np.where(n < residual, 0, (n - residual) // page_size + 1)
+    # n < residual floors to -1 (clipped at -page_size first): 0 pages, without np.where's extra passes
+    return np.maximum(n - residual, -page_size) // page_size + 1
 
 
 def blocks(n: Any, page_size: int) -> np.ndarray:

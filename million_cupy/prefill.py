@@ -312,8 +312,12 @@ def split_length(tokens: np.ndarray, sm_count: int, max_items: int | None = None
     by a bisection run for all wave counts at once (a wave of more gains at most 1 / waves), between bounds
     that meet for units of equal length. Cached by whole tiles: a verification loop's histories grow by a tile
     every few steps, and the search costs ~60 us of host time at 64 units."""
-    tiles = -(-tokens.astype(np.int64) // TC_TILE)
-    return _split_tiles(tiles.tobytes(), sm_count, max_items) * TC_TILE
+    return _split_tiles(_whole_tiles(tokens), sm_count, max_items) * TC_TILE
+
+
+def _whole_tiles(tokens: np.ndarray) -> bytes:
+    """The TC_TILE-token tiles covering each of ``tokens``, as int64 bytes: the key the schedule's caches share."""
+    return (-(-tokens.astype(np.int64) // TC_TILE)).tobytes()
 
 
 @functools.lru_cache(maxsize=16)
@@ -354,25 +358,44 @@ def tensor_core_schedule(counts: np.ndarray, n: np.ndarray, group: int, num_kv_h
     query head ``h`` of the kv head; a unit covers the tokens its last row attends to. When the units leave
     SMs idle, each is cut into splits of at least TC_MIN_CHUNK tokens (whole tiles, :func:`split_length`), in at
     most ``max_items`` work items when given (at least one per unit). Returns int32
-    ``units`` ``(U, 4)`` {sequence index, kv head, first row, first item} and ``items`` ``(W, 4)`` {unit, token
-    begin, token end, splits of the unit}.
+    ``units`` ``(U, 4)`` {sequence index, kv head, first row, first item} (read-only) and ``items`` ``(W, 4)``
+    {unit, token begin, token end, splits of the unit}.
     """
-    seq, unseen, head = _units_of(np.asarray(counts, dtype=np.int64).tobytes(), group, num_kv_heads, rows_per_tile)
+    counts_bytes = np.asarray(counts, dtype=np.int64).tobytes()
+    seq, unseen, _ = _units_of(counts_bytes, group, num_kv_heads, rows_per_tile)
     tokens = n[seq] - unseen                                   # what the unit's last row attends to
-    chunk = split_length(tokens, sm_count, max_items)
-    splits = -(-tokens // chunk)
+    units, items, owner, chunk_end = _work_list(counts_bytes, group, num_kv_heads, rows_per_tile,
+                                                _whole_tiles(tokens), sm_count, max_items)
+    items = items.copy()
+    np.minimum(chunk_end, tokens[owner], out=items[:, 2])
+    return units, items
+
+
+@functools.lru_cache(maxsize=16)
+def _work_list(counts_bytes: bytes, group: int, num_kv_heads: int, rows_per_tile: int, tiles_bytes: bytes,
+               sm_count: int, max_items: int | None) -> tuple[np.ndarray, ...]:
+    """What :func:`tensor_core_schedule` needs only the units' whole tiles ``np.frombuffer(tiles_bytes, np.int64)``
+    for: the units, the items with every field but the end, each item's unit and its split's end before the clip to
+    the unit's tokens (read-only). Cached: a verification loop's histories cross a tile every few steps."""
+    _, _, head = _units_of(counts_bytes, group, num_kv_heads, rows_per_tile)
+    tiles = np.frombuffer(tiles_bytes, dtype=np.int64)
+    chunk_tiles = _split_tiles(tiles_bytes, sm_count, max_items)
+    splits = -(-tiles // chunk_tiles)
     first = np.cumsum(splits) - splits
-    units = np.empty((seq.shape[0], 4), dtype=np.int32)
+    units = np.empty((head.shape[0], 4), dtype=np.int32)
     units[:, :3] = head
     units[:, 3] = first
-    owner = np.repeat(np.arange(seq.shape[0]), splits)
-    begin = (np.arange(owner.shape[0]) - first[owner]) * chunk
+    owner = np.repeat(np.arange(head.shape[0]), splits)
+    begin = (np.arange(owner.shape[0]) - first[owner]) * (chunk_tiles * TC_TILE)
     items = np.empty((owner.shape[0], 4), dtype=np.int32)
     items[:, 0] = owner
     items[:, 1] = begin
-    items[:, 2] = np.minimum(begin + chunk, tokens[owner])
+    items[:, 2] = 0
     items[:, 3] = splits[owner]
-    return units, items
+    chunk_end = begin + chunk_tiles * TC_TILE
+    for a in (units, items, owner, chunk_end):
+        a.flags.writeable = False
+    return units, items, owner, chunk_end
 
 
 @functools.lru_cache(maxsize=16)
@@ -427,15 +450,19 @@ class WorkListBuffers:
         return (sequences <= self.max_sequences and units <= self.max_units and items <= self.max_items
                 and part_rows <= self.part_rows)
 
-    def write(self, page_row: np.ndarray, seq_meta: np.ndarray, res_row: np.ndarray, units: np.ndarray,
+    def write(self, seq: np.ndarray, row_stride: int, seq_meta: tuple[np.ndarray, ...], units: np.ndarray,
               items: np.ndarray, stream) -> None:
         """Stage a plan's metadata and queue its one host-to-device copy on ``stream`` (ordered after the launches
-        queued there before it). Items past the plan's are padding (-1): a captured launch's larger grid returns
-        at once there."""
+        queued there before it): for slots ``seq``, page-table rows ``seq x row_stride`` and ring rows ``seq``, the
+        four per-sequence columns ``seq_meta``, the units and items. Items past the plan's are padding (-1): a
+        captured launch's larger grid returns at once there."""
         page, meta, ring, unit_part, item_part = self._host_parts
-        page.view(np.int64)[: page_row.shape[0]] = page_row
-        meta[: seq_meta.size] = seq_meta.reshape(-1)
-        ring[: res_row.shape[0]] = res_row
+        B = seq.shape[0]
+        np.multiply(seq, row_stride, out=page.view(np.int64)[:B])
+        rows = meta[: 4 * B].reshape(B, 4)
+        for column, values in enumerate(seq_meta):
+            rows[:, column] = values
+        ring[:B] = seq
         unit_part[: units.size] = units.reshape(-1)
         item_part[: items.size] = items.reshape(-1)
         item_part[items.size :] = -1
@@ -501,15 +528,15 @@ class TensorCorePlan:
         """Bytes of the dense regime's workspace held now (0 until a dense plan)."""
         return 0 if self._ws_k is None else 2 * self._ws_k.nbytes
 
-    def prepare(self, seq: np.ndarray, ind: np.ndarray, n: np.ndarray, stream, *, dense: bool = False,
-                dropping_capture: bool = False) -> TensorCoreSchedule:
-        """Schedule sequences ``seq`` (slots) with the CSR query offsets ``ind``, holding ``n`` tokens each after the
-        append, and allocate what the schedule needs; :meth:`commit` then makes it the plan. ``dense``: the dense
-        regime (its workspace holds ``2 x num_kv_heads x sum(n) x head_dim`` values of the cache dtype, tokens
-        padded to whole tiles). After a launch was captured in a CUDA graph (and until :meth:`drop_capture`), the
-        schedule fits that launch's grid; the caller keeps the captured batch and new-token counts, so the kernel
-        and buffers fit. ``dropping_capture``: the caller will call :meth:`drop_capture` before :meth:`commit`, so
-        the schedule takes new buffers of its own.
+    def prepare(self, seq: np.ndarray, ind: np.ndarray, counts: np.ndarray, n: np.ndarray, stream, *,
+                dense: bool = False, dropping_capture: bool = False) -> TensorCoreSchedule:
+        """Schedule sequences ``seq`` (slots) with the CSR query offsets ``ind`` of ``counts`` new tokens each,
+        holding ``n`` tokens each after the append, and allocate what the schedule needs; :meth:`commit` then makes
+        it the plan. ``dense``: the dense regime (its workspace holds ``2 x num_kv_heads x sum(n) x head_dim`` values
+        of the cache dtype, tokens padded to whole tiles). After a launch was captured in a CUDA graph (and until
+        :meth:`drop_capture`), the schedule fits that launch's grid; the caller keeps the captured batch and
+        new-token counts, so the kernel and buffers fit. ``dropping_capture``: the caller will call
+        :meth:`drop_capture` before :meth:`commit`, so the schedule takes new buffers of its own.
 
         Raises:
             MillionError: the device has no room for the workspace or the work-list buffers. The current plan
@@ -517,7 +544,6 @@ class TensorCorePlan:
         """
         cp = cupy()
         cache = self.cache
-        counts = np.diff(ind)
         main = full_pages(n, cache.page_size, cache.residual) * cache.page_size
         row_tiles = TC_ROW_TILES[-1] if dense else tensor_core_row_tiles(int(counts.max()) * self.group)
         rows = 16 * row_tiles
@@ -564,9 +590,8 @@ class TensorCorePlan:
                 self._leave_buffers = False
             self._buffers = s.buffers
             self._launches = {}
-        s.buffers.write((s.seq * cache.max_blocks_per_seq).astype(np.int64),
-                        np.stack([s.ind[:-1], s.counts, s.n, s.main], axis=1).astype(np.int32), s.seq.astype(np.int32),
-                        s.units, s.items, stream)
+        s.buffers.write(s.seq, cache.max_blocks_per_seq, (s.ind[:-1], s.counts, s.n, s.main), s.units, s.items,
+                        stream)
         if s.dense:
             self._dense_meta = s.dense_meta
             self.spans, self.ws_rows = s.spans, s.ws_rows
@@ -717,7 +742,7 @@ def check_qo_indptr(qo_indptr: Any, B: int) -> np.ndarray:
         raise ValueError(f"qo_indptr: expected {B + 1} integer offsets (one more than the sequences), got "
                          f"{ind.dtype} of shape {ind.shape}")
     ind = ind.astype(np.int64)
-    if ind[0] != 0 or (np.diff(ind) < 0).any() or ind[-1] == 0:
+    if ind[0] != 0 or (ind[1:] < ind[:-1]).any() or ind[-1] == 0:
         raise ValueError(f"qo_indptr: expected non-decreasing offsets from 0 with at least one query token, got "
                          f"{ind.tolist()[:16]}")
     return ind
@@ -857,7 +882,7 @@ class BatchPrefillWrapper:
         cache = self.cache
         seq = cache.check_ids(seq_ids, "plan")
         ind = check_qo_indptr(qo_indptr, seq.shape[0])
-        counts = np.diff(ind)
+        counts = ind[1:] - ind[:-1]
         planned, held = cache.equal_lengths(seq, layers, "plan")
         # The layers whose appends a CUDA graph captured for these new-token counts: this plan counts them for its
         # replay.
@@ -906,7 +931,7 @@ class BatchPrefillWrapper:
         if on_tensor_cores:
             if tc is None:
                 tc = self._tc = TensorCorePlan(cache, self.num_heads, self.scale)
-            schedule = tc.prepare(seq, ind, n, stream, dense=dense, dropping_capture=leaving)
+            schedule = tc.prepare(seq, ind, counts, n, stream, dense=dense, dropping_capture=leaving)
         elif attn is None or attn.capacity < N:
             attn = AttentionPlan(cache, self.num_heads, capacity_for(N), scale=self._scale)
         appends = buffer = None

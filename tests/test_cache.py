@@ -1170,6 +1170,8 @@ def test_planned_append_refusals_change_nothing(rng, device):
         ("dtype", TypeError, "dtype", lambda: plan.append(0, seven.astype(np.int32), seven)),
         ("layer range", IndexError, "layer", lambda: plan.append(2, seven, seven)),
         ("unequal layers", ValueError, "equal lengths", lambda: cache.plan_append([a, c], 1)),
+        ("unequal listed layers", ValueError, r"\[0, 3\] tokens in layers \[1, 0\]",
+         lambda: cache.plan_append([b, c], 1, layers=[1, 0])),
         ("no layers", ValueError, "distinct layers", lambda: cache.plan_append([a], 1, layers=[])),
         ("repeated layers", ValueError, "distinct layers", lambda: cache.plan_append([a], 1, layers=[1, 1])),
         ("max_seq_len", ValueError, "max_seq_len", lambda: cache.plan_append([a], 190)),

@@ -225,6 +225,42 @@ def test_a_first_run_reads_codebooks_finished_when_the_cache_was_built(rng, laun
     assert np.isfinite(o).all() and reference.relative_error(o, ref_o) <= TOL["float16"]
 
 
+def test_a_gpu_cache_is_built_while_another_stream_captures_a_graph(rng):
+    """Building a GPU cache waits for CuPy's current stream and its own, not for the whole device: a capture on
+    another stream (begun before the build, ended after it) stays valid and replays, and the cache built meanwhile
+    attends like the reference. (A device synchronize in the constructor invalidated such a capture.)"""
+    import cupy as cp
+
+    from million_cupy import BatchDecodeWrapper
+
+    capturing, work = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    counter = cp.zeros(8, dtype=cp.float32)
+    cp.cuda.Device().synchronize()
+    with capturing:
+        capturing.begin_capture()
+        counter += 1
+    try:
+        with work:
+            (cache,) = _caches(rng, devices=("cuda",), stream=work, max_pages=256)
+    finally:
+        with capturing:
+            graph = capturing.end_capture()
+    graph.launch(stream=capturing)
+    capturing.synchronize()
+    np.testing.assert_array_equal(to_numpy(counter), np.ones(8, dtype=np.float32))
+    seqs = [cache.add_sequence() for _ in range(2)]
+    _prefill(rng, (cache,), seqs, [300, 77])
+    wrapper = BatchDecodeWrapper(cache, num_heads=4 * cache.num_kv_heads, stream=work)
+    wrapper.plan(seqs, new_tokens=0)
+    q = cp.asarray(rng.standard_normal((2, wrapper.num_heads, cache.head_dim)).astype(np.float16))
+    out = _poison(q.shape, "float16")
+    cp.cuda.Device().synchronize()  # q and the poison were made on the legacy stream; the capture has ended
+    with work:
+        wrapper.run(0, q, out=out)
+    work.synchronize()
+    _check_attention(cache, 0, seqs, q, out, None, "float16")
+
+
 def test_the_auto_rule_takes_the_dense_regime_for_many_rows(rng):
     (cache,) = _caches(rng, devices=("cuda",), max_pages=1024)
     gqa = 4
