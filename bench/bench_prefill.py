@@ -183,7 +183,9 @@ def _append_with(mode, cache, prefill, layer, seqs, k, v, counts):
 
 def bench_chunked_prompt(cp, torch, M, prompt, chunk) -> list[dict]:
     """A prompt appended and attended chunk by chunk (one layer), after a warm-up pass over a sequence freed
-    after it: wall time of the whole prompt, and host time per chunk (plan, append and run calls)."""
+    after it: wall time of the whole prompt, and host time per chunk (plan, append and run calls). With one layer a
+    chunk's page reservation waits for the previous reservation's copy, queued before the previous chunk's launches,
+    so ``host_us_per_chunk`` counts that wait for the GPU too, not only host work."""
     from million_cupy import BatchPrefillWrapper
 
     cache, (empty,) = build_cache(cp, 1, 0, M, spare_tokens=prompt)

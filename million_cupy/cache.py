@@ -1111,7 +1111,10 @@ class PagedPQCache:
             self._grow_meta = (empty_pinned(size, dtype=np.int32), cp.empty(size, dtype=np.int32),
                                cp.cuda.Event(block=False, disable_timing=True))
         host, dev, copied = self._grow_meta
-        copied.synchronize()  # the previous copy from the staging buffer (long done: reservations are rare)
+        # The previous reservation's copy from the staging buffer: long done in a decode loop (DecodeStep reserves
+        # 256 tokens ahead); a chunked prefill reserves every chunk, so there the host runs at most one chunk's
+        # reservation ahead of the GPU, which leaves it a chunk of launches (every layer's) to queue meanwhile.
+        copied.synchronize()
         host[:B] = rows
         host[B : 2 * B] = self._blocks[rows]
         host[2 * B] = 0
