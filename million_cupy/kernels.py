@@ -13,6 +13,7 @@ supported grid for sm_80 and sm_90 and to report register spills.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -21,7 +22,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,8 +41,14 @@ _cache: dict[tuple[str, str, int], object] = {}
 _lock = threading.Lock()
 
 
+_source_override: Path | None = None  # sources_from()'s directory, while its block runs
+_retired: list[object] = []  # kernels compiled under sources_from(): kept loaded (bound launches hold their handles)
+
+
 def source_dir() -> Path:
     """Directory holding the CUDA sources."""
+    if _source_override is not None:
+        return _source_override
     for d in _SOURCE_DIRS:
         if d.is_dir():
             return d
@@ -65,6 +72,39 @@ def register_variants(source: str) -> Callable[[Callable[[], list[str]]], Callab
         return fn
 
     return deco
+
+
+@contextlib.contextmanager
+def sources_from(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Inside the block, kernels compile from ``directory`` (a copy of ``cuda_src/``, e.g. with a patch applied)
+    instead of the package's sources; afterwards the package's compiled kernels are back.
+
+    For timing source variants against each other in one process, over the same caches and inputs
+    (``bench/ab_sources.py``): separate processes move the same kernel by several per cent. Objects that bound a
+    launch inside the block (wrappers, plans, steps) keep the variant's kernels, which stay loaded until the
+    process ends. Not thread-safe against compiles in other threads.
+
+    Raises:
+        FileNotFoundError: ``directory`` is not a directory.
+    """
+    global _source_override
+    path = Path(directory).resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"sources_from: expected a directory of CUDA sources, got {str(path)!r}")
+    with _lock:
+        outer, saved = _source_override, dict(_cache)
+        _source_override = path
+        _cache.clear()
+        read_source.cache_clear()
+    try:
+        yield path
+    finally:
+        with _lock:
+            _retired.extend(_cache.values())
+            _cache.clear()
+            _cache.update(saved)
+            _source_override = outer
+            read_source.cache_clear()
 
 
 def _import_operation_modules() -> None:

@@ -214,3 +214,28 @@ def test_ab_patch_patches_a_copy_and_compares_the_rounds_medians(tmp_path):
 def test_the_documented_patches_apply_to_the_tree(patch, tmp_path):
     """docs/perf-notes.md names these patches as the next measurements: they must still apply."""
     _load("ab_patch").patched_tree(patch, tmp_path / "b")
+
+
+def test_ab_sources_takes_kernel_patches_only_and_summarises_the_rounds(tmp_path):
+    ab = _load("ab_sources")
+    ab.check_patch(ROOT / "docs" / "patches" / "verify-tables-cp-async.diff")
+    host = tmp_path / "host.diff"
+    host.write_text(_one_line_patch(BENCH / "harness.py", "bench/harness.py"))
+    with pytest.raises(SystemExit, match=r"expected changes under cuda_src/ only, got \['bench/harness.py'\]"):
+        ab.check_patch(host)
+    empty = tmp_path / "empty.diff"
+    empty.write_text("not a diff\n")
+    with pytest.raises(SystemExit, match="found no"):
+        ab.check_patch(empty)
+    name = {"suite": "prefill", "batch": 8, "context": 32768, "M": 32}
+    records = [name | {"method": "decode_one_token", "queries_per_seq": 1, "variant": "A", "round": r,
+                       "median_us": 90.0 + r} for r in range(3)]
+    records += [name | {"method": "verify", "queries_per_seq": 8, "variant": v, "round": r, "median_us": t,
+                        "vs_decode": t / (90.0 + r)}
+                for r in range(3) for v, t in (("A", 180.0 + r), ("B", 171.0 + 2 * r))]
+    rows = {(row["queries_per_seq"], row["variant"]): row for row in ab.summary(records)}
+    assert rows[(1, "A")]["median_us"] == 91.0 and "vs_A" not in rows[(1, "A")]
+    assert rows[(8, "A")]["median_us"] == 181.0 and rows[(8, "A")]["vs_A"] == 1.0
+    assert rows[(8, "B")]["median_us"] == 173.0 and rows[(8, "B")]["vs_A"] == pytest.approx(173 / 181)
+    assert rows[(8, "B")]["rounds_us"] == [171.0, 173.0, 175.0]
+    assert rows[(8, "B")]["vs_decode"] == pytest.approx(173 / 91)

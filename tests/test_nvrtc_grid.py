@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -255,3 +256,28 @@ def test_hot_decode_variants_do_not_spill(arch, builds):
         found = {k: v for k, v in r.kernels.items() if frag in k}
         assert found, f"{frag} not built for {arch}"
         assert all(v == 0 for v in found.values()), f"{frag} spills on {arch}: {found}"
+
+
+def test_sources_from_compiles_a_copy_of_the_sources_then_restores_the_package(nvrtc_version, tmp_path):
+    """kernels.sources_from (bench/ab_sources.py): inside the block a kernel's source and its includes come from
+    the copy, afterwards from the package again."""
+    package = kernels.source_dir()
+    copy = tmp_path / "cuda_src"
+    shutil.copytree(package, copy)
+    (copy / "merge_states.cu").write_text("// variant\n" + (copy / "merge_states.cu").read_text())
+    expr = "mc::parallel::merge_rank_states<float>"
+    with kernels.sources_from(copy) as d:
+        assert kernels.source_dir() == d == copy.resolve()
+        assert kernels.read_source("merge_states.cu").startswith("// variant\n")
+        assert kernels.nvrtc_compile_offline("merge_states.cu", [expr]).cubin_size > 0
+        # the include comes from the copy too: broken there, the compile fails
+        (copy / "decode_common.cuh").write_text("#error the copy's header\n")
+        with pytest.raises(RuntimeError, match="the copy's header"):
+            kernels.nvrtc_compile_offline("merge_states.cu", [expr])
+    assert kernels.source_dir() == package
+    assert not kernels.read_source("merge_states.cu").startswith("// variant")
+    assert kernels.nvrtc_compile_offline("merge_states.cu", [expr]).cubin_size > 0
+    with pytest.raises(FileNotFoundError, match="expected a directory of CUDA sources"):
+        with kernels.sources_from(tmp_path / "missing"):
+            pass
+    assert kernels.source_dir() == package
