@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 from ab_patch import ROOT, patched_tree  # noqa: E402
 from bench_decode import D, NH, build_cache  # noqa: E402
+from bench_prefill import random_queries  # noqa: E402
 
 TIMING = {"queued": 20, "repeats": 15, "warmup": 3}
 
@@ -52,10 +53,6 @@ def check_patch(patch: Path) -> None:
                          f"time host-side patches with bench/ab_patch.py")
 
 
-def _queries(cp, n: int, seed: int):
-    return cp.random.default_rng(seed).standard_normal((n, NH, D), dtype=cp.float32).astype(cp.float16)
-
-
 def measure(cp, trees: dict[str, Path], M: int, batch: int, context: int, counts: list[int], backend: str,
             rounds: int) -> list[dict]:
     """Records of every (round, variant, query count) at one M."""
@@ -64,8 +61,8 @@ def measure(cp, trees: dict[str, Path], M: int, batch: int, context: int, counts
     cache, seqs = build_cache(cp, batch, context, M, spare_tokens=max(counts))
     decode = BatchDecodeWrapper(cache, num_heads=NH)
     decode.plan(seqs, new_tokens=0)
-    q1, o1 = _queries(cp, batch, 3), cp.empty((batch, NH, D), dtype=cp.float16)
-    queries = {c: _queries(cp, batch * c, 4 + c) for c in counts}
+    q1, o1 = random_queries(cp, batch, 3), cp.empty((batch, NH, D), dtype=cp.float16)
+    queries = {c: random_queries(cp, batch * c, 4 + c) for c in counts}
     runs: dict[tuple[str, int], tuple] = {}
     for label, tree in trees.items():
         with kernels.sources_from(tree / "cuda_src"):

@@ -50,7 +50,8 @@ TIMING = {"queued": 3, "repeats": 5, "warmup": 1}
 SUITES = ("verify", "chunk", "chunked_prompt", "verify_step")
 
 
-def _q(cp, n, seed=3):
+def random_queries(cp, n, seed=3):
+    """``n`` query rows ``(n, NH, D)`` of standard normal float16 values."""
     return cp.random.default_rng(seed).standard_normal((n, NH, D), dtype=cp.float32).astype(cp.float16)
 
 
@@ -61,7 +62,7 @@ def bench_verify(cp, M, batch, context, counts) -> list[dict]:
     cache, seqs = build_cache(cp, batch, context, M, spare_tokens=max(counts))
     decode = BatchDecodeWrapper(cache, num_heads=NH)
     decode.plan(seqs, new_tokens=0)
-    q1, o1 = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
+    q1, o1 = random_queries(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
     base = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
     base_graph = _decode_graph_us(cp, cache, seqs, batch)
     records = [{"suite": "prefill", "method": "decode_one_token", "batch": batch, "context": context, "M": M,
@@ -70,7 +71,7 @@ def bench_verify(cp, M, batch, context, counts) -> list[dict]:
                 "queries_per_seq": 1, "median_us": base_graph}]
     for c in counts:
         ind = np.arange(batch + 1) * c
-        q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
+        q, o = random_queries(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
         for backend in BACKENDS:
             prefill = BatchPrefillWrapper(cache, NH, backend=backend)
             prefill.plan(seqs, ind, appended=True)  # the last c tokens of the history are the "new" ones
@@ -91,7 +92,7 @@ def _decode_graph_us(cp, cache, seqs, batch) -> float:
 
     stream = cp.cuda.Stream(non_blocking=True)
     decode = BatchDecodeWrapper(cache, num_heads=NH, stream=stream)
-    q, o = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
+    q, o = random_queries(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
     with stream:
         decode.plan(seqs, new_tokens=0)
         graph = _captured(stream, lambda: decode.run(0, q, out=o, check=False))
@@ -156,7 +157,7 @@ def bench_chunk(cp, torch, M, batch, history, chunk) -> list[dict]:
     from million_cupy import BatchPrefillWrapper
 
     cache, seqs = build_cache(cp, batch, history + chunk, M)  # the chunk's tokens are the history's last ones
-    q, o = _q(cp, batch * chunk), cp.empty((batch * chunk, NH, D), dtype=cp.float16)
+    q, o = random_queries(cp, batch * chunk), cp.empty((batch * chunk, NH, D), dtype=cp.float16)
     s = _sdpa_us(torch, batch, chunk, history + chunk) if torch is not None else None
     records = []
     for backend in ("auto", "tensor_cores"):  # the rule's regime (dense), and the on-chip kernel (no workspace)
@@ -192,7 +193,7 @@ def bench_chunked_prompt(cp, torch, M, prompt, chunk) -> list[dict]:
     cache.free(empty)  # each pass takes a sequence of its own
     rng = cp.random.default_rng(5)
     k = rng.standard_normal((chunk, NH_K, D), dtype=cp.float32).astype(cp.float16)
-    q = _q(cp, chunk)
+    q = random_queries(cp, chunk)
     o = cp.empty_like(q)
     prefill = BatchPrefillWrapper(cache, NH)
     stream = cp.cuda.get_current_stream()
@@ -248,13 +249,13 @@ def bench_verify_step(cp, M, batch, context, counts, layers, steps=20) -> list[d
     with stream:
         decode = BatchDecodeWrapper(cache, num_heads=NH, stream=stream)
         decode.plan(seqs, new_tokens=0)
-        q1, o1 = _q(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
+        q1, o1 = random_queries(cp, batch), cp.empty((batch, NH, D), dtype=cp.float16)
         one = harness.time_gpu(lambda: decode.run(0, q1, out=o1, check=False), **TIMING)["median_us"]
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     for c in counts:
         ind = np.arange(batch + 1) * c
         with stream:
-            q, o = _q(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
+            q, o = random_queries(cp, batch * c), cp.empty((batch * c, NH, D), dtype=cp.float16)
             k = cp.random.default_rng(7).standard_normal((batch * c, NH_K, D), dtype=cp.float32).astype(cp.float16)
         prefill = BatchPrefillWrapper(cache, NH, stream=stream)
         graphed = BatchPrefillWrapper(cache, NH, stream=stream)
