@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
+from million_cupy import reference  # noqa: E402
 
 PROBE = Path(__file__).resolve().parent / "probes" / "verify_wgmma.cu"
 D, M, ROWS, P_BYTES = 128, 32, 32, 8 * 528
@@ -79,28 +80,27 @@ def random_inputs(cp, units, T, qscale, seed):
             r.integers(0, 256, (units, T // 16, M, 16), dtype=cp.uint8))
 
 
-def reference(data) -> np.ndarray:
-    """Softmax attention of every unit's 32 rows over its T tokens, float64: (units, 32, 128)."""
-    q, kcb, vcb = (x.get().astype(np.float64) for x in data[:3])
-    kc, vc = data[3].get(), data[4].get()
+def expected(data) -> np.ndarray:
+    """Softmax attention of every unit's 32 rows over its T tokens (reference.decode_attention, one kv head of 32 query
+    heads per unit, over reference.pq_decode's tokens), float64: (units, 32, 128)."""
+    q, kcb, vcb, kc, vc = (x.get() for x in data)
     units, T = kc.shape[:2]
-    vtok = vc.transpose(0, 1, 3, 2).reshape(units, T, M)
-    out = np.empty((units, ROWS, D))
-    for u in range(units):
-        K = kcb[u][kc[u], np.arange(M)].reshape(T, D)
-        V = vcb[u][vtok[u], np.arange(M)].reshape(T, D)
-        s = q[u] @ K.T / math.sqrt(D)
-        p = np.exp(s - s.max(1, keepdims=True))
-        out[u] = (p @ V) / p.sum(1, keepdims=True)
-    return out
+    vtok = vc.transpose(0, 1, 3, 2).reshape(units, T, M)  # [unit][block][m][16] -> [unit][token][m]
+    books = lambda cb: cb.transpose(1, 0, 2)  # noqa: E731 - [code][m][dsub] -> pq_decode's [m][code][dsub]
+    return np.stack([reference.decode_attention(q[u][None], [reference.pq_decode(kc[u], books(kcb[u]))[:, None]],
+                                          [reference.pq_decode(vtok[u], books(vcb[u]))[:, None]])[0][0]
+                     for u in range(units)])
 
 
 def merge(outs, units, parts) -> np.ndarray:
-    """The warpgroups' partial states (log2-domain maxima) of each unit combined: (units, 32, 128)."""
+    """The warpgroups' partial states (unnormalized O, log2-domain maxima, per-warp sums) of each unit combined by
+    reference.merge_states: (units, 32, 128)."""
     po, pm, pl = outs[0].get().astype(np.float64), outs[1].get().astype(np.float64), outs[2].get().sum(1)
     po, pm, pl = (x.reshape(units, parts, *x.shape[1:]) for x in (po, pm, pl))
-    w = np.exp2(pm - pm.max(1, keepdims=True))
-    return (w[..., None] * po).sum(1) / (w * pl).sum(1)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = (pm + np.log2(pl)) * math.log(2.0)  # -inf for a part that saw no token
+        out = po / pl[..., None]
+    return reference.merge_states(list(out.transpose(1, 0, 2, 3)), list(lse.transpose(1, 0, 2)))[0]
 
 
 def check(cp, mod) -> list[dict]:
@@ -119,11 +119,11 @@ def check(cp, mod) -> list[dict]:
             data = random_inputs(cp, units, T, qscale, seed=units * 7 + T)
             launch, outs = launcher(cp, mod.get_function(name), nwg, data, T, splits, units)
             launch()
-            got, want = merge(outs, units, splits * nwg), reference(data)
-            rel = float(np.abs(got - want).max() / np.abs(want).max())
+            got, want = merge(outs, units, splits * nwg), expected(data)
+            rel = reference.relative_error(got, want)
             ok = bool(np.isfinite(got).all() and rel < 2e-2)
             rows.append({"variant": name, "units": units, "tokens": T, "splits": splits, "qscale": qscale,
-                         "max_rel_err": rel, "ok": ok})
+                         "rel_err": rel, "ok": ok})
             print(f"check {name} units={units} T={T} splits={splits} qscale={qscale}: rel err {rel:.3g} "
                   f"{'OK' if ok else 'FAIL'}", flush=True)
     return rows
