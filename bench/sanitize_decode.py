@@ -30,6 +30,10 @@ that day, `--report-api-errors no`): racecheck 0 hazards, memcheck 0 errors. Wit
 racecheck 0 hazards, memcheck 0 errors. After verify_attention's conflict-free K table and split step loops
 (H200, 2026-12-04, 02:32 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors. With the verification step
 replayed from a CUDA graph (H200, 2026-12-04, 10:30 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors.
+``python bench/sanitize_decode.py warpgroup`` runs only verify_attention_wgmma's cases (compute capability 9.0;
+skipped elsewhere): on an H100 (2026-12-05) memcheck 0 errors and synccheck 0 errors, but racecheck reports
+read-after-write hazards across the barriers of the kernel's final merge (docs/perf-notes.md, session 40;
+bench/wgmma_barrier_check.py checks them on the hardware).
 """
 
 import sys
@@ -51,6 +55,9 @@ def main() -> None:
     if sys.argv[1:] == ["exact"]:
         exact_cases(rng)
         return
+    if sys.argv[1:] == ["warpgroup"]:
+        warpgroup_cases(rng)
+        return
     pages, res = np.array([0, 3, 40]), np.array([5, 0, 63])
     for d, M, nh, nh_k, P in CASES:
         n = int(pages.sum()) + 2
@@ -66,6 +73,7 @@ def main() -> None:
         cp.cuda.Device().synchronize()
         print(f"d={d} M={M}: finite output {bool(cp.isfinite(out).all())}")
     step_cases(rng)
+    warpgroup_cases(rng)
     exact_cases(rng)
 
 
@@ -159,25 +167,62 @@ def step_cases(rng) -> None:
         # after the histories grew.
         counts = [3, 3, 3]
         prefill = BatchPrefillWrapper(cache, nh, stream=stream)
-        qs = cp.asarray(rng.standard_normal((sum(counts), nh, d)).astype(np.float16))
-        o = cp.full_like(qs, cp.nan)
-        for step in range(2):
-            prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
-            xs = cp.asarray(rng.standard_normal((sum(counts), nh_k, d)).astype(np.float16))
-            for layer in range(2):
-                cache.append(layer, seqs, xs, xs, lengths=counts)
-            if step == 0:
-                prefill.run(0, qs, out=o)
-                stream.begin_capture()
-                prefill.run(0, qs, out=o)
-                graph = stream.end_capture()
-            graph.launch(stream)
-        stream.synchronize()
+        o = _replayed_after_growth(rng, cache, prefill, seqs, counts, stream)
         print(f"prefill {counts} in the {prefill.regime} regime, replayed from a CUDA graph: finite output "
               f"{bool(cp.isfinite(o).all())}")
 
     out, _, fired = _step_loop(cache, stream, [1, R - 1, 3 * P + 5], rng, nh, between=prefill_cases)
     print(f"step: finite output {bool(cp.isfinite(out).all())}; {_guard(fired)}")
+
+
+def _replayed_after_growth(rng, cache, prefill, seqs, counts: list[int], stream):
+    """A verification step of ``counts`` new tokens per sequence: planned, appended to every layer and run on layer 0
+    eagerly, then captured in a CUDA graph; planned and appended again (the histories grown) and replayed.
+    Returns layer 0's output of the replay (NaN-poisoned before the first run)."""
+    d, nh = cache.head_dim, prefill.num_heads
+    qs = cp.asarray(rng.standard_normal((sum(counts), nh, d)).astype(np.float16))
+    o = cp.full_like(qs, cp.nan)
+    for step in range(2):
+        prefill.plan(seqs, np.concatenate([[0], np.cumsum(counts)]))
+        xs = cp.asarray(rng.standard_normal((sum(counts), cache.num_kv_heads, d)).astype(np.float16))
+        for layer in range(cache.num_layers):
+            cache.append(layer, seqs, xs, xs, lengths=counts)
+        if step == 0:
+            prefill.run(0, qs, out=o)
+            stream.begin_capture()
+            prefill.run(0, qs, out=o)
+            graph = stream.end_capture()
+        graph.launch(stream)
+    stream.synchronize()
+    return o
+
+
+def warpgroup_cases(rng) -> None:
+    """verify_attention's warpgroup-MMA form (compute capability 9.0; 17 to 32 query rows per kv head at d = 128,
+    M = 32, pages of 64 tokens): a 3,000-token history split across CTAs and merged by the last, a history of one
+    page and a ring, a chunk crossing a flush, then the same step replayed from a CUDA graph after it grew."""
+    from million_cupy import BatchPrefillWrapper, Codebook, ModelCodebooks, PagedPQCache, kernels
+    from million_cupy.decode import device_compute_capability
+
+    if device_compute_capability() != 90:
+        print("warpgroup cases: skipped (compute capability 9.0 only)")
+        return
+    d, M, nh, nh_k, P, R = 128, 32, 8, 2, 64, 128
+    books = ModelCodebooks(*[[Codebook(rng.standard_normal((M, 256, d // M)).astype(np.float32))]
+                             for _ in range(2)])
+    stream = cp.cuda.Stream(non_blocking=True)
+    cache = PagedPQCache(1, nh_k, d, books, page_size=P, residual=R, max_pages=256, max_seqs=3, max_seq_len=4096,
+                         device="cuda", stream=stream)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    history = [3000, P + 63, 120]
+    x = cp.asarray(rng.standard_normal((sum(history), nh_k, d)).astype(np.float16))
+    cache.append(0, seqs, x, x, lengths=history)
+    counts = [8, 2, 5]  # 32 query rows per kv head at GQA 4: two row tiles
+    prefill = BatchPrefillWrapper(cache, nh, backend="tensor_cores", stream=stream)
+    o = _replayed_after_growth(rng, cache, prefill, seqs, counts, stream)
+    built = sorted(c["variant"] for c in kernels.compiled() if c["variant"].startswith("sm_90a:"))
+    print(f"warpgroup: {counts} new tokens, eager then replayed from a CUDA graph: finite output "
+          f"{bool(cp.isfinite(o).all())}; sm_90a builds {built}")
 
 
 if __name__ == "__main__":

@@ -798,16 +798,18 @@ struct VerifySmem {
   static_assert(merge_bytes <= total, "the token streams' states reuse the codebooks' space");
 };
 
+// verify_attention's parameters, which its sm_90a warpgroup form (verify_attention_wgmma below) takes too; R is
+// __restrict__ or nothing (the wgmma entry points pass unqualified pointers to their inlined body: qualified there,
+// ptxas scheduled the kernel differently, 24 instructions longer, unmeasured).
+#define MC_VERIFY_PARAMS(T, R)                                                                                     \
+  const T *R q, T *R out, float *R lse_out, const __half *R k_cent, const __half *R v_cent,                        \
+      long long cb_head_stride, const unsigned char *R k_codes, const unsigned char *R v_codes, const T *R ring_k, \
+      const T *R ring_v, int ring_cap, long long page_stride, long long head_stride, const int *R page_table,       \
+      int page_shift, const int4 *R seq_meta, const long long *R page_row, const int *R res_row,                   \
+      const int4 *R units, const int4 *R items, float *R part_o, float *R part_lse, int *R unit_counter, int nh,    \
+      int nh_k, float scale_log2
 template <int D, int M, typename T, int RT>
-__global__ void __launch_bounds__(NT, 1) verify_attention(
-    const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse_out,
-    const __half* __restrict__ k_cent, const __half* __restrict__ v_cent, long long cb_head_stride,
-    const unsigned char* __restrict__ k_codes, const unsigned char* __restrict__ v_codes,
-    const T* __restrict__ ring_k, const T* __restrict__ ring_v, int ring_cap,
-    long long page_stride, long long head_stride, const int* __restrict__ page_table, int page_shift,
-    const int4* __restrict__ seq_meta, const long long* __restrict__ page_row, const int* __restrict__ res_row,
-    const int4* __restrict__ units, const int4* __restrict__ items, float* __restrict__ part_o,
-    float* __restrict__ part_lse, int* __restrict__ unit_counter, int nh, int nh_k, float scale_log2) {
+__global__ void __launch_bounds__(NT, 1) verify_attention(MC_VERIFY_PARAMS(T, __restrict__)) {
   wait_for_previous_grid();
   using S = VerifySmem<D, RT>;
   constexpr int DSUB = D / M;
@@ -1717,5 +1719,547 @@ __global__ void __launch_bounds__(NT) prefill_merge(
   merge_unit<D, T, RT>(unit, items, seq_meta, part_o, part_lse, out, lse_out, nh, nh_k);
 }
 
+
+// ---- 32 query rows at M = 32 on Hopper warpgroup MMA (sm_90a builds only) ---------------------------------
+//
+// verify_attention at two row tiles holds O for all 32 rows in every warp (128 registers): one 8-warp CTA per SM,
+// two warps per scheduler, each step one dependent chain, and Q's fragments reloaded from shared memory every step
+// (perf-notes, sessions 20-37). Here the products are transposed onto warpgroup MMAs (wgmma), with 64-token steps:
+//   S^T = K Q^T     (m64 tokens x n32 rows x k128 dims: A = gathered K centroids in registers, B = Q in shared memory)
+//   O^T += V^T P^T  (2 x m64 dims x n32 rows x k64 tokens: A = gathered V centroids in registers, B = P in shared)
+// so a lane holds 16 scores and 32 values of O: three warpgroups (12 warps, 168 registers) share an SM, each a
+// token stream of its own, merged at the end. Q's fragments are read by the tensor cores from shared memory.
+// A warpgroup's rows share their softmax reference maxima: a step's scores are exponentiated against them, and
+// one barrier with an OR reduction (barrier.red.or) both publishes P and says whether any score passed them by
+// RESCALE_SLACK; only then (every first step, rarely later) do the warps exchange their row maxima and rescale.
+// Layouts: lane i4 of the S^T product serves K subspaces 8 i4 .. 8 i4 + 7 (k block kb: subspace 8 i4 + kb, its 4
+// dims at k = 2 i4, 2 i4 + 1, 2 i4 + 8, 2 i4 + 9), S^T row g of warp w is token 16 w + sigma(g) of the step and row
+// g + 8 the next one, so that a lane's two scores of a row are the adjacent k pair (2 g, 2 g + 1) of P^T, whose k
+// order within 16 tokens puts tokens 4 i4 .. 4 i4 + 3 at the V fragment's k = 2 i4, 2 i4 + 1, 2 i4 + 8, 2 i4 + 9; the
+// V fragment's rows g / g + 8 of m tile mt are dims 4 (8 w + g) + 2 mt + {0, 1}. The K table is verify_attention's
+// ([code][4 regions of 12 entries]) with 4 rotations (conflict-free gathers). ptxas serializes every wgmma of a
+// kernel (a wait after each) when a wgmma sits in a path it thinks divergent (C7520: the warp index comes from a
+// shuffle of lane 0), when its accumulators or register operands are touched while it may run (C7513-C7515: no
+// wgmma is in flight across the loop's back edge, and keep() pins operands until the wait that ends their MMA).
+// Measurements (and the probe that came first): perf-notes sessions 38-40 (q = 8 at M = 32, 8 x 32K: 169 us
+// against verify_attention's 180 us on an H100).
+#if defined(MC_SM90A_KERNELS)
+namespace wg {
+constexpr int NWG = 3, THREADS = 128 * NWG, STEP = 64, ROWS = 32, D = 128, M = 32;
+constexpr int K_REGION = 12, K_ROW = 48, K_ROTATIONS = 4;
+// V entries [m / V_GROUP][code][m % V_GROUP]: 4 measured faster than 2 and 8 (perf-notes, session 40)
+constexpr int V_GROUP = 4;
+constexpr int K_TABLE = 256 * K_ROW * 8, V_TABLE = 256 * M * 8, Q_BYTES = ROWS * D * 2;
+constexpr int P_LBO = 528, P_BYTES = 8 * P_LBO;  // P^T's 8-token core-matrix columns: stores conflict-free
+constexpr int RED_BYTES = NWG * 4 * ROWS * 4;
+constexpr int STASH_BYTES = 8 * 4;  // the item's values only the ring and masked steps read (see stash)
+constexpr int SMEM = K_TABLE + V_TABLE + Q_BYTES + NWG * 2 * P_BYTES + RED_BYTES + STASH_BYTES;
+constexpr int MERGE_BYTES = NWG * ROWS * (D + 1 + 4) * 4;  // O, the reference max and 4 warps' sums per warpgroup
+static_assert(MERGE_BYTES <= K_TABLE + V_TABLE, "the warpgroups' states reuse the codebooks' space");
+
+template <typename T> struct Mma;
+#define MC_WGMMA(TYPE, PTX)                                                                                      \
+  template <> struct Mma<TYPE> {                                                                                 \
+    template <bool ACCUMULATE>                                                                                    \
+    static __device__ __forceinline__ void m64n32k16(float (&d)[16], const unsigned (&a)[4], unsigned long long b) { \
+      if constexpr (ACCUMULATE)                                                                                   \
+        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, 1, 0;\n"                                               \
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTX "." PTX " "                               \
+                     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n" \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),       \
+                       "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),   \
+                       "+f"(d[14]), "+f"(d[15])                                                                   \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                     \
+      else /* d := A B: the accumulator registers are only written */                                            \
+        asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, 0, 0;\n"                                               \
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTX "." PTX " "                               \
+                     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n" \
+                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]),       \
+                       "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]),   \
+                       "=f"(d[14]), "=f"(d[15])                                                                   \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                     \
+    }                                                                                                             \
+  };
+MC_WGMMA(__half, "f16")
+MC_WGMMA(__nv_bfloat16, "bf16")
+#undef MC_WGMMA
+
+// A shared-memory B operand, K-major without swizzle: core matrices of 8 rows x 16 bytes, those of the next 8 rows
+// 128 bytes further (SBO), those of the next 8 k `lbo` bytes further.
+__device__ __forceinline__ unsigned long long b_descriptor(unsigned addr, unsigned lbo) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+         ((unsigned long long)(128 >> 4) << 32);
+}
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Generic-proxy shared-memory writes made visible to the tensor cores' (async proxy) reads.
+__device__ __forceinline__ void fence_to_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// A wgmma register operand kept live (unmoved) up to here.
+__device__ __forceinline__ void keep(unsigned& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void keep(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void group_sync(int id) { asm volatile("barrier.cta.sync %0, 128;" ::"r"(id) : "memory"); }
+// The warpgroup's barrier `id`, returning whether `pred` held in any of its threads.
+__device__ __forceinline__ bool group_any(int id, bool pred) {
+  int r;
+  asm volatile("{\n .reg .pred p, q;\n setp.ne.b32 p, %1, 0;\n barrier.cta.red.or.pred q, %2, 128, p;\n"
+               " selp.b32 %0, 1, 0, q;\n}\n"
+               : "=r"(r) : "r"((int)pred), "r"(id) : "memory");
+  return r != 0;
+}
+// Byte offset of element (row n, k) of a B tile of 8 core-matrix columns `lbo` bytes apart.
+__device__ __forceinline__ unsigned b_tile_offset(int n, int k, int lbo) {
+  return (k >> 3) * lbo + (n >> 3) * 128 + (n & 7) * 16 + (k & 7) * 2;
+}
+__device__ __forceinline__ uint2 lds64(unsigned addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+// A word of shared memory read where it is written in the source (volatile: not forwarded from a register).
+__device__ __forceinline__ int lds_volatile(const int* p) {
+  int v;
+  asm volatile("ld.volatile.shared.b32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
+  return v;
+}
+template <int OFF> __device__ __forceinline__ uint2 lds64_at(unsigned addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2+%3];" : "=r"(v.x), "=r"(v.y) : "r"(addr), "n"(OFF));
+  return v;
+}
+}  // namespace wg
+
+template <typename T>
+__device__ __forceinline__ void verify_attention_wgmma(MC_VERIFY_PARAMS(T, __restrict__)) {
+  using namespace wg;  // the entry points waited for the previous grid
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* k_tab = smem_raw;
+  unsigned char* v_tab = k_tab + K_TABLE;
+  unsigned char* q_s = v_tab + V_TABLE;
+  unsigned char* p_s = q_s + Q_BYTES;                                  // [warpgroup][2 buffers][P_BYTES]
+  float* red = reinterpret_cast<float*>(p_s + NWG * 2 * P_BYTES);     // [warpgroup][4 warps][32 rows]
+  // Values the ring and masked steps read and the paged ones do not: kept here, not in registers through the paged
+  // steps' loop (with them live there, ptxas spilled in that loop).
+  int* stash = reinterpret_cast<int*>(red + NWG * 4 * ROWS);
+  enum { STASH_T_END, STASH_FULL, STASH_T_STOP, STASH_BEFORE, STASH_RING_LO, STASH_RING_HI, STASH_FAST_END };
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wgi = warp >> 2, w = warp & 3;  // uniform (see above)
+  const int g = lane >> 2, i4 = lane & 3;
+  if (items[blockIdx.x].x < 0) return;  // padding of a captured launch's fixed grid (prefill.TensorCorePlan)
+  const PqWorkItem wi = open_pq_work_item(SMEM, items, units, seq_meta, page_row, res_row, nh, nh_k, ring_cap,
+                                          page_shift, k_codes, v_codes, head_stride);
+  const int kvh = wi.kvh, n_main = wi.seq.w, t_begin = wi.t_begin, t_end = wi.t_end;
+  const int G = wi.G, rows = wi.rows;
+  const int4 sm = wi.seq;
+
+  const int sigma = g < 4 ? 4 * g : 4 * (g - 4) + 2;
+  const int mv = 8 * w + g;  // the lane's V subspace
+  const unsigned k_column_stride = ((unsigned)wi.page_mask + 1u) * 16u;
+  // Codes of a step: K, the lane's 8-byte group (subspaces 8 i4 ..) of tokens t0 = x + 16 w + sigma and t0 + 1,
+  // in the stored order (the group's bytes are its slots XOR t mod 8, the groups XOR (t mod 32) / 8:
+  // layout.permute_k_rows); V, subspace mv of tokens 4 i4 .. 4 i4 + 3 of each 16-token block. Ring tokens have none.
+  uint4 kpair;  // this lane's 16-byte column of token t0 + (i4 & 1) (see load_k_codes)
+  unsigned vcode[4];
+  constexpr int SSTRIDE = NWG * STEP;
+  // The page id of a step, loaded a step before its codes: a step lies in one page, since this kernel runs for pages
+  // of 64 tokens or more (prefill.verify_uses_wgmma) and splits start at whole 64-token tiles (0 for a step in the
+  // ring: its codes are then read from page 0 and never used). One id per 16-token block, shuffled to the lanes
+  // that need it, cost 38 instructions a step and ~7 % of the kernel's time (perf-notes, session 40).
+  auto load_page = [&](int x) { return x < n_main ? load_pinned(page_table + wi.prow + (x >> page_shift)) : 0; };
+  auto load_k_codes = [&](int x, int page) {
+    const int xb = x + 16 * w;
+    const unsigned char* kp = wi.k_codes + (long long)page * page_stride;
+    // Lanes i4 and i4 ^ 1 need the two halves of one 16-byte column of tokens t0 and t0 + 1 (their groups differ in
+    // the low bit): the even lane loads t0's column, the odd one t0 + 1's, and gather_k swaps the halves. Each load
+    // then fills whole 32-byte sectors; one 8-byte load per token left every sector half used.
+    const unsigned t = ((unsigned)(xb + sigma) & (unsigned)wi.page_mask) + (unsigned)(i4 & 1);
+    const unsigned gi = (unsigned)i4 ^ ((t & 31u) >> 3);
+    kpair = load_pinned(reinterpret_cast<const uint4*>(kp + ((gi >> 1) * k_column_stride + t * 16u)));
+  };
+  auto load_v_codes = [&](int x, int page) {
+    const unsigned char* vp = wi.v_codes + (long long)page * page_stride;
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+      const int xb = x + 16 * kb;
+      vcode[kb] = (unsigned)load_pinned(reinterpret_cast<const int*>(
+          vp + ((((unsigned)xb & (unsigned)wi.page_mask) >> 4) * (M * 16u) + (unsigned)(mv * 16 + 4 * i4))));
+    }
+  };
+  int x0 = t_begin + wgi * STEP;
+
+  // ---- the kv head's codebooks (as T) and Q (the S^T product's B tile) ---------------------------------------
+  {
+    const uint2* kc = reinterpret_cast<const uint2*>(k_cent + kvh * cb_head_stride);
+    const uint2* vc = reinterpret_cast<const uint2*>(v_cent + kvh * cb_head_stride);
+    uint2* kt = reinterpret_cast<uint2*>(k_tab);
+    uint2* vt = reinterpret_cast<uint2*>(v_tab);
+    for (int e = tid; e < 256 * M; e += THREADS) {
+      const int c = e / M, m = e % M, t = m & 7;
+      const uint2 x = __ldg(kc + e), y = __ldg(vc + e);
+      const uint2 xt = make_uint2(Ops<T>::from_half2(x.x), Ops<T>::from_half2(x.y));
+      kt[c * K_ROW + K_REGION * (m >> 3) + t] = xt;
+      if (t < K_ROTATIONS - 1) kt[c * K_ROW + K_REGION * (m >> 3) + 8 + t] = xt;
+      vt[((m / V_GROUP) * 256 + c) * V_GROUP + m % V_GROUP] = make_uint2(Ops<T>::from_half2(y.x), Ops<T>::from_half2(y.y));
+    }
+    for (int e = tid; e < ROWS * D / 2; e += THREADS) {
+      const int n = e / (D / 2), d = 2 * (e % (D / 2)), r = wi.row0 + n;
+      const int m = d >> 2, half = (d & 3) >> 1, k = 8 * half + 2 * (m >> 3);
+      unsigned v = 0u;
+      if (r < rows) v = __ldg(reinterpret_cast<const unsigned*>(q + ((long long)(sm.x + r / G) * nh + kvh * G + r % G) * D + d));
+      *reinterpret_cast<unsigned*>(q_s + (m & 7) * 1024 + b_tile_offset(n, k, 512)) = v;
+    }
+  }
+  // row r attends to the first tokens_before + r / G + 1 tokens (causal); rows past `rows` to none
+  const int tokens_before = sm.z - sm.y + 1;
+  auto limit = [&](int r) { return r < rows ? tokens_before + r / G : 0; };
+  int full = t_end, reach = 0;  // every row attends below `full`; no row at or past `reach`
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int r = wi.row0 + 8 * (j >> 1) + 2 * i4 + (j & 1);
+    if (r < rows) full = min(full, limit(r));
+    reach = max(reach, limit(r));
+  }
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    full = min(full, __shfl_xor_sync(0xffffffffu, full, off));
+    reach = max(reach, __shfl_xor_sync(0xffffffffu, reach, off));
+  }
+  full = __shfl_sync(0xffffffffu, full, 0);  // uniform as far as ptxas knows: the loop's bounds
+  const int t_stop = __shfl_sync(0xffffffffu, min(t_end, reach), 0);
+  const int fast_end = min(n_main, full);  // steps below it lie in the pages and every row sees them whole
+  if (tid == 0) {
+    stash[STASH_T_END] = t_end;
+    stash[STASH_FULL] = full;
+    stash[STASH_T_STOP] = t_stop;
+    stash[STASH_BEFORE] = tokens_before;
+    stash[STASH_RING_LO] = (int)(unsigned)(unsigned long long)wi.ring_base;
+    stash[STASH_RING_HI] = (int)((unsigned long long)wi.ring_base >> 32);
+    stash[STASH_FAST_END] = fast_end;
+  }
+  auto ring_base = [&]() {
+    return (long long)(((unsigned long long)(unsigned)lds_volatile(stash + STASH_RING_HI) << 32) |
+                       (unsigned)lds_volatile(stash + STASH_RING_LO));
+  };
+  __syncthreads();
+  fence_to_async();
+
+  const int bar_id = 1 + wgi;
+  unsigned char* my_p = p_s + wgi * 2 * P_BYTES;
+  const int k_rot = g & (K_ROTATIONS - 1);
+  const unsigned k_lane = smem_addr(k_tab) + (K_REGION * i4 + k_rot) * 8;
+  const unsigned k_shift = 0x3210u + 0x1111u * (unsigned)k_rot;
+  const unsigned v_lane = smem_addr(v_tab) + ((mv / V_GROUP) * 256 * V_GROUP + mv % V_GROUP) * 8;
+  // shared memory addresses are below 2^18, so a descriptor's 14-bit address field (addr / 16) never carries
+  const unsigned long long q_desc = b_descriptor(smem_addr(q_s), 512);
+
+  float o[2][16];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) o[mt][i] = 0.f;
+  // The rows' reference maxima (log2 domain, shared by the warpgroup) and this lane's sums. A row that has seen no
+  // token has reference NO_REF, finite: a valid score then exceeds it by far (the slow path sets the reference),
+  // a masked one (-inf) gives p = 0, and no exponent needs a select for it.
+  constexpr float NO_REF = -1e30f;
+  float ref[8], lsum[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) ref[j] = NO_REF, lsum[j] = 0.f;
+
+  // K fragments of the step at x: the centroids of its codes (slot (v + k_rot) mod 8 at gather v, rotated back), or
+  // the exact rows of the ring (zero past the item's end: masked, and finite)
+  unsigned ka[8][4];
+  auto gather_k = [&](int x, const bool paged) {  // paged: the step is known to lie in the pages
+    const int xb = x + 16 * w;
+    if (paged || xb < n_main) {
+      uint2 kcode[2];
+      {
+        const unsigned t0 = ((unsigned)(xb + sigma) & (unsigned)wi.page_mask);
+        const bool high = (((unsigned)i4 ^ ((t0 & 31u) >> 3)) & 1u) != 0u;  // this lane's group: the column's 2nd half
+        const uint2 mine = high ? make_uint2(kpair.z, kpair.w) : make_uint2(kpair.x, kpair.y);
+        const uint2 other = high ? make_uint2(kpair.x, kpair.y) : make_uint2(kpair.z, kpair.w);
+        const uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, other.x, 1), __shfl_xor_sync(0xffffffffu, other.y, 1));
+        kcode[0] = (i4 & 1) ? got : mine;
+        kcode[1] = (i4 & 1) ? mine : got;
+      }
+#pragma unroll
+      for (int tk = 0; tk < 2; ++tk) {
+        const unsigned t = ((unsigned)(xb + sigma) & (unsigned)wi.page_mask) + (unsigned)tk, rr = t & 7u;
+        unsigned w0 = kcode[tk].x, w1 = kcode[tk].y;
+        if (rr & 4u) { const unsigned z = w0; w0 = w1; w1 = z; }
+        const unsigned sel = k_shift ^ ((rr & 3u) * 0x1111u);
+        const unsigned y0 = __byte_perm(w0, w1, sel), y1 = __byte_perm(w1, w0, sel);
+        uint2 kf[8];
+#define MC_KG(V) kf[V] = lds64_at<8 * V>(k_lane + ((((V) < 4 ? y0 : y1) >> (8 * ((V) & 3))) & 255u) * (K_ROW * 8));
+        MC_KG(0) MC_KG(1) MC_KG(2) MC_KG(3) MC_KG(4) MC_KG(5) MC_KG(6) MC_KG(7)
+#undef MC_KG
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          uint2 c = (k_rot & 1) ? kf[(s + 7) & 7] : kf[s];
+          if constexpr (K_ROTATIONS == 4) c = (k_rot & 2) ? ((k_rot & 1) ? kf[(s + 5) & 7] : kf[(s + 6) & 7]) : c;
+          ka[s][tk] = c.x;
+          ka[s][2 + tk] = c.y;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int tk = 0; tk < 2; ++tk) {
+        const int t = xb + sigma + tk;
+        const T* row = ring_k + (ring_base() + t % ring_cap) * D + 32 * i4;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          const uint2 c = t < lds_volatile(stash + STASH_T_END) ? __ldg(reinterpret_cast<const uint2*>(row + 4 * s))
+                                                                  : make_uint2(0u, 0u);
+          ka[s][tk] = c.x;
+          ka[s][2 + tk] = c.y;
+        }
+      }
+    }
+  };
+
+  // The first codes wait for the codebooks' staging: loaded before it (their latency under its loads and stores),
+  // the ring loop spilled and the kernel ran 10 % slower (perf-notes, session 40).
+  int page = load_page(x0);  // then the next step's
+  load_k_codes(x0, page);
+  load_v_codes(x0, page);
+  page = load_page(x0 + SSTRIDE);
+  if (x0 < t_stop) gather_k(x0, x0 + STEP <= fast_end);
+  int buf = 0;
+  // No wgmma is in flight across the loop's back edge: S^T(i) runs under the V gathers, P V(i) under the K gathers
+  // of step i + 1, each then waited.
+  // One step at x0. `general`: some of its tokens are in the ring or masked; the other steps (all but the last few
+  // of a long history) are paged and seen whole by every row, and their loop carries none of that code.
+  auto step = [&](const bool general) {
+    float s[16];
+#pragma unroll
+    for (int kb = 0; kb < 8; ++kb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) keep(ka[kb][e]);
+    fence();
+#pragma unroll
+    for (int kb = 0; kb < 8; ++kb) {
+      const unsigned long long b = q_desc + kb * (1024 >> 4);  // the address field (bits 0-13) cannot carry
+      if (kb == 0) Mma<T>::template m64n32k16<false>(s, ka[kb], b); else Mma<T>::template m64n32k16<true>(s, ka[kb], b);
+    }
+    commit();
+    load_k_codes(x0 + SSTRIDE, page);
+
+    // ---- V fragments (rows g / g + 8 of m tile mt: dims 4 mv + 2 mt + {0, 1}; k: tokens 4 i4 + {0, 1, 2, 3}) ----
+    unsigned va[2][4][4];
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+      const int xb = x0 + 16 * kb;
+      uint2 c[4];
+      if (!general || xb < n_main) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) c[u] = lds64(v_lane + ((vcode[kb] >> (8 * u)) & 255u) * (8 * V_GROUP));
+      } else {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int t = xb + 4 * i4 + u;
+          c[u] = t < lds_volatile(stash + STASH_T_END)
+                     ? __ldg(reinterpret_cast<const uint2*>(ring_v + (ring_base() + t % ring_cap) * D + 4 * mv))
+                     : make_uint2(0u, 0u);
+        }
+      }
+      va[0][kb][0] = __byte_perm(c[0].x, c[1].x, 0x5410);
+      va[0][kb][1] = __byte_perm(c[0].x, c[1].x, 0x7632);
+      va[0][kb][2] = __byte_perm(c[2].x, c[3].x, 0x5410);
+      va[0][kb][3] = __byte_perm(c[2].x, c[3].x, 0x7632);
+      va[1][kb][0] = __byte_perm(c[0].y, c[1].y, 0x5410);
+      va[1][kb][1] = __byte_perm(c[0].y, c[1].y, 0x7632);
+      va[1][kb][2] = __byte_perm(c[2].y, c[3].y, 0x5410);
+      va[1][kb][3] = __byte_perm(c[2].y, c[3].y, 0x7632);
+    }
+    load_v_codes(x0 + SSTRIDE, page);
+    page = load_page(x0 + 2 * SSTRIDE);
+    wait_all();  // S^T
+#pragma unroll
+    for (int kb = 0; kb < 8; ++kb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) keep(ka[kb][e]);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) keep(s[i]);
+
+    // ---- mask; softmax against the warpgroup's reference maxima; P^T into this step's buffer ----
+    if (general && x0 + STEP > lds_volatile(stash + STASH_FULL)) {
+      const int before = lds_volatile(stash + STASH_BEFORE), end = lds_volatile(stash + STASH_T_END);
+      const int t0 = x0 + 16 * w + sigma;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int t = t0 + ((i >> 1) & 1);
+        const int r = wi.row0 + 8 * (i >> 2) + 2 * i4 + (i & 1);
+        if (t >= min(r < rows ? before + r / G : 0, end)) s[i] = kNegInf;
+      }
+    }
+    unsigned char* pb = my_p + buf * P_BYTES;
+    const unsigned p_lane = (unsigned)((2 * w + (g >> 2)) * P_LBO + (2 * i4) * 16 + (g & 3) * 4);
+    bool exceed = false;  // a score past its row's reference by the slack (any valid score of a row without one)
+    float sum[8];         // this step's p of the lane's rows
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum[j] = 0.f;
+#pragma unroll
+    for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 2 * n8 + e;
+        const float s0 = s[4 * n8 + e], s1 = s[4 * n8 + 2 + e];
+        const float x0 = fmaf(s0, scale_log2, -ref[j]), x1 = fmaf(s1, scale_log2, -ref[j]);
+        exceed |= fmaxf(x0, x1) > RESCALE_SLACK;
+        const float p0 = fast_exp2(x0), p1 = fast_exp2(x1);  // inf where exceeding: rewritten below
+        sum[j] = p0 + p1;
+        *reinterpret_cast<unsigned*>(pb + p_lane + n8 * 128 + e * 16) = Ops<T>::pack(p0, p1);
+      }
+    fence_to_async();
+    if (group_any(bar_id, exceed)) {  // rare after a warpgroup's first step: the maxima move, O and l rescale
+      float mx[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        mx[j] = fmaxf(s[4 * (j >> 1) + (j & 1)], s[4 * (j >> 1) + 2 + (j & 1)]);
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], off));
+      }
+      float* my_red = red + wgi * 4 * ROWS;
+      if (g == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) my_red[w * ROWS + 8 * (j >> 1) + 2 * i4 + (j & 1)] = mx[j];
+      }
+      group_sync(bar_id);
+      float alpha[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int r = 8 * (j >> 1) + 2 * i4 + (j & 1);
+        const float m4 = fmaxf(fmaxf(my_red[r], my_red[ROWS + r]), fmaxf(my_red[2 * ROWS + r], my_red[3 * ROWS + r]));
+        const float old = ref[j];
+        ref[j] = fmaxf(ref[j], m4 * scale_log2);  // stays NO_REF for a row whose scores are all masked so far
+        alpha[j] = fast_exp2(old - ref[j]);        // 0 from NO_REF to a reference: that row's O and l are 0
+        lsum[j] *= alpha[j];
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int i = 0; i < 16; ++i) o[mt][i] *= alpha[2 * (i >> 2) + (i & 1)];
+#pragma unroll
+      for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 2 * n8 + e;
+          const float p0 = fast_exp2(fmaf(s[4 * n8 + e], scale_log2, -ref[j]));
+          const float p1 = fast_exp2(fmaf(s[4 * n8 + 2 + e], scale_log2, -ref[j]));
+          sum[j] = p0 + p1;
+          *reinterpret_cast<unsigned*>(pb + p_lane + n8 * 128 + e * 16) = Ops<T>::pack(p0, p1);
+        }
+      fence_to_async();
+      group_sync(bar_id);  // P published; the maxima exchange's area free again
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) lsum[j] += sum[j];
+
+    // ---- O^T += V^T P^T ----
+    const unsigned long long p_desc = b_descriptor(smem_addr(pb), P_LBO);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < 16; ++i) keep(o[mt][i]);
+    fence();
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int kb = 0; kb < 4; ++kb) Mma<T>::template m64n32k16<true>(o[mt], va[mt][kb], p_desc + kb * (2 * P_LBO >> 4));
+    commit();
+    if (!general) gather_k(x0 + SSTRIDE, true);  // the fast loop's next step is a fast one too
+    else if (x0 + SSTRIDE < lds_volatile(stash + STASH_T_STOP))
+      gather_k(x0 + SSTRIDE, x0 + SSTRIDE + STEP <= lds_volatile(stash + STASH_FAST_END));
+    wait_all();  // P V
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int kb = 0; kb < 4; ++kb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) keep(va[mt][kb][e]);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < 16; ++i) keep(o[mt][i]);
+  };
+  for (; x0 + SSTRIDE + STEP <= fast_end; x0 += SSTRIDE, buf ^= 1) step(false);
+  for (; x0 < lds_volatile(stash + STASH_T_STOP); x0 += SSTRIDE, buf ^= 1) step(true);
+
+  // ---- the warpgroups' states, merged per output element -------------------------------------------------------
+  float* merge_o = reinterpret_cast<float*>(smem_raw);           // [warpgroup][row][D]
+  float* merge_m = merge_o + NWG * ROWS * D;                      // [warpgroup][row]
+  float* merge_l = merge_m + NWG * ROWS;                          // [warpgroup][warp][row]
+  __syncthreads();  // every warpgroup is done with the codebooks
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int r = 8 * (i >> 2) + 2 * i4 + (i & 1);
+      merge_o[(wgi * ROWS + r) * D + 4 * mv + 2 * mt + ((i & 3) >> 1)] = o[mt][i];
+    }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) lsum[j] += __shfl_xor_sync(0xffffffffu, lsum[j], off);
+    const int r = 8 * (j >> 1) + 2 * i4 + (j & 1);
+    if (g == 0) {
+      merge_l[(wgi * 4 + w) * ROWS + r] = lsum[j];
+      if (w == 0) merge_m[wgi * ROWS + r] = ref[j];
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < ROWS * D; e += THREADS) {
+    const int r = e / D, d = e % D;
+    float mx = kNegInf;
+#pragma unroll
+    for (int k = 0; k < NWG; ++k) mx = fmaxf(mx, merge_m[k * ROWS + r]);
+    float l = 0.f, acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < NWG; ++k) {
+      const float f = state_weight(merge_m[k * ROWS + r], mx);
+      const float* lk = merge_l + k * 4 * ROWS + r;
+      l = fmaf(f, lk[0] + lk[ROWS] + lk[2 * ROWS] + lk[3 * ROWS], l);
+      acc = fmaf(f, merge_o[(k * ROWS + r) * D + d], acc);
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? mx + log2f(l) : kNegInf;
+    const int row = wi.row0 + r;
+    if (wi.single) {
+      if (row >= rows) continue;
+      const long long at = (long long)(sm.x + row / G) * nh + kvh * G + row % G;
+      out[at * D + d] = from_float<T>(acc * inv);
+      if (d == 0 && lse_out != nullptr) lse_out[at] = lse * LN2;
+    } else {
+      part_o[((long long)blockIdx.x * ROWS + r) * D + d] = acc * inv;
+      if (d == 0) part_lse[(long long)blockIdx.x * ROWS + r] = lse;
+    }
+  }
+  if (wi.single) return;
+
+  // ---- the last split of the unit to arrive merges the unit's partial states (one launch per layer) ----------
+  const int4 item = items[blockIdx.x];
+  if (!last_split_to_arrive(unit_counter + item.x, item.w, reinterpret_cast<int*>(smem_raw))) return;
+  if (warp < NWARPS) merge_unit<D, T, 2>(units[item.x], items, seq_meta, part_o, part_lse, out, lse_out, nh, nh_k);
+  if (tid == 0) unit_counter[item.x] = 0;
+}
+
+// Entry points of the sm_90a build (kernels.get_arch_kernel, unmangled names); verify_attention's arguments.
+#define MC_VERIFY_ARGS                                                                                             \
+  q, out, lse_out, k_cent, v_cent, cb_head_stride, k_codes, v_codes, ring_k, ring_v, ring_cap, page_stride,         \
+      head_stride, page_table, page_shift, seq_meta, page_row, res_row, units, items, part_o, part_lse,            \
+      unit_counter, nh, nh_k, scale_log2
+extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) verify_attention_wgmma_f16(MC_VERIFY_PARAMS(__half, )) {
+  wait_for_previous_grid();
+  verify_attention_wgmma<__half>(MC_VERIFY_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(wg::THREADS, 1) verify_attention_wgmma_bf16(
+    MC_VERIFY_PARAMS(__nv_bfloat16, )) {
+  wait_for_previous_grid();
+  verify_attention_wgmma<__nv_bfloat16>(MC_VERIFY_ARGS);
+}
+#undef MC_VERIFY_ARGS
+#endif  // MC_SM90A_KERNELS
+#undef MC_VERIFY_PARAMS
+
 }  // namespace prefill
 }  // namespace mc
+

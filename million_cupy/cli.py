@@ -135,6 +135,21 @@ def _launch_description() -> str:
     return "ordinary (programmatic dependent launch needs sm_90+)"
 
 
+def _verify_kernel_description() -> str:
+    from .decode import device_compute_capability  # noqa: PLC0415
+    from .interop import gpu_available  # noqa: PLC0415
+    from .prefill import WGMMA_ENV, WGMMA_WHERE, warpgroup_mma_requested  # noqa: PLC0415
+
+    if not warpgroup_mma_requested():
+        return f"verify_attention ({WGMMA_ENV}=0)"
+    if not gpu_available():
+        return (f"verify_attention_wgmma on compute capability 9.0 for {WGMMA_WHERE}, verify_attention elsewhere "
+                f"(no GPU here; {WGMMA_ENV}=0 turns it off)")
+    if device_compute_capability() == 90:
+        return f"verify_attention_wgmma for {WGMMA_WHERE}, verify_attention elsewhere ({WGMMA_ENV}=0 turns it off)"
+    return "verify_attention (its warpgroup-MMA form needs compute capability 9.0)"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     rows = [
         ("million-cupy", __version__),
@@ -147,6 +162,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("CuPy", _guard(lambda: _dist_version("cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x", "cupy"))),
         ("NVRTC", _guard(_nvrtc_description)),
         ("launches", _guard(_launch_description)),
+        ("verify kernel", _guard(_verify_kernel_description)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

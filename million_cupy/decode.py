@@ -111,6 +111,7 @@ def supported_configurations() -> str:
 class _DeviceInfo:
     sm_count: int
     smem_limit: int
+    compute_capability: int  # major * 10 + minor
 
 
 _device_info: dict[int, _DeviceInfo] = {}
@@ -125,6 +126,7 @@ def _device() -> _DeviceInfo:
         info = _DeviceInfo(
             sm_count=int(attrs["MultiProcessorCount"]),
             smem_limit=int(attrs.get("MaxSharedMemoryPerBlockOptin", _SMEM_LIMIT_FALLBACK)),
+            compute_capability=int(cp.cuda.Device(dev).compute_capability),
         )
         _device_info[dev] = info
     return info
@@ -133,6 +135,11 @@ def _device() -> _DeviceInfo:
 def device_sm_count() -> int:
     """Streaming multiprocessors of the current device (read once per device): what schedules spread over."""
     return _device().sm_count
+
+
+def device_compute_capability() -> int:
+    """The current device's compute capability as ``major * 10 + minor`` (90 on an H100 / H200), read once."""
+    return _device().compute_capability
 
 
 def device_smem_limit() -> int:

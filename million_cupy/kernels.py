@@ -19,6 +19,7 @@ import functools
 import glob
 import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,31 +123,63 @@ def _options() -> tuple[str, ...]:
     return BASE_OPTIONS + (f"-I{source_dir()}",)
 
 
+def _current_device(kernel: str) -> int:
+    try:
+        return cupy().cuda.runtime.getDevice()
+    except Exception as exc:  # noqa: BLE001
+        raise DeviceUnavailable(f"no usable CUDA device for kernel {kernel}: {exc}") from exc
+
+
+def _cached(key: tuple, build: Callable[[], Any]):
+    """The kernel cached under ``key``, built by ``build`` (once, under the lock) when missing."""
+    kernel = _cache.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _cache.get(key)
+            if kernel is None:
+                kernel = _cache[key] = build()
+    return kernel
+
+
 def get_kernel(source: str, name_expression: str):
     """Compiled kernel ``name_expression`` from ``source`` for the current device (compiled once, then cached)."""
-    cp = cupy()
-    try:
-        device = cp.cuda.runtime.getDevice()
-    except Exception as exc:  # noqa: BLE001
-        raise DeviceUnavailable(f"no usable CUDA device for kernel {name_expression}: {exc}") from exc
-    key = (source, name_expression, device)
-    kernel = _cache.get(key)
-    if kernel is not None:
-        return kernel
-    with _lock:
-        kernel = _cache.get(key)
-        if kernel is None:
-            # The calling operation module registered its grid when it was imported.
-            grid = _GRIDS[source]() if source in _GRIDS else None
-            if grid is not None and name_expression not in grid:
-                raise UnsupportedConfiguration(
-                    f"{name_expression} is not a supported variant of {source}; supported: {len(grid)} variants, "
-                    f"e.g. {grid[:4]}"
-                )
-            module = cp.RawModule(code=read_source(source), options=_options(), name_expressions=[name_expression])
-            kernel = module.get_function(name_expression)
-            _cache[key] = kernel
-    return kernel
+    device = _current_device(name_expression)
+
+    def build():
+        # The calling operation module registered its grid when it was imported.
+        grid = _GRIDS[source]() if source in _GRIDS else None
+        if grid is not None and name_expression not in grid:
+            raise UnsupportedConfiguration(
+                f"{name_expression} is not a supported variant of {source}; supported: {len(grid)} variants, "
+                f"e.g. {grid[:4]}"
+            )
+        module = cupy().RawModule(code=read_source(source), options=_options(), name_expressions=[name_expression])
+        return module.get_function(name_expression)
+
+    return _cached((source, name_expression, device), build)
+
+
+def get_arch_kernel(source: str, entry: str, arch: str, defines: Sequence[str] = ()):
+    """Kernel ``entry`` (an ``extern "C"`` name) of ``source``, compiled by NVRTC for ``arch`` with the macros
+    ``defines``, for the current device (compiled once per process, then cached).
+
+    For kernels that need an architecture-specific target: Hopper's warpgroup MMA (wgmma) exists for ``sm_90a``
+    only, and CuPy's ``RawModule`` compiles for the plain ``sm_XX`` of the device.
+
+    Raises:
+        DeviceUnavailable: no usable CUDA device.
+        RuntimeError: NVRTC failed (its log attached).
+    """
+    device = _current_device(entry)
+
+    def build():
+        cubin = nvrtc_compile_offline(source, [], arch=arch, defines=defines).cubin
+        with tempfile.TemporaryDirectory(prefix="million_cupy_") as scratch:
+            path = Path(scratch) / f"{entry}.cubin"
+            path.write_bytes(cubin)
+            return cupy().RawModule(path=str(path)).get_function(entry)  # loads the module: the file may go
+
+    return _cached((source, f"{arch}:{entry}:{','.join(defines)}", device), build)
 
 
 _smem_opted_in: set[tuple[int, int]] = set()
@@ -401,8 +434,10 @@ def nvrtc_version() -> tuple[int, int]:
     return major.value, minor.value
 
 
-def nvrtc_compile_offline(source: str, name_expressions: Iterable[str], arch: str = "sm_90") -> OfflineBuild:
-    """Compile ``cuda_src/<source>`` to a cubin for ``arch`` with NVRTC, no GPU needed.
+def nvrtc_compile_offline(source: str, name_expressions: Iterable[str], arch: str = "sm_90",
+                          defines: Iterable[str] = ()) -> OfflineBuild:
+    """Compile ``cuda_src/<source>`` to a cubin for ``arch`` with NVRTC, no GPU needed; ``defines``: macros set
+    (``-D``) for the compile.
 
     Raises RuntimeError carrying NVRTC's log on any compile error.
     """
@@ -416,7 +451,7 @@ def nvrtc_compile_offline(source: str, name_expressions: Iterable[str], arch: st
         for expr in name_expressions:
             lib.nvrtcAddNameExpression(prog, expr.encode())
         opts = list(_options()) + [f"-I{d}" for d in cuda_include_dirs()]
-        opts += [f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+        opts += [f"--gpu-architecture={arch}", "--ptxas-options=-v"] + [f"-D{d}" for d in defines]
         argv = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         res = lib.nvrtcCompileProgram(prog, len(opts), argv)
         size = ctypes.c_size_t()

@@ -87,6 +87,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
 import weakref
 from typing import Any, Sequence
@@ -95,7 +96,8 @@ import numpy as np
 
 from . import kernels, reference
 from .cache import AppendPlan
-from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, check_scale, device_sm_count,
+from .decode import (AttentionPlan, PagedLayerStorage, attention_arrays, capacity_for, check_scale,
+                     device_compute_capability, device_sm_count,
                      device_smem_limit, paged_layer_storage, require_native_attention, softmax_scale)
 from .errors import MillionError, UnsupportedConfiguration
 from .interop import as_array, as_stream, cupy, dtype_name, is_gpu_array, to_numpy
@@ -162,6 +164,48 @@ DENSE_THREADS = 128        # dense_prefill_attention: 4 warps of 32 query rows (
 DENSE_CTAS_PER_SM = 2      # ... which its registers and shared memory allow (the split rule's wave width)
 DEQUANTIZE_SPAN = 1024     # tokens per dequantize_history CTA (its codebook staging is amortised over them)
 _TC_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+#: verify_attention on Hopper's warpgroup MMA (``verify_attention_wgmma`` in prefill_attention.cu, built for sm_90a by
+#: ``kernels.get_arch_kernel``): two row tiles (17 to 32 query rows per kv head) at head_dim 128, M = 32 and pages of
+#: 64 tokens or more on a compute capability 9.0 device (H100 / H200), where it measured 6 % faster than
+#: verify_attention (8 x 32K, 8 queries per sequence: 168.6 vs 179.6 us on an H100; perf-notes, session 40).
+#: ``MILLION_CUPY_WGMMA=0`` keeps verify_attention there (the A / B switch of the benches and tests).
+WGMMA_ENV = "MILLION_CUPY_WGMMA"
+WGMMA_THREADS = 384  # three warpgroups
+WGMMA_SMEM = 4 * 256 * 96 + 2 * 256 * 128 + 2 * 32 * 128 + 3 * 2 * 8 * 528 + 3 * 4 * 32 * 4 + 32  # wg::SMEM
+WGMMA_DEFINES = ("MC_SM90A_KERNELS",)
+WGMMA_STEP = 64  # tokens per warpgroup step (wg::STEP): the pages it runs over hold a multiple of it
+
+
+WGMMA_WHERE = "17-32 query rows per kv head at head_dim 128, M = 32, pages of 64 tokens or more"
+
+
+def warpgroup_mma_requested() -> bool:
+    """Whether the environment lets ``verify_attention`` run its warpgroup-MMA form where it exists
+    (:data:`WGMMA_ENV`: ``1``, the default, or ``0``).
+
+    Raises:
+        ValueError: ``MILLION_CUPY_WGMMA`` holds something other than 0 or 1.
+    """
+    value = os.environ.get(WGMMA_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{WGMMA_ENV}: expected 0 (verify_attention) or 1 (its warpgroup-MMA form where the device "
+                         f"and shapes have it, the default), got {value!r}")
+    return value == "1"
+
+
+def verify_uses_wgmma(head_dim: int, M: int, page_size: int, row_tiles: int) -> bool:
+    """Whether a ``verify_attention`` plan of ``row_tiles`` row tiles over a cache of ``page_size``-token pages runs
+    its warpgroup-MMA form on the current device (:data:`WGMMA_WHERE`, compute capability 9.0; see
+    :data:`WGMMA_ENV`). The form reads one page id per 64-token step, so smaller pages keep verify_attention.
+
+    Raises:
+        ValueError: ``MILLION_CUPY_WGMMA`` holds something other than 0 or 1.
+    """
+    return (warpgroup_mma_requested() and row_tiles == 2 and head_dim == 128 and M == 32
+            and page_size % WGMMA_STEP == 0 and gathers_fragments(head_dim, M, row_tiles)
+            and device_compute_capability() == 90)
 
 
 def tensor_core_supported(head_dim: int, M: int, dtype: str) -> bool:
@@ -687,9 +731,16 @@ class TensorCorePlan:
         kc, vc, cb_stride, k_codes, v_codes, ring_k, ring_v, page_stride, head_stride, table, shift = \
             self._layer_storage(layer)
         null = np.uint64(0)
-        name = "verify_attention" if self.merges_in_kernel else "prefill_attention"
-        kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, {_TC_TYPES[dtype_name(dtype)]}, "
-                                               f"{rt}>")
+        threads, smem = TC_THREADS, tensor_core_smem(d, cache.M, rt)
+        if self.merges_in_kernel and verify_uses_wgmma(d, cache.M, cache.page_size, rt):
+            kernel = kernels.get_arch_kernel(TC_SOURCE, f"verify_attention_wgmma_"
+                                                        f"{'bf16' if dtype_name(dtype) == 'bfloat16' else 'f16'}",
+                                             "sm_90a", WGMMA_DEFINES)
+            threads, smem = WGMMA_THREADS, WGMMA_SMEM
+        else:
+            name = "verify_attention" if self.merges_in_kernel else "prefill_attention"
+            kernel = kernels.get_kernel(TC_SOURCE, f"mc::prefill::{name}<{d}, {cache.M}, "
+                                                   f"{_TC_TYPES[dtype_name(dtype)]}, {rt}>")
         # Split states where the buffers hold them (verify_attention's always: a captured launch may split); a
         # unit of one split writes its rows directly, so they are unused there. verify_attention's last split of
         # a unit merges the unit (its counters): one launch per layer.
@@ -700,8 +751,7 @@ class TensorCorePlan:
                 page_stride, head_stride, table, shift, buffers.seq_meta, buffers.page_row, buffers.res_row,
                 buffers.units, buffers.items, part_o, part_lse, *counters, np.int32(self.num_heads),
                 np.int32(cache.num_kv_heads), self._scale_log2)
-        launch = self._launches[(layer, dtype, rt)] = kernels.BoundLaunch(kernel, 1, TC_THREADS,
-                                                                          tensor_core_smem(d, cache.M, rt), args)
+        launch = self._launches[(layer, dtype, rt)] = kernels.BoundLaunch(kernel, 1, threads, smem, args)
         return launch
 
     def _attend_dense(self, layer: int, q, out, lse, stream) -> None:

@@ -15,7 +15,6 @@ Skips only when NVRTC itself cannot be loaded; with ``MILLION_CUPY_REQUIRE_NVRTC
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -283,20 +282,3 @@ def test_sources_from_compiles_a_copy_of_the_sources_then_restores_the_package(n
         with kernels.sources_from(tmp_path / "missing"):
             pass
     assert kernels.source_dir() == package
-
-
-def test_wgmma_probe_builds_for_sm90a_with_its_wgmma_asynchronous(nvrtc_version):
-    """bench/probes/verify_wgmma.cu (issue 16's redesign probe) compiles for sm_90a, and ptxas keeps its wgmma
-    asynchronous: a C75xx note means it waits on every wgmma, and the probe's timings would measure that."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "probe_verify_wgmma.py"
-    spec = importlib.util.spec_from_file_location("_probe_verify_wgmma", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    cubin, log = probe.build()
-    assert len(cubin) > 0
-    assert probe.serialization_notes(log) == []
-    for entry in probe.VARIANTS:
-        assert f"Compiling entry function '{entry}' for 'sm_90a'" in log
-    serialized = ("ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized "
-                  "due to non wgmma instructions reading accumulator registers")
-    assert probe.serialization_notes(log + "\n" + serialized) == [serialized.strip()]

@@ -185,7 +185,8 @@ def test_console_script_info_runs_on_cpu():
     )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
-    for row in ("million-cupy", "GPU", "numpy", "numba", "numba-cuda", "CuPy", "NVRTC", "kernel variants"):
+    for row in ("million-cupy", "GPU", "numpy", "numba", "numba-cuda", "CuPy", "NVRTC", "verify kernel",
+                "kernel variants"):
         assert row in r.stdout, f"{row!r} missing from `million-cupy info`:\n{r.stdout}"
     assert "no GPU" in r.stdout
 

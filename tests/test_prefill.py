@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -233,3 +235,68 @@ def test_fitting_regime_follows_the_devices_shared_memory():
         ["on_chip", None, "dense", "dense"]
     assert [fitting_regime(dense, 64, 128, 32, ada) for dense in (False, True)] == [None, None]
     assert [fitting_regime(False, rows, 64, 32, ada) for rows in (16, 32, 64)] == [None, None, "dense"]
+
+
+@pytest.mark.parametrize("value", ["2", "yes", ""])
+def test_the_warpgroup_mma_switch_takes_0_or_1_only(monkeypatch, value):
+    """MILLION_CUPY_WGMMA (prefill.WGMMA_ENV) chooses between verify_attention and its warpgroup-MMA form; any
+    other value is refused before a device is asked anything."""
+    from million_cupy.prefill import WGMMA_ENV, verify_uses_wgmma
+
+    monkeypatch.setenv(WGMMA_ENV, value)
+    with pytest.raises(ValueError, match=f"MILLION_CUPY_WGMMA: expected 0 .* or 1 .*, got {value!r}"):
+        verify_uses_wgmma(128, 32, 64, 2)
+    monkeypatch.setenv(WGMMA_ENV, "0")
+    assert not verify_uses_wgmma(128, 32, 64, 2)  # off: no device query either
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_the_warpgroup_mma_form_needs_pages_of_whole_steps(monkeypatch, page_size):
+    """verify_attention_wgmma reads one page id per 64-token step: smaller pages keep verify_attention, decided
+    before any device query; splits start at whole tiles, so every step of a split lies in one page."""
+    from million_cupy import prefill
+
+    def no_device():
+        raise AssertionError("the page size alone decides")
+
+    monkeypatch.setenv(prefill.WGMMA_ENV, "1")
+    monkeypatch.setattr(prefill, "device_compute_capability", no_device)
+    assert not prefill.verify_uses_wgmma(128, 32, page_size, 2)
+    assert prefill.TC_TILE % prefill.WGMMA_STEP == 0
+    with pytest.raises(AssertionError, match="the page size alone"):
+        prefill.verify_uses_wgmma(128, 32, 64, 2)  # pages of whole steps: the device is asked
+
+
+def test_the_warpgroup_mma_kernels_build_for_sm90a_with_their_wgmma_asynchronous():
+    """verify_attention_wgmma (prefill_attention.cu under MC_SM90A_KERNELS) compiles offline for sm_90a, and
+    ptxas keeps its wgmma asynchronous (a C75xx note: a wait after every wgmma); the plain builds never see it."""
+    import re
+
+    from million_cupy import kernels
+    from million_cupy.errors import DeviceUnavailable
+    from million_cupy.prefill import TC_SOURCE, WGMMA_DEFINES
+
+    try:
+        kernels.nvrtc_version()
+    except DeviceUnavailable as exc:
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    build = kernels.nvrtc_compile_offline(TC_SOURCE, [], arch="sm_90a", defines=WGMMA_DEFINES)
+    for entry in ("verify_attention_wgmma_f16", "verify_attention_wgmma_bf16"):
+        assert f"Compiling entry function '{entry}' for 'sm_90a'" in build.log
+    assert not [line for line in build.log.splitlines() if re.search(r"\(C75\d\d\).*wgmma", line)]
+    plain = kernels.nvrtc_compile_offline(TC_SOURCE, ["mc::prefill::prefill_merge<128, __half, 2>"], arch="sm_90")
+    assert "verify_attention_wgmma" not in plain.log
+
+
+def test_the_wgmma_barrier_checks_delays_still_find_their_places(tmp_path):
+    """bench/wgmma_barrier_check.py delays inserts its sleeps after code it finds exactly once in cuda_src/; a
+    change there must not silently turn the check into a plain rerun."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "wgmma_barrier_check.py"
+    spec = importlib.util.spec_from_file_location("wgmma_barrier_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.delayed_sources(tmp_path)
+    for name, anchor, delay in module.DELAYS:
+        assert (tmp_path / name).read_text().count(anchor + delay) == 1

@@ -317,6 +317,38 @@ def test_fragment_gathers_match_the_causal_reference(rng, dtype, d, M, P, gqa, c
         _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype)
 
 
+@pytest.mark.parametrize("wgmma", ["1", "0"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("P", [16, 64, 128])
+@pytest.mark.parametrize("gqa, counts, scale", [(4, [8, 2, 1, 5], None), (8, [4, 1, 2, 3], None),
+                                                (4, [6, 8, 7, 5], 0.3)])
+def test_verify_attention_on_warpgroup_mma_matches_the_causal_reference(rng, monkeypatch, wgmma, dtype, P, gqa,
+                                                                        counts, scale):
+    """verify_attention's warpgroup-MMA form (two row tiles at d 128, M 32, pages of 64 tokens or more on compute
+    capability 9.0; built for sm_90a) and, with MILLION_CUPY_WGMMA=0 or 16-token pages, verify_attention itself
+    over the same kind of batch: long histories
+    split across CTAs (64-token steps spread over three warpgroups), every in-page K-row permutation, ring steps, a
+    first prompt, chunks crossing a flush, rows past a sequence's count, and a scale of 0.3 whose scores move the
+    rows' maxima often (the warpgroup's shared maxima and their rescale)."""
+    from million_cupy import kernels
+    from million_cupy.decode import device_compute_capability
+
+    monkeypatch.setenv("MILLION_CUPY_WGMMA", wgmma)
+    (cache,) = _caches(rng, devices=("cuda",), dtype=dtype, d=128, M=32, P=P, R=2 * P, heads=2, max_pages=4096)
+    seqs = [cache.add_sequence() for _ in range(4)]
+    _prefill(rng, (cache,), [seqs[0], seqs[2], seqs[3]], [4000, 2 * P - 1, 300])
+    nh = gqa * cache.num_kv_heads
+    ind = np.concatenate([[0], np.cumsum(counts)])
+    wrapper = BatchPrefillWrapper(cache, nh, backend="tensor_cores", scale=scale)
+    wrapper.plan(seqs, ind)
+    for layer in range(cache.num_layers):
+        _check_layer(rng, cache, wrapper, layer, seqs, ind, nh, dtype, scale=scale)
+    built = {c["variant"].split(":")[1] for c in kernels.compiled() if c["variant"].startswith("sm_90a:")}
+    suffix = "bf16" if dtype == "bfloat16" else "f16"
+    if wgmma == "1" and P >= 64 and device_compute_capability() == 90:
+        assert f"verify_attention_wgmma_{suffix}" in built
+
+
 @pytest.mark.parametrize("backend, counts", [("lut", [3, 1, 2]), ("tensor_cores", [4, 2, 1]),
                                              ("tensor_cores", [40, 3, 9]), ("dense", [40, 3, 9])])
 def test_a_softmax_scale_other_than_the_default_reaches_every_regime(rng, backend, counts):
