@@ -114,7 +114,7 @@ def _kernel_cache_description() -> str:
     from . import kernels  # noqa: PLC0415
 
     n_here = len(kernels.compiled())
-    cache_dir = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+    cache_dir = kernels.kernel_cache_dir()
     n_disk = sum(1 for p in cache_dir.iterdir() if p.is_file()) if cache_dir.is_dir() else 0
     return (
         f"{n_here} in this process (variants compile on first use); "

@@ -17,10 +17,12 @@ import contextlib
 import ctypes
 import functools
 import glob
+import hashlib
 import os
 import re
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -159,9 +161,56 @@ def get_kernel(source: str, name_expression: str):
     return _cached((source, name_expression, device), build)
 
 
+def kernel_cache_dir() -> Path:
+    """CuPy's on-disk kernel cache: ``$CUPY_CACHE_DIR``, else ``~/.cupy/kernel_cache`` (CuPy's own rule)."""
+    return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+
+
+def arch_cubin(source: str, arch: str, defines: Sequence[str] = (), cache_dir: str | os.PathLike[str] | None = None
+               ) -> Path:
+    """Path of the cubin NVRTC builds from ``cuda_src/<source>`` for ``arch`` with the macros ``defines``, kept on
+    disk beside CuPy's own kernel cache (``cache_dir``; default: CuPy's, ``$CUPY_CACHE_DIR`` or
+    ``~/.cupy/kernel_cache``) and reused while the sources, headers, options and NVRTC are unchanged. No GPU needed.
+
+    Without it every process paid the build again on its first verification step (~4 s for the sm_90a build of
+    prefill_attention.cu), where CuPy's ``RawModule`` kernels come from its cache.
+
+    Raises:
+        RuntimeError: NVRTC failed (its log attached).
+    """
+    if cache_dir is None:
+        cache_dir = kernel_cache_dir()
+    digest = hashlib.sha256()
+    for item in (source, arch, *defines, *_options(), *cuda_include_dirs(), repr(nvrtc_version())):
+        digest.update(item.encode() + b"\0")
+    for path in sorted(source_dir().glob("*.cu*")):  # the source and every header it may include
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    target = Path(cache_dir) / f"million_cupy_{Path(source).stem}_{arch}_{digest.hexdigest()[:32]}.cubin"
+    if target.is_file():
+        return target
+    cubin = nvrtc_compile_offline(source, [], arch=arch, defines=defines).cubin
+    try:
+        _write_whole(target, cubin)
+    except OSError as exc:  # a read-only cache: keep the build in the temp directory instead, and say so
+        fallback = Path(tempfile.gettempdir()) / "million_cupy_kernel_cache" / target.name
+        warnings.warn(f"million_cupy: cannot keep the {arch} build of {source} in {target.parent} ({exc}); "
+                      f"it goes to {fallback.parent}", RuntimeWarning, stacklevel=3)
+        _write_whole(fallback, cubin)
+        target = fallback
+    return target
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that another process sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
+
+
 def get_arch_kernel(source: str, entry: str, arch: str, defines: Sequence[str] = ()):
     """Kernel ``entry`` (an ``extern "C"`` name) of ``source``, compiled by NVRTC for ``arch`` with the macros
-    ``defines``, for the current device (compiled once per process, then cached).
+    ``defines``, for the current device (built once, kept on disk by :func:`arch_cubin`, loaded once per process).
 
     For kernels that need an architecture-specific target: Hopper's warpgroup MMA (wgmma) exists for ``sm_90a``
     only, and CuPy's ``RawModule`` compiles for the plain ``sm_XX`` of the device.
@@ -173,11 +222,7 @@ def get_arch_kernel(source: str, entry: str, arch: str, defines: Sequence[str] =
     device = _current_device(entry)
 
     def build():
-        cubin = nvrtc_compile_offline(source, [], arch=arch, defines=defines).cubin
-        with tempfile.TemporaryDirectory(prefix="million_cupy_") as scratch:
-            path = Path(scratch) / f"{entry}.cubin"
-            path.write_bytes(cubin)
-            return cupy().RawModule(path=str(path)).get_function(entry)  # loads the module: the file may go
+        return cupy().RawModule(path=str(arch_cubin(source, arch, defines))).get_function(entry)
 
     return _cached((source, f"{arch}:{entry}:{','.join(defines)}", device), build)
 

@@ -176,8 +176,6 @@ WGMMA_THREADS = 384  # three warpgroups
 WGMMA_SMEM = 4 * 256 * 96 + 2 * 256 * 128 + 2 * 32 * 128 + 3 * 2 * 8 * 528 + 3 * 4 * 32 * 4 + 32  # wg::SMEM
 WGMMA_DEFINES = ("MC_SM90A_KERNELS",)
 WGMMA_STEP = 64  # tokens per warpgroup step (wg::STEP): the pages it runs over hold a multiple of it
-
-
 WGMMA_WHERE = "17-32 query rows per kv head at head_dim 128, M = 32, pages of 64 tokens or more"
 
 
@@ -204,8 +202,7 @@ def verify_uses_wgmma(head_dim: int, M: int, page_size: int, row_tiles: int) -> 
         ValueError: ``MILLION_CUPY_WGMMA`` holds something other than 0 or 1.
     """
     return (warpgroup_mma_requested() and row_tiles == 2 and head_dim == 128 and M == 32
-            and page_size % WGMMA_STEP == 0 and gathers_fragments(head_dim, M, row_tiles)
-            and device_compute_capability() == 90)
+            and page_size % WGMMA_STEP == 0 and device_compute_capability() == 90)
 
 
 def tensor_core_supported(head_dim: int, M: int, dtype: str) -> bool:

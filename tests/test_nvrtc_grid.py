@@ -22,7 +22,6 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -282,3 +281,42 @@ def test_sources_from_compiles_a_copy_of_the_sources_then_restores_the_package(n
         with kernels.sources_from(tmp_path / "missing"):
             pass
     assert kernels.source_dir() == package
+
+
+def test_an_arch_build_is_kept_on_disk_and_reused_until_the_sources_change(nvrtc_version, tmp_path, monkeypatch):
+    """kernels.arch_cubin (the sm_90a build get_arch_kernel loads): built once into the cache directory, then
+    reused by later processes without NVRTC; another macro set or an edited header is another build."""
+    from million_cupy.prefill import TC_SOURCE, WGMMA_DEFINES
+
+    cache = tmp_path / "cache"
+    first = kernels.arch_cubin(TC_SOURCE, "sm_90a", WGMMA_DEFINES, cache_dir=cache)
+    assert first.is_file() and first.stat().st_size > 0 and first.parent == cache
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no scratch file left behind
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("reused from the cache, not rebuilt")
+
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "nvrtc_compile_offline", no_compile)
+        assert kernels.arch_cubin(TC_SOURCE, "sm_90a", WGMMA_DEFINES, cache_dir=cache) == first
+        with pytest.raises(AssertionError, match="not rebuilt"):
+            kernels.arch_cubin(TC_SOURCE, "sm_90a", (), cache_dir=cache)
+        edited = tmp_path / "src"
+        shutil.copytree(kernels.source_dir(), edited)
+        (edited / "pq_common.cuh").write_text((edited / "pq_common.cuh").read_text() + "\n// edited\n")
+        with kernels.sources_from(edited), pytest.raises(AssertionError, match="not rebuilt"):
+            kernels.arch_cubin(TC_SOURCE, "sm_90a", WGMMA_DEFINES, cache_dir=cache)
+
+
+def test_an_arch_build_goes_to_the_temp_directory_with_a_warning_when_the_cache_is_not_writable(
+        nvrtc_version, tmp_path, monkeypatch):
+    """A cache directory that cannot be written (here a file stands in its place) does not fail the build: it is
+    kept under the temp directory instead, and a RuntimeWarning names both places."""
+    from million_cupy.prefill import TC_SOURCE, WGMMA_DEFINES
+
+    blocked = tmp_path / "not_a_directory"
+    blocked.write_text("a file where the cache directory would be")
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    with pytest.warns(RuntimeWarning, match="cannot keep the sm_90a build of prefill_attention.cu in .*not_a_directory"):
+        path = kernels.arch_cubin(TC_SOURCE, "sm_90a", WGMMA_DEFINES, cache_dir=blocked)
+    assert path.parent == tmp_path / "tmp" / "million_cupy_kernel_cache" and path.stat().st_size > 0
