@@ -31,9 +31,10 @@ racecheck 0 hazards, memcheck 0 errors. After verify_attention's conflict-free K
 (H200, 2026-12-04, 02:32 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors. With the verification step
 replayed from a CUDA graph (H200, 2026-12-04, 10:30 UTC, the same flags): racecheck 0 hazards, memcheck 0 errors.
 ``python bench/sanitize_decode.py warpgroup`` runs only verify_attention_wgmma's cases (compute capability 9.0;
-skipped elsewhere): on an H100 (2026-12-05) memcheck 0 errors and synccheck 0 errors, but racecheck reports
-read-after-write hazards across the barriers of the kernel's final merge (docs/perf-notes.md, session 40;
-bench/wgmma_barrier_check.py checks them on the hardware).
+skipped elsewhere): on an H100 (2026-12-05) memcheck 0 errors and synccheck 0 errors, but racecheck reported
+read-after-write hazards across the single barriers of the kernel's final merge and last-split flag, which the
+hardware does not reproduce (bench/wgmma_barrier_check.py delays; docs/perf-notes.md, sessions 40-42). With a
+second barrier at each (session 43) racecheck reports 0 hazards (H100, 2026-12-06).
 """
 
 import sys

@@ -62,7 +62,9 @@ template <> struct VecOf<16> { using type = uint4; };
 // cumulative; CUTLASS's split-K semaphore relies on the same), and thread 0's acquire plus the second barrier order
 // the last CTA's reads after every other split's release: no per-thread fences. `flag`: a shared int the call may
 // overwrite. The last CTA sets *counter back to 0 once it is done with it (ready for the next launch and CUDA-graph
-// replays).
+// replays). FLAG_BARRIERS: barriers between the flag's write and its reads; one orders them, and a kernel that
+// compute-sanitizer racecheck misreads across one takes two (verify_attention_wgmma, see there).
+template <int FLAG_BARRIERS = 1>
 __device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits, int* flag) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -70,7 +72,8 @@ __device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits, i
     asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(counter) : "memory");
     *flag = done == splits - 1;
   }
-  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < FLAG_BARRIERS; ++i) __syncthreads();
   return *flag;
 }
 

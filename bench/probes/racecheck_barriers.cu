@@ -1,8 +1,9 @@
 // compute-sanitizer racecheck probe (bench/wgmma_barrier_check.py probe MODE): three warpgroups run rounds of
 // {a wgmma over a shared B tile (mode & 2); a per-warpgroup barrier.cta.red.or (mode & 4)}, 2 rounds each or
-// wgi + 1 (mode & 1), then __syncthreads, a write (by every fourth lane only with mode & 8), __syncthreads and a
-// read of another warpgroup's entry: verify_attention_wgmma's ingredients around its final merge, race-free by
-// construction, so racecheck should report 0 hazards for every mode.
+// wgi + 1 (mode & 1), then __syncthreads, a write (by every fourth lane only with mode & 8; by the first warp of each
+// warpgroup only with mode & 16, as the kernel's reference maxima are written), __syncthreads and a read of another
+// warpgroup's entry: verify_attention_wgmma's ingredients around its final merge, race-free by construction, so
+// racecheck should report 0 hazards for every mode (0-31).
 #include <cuda_fp16.h>
 extern "C" __global__ void __launch_bounds__(384, 1) k(int* out, int mode) {
   __shared__ __align__(128) unsigned char b_tile[32 * 16 * 2 * 8];
@@ -41,7 +42,9 @@ extern "C" __global__ void __launch_bounds__(384, 1) k(int* out, int mode) {
     }
   }
   __syncthreads();
-  if (!(mode & 8) || (tid & 3) == 0) t[tid] = tid * 2 + acc + (int)d[0];  // mode 8: lanes 0, 4, .. write
+  const bool writer = (!(mode & 8) || (tid & 3) == 0) && (!(mode & 16) || (warp & 3) == 0);
+  if (writer) t[tid] = tid * 2 + acc + (int)d[0];  // mode 8: lanes 0, 4, ..; mode 16: warps 0, 4 and 8
   __syncthreads();
-  out[tid] = t[((tid + 128) % 384) & ~3];
+  const int other = (tid + 128) % 384;  // the same lane of the next warpgroup (its first warp with mode 16)
+  out[tid] = t[(mode & 16 ? (other & ~127) + (tid & 31) : other) & ~3];
 }
