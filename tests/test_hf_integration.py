@@ -86,8 +86,15 @@ def test_cpu_decode_matches_simulation(tiny, rng, per_head, prefill, total):
     got = _decode_logits(model, cache, ids, prefill)
     want = _simulated_logits(model, books[per_head], ids, prefill)
     assert got.shape == want.shape == (2, total - prefill, 256)
-    err = (got - want).abs().max() / want.abs().max()
-    assert err < 2e-4, err
+    # Per predicted position, relative to the logits' scale. The two paths agree to ~5e-7, except after a K or V
+    # vector that lies near a tie between two centroids: its float32 values from the incremental forward and from
+    # the simulation's whole forward differ by ~1e-6, so the two may encode it differently (seen: one V subvector
+    # of one token, then ~3e-4 at the positions after its flush, on some CPUs). Quantizing at all moves the logits
+    # by ~2e-2 (test_quantization_changes_long_generation_logits). So most positions must agree tightly, and none
+    # by less than a code flip allows.
+    per_position = (got - want).abs().amax(dim=(0, 2)) / want.abs().max()
+    assert per_position.median() < 1e-5, per_position
+    assert per_position.max() < 1e-3, per_position
     stats = cache.stats()
     assert stats["decode_steps"] == total - prefill - 1
     assert stats["prefill_tokens"] == 2 * prefill

@@ -276,7 +276,7 @@ class PQCache(Cache):
         if dtype is None or (gpu and dtype == "float32"):
             raise UnsupportedConfiguration(
                 f"PQCache: the model's K/V are {like.dtype}; the GPU kernels take float16 or bfloat16 models "
-                f"(model.half() or torch_dtype=torch.float16), the CPU reference any float dtype")
+                f"(model.half() or torch_dtype=torch.float16), the CPU reference float16, bfloat16 or float32")
         kwargs: dict[str, Any] = {}
         if gpu:
             from ..interop import cupy  # noqa: PLC0415 (CuPy only for GPU models)
