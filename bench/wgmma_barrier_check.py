@@ -5,7 +5,7 @@ thread 0 the last-split flag ~50 us late is timed nowhere, only run: if the ``__
 did not hold the other warps back, they would read stale shared memory and the output would differ from
 verify_attention's (``MILLION_CUPY_WGMMA=0``) over the same 8 x 32K cache (M = 32, q = 8, splits merged in-kernel).
 ``probe MODE``: bench/probes/racecheck_barriers.cu, the kernel's barrier ingredients in a race-free kernel, to run
-under ``compute-sanitizer --tool racecheck`` (modes 0-31, see the source; every mode tried, 15, 16, 18, 20, 22, 23, 24
+under ``compute-sanitizer --tool racecheck`` (modes 0-31, see the source; each mode tried, 15, 16, 18, 20, 22, 23, 24
 and 31 on an H100 in session 43, reported 0 hazards). The kernel itself now has two barriers where racecheck
 misread one (docs/perf-notes.md, session 43), so its sanitize run is clean; these checks, run on the one-barrier form
 in sessions 40-43, are the evidence that one was enough (``delays`` now delays the writes before both).
